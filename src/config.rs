@@ -1,0 +1,442 @@
+//! The daemon's configuration: TOML on disk, serde structs with
+//! `deny_unknown_fields`, documented defaults (in `default.toml`, which is
+//! also what `edgeferry print-default-config` prints), and loading that
+//! collects every error (config and rules) with file:line:column.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::diagnostic::{Diagnostic, Diagnostics};
+use crate::rules::RuleSet;
+use crate::units::{ByteSize, HumanDuration};
+
+/// The embedded default configuration. It loads as it is.
+pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
+
+/// The configuration file as written, after defaults are applied.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub gateway: GatewayConfig,
+    #[serde(default)]
+    pub broker: BrokerConfig,
+    #[serde(default)]
+    pub rules: RulesConfig,
+    #[serde(default)]
+    pub queue: QueueConfig,
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    /// Named upstream brokers; rules refer to them by name.
+    #[serde(default)]
+    pub upstream: BTreeMap<String, UpstreamConfig>,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Identifies this gateway in client ids and logs; the hostname if unset.
+    pub id: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// MQTT 3.1.1 listener.
+    pub listen: SocketAddr,
+    /// MQTT 5 listener; rumqttd serves each protocol version on its own port.
+    pub listen_v5: Option<SocketAddr>,
+    /// Largest publish a client may send.
+    pub max_payload: ByteSize,
+    pub max_connections: usize,
+    /// rumqttd keeps at most segment_size * segment_count of recent messages
+    /// per filter in RAM for slow readers, edgeferry's ingest included.
+    pub segment_size: ByteSize,
+    pub segment_count: usize,
+    /// Filters the embedded link subscribes to before the broker starts.
+    pub ingest: Vec<String>,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            listen_v5: None,
+            max_payload: ByteSize(256 << 10),
+            max_connections: 1000,
+            segment_size: ByteSize(1 << 20),
+            segment_count: 4,
+            ingest: vec!["#".to_string()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RulesConfig {
+    /// Directory of `*.toml` rule files.
+    pub dir: PathBuf,
+    pub unmatched: UnmatchedPolicy,
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        RulesConfig {
+            dir: PathBuf::from("rules"),
+            unmatched: UnmatchedPolicy::Drop,
+        }
+    }
+}
+
+/// What happens to an event that no rule matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnmatchedPolicy {
+    /// Drop it, counted as `dropped{reason="unmatched"}`.
+    Drop,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// SQLite file of the store-and-forward queue.
+    pub path: PathBuf,
+    /// At most one commit per interval (SD-card friendly); the power-cut loss window.
+    pub commit_interval: HumanDuration,
+    /// Commit sooner once this many events wait.
+    pub commit_max_events: usize,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            path: PathBuf::from("data/queue.db"),
+            commit_interval: HumanDuration(Duration::from_millis(50)),
+            commit_max_events: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Capacity, in events, of the in-memory hand-off from ingest to the queue writer.
+    pub buffer: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig { buffer: 10_000 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub url: UpstreamUrl,
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    #[serde(default = "defaults::keep_alive")]
+    pub keep_alive: HumanDuration,
+    /// QoS 1 publishes in flight (sent, not yet acknowledged).
+    #[serde(default = "defaults::inflight")]
+    pub inflight: u16,
+    #[serde(default = "defaults::max_packet_size")]
+    pub max_packet_size: ByteSize,
+    #[serde(default = "defaults::reconnect_min")]
+    pub reconnect_min: HumanDuration,
+    #[serde(default = "defaults::reconnect_max")]
+    pub reconnect_max: HumanDuration,
+}
+
+mod defaults {
+    use super::*;
+    pub fn keep_alive() -> HumanDuration {
+        HumanDuration(Duration::from_secs(15))
+    }
+    pub fn inflight() -> u16 {
+        64
+    }
+    pub fn max_packet_size() -> ByteSize {
+        ByteSize(256 << 10)
+    }
+    pub fn reconnect_min() -> HumanDuration {
+        HumanDuration(Duration::from_millis(500))
+    }
+    pub fn reconnect_max() -> HumanDuration {
+        HumanDuration(Duration::from_secs(30))
+    }
+}
+
+/// `mqtt://host[:port]`. (`mqtts://` arrives with upstream TLS.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub host: String,
+    pub port: u16,
+}
+
+impl FromStr for UpstreamUrl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let rest = s
+            .strip_prefix("mqtt://")
+            .ok_or_else(|| format!("unsupported upstream url {s:?}: write mqtt://host:port"))?;
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+                let port = p
+                    .parse()
+                    .map_err(|_| format!("invalid port {p:?} in upstream url {s:?}"))?;
+                (h, port)
+            }
+            _ => (rest, 1883),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(format!("upstream url {s:?} has no host"));
+        }
+        Ok(UpstreamUrl {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl std::fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "mqtt://{}:{}", self.host, self.port)
+    }
+}
+
+impl<'de> Deserialize<'de> for UpstreamUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Default filter when RUST_LOG is not set.
+    pub level: String,
+    /// Period of the one-line counter summary.
+    pub summary_interval: HumanDuration,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            summary_interval: HumanDuration(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// A loaded, validated configuration with its compiled rules: what `run` needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: ConfigFile,
+    /// Where it came from, for messages; `None` for the embedded default.
+    pub source: Option<PathBuf>,
+    pub rules: RuleSet,
+}
+
+impl Config {
+    /// Load from `path`, or the embedded default when `None`; then the rules.
+    /// Every problem found is returned at once.
+    pub fn load(path: Option<&Path>) -> Result<Config, Diagnostics> {
+        match path {
+            None => Self::from_toml(
+                DEFAULT_CONFIG,
+                Path::new("<default config>"),
+                Path::new("."),
+            ),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    Diagnostics(vec![Diagnostic::whole_file(
+                        path,
+                        format!("cannot read config: {e}"),
+                    )])
+                })?;
+                let base = path
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                let mut cfg = Self::from_toml(&text, path, base)?;
+                cfg.source = Some(path.to_path_buf());
+                Ok(cfg)
+            }
+        }
+    }
+
+    /// Parse config text (named `name` in messages), resolve relative paths
+    /// against `base`, and load the rules it points at.
+    pub fn from_toml(text: &str, name: &Path, base: &Path) -> Result<Config, Diagnostics> {
+        let mut file: ConfigFile = toml::from_str(text)
+            .map_err(|e| Diagnostics(vec![Diagnostic::from_toml(name, text, &e)]))?;
+        file.rules.dir = base.join(&file.rules.dir);
+        file.queue.path = base.join(&file.queue.path);
+
+        let mut errors = validate(&file, name, text);
+        let rules = match RuleSet::load_dir(&file.rules.dir, &file.upstream) {
+            Ok(r) => Some(r),
+            Err(Diagnostics(mut e)) => {
+                errors.append(&mut e);
+                None
+            }
+        };
+        match rules {
+            Some(rules) if errors.is_empty() => Ok(Config {
+                file,
+                source: None,
+                rules,
+            }),
+            _ => Err(Diagnostics(errors)),
+        }
+    }
+
+    /// This gateway's id: configured, else the hostname, else "edgeferry".
+    pub fn gateway_id(&self) -> String {
+        self.file.gateway.id.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "edgeferry".into())
+        })
+    }
+
+    /// The stable client id of upstream `name`.
+    pub fn client_id(&self, name: &str) -> String {
+        self.file.upstream[name]
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("edgeferry-{}-{}", self.gateway_id(), name))
+    }
+}
+
+/// Checks serde cannot express; located at the key where possible.
+fn validate(file: &ConfigFile, name: &Path, text: &str) -> Vec<Diagnostic> {
+    let mut errors = Vec::new();
+    let at = |key: &str| find_key(text, key);
+    if file.broker.segment_size.0 == 0 || file.broker.segment_count == 0 {
+        errors.push(Diagnostic::at(
+            name,
+            text,
+            at("segment_size"),
+            "broker.segment_size and broker.segment_count must be greater than zero",
+        ));
+    }
+    if file.broker.max_payload.0 > file.broker.segment_size.0 {
+        errors.push(Diagnostic::at(
+            name,
+            text,
+            at("max_payload"),
+            format!(
+                "broker.max_payload ({}) must not exceed broker.segment_size ({})",
+                file.broker.max_payload, file.broker.segment_size
+            ),
+        ));
+    }
+    if file.broker.ingest.is_empty() {
+        errors.push(Diagnostic::at(
+            name,
+            text,
+            at("ingest"),
+            "broker.ingest needs at least one topic filter",
+        ));
+    }
+    if file.pipeline.buffer == 0 {
+        errors.push(Diagnostic::at(
+            name,
+            text,
+            at("buffer"),
+            "pipeline.buffer must be greater than zero",
+        ));
+    }
+    if file.queue.commit_max_events == 0 {
+        errors.push(Diagnostic::at(
+            name,
+            text,
+            at("commit_max_events"),
+            "queue.commit_max_events must be greater than zero",
+        ));
+    }
+    for (up_name, up) in &file.upstream {
+        if up.inflight == 0 {
+            errors.push(Diagnostic::at(
+                name,
+                text,
+                at("inflight"),
+                format!("upstream.{up_name}.inflight must be at least 1"),
+            ));
+        }
+        if up.keep_alive.0 < Duration::from_secs(1) {
+            errors.push(Diagnostic::at(
+                name,
+                text,
+                at("keep_alive"),
+                format!("upstream.{up_name}.keep_alive must be at least 1s"),
+            ));
+        }
+        if up.reconnect_min > up.reconnect_max {
+            errors.push(Diagnostic::at(
+                name,
+                text,
+                at("reconnect_min"),
+                format!("upstream.{up_name}.reconnect_min must not exceed reconnect_max"),
+            ));
+        }
+    }
+    errors
+}
+
+/// Byte span of the first line that assigns `key`, for locating semantic errors.
+fn find_key(text: &str, key: &str) -> Option<std::ops::Range<usize>> {
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if let Some(rest) = trimmed.strip_prefix(key)
+            && rest.trim_start().starts_with('=')
+        {
+            let start = offset + (line.len() - trimmed.len());
+            return Some(start..start + key.len());
+        }
+        offset += line.len();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_urls_parse_with_default_port() {
+        let u: UpstreamUrl = "mqtt://example.com".parse().unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("example.com", 1883));
+        let u: UpstreamUrl = "mqtt://127.0.0.1:1884".parse().unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("127.0.0.1", 1884));
+        assert!("http://x".parse::<UpstreamUrl>().is_err());
+        assert!("mqtt://x:notaport".parse::<UpstreamUrl>().is_err());
+    }
+
+    #[test]
+    fn unknown_key_is_reported_with_line_and_column() {
+        let text = "[broker]\nlisten = \"127.0.0.1:1883\"\nlisen_v5 = 3\n";
+        let err = toml::from_str::<ConfigFile>(text).unwrap_err();
+        let d = Diagnostic::from_toml(Path::new("gw.toml"), text, &err);
+        assert_eq!((d.line, d.column), (3, 1), "{d}");
+        assert!(d.message.contains("lisen_v5"), "{d}");
+    }
+}

@@ -1,0 +1,213 @@
+//! edgeferry: an MQTT edge router with store-and-forward.
+//!
+//! `start` wires the stages (see ARCHITECTURE.md) and returns a handle;
+//! `run` is `start` plus waiting for a shutdown signal, which is what the
+//! binary does. Tests drive the same `start`.
+
+pub mod broker;
+pub mod codec;
+pub mod config;
+pub mod diagnostic;
+pub mod event;
+pub mod ingest;
+pub mod metrics;
+pub mod queue;
+pub mod router;
+pub mod rules;
+pub mod units;
+pub mod uplink;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{error, info};
+
+pub use config::Config;
+use metrics::Metrics;
+
+/// Why the daemon could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Broker(#[from] broker::BrokerError),
+    #[error(transparent)]
+    Queue(#[from] queue::QueueError),
+    #[error(transparent)]
+    Ingest(#[from] ingest::IngestError),
+    #[error("embedded broker stopped unexpectedly (all its listeners failed); see the log above")]
+    BrokerStopped,
+}
+
+/// A running pipeline.
+pub struct Running {
+    /// The MQTT 3.1.1 listener (port 0 resolved).
+    pub broker_addr: SocketAddr,
+    /// The MQTT 5 listener, if enabled.
+    pub broker_addr_v5: Option<SocketAddr>,
+    /// The ingest link's client id (random per start).
+    pub link_id: String,
+    /// Live counters.
+    pub metrics: Arc<Metrics>,
+    shutdown: watch::Sender<bool>,
+    supervisor: JoinHandle<Result<(), RunError>>,
+}
+
+impl Running {
+    /// Ask every stage to stop; `wait` returns when they have.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Wait until the pipeline has stopped: ingest drained, queue committed.
+    pub async fn wait(self) -> Result<(), RunError> {
+        match self.supervisor.await {
+            Ok(r) => r,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    /// Stop and wait.
+    pub async fn stop(self) -> Result<(), RunError> {
+        self.shutdown();
+        self.wait().await
+    }
+}
+
+/// Run until `shutdown` completes, then stop cleanly.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let running = start(config).await?;
+    let stop = running.shutdown.clone();
+    let mut stopped = running.shutdown.subscribe();
+    tokio::select! {
+        _ = shutdown => {
+            info!("shutting down");
+            let _ = stop.send(true);
+        }
+        // The pipeline stopped on its own (an error): nothing to signal.
+        _ = stopped.wait_for(|s| *s) => {}
+    }
+    running.wait().await
+}
+
+/// Start every stage: queue, broker (+ link), ingest, router, one uplink per
+/// upstream, and the periodic summary.
+pub async fn start(config: Config) -> Result<Running, RunError> {
+    let file = &config.file;
+    let upstream_names: Vec<String> = file.upstream.keys().cloned().collect();
+    let metrics = Arc::new(Metrics::new(&upstream_names));
+    let policy = queue::CommitPolicy {
+        interval: file.queue.commit_interval.0,
+        max_events: file.queue.commit_max_events,
+    };
+    // The queue first: if the database is unusable there is no point
+    // accepting sensor data.
+    let (queue, queue_thread) =
+        queue::open(&file.queue.path, policy, &upstream_names, metrics.clone())?;
+    let broker = broker::start(&file.broker).await?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let (events_tx, events_rx) = mpsc::channel(file.pipeline.buffer);
+    let ingest = tokio::spawn(ingest::run(
+        broker.link_rx,
+        file.broker.ingest.clone(),
+        events_tx,
+        metrics.clone(),
+        shutdown_rx.clone(),
+    ));
+    let router = tokio::spawn(router::run(
+        events_rx,
+        Arc::new(config.rules.clone()),
+        queue.clone(),
+        metrics.clone(),
+    ));
+    let mut uplinks = Vec::new();
+    for name in &upstream_names {
+        let settings = uplink::UplinkSettings {
+            name: name.clone(),
+            client_id: config.client_id(name),
+            upstream: file.upstream[name].clone(),
+        };
+        uplinks.push(tokio::spawn(uplink::run(
+            settings,
+            queue.clone(),
+            metrics.uplinks[name].clone(),
+            shutdown_rx.clone(),
+        )));
+    }
+    drop(queue);
+    let summary = tokio::spawn(summarize(
+        metrics.clone(),
+        file.log.summary_interval.0,
+        shutdown_rx.clone(),
+    ));
+    info!(
+        rules = config.rules.len(),
+        upstreams = upstream_names.len(),
+        queue = %file.queue.path.display(),
+        "edgeferry started"
+    );
+
+    let stop = shutdown_tx.clone();
+    let link_tx = broker.link_tx;
+    let mut broker_exited = broker.exited;
+    let supervisor = tokio::spawn(async move {
+        let mut ingest = ingest;
+        let mut failure = None;
+        tokio::select! {
+            r = &mut ingest => {
+                if let Ok(Err(e)) = r { failure = Some(RunError::from(e)); }
+                ingest = tokio::spawn(async { Ok(()) });
+            }
+            _ = &mut broker_exited => failure = Some(RunError::BrokerStopped),
+            _ = async { let mut rx = stop.subscribe(); let _ = rx.wait_for(|s| *s).await; } => {}
+        }
+        if let Some(e) = &failure {
+            error!(error = %e, "stopping");
+        }
+        let _ = stop.send(true);
+        // Stop order: ingest drains the link, the router drains its channel
+        // into the queue, uplinks close; the queue commits once the last
+        // handle is gone.
+        let _ = ingest.await;
+        if let Ok(Err(e)) = router.await {
+            error!(error = %e, "router stopped early");
+        }
+        for u in uplinks {
+            let _ = u.await;
+        }
+        let _ = summary.await;
+        drop(link_tx);
+        let _ = tokio::task::spawn_blocking(move || queue_thread.join()).await;
+        info!("edgeferry stopped");
+        failure.map_or(Ok(()), Err)
+    });
+
+    Ok(Running {
+        broker_addr: broker.v4,
+        broker_addr_v5: broker.v5,
+        link_id: broker.link_id,
+        metrics,
+        shutdown: shutdown_tx,
+        supervisor,
+    })
+}
+
+/// One log line with the counters every `every`, instead of a line per event.
+async fn summarize(
+    metrics: Arc<Metrics>,
+    every: std::time::Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => break,
+            _ = tick.tick() => info!(summary = %metrics.summary(), "status"),
+        }
+    }
+    info!(summary = %metrics.summary(), "final counters");
+}

@@ -1,0 +1,143 @@
+//! The `edgeferry` command: parses arguments, sets up logging, and calls the
+//! library. Exit codes: 0 ok, 1 runtime failure, 2 invalid config or rules.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use edgeferry::Config;
+use edgeferry::config::DEFAULT_CONFIG;
+
+#[derive(Parser)]
+#[command(version, about = "MQTT edge router with store-and-forward", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (the default when no command is given).
+    Run {
+        /// Config file; without it the embedded default runs.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+    /// Load the config and rules, print every error, exit non-zero on any.
+    Check {
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+    /// Print the embedded default config (a starting point for your own).
+    PrintDefaultConfig,
+}
+
+const EXIT_FAILURE: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run { config: None }) {
+        Command::PrintDefaultConfig => {
+            print!("{DEFAULT_CONFIG}");
+            ExitCode::SUCCESS
+        }
+        Command::Check { config } => match Config::load(config.as_deref()) {
+            Ok(cfg) => {
+                println!(
+                    "{}: ok ({} rules, {} upstreams)",
+                    config
+                        .as_deref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or("default config".into()),
+                    cfg.rules.len(),
+                    cfg.file.upstream.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                eprintln!("{} error(s)", errors.0.len());
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Run { config } => run(config),
+    }
+}
+
+fn run(path: Option<PathBuf>) -> ExitCode {
+    let config = match Config::load(path.as_deref()) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!(
+                "edgeferry: not started: {} error(s) in the configuration",
+                errors.0.len()
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_tracing(&config.file.log.level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("edgeferry: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let result = runtime.block_on(async {
+        // Install the handlers before anything starts, so a SIGTERM during
+        // start-up is a clean stop rather than the default (die at once).
+        let shutdown = match shutdown_signal() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("edgeferry: cannot install signal handlers: {e}");
+                return Ok(());
+            }
+        };
+        edgeferry::run(config, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "edgeferry failed");
+            eprintln!("edgeferry: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// A future that resolves on SIGTERM (systemd stop) or SIGINT (Ctrl-C).
+/// The handlers are installed when this is called, not when first polled.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}
+
+fn init_tracing(level: &str) {
+    use tracing_subscriber::EnvFilter;
+    // rumqttd logs every client connect/disconnect at info; keep it to warnings.
+    let default = format!("{level},rumqttd=warn");
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // Under systemd the journal adds timestamps; don't repeat them or colour.
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr);
+    if journald {
+        builder.without_time().with_ansi(false).init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,87 @@
+//! Counters shared by the stages. Plain atomics for now: the Prometheus
+//! endpoint (operations issue) will export these same values.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+
+/// Pipeline-wide counters. Each is monotonic unless noted.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Publishes ingest received from the broker link.
+    pub received: AtomicU64,
+    /// By decoded format.
+    pub decoded_json: AtomicU64,
+    pub decoded_cbor: AtomicU64,
+    pub decoded_raw: AtomicU64,
+    /// Publishes rumqttd discarded because ingest fell behind its segments
+    /// (detected from gaps in the link's log offsets).
+    pub broker_lost: AtomicU64,
+    /// Events dropped because the pipeline buffer was full.
+    pub dropped_overflow: AtomicU64,
+    /// Events no rule matched (unmatched policy "drop").
+    pub dropped_unmatched: AtomicU64,
+    /// Events a `drop = true` rule dropped.
+    pub dropped_rule: AtomicU64,
+    /// Events that matched at least one rule.
+    pub matched: AtomicU64,
+    /// Rows committed to the queue (one per event and upstream destination).
+    pub queued: AtomicU64,
+    /// SQLite commits of the queue writer.
+    pub commits: AtomicU64,
+    /// Per upstream, keyed by name.
+    pub uplinks: BTreeMap<String, Arc<UplinkMetrics>>,
+}
+
+/// Counters and state of one upstream session.
+#[derive(Debug, Default)]
+pub struct UplinkMetrics {
+    /// 1 while the MQTT session is up.
+    pub connected: AtomicBool,
+    pub connects: AtomicU64,
+    /// Publishes handed to the network (re-sends included).
+    pub sent: AtomicU64,
+    /// Rows sent again after a reconnect (not acked before the link dropped).
+    pub resent: AtomicU64,
+    /// Rows acknowledged by the upstream (PUBACK, or written for QoS 0) and deleted.
+    pub acked: AtomicU64,
+}
+
+impl Metrics {
+    pub fn new<'a>(upstreams: impl IntoIterator<Item = &'a String>) -> Metrics {
+        Metrics {
+            uplinks: upstreams
+                .into_iter()
+                .map(|n| (n.clone(), Arc::default()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// One line for the periodic summary log.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "received={} matched={} queued={} dropped_unmatched={} dropped_rule={} dropped_overflow={} broker_lost={}",
+            self.received.load(Relaxed),
+            self.matched.load(Relaxed),
+            self.queued.load(Relaxed),
+            self.dropped_unmatched.load(Relaxed),
+            self.dropped_rule.load(Relaxed),
+            self.dropped_overflow.load(Relaxed),
+            self.broker_lost.load(Relaxed),
+        );
+        for (name, u) in &self.uplinks {
+            s.push_str(&format!(
+                " {name}=[{} acked={} resent={}]",
+                if u.connected.load(Relaxed) {
+                    "up"
+                } else {
+                    "down"
+                },
+                u.acked.load(Relaxed),
+                u.resent.load(Relaxed)
+            ));
+        }
+        s
+    }
+}

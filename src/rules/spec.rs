@@ -1,0 +1,42 @@
+//! The rule file schema as operators write it (see README "Rules").
+//! Parsed with serde; turned into the runtime form by `compile`.
+
+use serde::Deserialize;
+
+/// One `[[rule]]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    /// Unique across all rule files; used in logs and counters.
+    pub name: String,
+    /// MQTT topic pattern with `+`, `#` and `{name}` captures.
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// Where matching events go. Empty with `drop = true`.
+    #[serde(default)]
+    pub to: Vec<DestinationSpec>,
+    /// Drop matching events (counted as `dropped{reason="rule"}`).
+    #[serde(default)]
+    pub drop: bool,
+    /// Later rules are not evaluated for an event this rule matched.
+    #[serde(default)]
+    pub stop: bool,
+}
+
+/// One entry of `to = [...]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationSpec {
+    /// Name of an `[upstream.<name>]` in the config.
+    pub upstream: String,
+    /// Topic template; `{name}` is replaced by the capture of that name.
+    /// Defaults to the event's own topic.
+    pub topic: Option<String>,
+    /// 0 or 1 (default 1).
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+}
+
+fn default_qos() -> u8 {
+    1
+}

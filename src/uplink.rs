@@ -1,0 +1,308 @@
+//! One uplink per named upstream: an MQTT session (rumqttc) that sends the
+//! upstream's queued rows in order, keeps a window of QoS 1 publishes in
+//! flight, and deletes a row only when its PUBACK arrives.
+//!
+//! rumqttc 0.25 behaviours handled here:
+//! - pkids are assigned in the event loop, in `publish()` order, and reported
+//!   as `Outgoing::Publish(pkid)`: a FIFO of row ids maps rows to pkids.
+//! - On reconnect rumqttc resends its pending publishes only if the broker
+//!   says `session_present`, and drops them otherwise. So every connection
+//!   starts a fresh event loop and resends every unacknowledged row itself.
+//! - A PUBACK for a pkid this connection never used is ignored.
+//! - It has no reconnect backoff: capped exponential backoff with jitter here.
+//! - Its default max packet size is 10 KiB: set from config.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::config::UpstreamConfig;
+use crate::metrics::UplinkMetrics;
+use crate::queue::{QueueError, QueueHandle};
+
+/// How long acknowledged ids may wait before their delete is handed to the
+/// queue writer (which then commits them with its next group commit).
+const ACK_FLUSH: Duration = Duration::from_millis(20);
+
+/// Everything one uplink needs to know about its upstream.
+#[derive(Debug, Clone)]
+pub struct UplinkSettings {
+    pub name: String,
+    pub client_id: String,
+    pub upstream: UpstreamConfig,
+}
+
+/// How a session ended.
+enum Ended {
+    Shutdown,
+    /// The connection failed or dropped; `connected` says whether it had come up.
+    Lost {
+        connected: bool,
+    },
+    /// The queue writer is gone: the daemon is stopping.
+    QueueClosed,
+}
+
+/// Run sessions until shutdown, reconnecting with capped exponential backoff.
+pub async fn run(
+    settings: UplinkSettings,
+    queue: QueueHandle,
+    metrics: Arc<UplinkMetrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let up = &settings.upstream;
+    let mut backoff = Backoff::new(up.reconnect_min.0, up.reconnect_max.0);
+    // Highest row id ever handed to the network: rows at or below it that are
+    // sent again are re-sends.
+    let mut high_water = 0i64;
+    loop {
+        match session(&settings, &queue, &metrics, &mut shutdown, &mut high_water).await {
+            Ended::Shutdown | Ended::QueueClosed => return,
+            Ended::Lost { connected } => {
+                if connected {
+                    backoff.reset();
+                }
+                let delay = backoff.next_delay();
+                debug!(upstream = %settings.name, ?delay, "reconnecting after delay");
+                tokio::select! {
+                    _ = shutdown.wait_for(|s| *s) => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn session(
+    settings: &UplinkSettings,
+    queue: &QueueHandle,
+    metrics: &UplinkMetrics,
+    shutdown: &mut watch::Receiver<bool>,
+    high_water: &mut i64,
+) -> Ended {
+    let up = &settings.upstream;
+    let name = settings.name.as_str();
+    let window = usize::from(up.inflight);
+    let mut opts = MqttOptions::new(&settings.client_id, &up.url.host, up.url.port);
+    opts.set_clean_session(false)
+        .set_keep_alive(up.keep_alive.0)
+        .set_inflight(up.inflight)
+        .set_max_packet_size(up.max_packet_size.as_usize(), up.max_packet_size.as_usize())
+        .set_request_channel_capacity(window + 16);
+    if let Some(user) = &up.username {
+        opts.set_credentials(user, up.password.clone().unwrap_or_default());
+    }
+    let (client, mut eventloop) = AsyncClient::new(opts, window + 16);
+
+    // Connect.
+    let session_present = loop {
+        let polled = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return Ended::Shutdown,
+            p = eventloop.poll() => p,
+        };
+        match polled {
+            Ok(Event::Incoming(Incoming::ConnAck(ack))) => break ack.session_present,
+            Ok(_) => {}
+            Err(e) => {
+                debug!(upstream = %name, url = %up.url, error = %e, "uplink connect failed");
+                return Ended::Lost { connected: false };
+            }
+        }
+    };
+    metrics.connected.store(true, Relaxed);
+    metrics.connects.fetch_add(1, Relaxed);
+    info!(upstream = %name, url = %up.url, session_present, "uplink connected");
+
+    let notify = queue.notified(name);
+    // Resend everything not yet acknowledged: start from the beginning.
+    let mut after = 0i64;
+    // Published but pkid not yet assigned, in publish order: (row id, qos).
+    let mut awaiting: VecDeque<(i64, QoS)> = VecDeque::with_capacity(window);
+    // pkid -> row id, for QoS 1 publishes on the wire.
+    let mut inflight: HashMap<u16, i64> = HashMap::with_capacity(window);
+    let mut acks: Vec<i64> = Vec::with_capacity(window);
+    let mut ack_deadline: Option<Instant> = None;
+    // True when the last fetch found no more rows: wait for a commit.
+    let mut drained = false;
+
+    let ended = loop {
+        let free = window.saturating_sub(awaiting.len() + inflight.len());
+        if free > 0 && !drained {
+            let rows = match queue.fetch(name, after, free).await {
+                Ok(rows) => rows,
+                Err(QueueError::Closed) => break Ended::QueueClosed,
+                Err(e) => {
+                    warn!(upstream = %name, error = %e, "cannot read queue; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            drained = rows.len() < free;
+            let mut refused = false;
+            for row in rows {
+                let qos = if row.qos == 0 {
+                    QoS::AtMostOnce
+                } else {
+                    QoS::AtLeastOnce
+                };
+                // Capacity is window + 16 and at most `window` are outstanding,
+                // so this only fails if the event loop is gone.
+                if let Err(e) = client.try_publish(row.topic, qos, false, row.payload) {
+                    warn!(upstream = %name, error = %e, "publish request refused; reconnecting");
+                    refused = true;
+                    break;
+                }
+                awaiting.push_back((row.id, qos));
+                after = row.id;
+                metrics.sent.fetch_add(1, Relaxed);
+                if row.id <= *high_water {
+                    metrics.resent.fetch_add(1, Relaxed);
+                }
+                *high_water = (*high_water).max(row.id);
+            }
+            if refused {
+                break Ended::Lost { connected: true };
+            }
+        }
+        if acks.len() >= window.max(32) || ack_deadline.is_some_and(|d| d <= Instant::now()) {
+            if flush_acks(queue, &mut acks, metrics).await.is_err() {
+                break Ended::QueueClosed;
+            }
+            ack_deadline = None;
+        }
+
+        let polled = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => break Ended::Shutdown,
+            _ = notify.notified(), if drained => {
+                drained = false;
+                continue;
+            }
+            _ = sleep_until_opt(ack_deadline) => continue,
+            p = eventloop.poll() => p,
+        };
+        match polled {
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                let Some((id, qos)) = awaiting.pop_front() else {
+                    continue;
+                };
+                if qos == QoS::AtMostOnce {
+                    // QoS 0: done once written; nothing will acknowledge it.
+                    acks.push(id);
+                } else {
+                    inflight.insert(pkid, id);
+                }
+            }
+            Ok(Event::Incoming(Incoming::PubAck(ack))) => match inflight.remove(&ack.pkid) {
+                Some(id) => acks.push(id),
+                None => {
+                    debug!(upstream = %name, pkid = ack.pkid, "ignoring PUBACK for unknown packet id")
+                }
+            },
+            Ok(_) => continue,
+            Err(e) => {
+                warn!(upstream = %name, url = %up.url, error = %e, unacked = awaiting.len() + inflight.len(), "uplink lost; unacknowledged events will be resent");
+                break Ended::Lost { connected: true };
+            }
+        }
+        if ack_deadline.is_none() && !acks.is_empty() {
+            ack_deadline = Some(Instant::now() + ACK_FLUSH);
+        }
+    };
+
+    metrics.connected.store(false, Relaxed);
+    let _ = flush_acks(queue, &mut acks, metrics).await;
+    if matches!(ended, Ended::Shutdown) {
+        // Polite DISCONNECT; unacknowledged rows stay queued for next time.
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while let Ok(ev) = eventloop.poll().await {
+                if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
+                    break;
+                }
+            }
+        })
+        .await;
+        info!(upstream = %name, "uplink closed");
+    }
+    ended
+}
+
+async fn flush_acks(
+    queue: &QueueHandle,
+    acks: &mut Vec<i64>,
+    metrics: &UplinkMetrics,
+) -> Result<(), QueueError> {
+    if acks.is_empty() {
+        return Ok(());
+    }
+    let n = acks.len() as u64;
+    queue.ack(std::mem::take(acks)).await?;
+    metrics.acked.fetch_add(n, Relaxed);
+    Ok(())
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Capped exponential backoff with "equal jitter": each delay is drawn from
+/// the upper half of the current step, so a fleet that lost the same cloud
+/// does not reconnect in lockstep.
+#[derive(Debug)]
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    step: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff {
+            min,
+            max,
+            step: min,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.step = self.min;
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let step = self.step;
+        self.step = (self.step * 2).min(self.max);
+        let half = step / 2;
+        half + half.mul_f64(fastrand::f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_the_cap_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let steps = [100u64, 200, 400, 800, 1000, 1000];
+        for ms in steps {
+            let d = b.next_delay();
+            let step = Duration::from_millis(ms);
+            assert!(
+                d >= step / 2 && d <= step,
+                "{d:?} not within [{:?}, {step:?}]",
+                step / 2
+            );
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

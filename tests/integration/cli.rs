@@ -1,0 +1,173 @@
+//! The binary as an operator runs it.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+fn edgeferry(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_edgeferry"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("runs")
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+}
+
+#[test]
+fn check_reports_every_error_with_file_and_line_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(
+        &d.join("rules/a.toml"),
+        "[[rule]]\nname = \"x\"\nmatch = \"a/#/b\"\nto = [{ upstream = \"cloud\" }]\n",
+    );
+    write(
+        &d.join("rules/b.toml"),
+        "[[rule]]\nname = \"y\"\nmatch = \"b\"\nto = [{ upstream = \"nowhere\" }]\n",
+    );
+    write(
+        &d.join("edgeferry.toml"),
+        "[upstream.cloud]\nurl = \"mqtt://127.0.0.1:1884\"\n",
+    );
+    let out = edgeferry(&["check", "-c", "edgeferry.toml"], d);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("rules/a.toml:3:9:") && stderr.contains("'#' is only allowed"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("rules/b.toml:4:20:") && stderr.contains("\"nowhere\" is not configured"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("2 error(s)"), "{stderr}");
+}
+
+#[test]
+fn check_reports_a_broken_config_with_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(&d.join("rules/ok.toml"), "");
+    write(
+        &d.join("edgeferry.toml"),
+        "[queue]\ncommit_interval = \"fast\"\n\n[upstream.cloud]\nurl = \"mqtt://h\"\n",
+    );
+    let out = edgeferry(&["check", "-c", "edgeferry.toml"], d);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("edgeferry.toml:2:19:") && stderr.contains("invalid duration \"fast\""),
+        "{stderr}"
+    );
+
+    write(
+        &d.join("edgeferry.toml"),
+        "[broker]\nlisten = \"127.0.0.1:1883\"\nlisen_v5 = \"x\"\n",
+    );
+    let out = edgeferry(&["check", "-c", "edgeferry.toml"], d);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("edgeferry.toml:3:1:") && stderr.contains("lisen_v5"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_printed_default_config_loads_as_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = edgeferry(&["print-default-config"], d);
+    assert!(out.status.success());
+    write(
+        &d.join("edgeferry.toml"),
+        &String::from_utf8(out.stdout).unwrap(),
+    );
+    std::fs::create_dir(d.join("rules")).unwrap();
+    for f in std::fs::read_dir(repo_rules()).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, d.join("rules").join(f.file_name().unwrap())).unwrap();
+    }
+    let out = edgeferry(&["check", "-c", "edgeferry.toml"], d);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // And the embedded default itself, from the repo root (rules in ./rules).
+    let out = edgeferry(&["check"], Path::new(env!("CARGO_MANIFEST_DIR")));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn run_on_a_port_in_use_exits_non_zero_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let text = config_text(d, free_port(), "").replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+    );
+    write(&d.join("edgeferry.toml"), &text);
+    let out = edgeferry(&["run", "-c", "edgeferry.toml"], d);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot listen on 127.0.0.1:{port}: address already in use"
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn sigterm_stops_the_daemon_cleanly_within_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = free_port();
+    let text = config_text(d, free_port(), "").replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+    );
+    write(&d.join("edgeferry.toml"), &text);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgeferry"))
+        .args(["run", "-c", "edgeferry.toml"])
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Started once its broker accepts connections.
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < DEADLINE, "daemon did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stopped_at = Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(stopped_at.elapsed() < DEADLINE, "did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stderr.contains("edgeferry stopped"), "{stderr}");
+}

@@ -1,0 +1,7 @@
+//! Integration tests: the real pipeline with real parts (see util.rs).
+
+mod broker;
+mod cli;
+mod offline;
+mod pipeline;
+mod util;

@@ -1,0 +1,411 @@
+//! The test world: edgeferry started in-process on ephemeral ports with a
+//! temp queue file and the repo's example rules, a real upstream broker
+//! (a second, in-process rumqttd), a TCP proxy in front of it that can cut the
+//! uplink, and real MQTT clients (rumqttc) on both sides.
+//!
+//! Waits are on conditions with generous deadlines, never fixed sleeps.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use edgeferry::{Config, Running};
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// Generous: CI is a loaded 2-core machine.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+pub fn repo_rules() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("rules")
+}
+
+/// Poll `cond` until it holds or `DEADLINE` passes (then panic with `what`).
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = tokio::time::Instant::now();
+    while !cond() {
+        if start.elapsed() > DEADLINE {
+            panic!("timed out after {DEADLINE:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Config text for a gateway in `dir` forwarding to `upstream_port`, with the
+/// repo's example rules. `extra` is appended (more tables or keys).
+pub fn config_text(dir: &Path, upstream_port: u16, extra: &str) -> String {
+    format!(
+        r#"
+[gateway]
+id = "test"
+
+[broker]
+listen = "127.0.0.1:0"
+
+[rules]
+dir = "{rules}"
+
+[queue]
+path = "{db}"
+commit_interval = "10ms"
+
+[upstream.cloud]
+url = "mqtt://127.0.0.1:{upstream_port}"
+client_id = "edgeferry-test-{unique}"
+keep_alive = "5s"
+reconnect_min = "50ms"
+reconnect_max = "500ms"
+{extra}
+"#,
+        rules = repo_rules().display(),
+        db = dir.join("queue.db").display(),
+        unique = uuid::Uuid::new_v4().simple(),
+    )
+}
+
+pub fn load_config(dir: &Path, text: &str) -> Config {
+    Config::from_toml(text, &dir.join("edgeferry.toml"), dir)
+        .unwrap_or_else(|e| panic!("config: {e}"))
+}
+
+/// edgeferry running in-process.
+pub struct Gateway {
+    pub running: Running,
+    pub addr: SocketAddr,
+    pub db: PathBuf,
+}
+
+impl Gateway {
+    pub async fn start(dir: &Path, upstream_port: u16) -> Gateway {
+        Self::start_with(dir, &config_text(dir, upstream_port, "")).await
+    }
+
+    pub async fn start_with(dir: &Path, text: &str) -> Gateway {
+        let config = load_config(dir, text);
+        let db = config.file.queue.path.clone();
+        let running = edgeferry::start(config).await.expect("edgeferry starts");
+        Gateway {
+            addr: running.broker_addr,
+            running,
+            db,
+        }
+    }
+
+    pub async fn stop(self) {
+        tokio::time::timeout(DEADLINE, self.running.stop())
+            .await
+            .expect("stops in time")
+            .expect("stops cleanly");
+    }
+
+    /// Rows waiting in the queue file for `upstream`, read from SQLite directly.
+    pub fn queued(&self, upstream: &str) -> u64 {
+        queued_in(&self.db, upstream)
+    }
+
+    pub fn count(
+        &self,
+        f: impl Fn(&edgeferry::metrics::Metrics) -> &std::sync::atomic::AtomicU64,
+    ) -> u64 {
+        f(&self.running.metrics).load(Ordering::Relaxed)
+    }
+}
+
+pub fn queued_in(db: &Path, upstream: &str) -> u64 {
+    edgeferry::queue::depth_of_file(db)
+        .expect("queue readable")
+        .get(upstream)
+        .copied()
+        .unwrap_or(0)
+}
+
+/// A real MQTT broker playing the cloud: rumqttd in-process on a free port.
+/// (rumqttd cannot be stopped in-process; outages are made with [`Proxy`].)
+pub fn upstream_broker() -> SocketAddr {
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let conn = rumqttd::ConnectionSettings {
+        connection_timeout_ms: 10_000,
+        max_payload_size: 1 << 20,
+        max_inflight_count: 500,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    let cfg = rumqttd::Config {
+        id: 0,
+        router: rumqttd::RouterConfig {
+            max_connections: 100,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 16 << 20,
+            max_segment_count: 10,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(HashMap::from([(
+            "up".to_string(),
+            rumqttd::ServerSettings {
+                name: "upstream".into(),
+                listen: addr,
+                tls: None,
+                next_connection_delay_ms: 1,
+                connections: conn,
+            },
+        )])),
+        ..Default::default()
+    };
+    std::thread::spawn(move || {
+        let _ = rumqttd::Broker::new(cfg).start();
+    });
+    // Wait until it accepts connections.
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(start.elapsed() < DEADLINE, "upstream broker did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    addr
+}
+
+/// A received message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: QoS,
+    pub retain: bool,
+}
+
+/// An MQTT subscriber recording everything it receives.
+pub struct Subscriber {
+    pub messages: Arc<Mutex<Vec<Message>>>,
+    task: JoinHandle<()>,
+}
+
+impl Subscriber {
+    /// Connect to `addr`, subscribe to `filter` at QoS 1, and return once SUBACKed.
+    pub async fn start(addr: SocketAddr, filter: &str) -> Subscriber {
+        let mut opts = MqttOptions::new(
+            format!("sub-{}", uuid::Uuid::new_v4().simple()),
+            "127.0.0.1",
+            addr.port(),
+        );
+        opts.set_keep_alive(Duration::from_secs(5))
+            .set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut el) = AsyncClient::new(opts, 100);
+        client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+        let messages: Arc<Mutex<Vec<Message>>> = Arc::default();
+        let (subacked_tx, subacked) = tokio::sync::oneshot::channel();
+        let sink = messages.clone();
+        let task = tokio::spawn(async move {
+            let _client = client;
+            let mut subacked_tx = Some(subacked_tx);
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Incoming::SubAck(_))) => {
+                        if let Some(tx) = subacked_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        sink.lock().unwrap().push(Message {
+                            topic: p.topic,
+                            payload: p.payload.to_vec(),
+                            qos: p.qos,
+                            retain: p.retain,
+                        })
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(DEADLINE, subacked)
+            .await
+            .expect("subscribed")
+            .unwrap();
+        Subscriber { messages, task }
+    }
+
+    pub fn count(&self) -> usize {
+        self.messages.lock().unwrap().len()
+    }
+
+    pub fn take(&self) -> Vec<Message> {
+        self.messages.lock().unwrap().clone()
+    }
+
+    pub async fn wait_for(&self, n: usize) -> Vec<Message> {
+        let m = self.messages.clone();
+        wait_until(&format!("{n} messages upstream"), || {
+            m.lock().unwrap().len() >= n
+        })
+        .await;
+        self.take()
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A sensor: an MQTT client publishing to the gateway.
+pub struct Sensor {
+    pub client: AsyncClient,
+    acked: Arc<std::sync::atomic::AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Sensor {
+    pub async fn connect(addr: SocketAddr) -> Sensor {
+        Self::connect_as(addr, &format!("sensor-{}", uuid::Uuid::new_v4().simple())).await
+    }
+
+    pub async fn connect_as(addr: SocketAddr, id: &str) -> Sensor {
+        let mut opts = MqttOptions::new(id, "127.0.0.1", addr.port());
+        opts.set_keep_alive(Duration::from_secs(5))
+            .set_max_packet_size(1 << 20, 1 << 20)
+            .set_inflight(100);
+        let (client, mut el) = AsyncClient::new(opts, 1000);
+        let acked: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let (connected_tx, connected) = tokio::sync::oneshot::channel();
+        let a = acked.clone();
+        let task = tokio::spawn(async move {
+            let mut connected_tx = Some(connected_tx);
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                        if let Some(tx) = connected_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Incoming::PubAck(_))) => {
+                        a.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(DEADLINE, connected)
+            .await
+            .expect("sensor connected")
+            .unwrap();
+        Sensor {
+            client,
+            acked,
+            task,
+        }
+    }
+
+    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .await
+            .unwrap();
+    }
+
+    /// Wait until `n` QoS 1 publishes have been acknowledged by the gateway.
+    pub async fn wait_acked(&self, n: usize) {
+        let a = self.acked.clone();
+        wait_until(&format!("{n} PUBACKs from the gateway"), || {
+            a.load(Ordering::Relaxed) >= n
+        })
+        .await;
+    }
+}
+
+impl Drop for Sensor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A TCP proxy in front of the upstream broker: `set_up(false)` cuts every
+/// connection and refuses new ones, like an uplink outage.
+pub struct Proxy {
+    pub port: u16,
+    up: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr, up: bool) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(AtomicBool::new(up));
+        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let (s, c) = (state.clone(), conns.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                if !s.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let conn = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                c.lock().unwrap().push(conn);
+            }
+        });
+        Proxy {
+            port,
+            up: state,
+            conns,
+            task,
+        }
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::SeqCst);
+        if !up {
+            for c in self.conns.lock().unwrap().drain(..) {
+                c.abort();
+            }
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.set_up(false);
+    }
+}
+
+/// A JSON payload carrying a device and sequence number.
+pub fn reading(device: &str, seq: usize) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({"device": device, "seq": seq, "value": 20.0 + seq as f64 / 10.0, "unit": "C"}))
+        .unwrap()
+}
+
+/// The `seq` field of a JSON or CBOR reading.
+pub fn seq_of(payload: &[u8]) -> u64 {
+    let v: serde_json::Value = serde_json::from_slice(payload)
+        .or_else(|_| ciborium::from_reader::<serde_json::Value, _>(payload).map_err(|_| ()))
+        .unwrap_or_else(|_| panic!("payload is neither JSON nor CBOR: {payload:?}"));
+    v["seq"].as_u64().expect("seq")
+}
