@@ -77,7 +77,7 @@ fn run(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    init_tracing(&config.file.log.level);
+    init_tracing(&config.file.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -124,10 +124,9 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
-fn init_tracing(level: &str) {
+fn init_tracing(log: &edgeferry::config::LogConfig) {
     use tracing_subscriber::EnvFilter;
-    // rumqttd logs every client connect/disconnect at info; keep it to warnings.
-    let default = format!("{level},rumqttd=warn");
+    let default = format!("{},rumqttd={}", log.level, log.broker);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     // Under systemd the journal adds timestamps; don't repeat them or colour.
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();

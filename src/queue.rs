@@ -393,7 +393,9 @@ impl Writer {
     }
 
     fn fetch(&mut self, upstream: &str, after: i64, limit: usize) -> Result<Vec<Row>, QueueError> {
-        let acked: HashSet<i64> = self.acks.iter().copied().collect();
+        // Acked rows are deleted at the next commit; until then hide them.
+        // Only those above `after` can be in range (all of them after a reconnect).
+        let acked: HashSet<i64> = self.acks.iter().copied().filter(|&id| id > after).collect();
         let mut stmt = self
             .conn
             .prepare_cached(SELECT_AFTER)

@@ -89,6 +89,7 @@ async fn session(
     let up = &settings.upstream;
     let name = settings.name.as_str();
     let window = usize::from(up.inflight);
+    let refill = (window / 4).max(1);
     let mut opts = MqttOptions::new(&settings.client_id, &up.url.host, up.url.port);
     opts.set_clean_session(false)
         .set_keep_alive(up.keep_alive.0)
@@ -133,7 +134,10 @@ async fn session(
 
     let ended = loop {
         let free = window.saturating_sub(awaiting.len() + inflight.len());
-        if free > 0 && !drained {
+        // Refill in batches (a quarter window at least), not a row per PUBACK:
+        // each fetch is a round trip to the queue thread.
+        let outstanding = awaiting.len() + inflight.len();
+        if !drained && (free >= refill || outstanding == 0) {
             let rows = match queue.fetch(name, after, free).await {
                 Ok(rows) => rows,
                 Err(QueueError::Closed) => break Ended::QueueClosed,

@@ -365,6 +365,9 @@ impl Proxy {
                 }
                 let conn = tokio::spawn(async move {
                     if let Ok(mut outbound) = TcpStream::connect(target).await {
+                        // No Nagle: a proxy must not add its own delays.
+                        let _ = inbound.set_nodelay(true);
+                        let _ = outbound.set_nodelay(true);
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
                 });
