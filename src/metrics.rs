@@ -29,6 +29,8 @@ pub struct Metrics {
     pub queued: AtomicU64,
     /// SQLite commits of the queue writer.
     pub commits: AtomicU64,
+    /// Damaged queue databases moved aside at start.
+    pub queue_recovered: AtomicU64,
     /// Per upstream, keyed by name.
     pub uplinks: BTreeMap<String, Arc<UplinkMetrics>>,
 }

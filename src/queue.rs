@@ -51,9 +51,13 @@ pub enum QueueError {
         path: PathBuf,
         source: rusqlite::Error,
     },
-    #[error("queue database {path}: cannot create its directory: {source}")]
-    Dir {
+    /// A file operation around the database failed (creating its
+    /// directory, moving a damaged file aside, starting the writer thread):
+    /// check the directory's permissions and free space.
+    #[error("queue database {path}: cannot {action}: {source}")]
+    Io {
         path: PathBuf,
+        action: &'static str,
         source: std::io::Error,
     },
     #[error(
@@ -181,7 +185,7 @@ pub fn open(
     upstreams: &[String],
     metrics: Arc<Metrics>,
 ) -> Result<(QueueHandle, std::thread::JoinHandle<()>), QueueError> {
-    let conn = open_db(path)?;
+    let conn = open_or_recover(path, &metrics)?;
     let depth: i64 = conn
         .query_row("SELECT COUNT(*) FROM queue", [], |r| r.get(0))
         .unwrap_or(0);
@@ -204,11 +208,92 @@ pub fn open(
     let thread = std::thread::Builder::new()
         .name("queue".into())
         .spawn(move || writer.run(rx))
-        .map_err(|e| QueueError::Dir {
+        .map_err(|source| QueueError::Io {
             path: path.to_path_buf(),
-            source: e,
+            action: "start the writer thread",
+            source,
         })?;
     Ok((QueueHandle { tx, notify }, thread))
+}
+
+/// Open the queue; a damaged file (not a database, or failing
+/// `PRAGMA quick_check`) is renamed aside with a timestamp and a fresh one is
+/// created, so the gateway keeps collecting. Other failures (permissions, a
+/// newer schema) are errors: moving those aside would hide good data.
+fn open_or_recover(path: &Path, metrics: &Metrics) -> Result<Connection, QueueError> {
+    let damage = match open_db(path) {
+        Ok(conn) => match quick_check(&conn) {
+            Ok(()) => return Ok(conn),
+            Err(detail) => detail,
+        },
+        Err(QueueError::Open { source, .. }) if is_damage(&source) => source.to_string(),
+        Err(e) => return Err(e),
+    };
+    let aside = move_aside(path)?;
+    metrics
+        .queue_recovered
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    error!(
+        path = %path.display(),
+        moved_to = %aside.display(),
+        %damage,
+        "queue database is damaged; moved it aside and started a fresh queue (events in it are not forwarded; keep the file for support)"
+    );
+    open_db(path)
+}
+
+fn is_damage(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+    )
+}
+
+/// `Ok` if SQLite's quick check passes; else what it found.
+fn quick_check(conn: &Connection) -> Result<(), String> {
+    let mut stmt = conn
+        .prepare("PRAGMA quick_check")
+        .map_err(|e| e.to_string())?;
+    let found: Vec<String> = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .and_then(|rows| rows.collect())
+        .map_err(|e| e.to_string())?;
+    if found.len() == 1 && found[0] == "ok" {
+        Ok(())
+    } else {
+        Err(found.join("; "))
+    }
+}
+
+/// Rename `path` (and its WAL) to `<path>.damaged-<UTC time>`; drop its shared-memory file.
+fn move_aside(path: &Path) -> Result<PathBuf, QueueError> {
+    let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+        .to_string()
+        .replace([':', '-'], "");
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".damaged-{stamp}"));
+    let aside = PathBuf::from(aside);
+    let io = |source| QueueError::Io {
+        path: path.to_path_buf(),
+        action: "move the damaged file aside",
+        source,
+    };
+    std::fs::rename(path, &aside).map_err(io)?;
+    for (suffix, keep) in [("-wal", true), ("-shm", false)] {
+        let mut side = path.as_os_str().to_owned();
+        side.push(suffix);
+        let side = PathBuf::from(side);
+        if side.exists() {
+            if keep {
+                let mut to = aside.as_os_str().to_owned();
+                to.push(suffix);
+                std::fs::rename(&side, PathBuf::from(to)).map_err(io)?;
+            } else {
+                std::fs::remove_file(&side).map_err(io)?;
+            }
+        }
+    }
+    Ok(aside)
 }
 
 /// Open the database with our pragmas and schema. Also used by tests and
@@ -219,8 +304,9 @@ pub fn open_db(path: &Path) -> Result<Connection, QueueError> {
         source,
     };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| QueueError::Dir {
+        std::fs::create_dir_all(dir).map_err(|source| QueueError::Io {
             path: path.to_path_buf(),
+            action: "create its directory",
             source,
         })?;
     }

@@ -2,6 +2,7 @@
 
 mod broker;
 mod cli;
+mod damage;
 mod offline;
 mod pipeline;
 mod util;

@@ -1,0 +1,94 @@
+//! A damaged queue database at start is moved aside; the gateway runs on
+//! with a fresh queue.
+
+use crate::util::*;
+
+fn damaged_files(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("queue.db.damaged-"))
+        .collect()
+}
+
+async fn assert_runs_on_fresh_queue(dir: &std::path::Path) {
+    let upstream = upstream_broker();
+    let sub = Subscriber::start(upstream, "plant/#").await;
+    let gw = Gateway::start(dir, upstream.port()).await;
+    assert_eq!(gw.count(|m| &m.queue_recovered), 1);
+    let sensor = Sensor::connect(gw.addr).await;
+    sensor
+        .publish("sensors/x/y/temperature", reading("y", 1))
+        .await;
+    let got = sub.wait_for(1).await;
+    assert_eq!(got[0].topic, "plant/x/y/temp");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_garbage_queue_file_is_moved_aside_and_a_fresh_queue_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage =
+        b"this is not an SQLite database, just what a bad SD card left behind\n".repeat(100);
+    std::fs::write(dir.path().join("queue.db"), &garbage).unwrap();
+    assert_runs_on_fresh_queue(dir.path()).await;
+    let aside = damaged_files(dir.path());
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(
+        std::fs::read(dir.path().join(&aside[0])).unwrap(),
+        garbage,
+        "kept as it was"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_queue_file_is_moved_aside_and_a_fresh_queue_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    // A real queue with a backlog, cut in half as by a failing card.
+    let proxy = Proxy::start(upstream_broker(), false).await;
+    let gw = Gateway::start(dir.path(), proxy.port).await;
+    let sensor = Sensor::connect(gw.addr).await;
+    for seq in 0..2000 {
+        sensor
+            .publish("sensors/x/z/temperature", reading("z", seq))
+            .await;
+    }
+    wait_until("backlog stored", || gw.queued("cloud") == 2000).await;
+    gw.stop().await;
+    let db = dir.path().join("queue.db");
+    {
+        // Fold the WAL into the file so the cut hits the real pages.
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.pragma_update(None, "wal_checkpoint", "TRUNCATE")
+            .unwrap();
+    }
+    let len = std::fs::metadata(&db).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&db)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    assert_runs_on_fresh_queue(dir.path()).await;
+    assert_eq!(damaged_files(dir.path()).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impossible_queue_path_is_a_clear_start_error_not_a_move_aside() {
+    // A path under a regular file: no permission trick, so it fails for root too.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("file"), b"keep me").unwrap();
+    let text = config_text(dir.path(), free_port(), "").replace(
+        &format!("path = \"{}\"", dir.path().join("queue.db").display()),
+        &format!("path = \"{}\"", dir.path().join("file/queue.db").display()),
+    );
+    let err = match edgeferry::start(load_config(dir.path(), &text)).await {
+        Ok(_) => panic!("started with an impossible queue path"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("file/queue.db: cannot create its directory"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(dir.path().join("file")).unwrap(), b"keep me");
+}
