@@ -44,6 +44,12 @@ pub enum BrokerError {
     },
     #[error("embedded broker: cannot create the ingest link: {0}")]
     Link(String),
+    /// Every listener failed right after the port check: something took
+    /// the port in between. Starting again usually works.
+    #[error(
+        "embedded broker stopped while starting: its listener on {addr} failed (port taken since it was checked?)"
+    )]
+    ExitedWhileStarting { addr: SocketAddr },
     #[error("embedded broker does not answer MQTT on {addr} after {waited:?}")]
     NotListening { addr: SocketAddr, waited: Duration },
 }
@@ -93,9 +99,18 @@ pub async fn start(cfg: &BrokerConfig) -> Result<EmbeddedBroker, BrokerError> {
         .map_err(|e| BrokerError::Link(format!("cannot spawn broker thread: {e}")))?;
 
     let waited = Duration::from_secs(10);
-    probe(v4, false, waited).await?;
-    if let Some(v5) = v5 {
-        probe(v5, true, waited).await?;
+    let mut exited = exited;
+    let probes = async {
+        probe(v4, false, waited).await?;
+        if let Some(v5) = v5 {
+            probe(v5, true, waited).await?;
+        }
+        Ok::<(), BrokerError>(())
+    };
+    tokio::select! {
+        r = probes => r?,
+        // rumqttd's start() returns only when every listener has failed.
+        _ = &mut exited => return Err(BrokerError::ExitedWhileStarting { addr: v4 }),
     }
     info!(listen = %v4, listen_v5 = ?v5, "embedded broker listening");
     Ok(EmbeddedBroker {

@@ -353,6 +353,78 @@ fn validate(file: &ConfigFile, name: &Path, text: &str) -> Vec<Diagnostic> {
             ),
         ));
     }
+    // Ranges that keep allocations and timers sane (and rumqttd and tokio from panicking).
+    let mut range = |key: &str, ok: bool, what: &str| {
+        if !ok {
+            errors.push(Diagnostic::at(name, text, at(key), what.to_string()));
+        }
+    };
+    range(
+        "max_connections",
+        (1..=100_000).contains(&file.broker.max_connections),
+        "broker.max_connections must be between 1 and 100000",
+    );
+    range(
+        "segment_count",
+        file.broker.segment_count <= 1000,
+        "broker.segment_count must be at most 1000",
+    );
+    range(
+        "segment_size",
+        file.broker.segment_size.0 <= 1 << 30,
+        "broker.segment_size must be at most 1GiB",
+    );
+    range(
+        "buffer",
+        file.pipeline.buffer <= 10_000_000,
+        "pipeline.buffer must be at most 10000000 events",
+    );
+    range(
+        "commit_max_events",
+        file.queue.commit_max_events <= 1_000_000,
+        "queue.commit_max_events must be at most 1000000",
+    );
+    range(
+        "commit_interval",
+        file.queue.commit_interval.0 <= Duration::from_secs(60),
+        "queue.commit_interval must be at most 60s (it is the power-cut loss window)",
+    );
+    range(
+        "summary_interval",
+        file.log.summary_interval.0 >= Duration::from_secs(1),
+        "log.summary_interval must be at least 1s",
+    );
+    for (i, a) in file.broker.ingest.iter().enumerate() {
+        match crate::rules::topic::Pattern::parse(a) {
+            Err(e) => errors.push(Diagnostic::at(
+                name,
+                text,
+                at("ingest"),
+                format!("broker.ingest: {e}"),
+            )),
+            Ok(_) if a.contains('{') => errors.push(Diagnostic::at(
+                name,
+                text,
+                at("ingest"),
+                format!(
+                    "broker.ingest: {a:?} is an MQTT filter; captures like {{name}} belong in rules"
+                ),
+            )),
+            Ok(_) => {}
+        }
+        for b in &file.broker.ingest[i + 1..] {
+            if crate::rules::topic::filters_overlap(a, b) {
+                errors.push(Diagnostic::at(
+                    name,
+                    text,
+                    at("ingest"),
+                    format!(
+                        "broker.ingest filters {a:?} and {b:?} overlap: the broker would deliver matching events twice; keep only the wider one"
+                    ),
+                ));
+            }
+        }
+    }
     if file.broker.ingest.is_empty() {
         errors.push(Diagnostic::at(
             name,
@@ -396,12 +468,29 @@ fn validate(file: &ConfigFile, name: &Path, text: &str) -> Vec<Diagnostic> {
                 format!("upstream.{up_name}.inflight must be at least 1"),
             ));
         }
-        if up.keep_alive.0 < Duration::from_secs(1) {
+        if up.keep_alive.0 < Duration::from_secs(1) || up.keep_alive.0 > Duration::from_secs(65_535)
+        {
             errors.push(Diagnostic::at(
                 name,
                 text,
                 at("keep_alive"),
-                format!("upstream.{up_name}.keep_alive must be at least 1s"),
+                format!("upstream.{up_name}.keep_alive must be between 1s and 65535s"),
+            ));
+        }
+        if up.reconnect_min.0 < Duration::from_millis(10) {
+            errors.push(Diagnostic::at(
+                name,
+                text,
+                at("reconnect_min"),
+                format!("upstream.{up_name}.reconnect_min must be at least 10ms"),
+            ));
+        }
+        if up.max_packet_size.0 < 128 || up.max_packet_size.0 > 256 << 20 {
+            errors.push(Diagnostic::at(
+                name,
+                text,
+                at("max_packet_size"),
+                format!("upstream.{up_name}.max_packet_size must be between 128 bytes and 256MiB (MQTT's limit)"),
             ));
         }
         if up.reconnect_min > up.reconnect_max {
@@ -444,6 +533,33 @@ mod tests {
         assert_eq!((u.host.as_str(), u.port), ("127.0.0.1", 1884));
         assert!("http://x".parse::<UpstreamUrl>().is_err());
         assert!("mqtt://x:notaport".parse::<UpstreamUrl>().is_err());
+    }
+
+    #[test]
+    fn values_that_would_panic_or_duplicate_are_config_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[broker]\nmax_connections = 1000000000000\ningest = [\"#\", \"sensors/#\"]\n\
+             [pipeline]\nbuffer = 4611686018427387904\n[log]\nsummary_interval = \"0s\"\n\
+             [rules]\ndir = \"{}\"\n",
+            dir.path().display()
+        );
+        let Diagnostics(errs) =
+            Config::from_toml(&text, Path::new("gw.toml"), dir.path()).unwrap_err();
+        let found: Vec<String> = errs.iter().map(|d| d.to_string()).collect();
+        for (line, words) in [
+            (2, "max_connections"),
+            (3, "overlap"),
+            (5, "pipeline.buffer"),
+            (7, "summary_interval"),
+        ] {
+            assert!(
+                found
+                    .iter()
+                    .any(|f| f.starts_with(&format!("gw.toml:{line}:")) && f.contains(words)),
+                "no error about {words} at line {line}: {found:#?}"
+            );
+        }
     }
 
     #[test]

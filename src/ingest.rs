@@ -96,8 +96,12 @@ pub async fn run(
         }
     }
     // Sensors already got their PUBACK for what the broker holds for us:
-    // take in what is already there before stopping.
-    while let Ok(n) = tokio::time::timeout(DRAIN_IDLE, link.next()).await {
+    // take in what is already there before stopping, but do not wait on
+    // sensors that keep publishing (systemd's stop timeout is running).
+    let give_up = tokio::time::Instant::now() + DRAIN_MAX;
+    while let Ok(Ok(n)) =
+        tokio::time::timeout_at(give_up, tokio::time::timeout(DRAIN_IDLE, link.next())).await
+    {
         if !ingest.handle(&mut link, n).await? {
             break;
         }
@@ -108,6 +112,8 @@ pub async fn run(
 
 /// At shutdown, ingest stops once the link has been quiet this long.
 const DRAIN_IDLE: std::time::Duration = std::time::Duration::from_millis(100);
+/// ... or after this long, whatever sensors are still sending.
+const DRAIN_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 struct Ingest {
     gaps: GapDetector,

@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tracing::{error, info};
 
 pub use config::Config;
@@ -35,10 +35,12 @@ pub enum RunError {
     Broker(#[from] broker::BrokerError),
     #[error(transparent)]
     Queue(#[from] queue::QueueError),
-    #[error(transparent)]
-    Ingest(#[from] ingest::IngestError),
     #[error("embedded broker stopped unexpectedly (all its listeners failed); see the log above")]
     BrokerStopped,
+    /// A stage ended before shutdown: a bug or an unrecoverable condition
+    /// (see the stage's error); the queue is intact and a restart resumes.
+    #[error("{stage} stopped unexpectedly: {reason}")]
+    StageFailed { stage: &'static str, reason: String },
 }
 
 /// A running pipeline.
@@ -110,39 +112,52 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let (events_tx, events_rx) = mpsc::channel(file.pipeline.buffer);
-    let ingest = tokio::spawn(ingest::run(
+    // Every stage runs in this set; the supervisor treats any stage ending
+    // before shutdown (error or panic) as fatal, so the process exits
+    // non-zero and systemd restarts it instead of running on half-dead.
+    let mut stages: JoinSet<(&'static str, Result<(), String>)> = JoinSet::new();
+    let ingest = ingest::run(
         broker.link_rx,
         file.broker.ingest.clone(),
         events_tx,
         metrics.clone(),
         shutdown_rx.clone(),
-    ));
-    let router = tokio::spawn(router::run(
+    );
+    stages.spawn(async move { ("ingest", ingest.await.map_err(|e| e.to_string())) });
+    let router = router::run(
         events_rx,
         Arc::new(config.rules.clone()),
         queue.clone(),
         metrics.clone(),
-    ));
-    let mut uplinks = Vec::new();
+    );
+    stages.spawn(async move { ("router", router.await.map_err(|e| e.to_string())) });
     for name in &upstream_names {
         let settings = uplink::UplinkSettings {
             name: name.clone(),
             client_id: config.client_id(name),
             upstream: file.upstream[name].clone(),
         };
-        uplinks.push(tokio::spawn(uplink::run(
+        let uplink = uplink::run(
             settings,
             queue.clone(),
             metrics.uplinks[name].clone(),
             shutdown_rx.clone(),
-        )));
+        );
+        stages.spawn(async move {
+            uplink.await;
+            ("uplink", Ok(()))
+        });
     }
     drop(queue);
-    let summary = tokio::spawn(summarize(
+    let summary = summarize(
         metrics.clone(),
         file.log.summary_interval.0,
         shutdown_rx.clone(),
-    ));
+    );
+    stages.spawn(async move {
+        summary.await;
+        ("summary", Ok(()))
+    });
     info!(
         rules = config.rules.len(),
         upstreams = upstream_names.len(),
@@ -154,31 +169,32 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
     let link_tx = broker.link_tx;
     let mut broker_exited = broker.exited;
     let supervisor = tokio::spawn(async move {
-        let mut ingest = ingest;
         let mut failure = None;
+        let mut stopping = stop.subscribe();
         tokio::select! {
-            r = &mut ingest => {
-                if let Ok(Err(e)) = r { failure = Some(RunError::from(e)); }
-                ingest = tokio::spawn(async { Ok(()) });
+            Some(done) = stages.join_next() => {
+                // Stages end by themselves once shutdown was asked for.
+                if !*stop.borrow() {
+                    failure = Some(stage_failure(done));
+                }
             }
             _ = &mut broker_exited => failure = Some(RunError::BrokerStopped),
-            _ = async { let mut rx = stop.subscribe(); let _ = rx.wait_for(|s| *s).await; } => {}
+            _ = stopping.wait_for(|s| *s) => {}
         }
         if let Some(e) = &failure {
             error!(error = %e, "stopping");
         }
         let _ = stop.send(true);
-        // Stop order: ingest drains the link, the router drains its channel
-        // into the queue, uplinks close; the queue commits once the last
-        // handle is gone.
-        let _ = ingest.await;
-        if let Ok(Err(e)) = router.await {
-            error!(error = %e, "router stopped early");
+        // Stop order follows ownership: ingest drains the link and drops its
+        // sender, the router drains into the queue and drops its handle,
+        // uplinks close; the queue thread commits once the last handle is gone.
+        while let Some(done) = stages.join_next().await {
+            if let Ok((stage, Err(e))) = &done {
+                error!(stage, error = %e, "stage failed while stopping");
+            } else if let Err(e) = &done {
+                error!(error = %e, "stage panicked while stopping");
+            }
         }
-        for u in uplinks {
-            let _ = u.await;
-        }
-        let _ = summary.await;
         drop(link_tx);
         let _ = tokio::task::spawn_blocking(move || queue_thread.join()).await;
         info!("edgeferry stopped");
@@ -193,6 +209,23 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         shutdown: shutdown_tx,
         supervisor,
     })
+}
+
+/// What it means that a stage ended before shutdown was asked for.
+fn stage_failure(
+    done: Result<(&'static str, Result<(), String>), tokio::task::JoinError>,
+) -> RunError {
+    match done {
+        Ok((stage, Err(reason))) => RunError::StageFailed { stage, reason },
+        Ok((stage, Ok(()))) => RunError::StageFailed {
+            stage,
+            reason: "ended early".into(),
+        },
+        Err(e) => RunError::StageFailed {
+            stage: "a stage",
+            reason: format!("panicked: {e}"),
+        },
+    }
 }
 
 /// One log line with the counters every `every`, instead of a line per event.

@@ -29,6 +29,9 @@ pub struct Metrics {
     pub queued: AtomicU64,
     /// SQLite commits of the queue writer.
     pub commits: AtomicU64,
+    /// Events dropped because queue commits kept failing (disk full, I/O
+    /// error) and the in-memory allowance was used up.
+    pub dropped_queue_unavailable: AtomicU64,
     /// Damaged queue databases moved aside at start.
     pub queue_recovered: AtomicU64,
     /// Per upstream, keyed by name.
@@ -47,6 +50,9 @@ pub struct UplinkMetrics {
     pub resent: AtomicU64,
     /// Rows acknowledged by the upstream (PUBACK, or written for QoS 0) and deleted.
     pub acked: AtomicU64,
+    /// Rows that can never be sent (wildcard topic, packet over the upstream's
+    /// max_packet_size): deleted so they do not block the queue, and counted.
+    pub dead_lettered: AtomicU64,
 }
 
 impl Metrics {
@@ -63,13 +69,14 @@ impl Metrics {
     /// One line for the periodic summary log.
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "received={} matched={} queued={} dropped_unmatched={} dropped_rule={} dropped_overflow={} broker_lost={}",
+            "received={} matched={} queued={} dropped_unmatched={} dropped_rule={} dropped_overflow={} dropped_queue_unavailable={} broker_lost={}",
             self.received.load(Relaxed),
             self.matched.load(Relaxed),
             self.queued.load(Relaxed),
             self.dropped_unmatched.load(Relaxed),
             self.dropped_rule.load(Relaxed),
             self.dropped_overflow.load(Relaxed),
+            self.dropped_queue_unavailable.load(Relaxed),
             self.broker_lost.load(Relaxed),
         );
         for (name, u) in &self.uplinks {

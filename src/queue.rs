@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{Notify, oneshot};
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use crate::metrics::Metrics;
 
@@ -359,18 +359,28 @@ struct Writer {
 
 impl Writer {
     fn run(mut self, rx: flume::Receiver<Cmd>) {
-        // `None` while nothing waits; else when the pending work must be committed.
         let mut last_commit = Instant::now() - self.policy.interval;
+        // Set while commits fail (disk full, I/O error): when to try again.
+        let mut retry_at: Option<Instant> = None;
+        let mut last_warning: Option<Instant> = None;
+        // While commits fail, at most this many rows wait in memory; more
+        // are dropped and counted. Fetches and acks are still served, so the
+        // uplinks keep draining and shutdown never hangs on a full disk.
+        let cap = self.policy.max_events.max(1000) * 4;
         loop {
             let pending = !self.rows.is_empty() || !self.acks.is_empty();
-            let due = last_commit + self.policy.interval;
-            let cmd = if !pending {
+            let due = retry_at.unwrap_or(last_commit + self.policy.interval);
+            let now = Instant::now();
+            let commit_now = pending
+                && (now >= due
+                    || (retry_at.is_none() && self.rows.len() >= self.policy.max_events));
+            let cmd = if commit_now {
+                None
+            } else if !pending {
                 match rx.recv() {
                     Ok(c) => Some(c),
                     Err(_) => break,
                 }
-            } else if Instant::now() >= due || self.rows.len() >= self.policy.max_events {
-                None
             } else {
                 match rx.recv_deadline(due) {
                     Ok(c) => Some(c),
@@ -380,8 +390,14 @@ impl Writer {
             };
             match cmd {
                 Some(Cmd::Append(rows)) => {
-                    // A quiet queue commits at once; a busy one at most once per interval.
-                    self.rows.extend(rows);
+                    if self.rows.len() >= cap {
+                        self.metrics
+                            .dropped_queue_unavailable
+                            .fetch_add(rows.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    } else {
+                        // A quiet queue commits at once; a busy one at most once per interval.
+                        self.rows.extend(rows);
+                    }
                     continue;
                 }
                 Some(Cmd::Ack(ids)) => {
@@ -403,17 +419,27 @@ impl Writer {
                 }
                 None => {}
             }
-            if self.commit() {
-                last_commit = Instant::now();
-            } else {
-                // Keep what we hold and retry; meanwhile the bounded channel
-                // pushes back on the router rather than growing memory.
-                std::thread::sleep(self.policy.interval.max(Duration::from_millis(100)));
+            match self.commit() {
+                Ok(()) => {
+                    if retry_at.take().is_some() {
+                        info!("queue commits work again");
+                    }
+                    last_commit = Instant::now();
+                }
+                Err(e) => {
+                    // Keep what we hold and retry; warn at most every 30 s.
+                    if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                        error!(error = %e, pending = self.rows.len(), "queue commit failed (disk full or I/O error?); holding events in memory and retrying");
+                        last_warning = Some(Instant::now());
+                    }
+                    retry_at =
+                        Some(Instant::now() + self.policy.interval.max(Duration::from_millis(500)));
+                }
             }
         }
         // Every handle is gone: final commit, retried a few times.
         for _ in 0..5 {
-            if self.rows.is_empty() && self.acks.is_empty() || self.commit() {
+            if self.rows.is_empty() && self.acks.is_empty() || self.commit().is_ok() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(200));
@@ -427,9 +453,9 @@ impl Writer {
         info!("queue closed");
     }
 
-    /// Apply pending appends and acks in one transaction. False on failure
-    /// (nothing is lost: the work stays pending).
-    fn commit(&mut self) -> bool {
+    /// Apply pending appends and acks in one transaction. On failure nothing
+    /// is lost: the work stays pending.
+    fn commit(&mut self) -> rusqlite::Result<()> {
         let result = (|| -> rusqlite::Result<()> {
             let tx = self.conn.transaction()?;
             {
@@ -451,31 +477,23 @@ impl Writer {
             }
             tx.commit()
         })();
-        match result {
-            Ok(()) => {
-                self.metrics
-                    .commits
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.metrics
-                    .queued
-                    .fetch_add(self.rows.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                let mut woke: HashSet<&str> = HashSet::new();
-                for r in &self.rows {
-                    if woke.insert(&r.upstream)
-                        && let Some(n) = self.notify.get(&*r.upstream)
-                    {
-                        n.notify_one();
-                    }
-                }
-                self.rows.clear();
-                self.acks.clear();
-                true
-            }
-            Err(e) => {
-                warn!(error = %e, pending = self.rows.len(), "queue commit failed; will retry");
-                false
+        result?;
+        use std::sync::atomic::Ordering::Relaxed;
+        self.metrics.commits.fetch_add(1, Relaxed);
+        self.metrics
+            .queued
+            .fetch_add(self.rows.len() as u64, Relaxed);
+        let mut woke: HashSet<&str> = HashSet::new();
+        for r in &self.rows {
+            if woke.insert(&r.upstream)
+                && let Some(n) = self.notify.get(&*r.upstream)
+            {
+                n.notify_one();
             }
         }
+        self.rows.clear();
+        self.acks.clear();
+        Ok(())
     }
 
     fn fetch(&mut self, upstream: &str, after: i64, limit: usize) -> Result<Vec<Row>, QueueError> {

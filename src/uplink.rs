@@ -8,7 +8,11 @@
 //! - On reconnect rumqttc resends its pending publishes only if the broker
 //!   says `session_present`, and drops them otherwise. So every connection
 //!   starts a fresh event loop and resends every unacknowledged row itself.
-//! - A PUBACK for a pkid this connection never used is ignored.
+//! - A PUBACK for a pkid rumqttc never assigned on this connection makes
+//!   rumqttc itself drop the connection (`Unsolicited`); the session ends
+//!   and the next one resends every unacknowledged row. One rumqttc did
+//!   accept but that maps to no row is ignored.
+//! - `EventLoop::poll` is not cancel-safe, so it runs in its own task.
 //! - It has no reconnect backoff: capped exponential backoff with jitter here.
 //! - Its default max packet size is 10 KiB: set from config.
 
@@ -17,8 +21,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS};
-use tokio::sync::watch;
+use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -41,9 +45,14 @@ pub struct UplinkSettings {
 /// How a session ended.
 enum Ended {
     Shutdown,
-    /// The connection failed or dropped; `connected` says whether it had come up.
+    /// The connection failed or dropped.
     Lost {
-        connected: bool,
+        /// Whether this session did useful work (acked something, or stayed
+        /// up longer than the longest backoff); only then is backoff reset,
+        /// so a broker that accepts and then drops us is not hammered.
+        healthy: bool,
+        /// Why, for the log.
+        reason: String,
     },
     /// The queue writer is gone: the daemon is stopping.
     QueueClosed,
@@ -61,15 +70,22 @@ pub async fn run(
     // Highest row id ever handed to the network: rows at or below it that are
     // sent again are re-sends.
     let mut high_water = 0i64;
+    // The last failure logged at WARN; repeats of it go to DEBUG.
+    let mut last_reason = String::new();
     loop {
         match session(&settings, &queue, &metrics, &mut shutdown, &mut high_water).await {
             Ended::Shutdown | Ended::QueueClosed => return,
-            Ended::Lost { connected } => {
-                if connected {
+            Ended::Lost { healthy, reason } => {
+                if healthy {
                     backoff.reset();
                 }
                 let delay = backoff.next_delay();
-                debug!(upstream = %settings.name, ?delay, "reconnecting after delay");
+                if reason != last_reason {
+                    warn!(upstream = %settings.name, url = %up.url, %reason, retry_in = ?delay, "uplink down");
+                    last_reason = reason;
+                } else {
+                    debug!(upstream = %settings.name, %reason, retry_in = ?delay, "uplink still down");
+                }
                 tokio::select! {
                     _ = shutdown.wait_for(|s| *s) => return,
                     _ = tokio::time::sleep(delay) => {}
@@ -77,6 +93,28 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Poll the event loop in its own task. rumqttc's `poll()` is not
+/// cancel-safe: dropped mid-write (as a `select!` branch would), it loses
+/// the packet it was writing, after assigning its pkid. Here it is never
+/// cancelled; events reach the session over a channel. The task ends after
+/// forwarding an error, or when the session drops the receiver.
+fn spawn_poller(
+    mut eventloop: EventLoop,
+    capacity: usize,
+) -> mpsc::Receiver<Result<Event, String>> {
+    let (tx, rx) = mpsc::channel(capacity);
+    tokio::spawn(async move {
+        loop {
+            let polled = eventloop.poll().await.map_err(|e| e.to_string());
+            let failed = polled.is_err();
+            if tx.send(polled).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 async fn session(
@@ -90,32 +128,43 @@ async fn session(
     let name = settings.name.as_str();
     let window = usize::from(up.inflight);
     let refill = (window / 4).max(1);
+    let max_packet = up.max_packet_size.as_usize();
     let mut opts = MqttOptions::new(&settings.client_id, &up.url.host, up.url.port);
     opts.set_clean_session(false)
         .set_keep_alive(up.keep_alive.0)
         .set_inflight(up.inflight)
-        .set_max_packet_size(up.max_packet_size.as_usize(), up.max_packet_size.as_usize())
+        .set_max_packet_size(max_packet, max_packet)
         .set_request_channel_capacity(window + 16);
     if let Some(user) = &up.username {
         opts.set_credentials(user, up.password.clone().unwrap_or_default());
     }
-    let (client, mut eventloop) = AsyncClient::new(opts, window + 16);
+    let (client, eventloop) = AsyncClient::new(opts, window + 16);
+    let mut events = spawn_poller(eventloop, window + 16);
 
     // Connect.
     let session_present = loop {
         let polled = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return Ended::Shutdown,
-            p = eventloop.poll() => p,
+            p = events.recv() => p,
         };
         match polled {
-            Ok(Event::Incoming(Incoming::ConnAck(ack))) => break ack.session_present,
-            Ok(_) => {}
-            Err(e) => {
-                debug!(upstream = %name, url = %up.url, error = %e, "uplink connect failed");
-                return Ended::Lost { connected: false };
+            Some(Ok(Event::Incoming(Incoming::ConnAck(ack)))) => break ack.session_present,
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                return Ended::Lost {
+                    healthy: false,
+                    reason: e,
+                };
+            }
+            None => {
+                return Ended::Lost {
+                    healthy: false,
+                    reason: "event loop ended".into(),
+                };
             }
         }
     };
+    let connected_at = Instant::now();
     metrics.connected.store(true, Relaxed);
     metrics.connects.fetch_add(1, Relaxed);
     info!(upstream = %name, url = %up.url, session_present, "uplink connected");
@@ -131,12 +180,13 @@ async fn session(
     let mut ack_deadline: Option<Instant> = None;
     // True when the last fetch found no more rows: wait for a commit.
     let mut drained = false;
+    let mut acked_any = false;
 
     let ended = loop {
-        let free = window.saturating_sub(awaiting.len() + inflight.len());
+        let outstanding = awaiting.len() + inflight.len();
+        let free = window.saturating_sub(outstanding);
         // Refill in batches (a quarter window at least), not a row per PUBACK:
         // each fetch is a round trip to the queue thread.
-        let outstanding = awaiting.len() + inflight.len();
         if !drained && (free >= refill || outstanding == 0) {
             let rows = match queue.fetch(name, after, free).await {
                 Ok(rows) => rows,
@@ -148,34 +198,44 @@ async fn session(
                 }
             };
             drained = rows.len() < free;
-            let mut refused = false;
+            let mut refused = None;
             for row in rows {
+                after = row.id;
                 let qos = if row.qos == 0 {
                     QoS::AtMostOnce
                 } else {
                     QoS::AtLeastOnce
                 };
+                // A row the upstream can never take must not block the ones
+                // behind it: dead-letter it (counted, logged, deleted).
+                if let Err(why) = sendable(&row.topic, row.payload.len(), qos, max_packet) {
+                    warn!(upstream = %name, row = row.id, event_id = %row.event_id, topic = %row.topic, %why, "dead-lettered: cannot be sent upstream");
+                    metrics.dead_lettered.fetch_add(1, Relaxed);
+                    acks.push(row.id);
+                    continue;
+                }
                 // Capacity is window + 16 and at most `window` are outstanding,
                 // so this only fails if the event loop is gone.
                 if let Err(e) = client.try_publish(row.topic, qos, false, row.payload) {
-                    warn!(upstream = %name, error = %e, "publish request refused; reconnecting");
-                    refused = true;
+                    refused = Some(e.to_string());
                     break;
                 }
                 awaiting.push_back((row.id, qos));
-                after = row.id;
                 metrics.sent.fetch_add(1, Relaxed);
                 if row.id <= *high_water {
                     metrics.resent.fetch_add(1, Relaxed);
                 }
                 *high_water = (*high_water).max(row.id);
             }
-            if refused {
-                break Ended::Lost { connected: true };
+            if let Some(reason) = refused {
+                break Ended::Lost {
+                    healthy: acked_any,
+                    reason,
+                };
             }
         }
         if acks.len() >= window.max(32) || ack_deadline.is_some_and(|d| d <= Instant::now()) {
-            if flush_acks(queue, &mut acks, metrics).await.is_err() {
+            if flush_acks(queue, &mut acks).await.is_err() {
                 break Ended::QueueClosed;
             }
             ack_deadline = None;
@@ -188,30 +248,42 @@ async fn session(
                 continue;
             }
             _ = sleep_until_opt(ack_deadline) => continue,
-            p = eventloop.poll() => p,
+            p = events.recv() => p,
         };
         match polled {
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+            Some(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
                 let Some((id, qos)) = awaiting.pop_front() else {
                     continue;
                 };
                 if qos == QoS::AtMostOnce {
                     // QoS 0: done once written; nothing will acknowledge it.
                     acks.push(id);
+                    metrics.acked.fetch_add(1, Relaxed);
                 } else {
                     inflight.insert(pkid, id);
                 }
             }
-            Ok(Event::Incoming(Incoming::PubAck(ack))) => match inflight.remove(&ack.pkid) {
-                Some(id) => acks.push(id),
+            Some(Ok(Event::Incoming(Incoming::PubAck(ack)))) => match inflight.remove(&ack.pkid) {
+                Some(id) => {
+                    acks.push(id);
+                    metrics.acked.fetch_add(1, Relaxed);
+                    acked_any = true;
+                }
                 None => {
                     debug!(upstream = %name, pkid = ack.pkid, "ignoring PUBACK for unknown packet id")
                 }
             },
-            Ok(_) => continue,
-            Err(e) => {
-                warn!(upstream = %name, url = %up.url, error = %e, unacked = awaiting.len() + inflight.len(), "uplink lost; unacknowledged events will be resent");
-                break Ended::Lost { connected: true };
+            Some(Ok(_)) => continue,
+            Some(Err(reason)) => {
+                let healthy = acked_any || connected_at.elapsed() >= up.reconnect_max.0;
+                warn!(upstream = %name, url = %up.url, %reason, unacked = awaiting.len() + inflight.len(), "uplink lost; unacknowledged events will be resent");
+                break Ended::Lost { healthy, reason };
+            }
+            None => {
+                break Ended::Lost {
+                    healthy: acked_any,
+                    reason: "event loop ended".into(),
+                };
             }
         }
         if ack_deadline.is_none() && !acks.is_empty() {
@@ -220,12 +292,12 @@ async fn session(
     };
 
     metrics.connected.store(false, Relaxed);
-    let _ = flush_acks(queue, &mut acks, metrics).await;
+    let _ = flush_acks(queue, &mut acks).await;
     if matches!(ended, Ended::Shutdown) {
         // Polite DISCONNECT; unacknowledged rows stay queued for next time.
         let _ = client.try_disconnect();
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            while let Ok(ev) = eventloop.poll().await {
+            while let Some(Ok(ev)) = events.recv().await {
                 if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
                     break;
                 }
@@ -237,18 +309,37 @@ async fn session(
     ended
 }
 
-async fn flush_acks(
-    queue: &QueueHandle,
-    acks: &mut Vec<i64>,
-    metrics: &UplinkMetrics,
-) -> Result<(), QueueError> {
+/// Whether a row can be published at all: MQTT forbids wildcards and NUL in
+/// topic names and empty topics, and the packet must fit `max_packet`.
+fn sendable(topic: &str, payload: usize, qos: QoS, max_packet: usize) -> Result<(), String> {
+    if topic.is_empty() || topic.contains(['+', '#', '\0']) {
+        return Err("topic is empty or contains '+', '#' or NUL".into());
+    }
+    if topic.len() > usize::from(u16::MAX) {
+        return Err(format!("topic is {} bytes, MQTT allows 65535", topic.len()));
+    }
+    let remaining = 2 + topic.len() + if qos == QoS::AtMostOnce { 0 } else { 2 } + payload;
+    let header = 1 + match remaining {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    if header + remaining > max_packet {
+        return Err(format!(
+            "packet is {} bytes, over upstream max_packet_size ({max_packet})",
+            header + remaining
+        ));
+    }
+    Ok(())
+}
+
+/// Hand acknowledged (or dead-lettered) row ids to the queue for deletion.
+async fn flush_acks(queue: &QueueHandle, acks: &mut Vec<i64>) -> Result<(), QueueError> {
     if acks.is_empty() {
         return Ok(());
     }
-    let n = acks.len() as u64;
-    queue.ack(std::mem::take(acks)).await?;
-    metrics.acked.fetch_add(n, Relaxed);
-    Ok(())
+    queue.ack(std::mem::take(acks)).await
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
@@ -292,6 +383,17 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unsendable_rows_are_recognised() {
+        assert!(sendable("a/b", 10, QoS::AtLeastOnce, 1024).is_ok());
+        assert!(sendable("a/+/b", 10, QoS::AtLeastOnce, 1024).is_err());
+        assert!(sendable("a/#", 10, QoS::AtLeastOnce, 1024).is_err());
+        assert!(sendable("", 10, QoS::AtLeastOnce, 1024).is_err());
+        // 1 + 2 (remaining length 200) + 2 + 3 + 2 + 193 = 203 bytes.
+        assert!(sendable("a/b", 193, QoS::AtLeastOnce, 203).is_ok());
+        assert!(sendable("a/b", 194, QoS::AtLeastOnce, 203).is_err());
+    }
 
     #[test]
     fn backoff_doubles_to_the_cap_with_jitter_and_resets() {

@@ -29,6 +29,9 @@ impl Template {
         let mut parts = Vec::new();
         let mut rest = text;
         while let Some(open) = rest.find('{') {
+            if rest[..open].contains('}') {
+                return Err(format!("unmatched '}}' in topic template {text:?}"));
+            }
             if open > 0 {
                 parts.push(Part::Text(rest[..open].to_string()));
             }
@@ -96,6 +99,7 @@ mod tests {
         let e = Template::parse("x/{dev}", ["device"].into_iter()).unwrap_err();
         assert!(e.contains("{dev}") && e.contains("{device}"), "{e}");
         assert!(Template::parse("x/{dev", ["dev"].into_iter()).is_err());
+        assert!(Template::parse("}{dev}", ["dev"].into_iter()).is_err());
         assert!(Template::parse("x/+", std::iter::empty()).is_err());
     }
 }

@@ -132,6 +132,21 @@ impl fmt::Display for Pattern {
     }
 }
 
+/// Whether some topic matches both MQTT filters (`+` and `#` wildcards).
+pub fn filters_overlap(a: &str, b: &str) -> bool {
+    let (mut a, mut b) = (a.split('/'), b.split('/'));
+    loop {
+        match (a.next(), b.next()) {
+            (Some("#"), _) | (_, Some("#")) => return true,
+            (None, None) => return true,
+            // "a/#" also matches "a": one side ending where the other has '#'.
+            (None, Some(_)) | (Some(_), None) => return false,
+            (Some(x), Some(y)) if x == y || x == "+" || y == "+" => {}
+            _ => return false,
+        }
+    }
+}
+
 fn is_identifier(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
@@ -229,6 +244,29 @@ mod tests {
         assert!(pat.captures("other/a").is_none());
         assert!(p("#").captures("$SYS/x").is_none());
         assert!(p("+/x").captures("$SYS/x").is_none());
+    }
+
+    #[test]
+    fn overlapping_filters_are_detected() {
+        for (a, b) in [
+            ("#", "sensors/#"),
+            ("a/+", "a/b"),
+            ("a/#", "a"),
+            ("+/x", "y/+"),
+            ("a", "a"),
+        ] {
+            assert!(filters_overlap(a, b), "{a} {b}");
+            assert!(filters_overlap(b, a), "{b} {a}");
+        }
+        for (a, b) in [
+            ("a/#", "b/#"),
+            ("a/+", "a"),
+            ("a/b", "a/c"),
+            ("a/+/c", "a/b/d"),
+        ] {
+            assert!(!filters_overlap(a, b), "{a} {b}");
+            assert!(!filters_overlap(b, a), "{b} {a}");
+        }
     }
 
     #[test]

@@ -74,6 +74,10 @@ async fn json_and_cbor_events_arrive_upstream_on_templated_topics_in_order() {
     wait_until("queue emptied after acks", || gw.queued("cloud") == 0).await;
     let m = &gw.running.metrics;
     use std::sync::atomic::Ordering::Relaxed;
+    wait_until("the two dropped events counted", || {
+        m.dropped_unmatched.load(Relaxed) + m.dropped_rule.load(Relaxed) == 2
+    })
+    .await;
     assert_eq!(m.received.load(Relaxed), sent as u64 + 2);
     assert_eq!(m.decoded_json.load(Relaxed), 2 * N as u64);
     assert_eq!(m.decoded_cbor.load(Relaxed), N as u64);
@@ -126,5 +130,36 @@ async fn mqtt5_sensors_publish_through_the_v5_listener() {
     let got = sub.wait_for(1).await;
     assert_eq!(got[0].topic, "plant/roof/r1/humidity");
     assert_eq!(got[0].payload, reading("r1", 7));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_that_can_never_be_sent_are_dead_lettered_and_do_not_block_the_queue() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = upstream_broker();
+    let sub = Subscriber::start(upstream, "#").await;
+    let text = config_text(dir.path(), upstream.port(), "max_packet_size = \"1KiB\"\n");
+    let gw = Gateway::start_with(dir.path(), &text).await;
+    let sensor = Sensor::connect(gw.addr).await;
+    // rumqttd accepts a wildcard in a topic name; the template carries it on.
+    raw_publish(gw.addr, "sensors/a/+/temperature", &reading("w", 0)).await;
+    // Fits the local broker (256KiB) but not this upstream (1KiB).
+    sensor
+        .publish("sensors/a/big/temperature", vec![b'x'; 4096])
+        .await;
+    for seq in 1..=20 {
+        sensor
+            .publish("sensors/a/ok/temperature", reading("ok", seq))
+            .await;
+    }
+    let got = sub.wait_for(20).await;
+    let seqs: Vec<u64> = got.iter().map(|m| seq_of(&m.payload)).collect();
+    assert_eq!(seqs, (1..=20).collect::<Vec<u64>>());
+    let up = &gw.running.metrics.uplinks["cloud"];
+    wait_until("queue empty", || gw.queued("cloud") == 0).await;
+    assert_eq!(up.dead_lettered.load(Relaxed), 2);
+    assert_eq!(up.acked.load(Relaxed), 20);
+    assert_eq!(up.connects.load(Relaxed), 1, "no reconnect loop");
     gw.stop().await;
 }

@@ -412,3 +412,48 @@ pub fn seq_of(payload: &[u8]) -> u64 {
         .unwrap_or_else(|_| panic!("payload is neither JSON nor CBOR: {payload:?}"));
     v["seq"].as_u64().expect("seq")
 }
+
+/// Publish with a hand-written MQTT 3.1.1 client, for what well-behaved
+/// client libraries refuse to send (e.g. wildcards in a topic name, which
+/// rumqttd accepts). Returns once the PUBACK arrives.
+pub async fn raw_publish(addr: SocketAddr, topic: &str, payload: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    fn packet(header: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![header];
+        let mut len = body.len();
+        loop {
+            let mut byte = (len % 128) as u8;
+            len /= 128;
+            if len > 0 {
+                byte |= 0x80;
+            }
+            out.push(byte);
+            if len == 0 {
+                break;
+            }
+        }
+        out.extend_from_slice(body);
+        out
+    }
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let id = format!("raw-{}", uuid::Uuid::new_v4().simple());
+    let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60];
+    connect.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    connect.extend_from_slice(id.as_bytes());
+    s.write_all(&packet(0x10, &connect)).await.unwrap();
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack[0], 0x20, "CONNACK");
+    let mut publish = (topic.len() as u16).to_be_bytes().to_vec();
+    publish.extend_from_slice(topic.as_bytes());
+    publish.extend_from_slice(&[0, 1]);
+    publish.extend_from_slice(payload);
+    s.write_all(&packet(0x32, &publish)).await.unwrap();
+    let mut puback = [0u8; 4];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut puback))
+        .await
+        .expect("PUBACK")
+        .unwrap();
+    assert_eq!(puback[0], 0x40, "PUBACK");
+    s.write_all(&[0xe0, 0]).await.unwrap();
+}
