@@ -2,6 +2,7 @@
 
 mod broker;
 mod cli;
+mod crash;
 mod damage;
 mod offline;
 mod pipeline;
