@@ -112,6 +112,11 @@ pub struct QueueConfig {
     pub commit_interval: HumanDuration,
     /// Commit sooner once this many events wait.
     pub commit_max_events: usize,
+    /// Below this much free space on the queue's filesystem the queue stops
+    /// growing and the routes' overflow policies apply. 0 turns it off.
+    pub min_free_disk: ByteSize,
+    /// How often events past their TTL are deleted (never sent meanwhile).
+    pub sweep_interval: HumanDuration,
 }
 
 impl Default for QueueConfig {
@@ -120,6 +125,8 @@ impl Default for QueueConfig {
             path: PathBuf::from("data/queue.db"),
             commit_interval: HumanDuration(Duration::from_millis(50)),
             commit_max_events: 1000,
+            min_free_disk: ByteSize(64 << 20),
+            sweep_interval: HumanDuration(Duration::from_secs(10)),
         }
     }
 }
@@ -149,6 +156,9 @@ pub struct UpstreamConfig {
     /// QoS 1 publishes in flight (sent, not yet acknowledged).
     #[serde(default = "defaults::inflight")]
     pub inflight: u16,
+    /// Byte cap of this upstream's queue (payload + topic of each event).
+    #[serde(default = "defaults::max_size")]
+    pub max_size: ByteSize,
     #[serde(default = "defaults::max_packet_size")]
     pub max_packet_size: ByteSize,
     #[serde(default = "defaults::reconnect_min")]
@@ -164,6 +174,9 @@ mod defaults {
     }
     pub fn inflight() -> u16 {
         64
+    }
+    pub fn max_size() -> ByteSize {
+        ByteSize(512 << 20)
     }
     pub fn max_packet_size() -> ByteSize {
         ByteSize(256 << 10)
@@ -388,6 +401,11 @@ fn validate(file: &ConfigFile, name: &Path, text: &str) -> Vec<Diagnostic> {
         "commit_interval",
         file.queue.commit_interval.0 <= Duration::from_secs(60),
         "queue.commit_interval must be at most 60s (it is the power-cut loss window)",
+    );
+    range(
+        "sweep_interval",
+        file.queue.sweep_interval.0 >= Duration::from_millis(10),
+        "queue.sweep_interval must be at least 10ms",
     );
     range(
         "summary_interval",

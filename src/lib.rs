@@ -100,14 +100,20 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
     let file = &config.file;
     let upstream_names: Vec<String> = file.upstream.keys().cloned().collect();
     let metrics = Arc::new(Metrics::new(&upstream_names));
-    let policy = queue::CommitPolicy {
-        interval: file.queue.commit_interval.0,
-        max_events: file.queue.commit_max_events,
+    let settings = queue::QueueSettings {
+        commit_interval: file.queue.commit_interval.0,
+        commit_max_events: file.queue.commit_max_events,
+        max_size: file
+            .upstream
+            .iter()
+            .map(|(name, u)| (name.clone(), u.max_size.0))
+            .collect(),
+        min_free_disk: file.queue.min_free_disk.0,
+        sweep_interval: file.queue.sweep_interval.0,
     };
     // The queue first: if the database is unusable there is no point
     // accepting sensor data.
-    let (queue, queue_thread) =
-        queue::open(&file.queue.path, policy, &upstream_names, metrics.clone())?;
+    let (queue, queue_thread) = queue::open(&file.queue.path, settings, metrics.clone())?;
     let broker = broker::start(&file.broker).await?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 

@@ -53,6 +53,14 @@ pub struct UplinkMetrics {
     /// Rows that can never be sent (wildcard topic, packet over the upstream's
     /// max_packet_size): deleted so they do not block the queue, and counted.
     pub dead_lettered: AtomicU64,
+    /// Per priority (low, normal, high): queued events deleted to make room
+    /// (overflow = "drop_oldest").
+    pub evicted: [AtomicU64; 3],
+    /// Per priority: new events dropped because the queue was full
+    /// (overflow = "drop_newest", or nothing evictable).
+    pub rejected: [AtomicU64; 3],
+    /// Per priority: events deleted unsent because their TTL passed.
+    pub expired: [AtomicU64; 3],
 }
 
 impl Metrics {
@@ -81,16 +89,20 @@ impl Metrics {
         );
         for (name, u) in &self.uplinks {
             s.push_str(&format!(
-                " {name}=[{} acked={} resent={}]",
-                if u.connected.load(Relaxed) {
-                    "up"
-                } else {
-                    "down"
-                },
+                " {name}=[{} acked={} resent={} dead_lettered={} evicted={} rejected={} expired={}]",
+                if u.connected.load(Relaxed) { "up" } else { "down" },
                 u.acked.load(Relaxed),
-                u.resent.load(Relaxed)
+                u.resent.load(Relaxed),
+                u.dead_lettered.load(Relaxed),
+                sum(&u.evicted),
+                sum(&u.rejected),
+                sum(&u.expired)
             ));
         }
         s
     }
+}
+
+fn sum(per_priority: &[AtomicU64; 3]) -> u64 {
+    per_priority.iter().map(|c| c.load(Relaxed)).sum()
 }

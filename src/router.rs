@@ -49,6 +49,9 @@ pub async fn run(
                     event_id: event_id.clone(),
                     topic: route.topic,
                     qos: route.qos,
+                    priority: route.priority,
+                    expires_ms: route.ttl.map(|t| event.received_ms + t.as_millis() as u64),
+                    overflow: route.overflow,
                     received_ms: event.received_ms,
                     payload: event.raw.clone(),
                 });

@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::UpstreamConfig;
 use crate::metrics::UplinkMetrics;
-use crate::queue::{QueueError, QueueHandle};
+use crate::queue::{Cursor, QueueError, QueueHandle};
 
 /// How long acknowledged ids may wait before their delete is handed to the
 /// queue writer (which then commits them with its next group commit).
@@ -67,9 +67,9 @@ pub async fn run(
 ) {
     let up = &settings.upstream;
     let mut backoff = Backoff::new(up.reconnect_min.0, up.reconnect_max.0);
-    // Highest row id ever handed to the network: rows at or below it that are
-    // sent again are re-sends.
-    let mut high_water = 0i64;
+    // Highest row id ever handed to the network, per priority: rows at or
+    // below it that are sent again are re-sends.
+    let mut high_water = Cursor::default();
     // The last failure logged at WARN; repeats of it go to DEBUG.
     let mut last_reason = String::new();
     loop {
@@ -122,7 +122,7 @@ async fn session(
     queue: &QueueHandle,
     metrics: &UplinkMetrics,
     shutdown: &mut watch::Receiver<bool>,
-    high_water: &mut i64,
+    high_water: &mut Cursor,
 ) -> Ended {
     let up = &settings.upstream;
     let name = settings.name.as_str();
@@ -171,7 +171,7 @@ async fn session(
 
     let notify = queue.notified(name);
     // Resend everything not yet acknowledged: start from the beginning.
-    let mut after = 0i64;
+    let mut after = Cursor::default();
     // Published but pkid not yet assigned, in publish order: (row id, qos).
     let mut awaiting: VecDeque<(i64, QoS)> = VecDeque::with_capacity(window);
     // pkid -> row id, for QoS 1 publishes on the wire.
@@ -200,7 +200,8 @@ async fn session(
             drained = rows.len() < free;
             let mut refused = None;
             for row in rows {
-                after = row.id;
+                after.advance(&row);
+                let p = row.priority.index();
                 let qos = if row.qos == 0 {
                     QoS::AtMostOnce
                 } else {
@@ -222,10 +223,10 @@ async fn session(
                 }
                 awaiting.push_back((row.id, qos));
                 metrics.sent.fetch_add(1, Relaxed);
-                if row.id <= *high_water {
+                if row.id <= high_water.0[p] {
                     metrics.resent.fetch_add(1, Relaxed);
                 }
-                *high_water = (*high_water).max(row.id);
+                high_water.0[p] = high_water.0[p].max(row.id);
             }
             if let Some(reason) = refused {
                 break Ended::Lost {

@@ -22,6 +22,7 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 use crate::config::UpstreamConfig;
 use crate::diagnostic::{Diagnostic, Diagnostics};
 use crate::event::Event;
+use crate::queue::{Overflow, Priority};
 pub use spec::{DestinationSpec, RuleSpec};
 use template::Template;
 use topic::{Pattern, PatternIndex};
@@ -42,6 +43,9 @@ struct Destination {
     /// `None`: keep the event's topic.
     topic: Option<Template>,
     qos: u8,
+    priority: Priority,
+    ttl: Option<std::time::Duration>,
+    overflow: Overflow,
 }
 
 /// Where one event goes, as decided by the rules.
@@ -50,6 +54,9 @@ pub struct Route {
     pub upstream: Arc<str>,
     pub topic: String,
     pub qos: u8,
+    pub priority: Priority,
+    pub ttl: Option<std::time::Duration>,
+    pub overflow: Overflow,
 }
 
 /// The rules' verdict on one event.
@@ -181,6 +188,9 @@ impl RuleSet {
                         None => event.topic.clone(),
                     },
                     qos: d.qos,
+                    priority: d.priority,
+                    ttl: d.ttl,
+                    overflow: d.overflow,
                 });
             }
             if rule.stop {
@@ -344,10 +354,19 @@ fn compile_rule(
             },
             _ => None,
         };
+        if d.ttl.is_some_and(|t| t.0.is_zero()) {
+            err(
+                span("ttl"),
+                "ttl must be greater than zero (leave it out to never expire)".into(),
+            );
+        }
         destinations.push(Destination {
             upstream: Arc::from(d.upstream.as_str()),
             topic,
             qos: d.qos,
+            priority: d.priority,
+            ttl: d.ttl.map(|t| t.0),
+            overflow: d.overflow,
         });
     }
     if errors.len() > before {

@@ -3,6 +3,9 @@
 
 use serde::Deserialize;
 
+use crate::queue::{Overflow, Priority};
+use crate::units::HumanDuration;
+
 /// One `[[rule]]` table.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,6 +38,14 @@ pub struct DestinationSpec {
     /// 0 or 1 (default 1).
     #[serde(default = "default_qos")]
     pub qos: u8,
+    /// Send order in the queue: "low", "normal" (default) or "high".
+    #[serde(default)]
+    pub priority: Priority,
+    /// Not sent after this long in the queue (e.g. "24h"); unset: never expires.
+    pub ttl: Option<HumanDuration>,
+    /// When the upstream's queue is full: "drop_oldest" (default) or "drop_newest".
+    #[serde(default)]
+    pub overflow: Overflow,
 }
 
 fn default_qos() -> u8 {

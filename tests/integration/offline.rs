@@ -174,3 +174,49 @@ async fn a_stop_under_steady_traffic_finishes_and_keeps_what_was_acked() {
     assert_eq!(queued, metrics.queued.load(Relaxed));
     assert_eq!(queued, metrics.received.load(Relaxed));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_outage_higher_priorities_are_sent_first_fifo_within_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = upstream_broker();
+    let sub = Subscriber::start(upstream, "#").await;
+    let proxy = Proxy::start(upstream, false).await;
+    let gw = Gateway::start(dir.path(), proxy.port).await;
+    let sensor = Sensor::connect(gw.addr).await;
+    // Interleaved: diagnostics (low), temperatures (normal), alarms (high).
+    for seq in 0..30 {
+        match seq % 3 {
+            0 => sensor.publish("diag/pump1", reading("d", seq)).await,
+            1 => {
+                sensor
+                    .publish("sensors/a/t/temperature", reading("t", seq))
+                    .await
+            }
+            _ => sensor.publish("alarms/a/door", reading("a", seq)).await,
+        }
+    }
+    sensor.wait_acked(30).await;
+    wait_until("all queued", || gw.queued("cloud") == 30).await;
+    proxy.set_up(true);
+    let got = sub.wait_for(30).await;
+    let order: Vec<(String, u64)> = got
+        .iter()
+        .map(|m| (m.topic.clone(), seq_of(&m.payload)))
+        .collect();
+    let expected: Vec<(String, u64)> = (0..30)
+        .filter(|s| s % 3 == 2)
+        .map(|s| ("plant/a/door/alarm".to_string(), s))
+        .chain(
+            (0..30)
+                .filter(|s| s % 3 == 1)
+                .map(|s| ("plant/a/t/temp".to_string(), s)),
+        )
+        .chain(
+            (0..30)
+                .filter(|s| s % 3 == 0)
+                .map(|s| ("fleet/pump1/diag".to_string(), s)),
+        )
+        .collect();
+    assert_eq!(order, expected);
+    gw.stop().await;
+}

@@ -457,3 +457,19 @@ pub async fn raw_publish(addr: SocketAddr, topic: &str, payload: &[u8]) {
     assert_eq!(puback[0], 0x40, "PUBACK");
     s.write_all(&[0xe0, 0]).await.unwrap();
 }
+
+/// Assert `got` is exactly `expected`, in order, reporting the first
+/// difference rather than two huge lists.
+pub fn assert_sequence(got: &[u64], expected: std::ops::Range<u64>) {
+    let want: Vec<u64> = expected.collect();
+    if let Some(i) = got.iter().zip(&want).position(|(g, w)| g != w) {
+        panic!(
+            "sequence differs at index {i}: got {:?}, expected {:?} (lengths {} and {})",
+            &got[i..(i + 5).min(got.len())],
+            &want[i..(i + 5).min(want.len())],
+            got.len(),
+            want.len()
+        );
+    }
+    assert_eq!(got.len(), want.len(), "same prefix, different lengths");
+}

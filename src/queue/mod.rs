@@ -1,0 +1,335 @@
+//! The store-and-forward queue: SQLite (WAL) owned by one writer thread.
+//!
+//! Every event bound upstream is a row until that upstream acknowledged it,
+//! it expired, or a full queue evicted it. Appends, acks and evictions are
+//! applied in group commits: at most one commit per `commit_interval` (so an
+//! SD card sees a bounded number of syncs per second), or sooner once
+//! `commit_max_events` rows wait. Uplinks read only committed rows, so
+//! nothing is sent that a power cut could still take back. All SQLite work
+//! happens on the writer thread; async callers talk to it over a bounded
+//! channel, which is also the pipeline's backpressure.
+
+mod policy;
+mod schema;
+mod writer;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rusqlite::OptionalExtension;
+use tokio::sync::{Notify, oneshot};
+use tracing::info;
+
+use crate::metrics::Metrics;
+pub use policy::{Overflow, Priority};
+pub use schema::{SCHEMA_VERSION, open_db};
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The database cannot be opened or prepared: check the path and its
+    /// permissions; nothing has been lost.
+    #[error("queue database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    /// A file operation around the database failed (creating its
+    /// directory, moving a damaged file aside, starting the writer thread):
+    /// check the directory's permissions and free space.
+    #[error("queue database {path}: cannot {action}: {source}")]
+    Io {
+        path: PathBuf,
+        action: &'static str,
+        source: std::io::Error,
+    },
+    /// Written by a newer edgeferry: refuse rather than misread it.
+    #[error(
+        "queue database {path} has schema version {found}, newer than this edgeferry ({SCHEMA_VERSION}); upgrade edgeferry or move the file aside"
+    )]
+    TooNew { path: PathBuf, found: i64 },
+    /// The writer thread is gone (daemon shutting down); the caller stops.
+    #[error("queue writer has stopped")]
+    Closed,
+    /// A read failed; the caller retries later.
+    #[error("queue read failed: {0}")]
+    Read(String),
+}
+
+/// A row to append, with the policy of the route that produced it.
+#[derive(Debug, Clone)]
+pub struct NewRow {
+    pub upstream: Arc<str>,
+    pub event_id: String,
+    pub topic: String,
+    pub qos: u8,
+    pub priority: Priority,
+    /// Not sent after this time (ms since the Unix epoch); removed by the sweep.
+    pub expires_ms: Option<u64>,
+    pub overflow: Overflow,
+    pub received_ms: u64,
+    pub payload: Bytes,
+}
+
+impl NewRow {
+    /// Bytes counted against the upstream's `max_size`: payload and topic.
+    pub fn size(&self) -> u64 {
+        (self.payload.len() + self.topic.len()) as u64
+    }
+}
+
+/// A committed row, as read for sending.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    pub id: i64,
+    pub event_id: String,
+    pub topic: String,
+    pub qos: u8,
+    pub priority: Priority,
+    pub received_ms: u64,
+    pub payload: Vec<u8>,
+}
+
+/// Where an uplink is in its queue: the last row id sent, per priority.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cursor(pub [i64; 3]);
+
+impl Cursor {
+    pub fn advance(&mut self, row: &Row) {
+        self.0[row.priority.index()] = row.id;
+    }
+}
+
+enum Cmd {
+    Append(Vec<NewRow>),
+    Ack(Vec<i64>),
+    Fetch {
+        upstream: String,
+        after: Cursor,
+        limit: usize,
+        reply: oneshot::Sender<Result<Vec<Row>, QueueError>>,
+    },
+    Depth {
+        reply: oneshot::Sender<BTreeMap<String, u64>>,
+    },
+    Sync {
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// Cheap to clone; every clone keeps the writer alive. The writer commits
+/// what it holds and exits when the last one is dropped.
+#[derive(Clone)]
+pub struct QueueHandle {
+    tx: flume::Sender<Cmd>,
+    notify: Arc<HashMap<String, Arc<Notify>>>,
+}
+
+/// How the writer commits and bounds the queue.
+#[derive(Debug, Clone)]
+pub struct QueueSettings {
+    /// At most one commit per interval.
+    pub commit_interval: Duration,
+    /// Commit sooner once this many rows wait.
+    pub commit_max_events: usize,
+    /// Byte cap (payload + topic) per upstream.
+    pub max_size: BTreeMap<String, u64>,
+    /// Below this much free space on the database's filesystem the queue
+    /// stops growing and the overflow policies apply.
+    pub min_free_disk: u64,
+    /// How often expired rows are deleted (never sent in between).
+    pub sweep_interval: Duration,
+}
+
+impl QueueHandle {
+    /// Append rows; they become visible to uplinks at the next commit.
+    pub async fn append(&self, rows: Vec<NewRow>) -> Result<(), QueueError> {
+        self.tx
+            .send_async(Cmd::Append(rows))
+            .await
+            .map_err(|_| QueueError::Closed)
+    }
+
+    /// Mark rows acknowledged; they are deleted at the next commit.
+    pub async fn ack(&self, ids: Vec<i64>) -> Result<(), QueueError> {
+        self.tx
+            .send_async(Cmd::Ack(ids))
+            .await
+            .map_err(|_| QueueError::Closed)
+    }
+
+    /// Up to `limit` committed, unacknowledged, unexpired rows of `upstream`
+    /// after `after`: higher priorities first, FIFO within each.
+    pub async fn fetch(
+        &self,
+        upstream: &str,
+        after: Cursor,
+        limit: usize,
+    ) -> Result<Vec<Row>, QueueError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send_async(Cmd::Fetch {
+                upstream: upstream.to_string(),
+                after,
+                limit,
+                reply,
+            })
+            .await
+            .map_err(|_| QueueError::Closed)?;
+        rx.await.map_err(|_| QueueError::Closed)?
+    }
+
+    /// Rows waiting per upstream (committed, not yet deleted).
+    pub async fn depth(&self) -> Result<BTreeMap<String, u64>, QueueError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send_async(Cmd::Depth { reply })
+            .await
+            .map_err(|_| QueueError::Closed)?;
+        rx.await.map_err(|_| QueueError::Closed)
+    }
+
+    /// Commit everything received so far now, and report how that went.
+    pub async fn sync(&self) -> Result<(), QueueError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send_async(Cmd::Sync { reply })
+            .await
+            .map_err(|_| QueueError::Closed)?;
+        rx.await
+            .map_err(|_| QueueError::Closed)?
+            .map_err(QueueError::Read)
+    }
+
+    /// Signalled after each commit that added rows for `upstream`.
+    pub fn notified(&self, upstream: &str) -> Arc<Notify> {
+        self.notify.get(upstream).cloned().unwrap_or_default()
+    }
+}
+
+/// Open (creating, migrating or recovering) the database at `path` and start
+/// the writer thread. Returns the handle and the thread, which ends after
+/// the last handle is dropped and the final commit is done.
+pub fn open(
+    path: &Path,
+    settings: QueueSettings,
+    metrics: Arc<Metrics>,
+) -> Result<(QueueHandle, std::thread::JoinHandle<()>), QueueError> {
+    let conn = schema::open_or_recover(path, &metrics)?;
+    let notify: HashMap<String, Arc<Notify>> = settings
+        .max_size
+        .keys()
+        .map(|u| (u.clone(), Arc::default()))
+        .collect();
+    let notify = Arc::new(notify);
+    let writer =
+        writer::Writer::new(conn, path, settings, metrics, notify.clone()).map_err(|source| {
+            QueueError::Open {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+    info!(path = %path.display(), queued = writer.rows_total(), "queue opened");
+    // Room for a few batches: the router blocks (backpressure) beyond that.
+    let (tx, rx) = flume::bounded(64);
+    let thread = std::thread::Builder::new()
+        .name("queue".into())
+        .spawn(move || writer.run(rx))
+        .map_err(|source| QueueError::Io {
+            path: path.to_path_buf(),
+            action: "start the writer thread",
+            source,
+        })?;
+    Ok((QueueHandle { tx, notify }, thread))
+}
+
+/// Per upstream and priority: events, bytes, and the oldest receive time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stats {
+    pub upstream: String,
+    pub priority: Priority,
+    pub events: u64,
+    pub bytes: u64,
+    pub oldest_ms: u64,
+}
+
+const STATS: &str = "SELECT upstream, priority, COUNT(*), SUM(size), MIN(received_ms) FROM queue GROUP BY upstream, priority ORDER BY upstream, priority DESC";
+
+/// Open the queue file read-only (safe while the daemon writes: WAL).
+pub fn open_read_only(path: &Path) -> Result<rusqlite::Connection, QueueError> {
+    let err = |source| QueueError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(err)?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(err)?;
+    if version > SCHEMA_VERSION {
+        return Err(QueueError::TooNew {
+            path: path.to_path_buf(),
+            found: version,
+        });
+    }
+    Ok(conn)
+}
+
+/// Stats of the queue file at `path`, read directly (for `edgeferry queue
+/// stats`, `status` when the daemon is down, and tests).
+pub fn stats_of_file(path: &Path) -> Result<Vec<Stats>, QueueError> {
+    let err = |source| QueueError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let conn = open_read_only(path)?;
+    let has_table: Option<i64> = conn
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE name = 'queue'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(err)?;
+    if has_table.is_none() {
+        return Ok(Vec::new());
+    }
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(err)?;
+    // A v1 file (not yet migrated by a running daemon) has no size column.
+    let sql = if version >= 2 {
+        STATS.to_string()
+    } else {
+        STATS.replace("SUM(size)", "SUM(length(payload) + length(topic))")
+    };
+    let mut stmt = conn.prepare(&sql).map_err(err)?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok(Stats {
+                upstream: r.get(0)?,
+                priority: Priority::from_i64(r.get(1)?),
+                events: r.get::<_, i64>(2)? as u64,
+                bytes: r.get::<_, Option<i64>>(3)?.unwrap_or(0) as u64,
+                oldest_ms: r.get::<_, Option<i64>>(4)?.unwrap_or(0) as u64,
+            })
+        })
+        .map_err(err)?;
+    rows.collect::<Result<_, _>>().map_err(err)
+}
+
+/// Rows per upstream in the queue file at `path`.
+pub fn depth_of_file(path: &Path) -> Result<BTreeMap<String, u64>, QueueError> {
+    let mut out = BTreeMap::new();
+    for s in stats_of_file(path)? {
+        *out.entry(s.upstream).or_insert(0) += s.events;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,219 @@
+//! The queue's SQLite file: schema and migrations (`PRAGMA user_version`),
+//! pragmas, and recovery from a damaged file at start.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::Connection;
+use tracing::error;
+
+use super::QueueError;
+use crate::metrics::Metrics;
+
+/// Schema version in `PRAGMA user_version`; `migrate` brings older files up.
+pub const SCHEMA_VERSION: i64 = 2;
+
+const CREATE_V1: &str = "
+CREATE TABLE IF NOT EXISTS queue (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT, -- send order; never reused
+    upstream    TEXT    NOT NULL,
+    event_id    TEXT    NOT NULL,                  -- stable id for upstream dedupe
+    topic       TEXT    NOT NULL,
+    qos         INTEGER NOT NULL,
+    priority    INTEGER NOT NULL DEFAULT 0,
+    received_ms INTEGER NOT NULL,
+    payload     BLOB    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS queue_by_upstream ON queue (upstream, id);
+";
+
+/// v2: expiry per event, bytes counted against the upstream's cap, and an
+/// index in send order (priority, then FIFO).
+const MIGRATE_V2: &str = "
+ALTER TABLE queue ADD COLUMN expires_ms INTEGER;
+ALTER TABLE queue ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+UPDATE queue SET size = length(payload) + length(CAST(topic AS BLOB));
+UPDATE queue SET priority = 1 WHERE priority = 0;
+DROP INDEX IF EXISTS queue_by_upstream;
+CREATE INDEX queue_send_order ON queue (upstream, priority, id);
+CREATE INDEX queue_expiry ON queue (expires_ms) WHERE expires_ms IS NOT NULL;
+";
+
+/// Open the queue; a damaged file (not a database, or failing
+/// `PRAGMA quick_check`) is renamed aside with a timestamp and a fresh one is
+/// created, so the gateway keeps collecting. Other failures (permissions, a
+/// newer schema) are errors: moving those aside would hide good data.
+pub(super) fn open_or_recover(path: &Path, metrics: &Metrics) -> Result<Connection, QueueError> {
+    let damage = match open_db(path) {
+        Ok(conn) => match quick_check(&conn) {
+            Ok(()) => return Ok(conn),
+            Err(detail) => detail,
+        },
+        Err(QueueError::Open { source, .. }) if is_damage(&source) => source.to_string(),
+        Err(e) => return Err(e),
+    };
+    let aside = move_aside(path)?;
+    metrics
+        .queue_recovered
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    error!(
+        path = %path.display(),
+        moved_to = %aside.display(),
+        %damage,
+        "queue database is damaged; moved it aside and started a fresh queue (events in it are not forwarded; keep the file for support)"
+    );
+    open_db(path)
+}
+
+fn is_damage(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+    )
+}
+
+/// `Ok` if SQLite's quick check passes; else what it found.
+fn quick_check(conn: &Connection) -> Result<(), String> {
+    let mut stmt = conn
+        .prepare("PRAGMA quick_check")
+        .map_err(|e| e.to_string())?;
+    let found: Vec<String> = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .and_then(|rows| rows.collect())
+        .map_err(|e| e.to_string())?;
+    if found.len() == 1 && found[0] == "ok" {
+        Ok(())
+    } else {
+        Err(found.join("; "))
+    }
+}
+
+/// Rename `path` (and its WAL) to `<path>.damaged-<UTC time>`; drop its shared-memory file.
+fn move_aside(path: &Path) -> Result<PathBuf, QueueError> {
+    let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+        .to_string()
+        .replace([':', '-'], "");
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".damaged-{stamp}"));
+    let aside = PathBuf::from(aside);
+    let io = |source| QueueError::Io {
+        path: path.to_path_buf(),
+        action: "move the damaged file aside",
+        source,
+    };
+    std::fs::rename(path, &aside).map_err(io)?;
+    for (suffix, keep) in [("-wal", true), ("-shm", false)] {
+        let mut side = path.as_os_str().to_owned();
+        side.push(suffix);
+        let side = PathBuf::from(side);
+        if side.exists() {
+            if keep {
+                let mut to = aside.as_os_str().to_owned();
+                to.push(suffix);
+                std::fs::rename(&side, PathBuf::from(to)).map_err(io)?;
+            } else {
+                std::fs::remove_file(&side).map_err(io)?;
+            }
+        }
+    }
+    Ok(aside)
+}
+
+/// Open the database with our pragmas and schema. Also used by tests and
+/// tools that read the queue file directly.
+pub fn open_db(path: &Path) -> Result<Connection, QueueError> {
+    let err = |source| QueueError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| QueueError::Io {
+            path: path.to_path_buf(),
+            action: "create its directory",
+            source,
+        })?;
+    }
+    let conn = Connection::open(path).map_err(err)?;
+    // WAL: readers never block the writer; synchronous=FULL syncs the WAL at
+    // every commit, so a committed row survives a power cut. Group commit
+    // keeps those syncs to at most one per commit_interval.
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(err)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(err)?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
+    migrate(&conn, path)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &Connection, path: &Path) -> Result<(), QueueError> {
+    let err = |source| QueueError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(err)?;
+    if version > SCHEMA_VERSION {
+        return Err(QueueError::TooNew {
+            path: path.to_path_buf(),
+            found: version,
+        });
+    }
+    // Each step in one transaction with its version bump: a crash mid-way
+    // leaves the file at the previous version, and the step runs again.
+    let step = |sql: &str, to: i64| -> rusqlite::Result<()> {
+        conn.execute_batch(&format!("BEGIN; {sql} PRAGMA user_version = {to}; COMMIT;"))
+    };
+    if version < 1 {
+        step(CREATE_V1, 1).map_err(err)?;
+    }
+    if version < 2 {
+        step(MIGRATE_V2, 2).map_err(err)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_1_file_is_migrated_with_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(CREATE_V1).unwrap();
+            c.execute(
+                "INSERT INTO queue (upstream, event_id, topic, qos, received_ms, payload) VALUES ('cloud', 'e1', 'a/b', 1, 5, x'0102')",
+                [],
+            )
+            .unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+        }
+        let c = open_db(&path).unwrap();
+        let (size, prio, version): (i64, i64, i64) = c
+            .query_row(
+                "SELECT size, priority, (SELECT user_version FROM pragma_user_version) FROM queue",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!((size, prio, version), (5, 1, SCHEMA_VERSION));
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        assert!(matches!(
+            open_db(&path),
+            Err(QueueError::TooNew { found: 99, .. })
+        ));
+    }
+}

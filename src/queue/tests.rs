@@ -1,0 +1,212 @@
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::*;
+
+fn row(up: &str, n: u8, priority: Priority) -> NewRow {
+    NewRow {
+        upstream: Arc::from(up),
+        event_id: format!("e{n}"),
+        topic: format!("t/{n}"), // 3 bytes
+        qos: 1,
+        priority,
+        expires_ms: None,
+        overflow: Overflow::DropOldest,
+        received_ms: 0,
+        payload: Bytes::from(vec![n; 7]), // + 7 = 10 bytes per row
+    }
+}
+
+fn settings(max_size: u64) -> QueueSettings {
+    QueueSettings {
+        commit_interval: Duration::from_millis(5),
+        commit_max_events: 100,
+        max_size: BTreeMap::from([("a".into(), max_size), ("b".into(), max_size)]),
+        min_free_disk: 0,
+        sweep_interval: Duration::from_millis(20),
+    }
+}
+
+fn metrics() -> Arc<Metrics> {
+    Arc::new(Metrics::new(&["a".to_string(), "b".to_string()]))
+}
+
+/// Append and commit.
+async fn append(q: &QueueHandle, rows: Vec<NewRow>) {
+    q.append(rows).await.unwrap();
+    q.sync().await.unwrap();
+}
+
+fn payloads(rows: &[Row]) -> Vec<u8> {
+    rows.iter().map(|r| r.payload[0]).collect()
+}
+
+#[tokio::test]
+async fn rows_are_read_in_order_deleted_on_ack_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let (q, thread) = open(&path, settings(u64::MAX), metrics()).unwrap();
+    let mut rows: Vec<NewRow> = (0..5).map(|n| row("a", n, Priority::Normal)).collect();
+    rows.push(row("b", 9, Priority::Normal));
+    append(&q, rows).await;
+    let rows = q.fetch("a", Cursor::default(), 10).await.unwrap();
+    assert_eq!(payloads(&rows), [0, 1, 2, 3, 4]);
+    q.ack(vec![rows[0].id, rows[1].id]).await.unwrap();
+    // Acked rows are hidden at once, before their delete is committed.
+    assert_eq!(q.fetch("a", Cursor::default(), 10).await.unwrap().len(), 3);
+    let mut after = Cursor::default();
+    after.advance(&rows[3]);
+    assert_eq!(payloads(&q.fetch("a", after, 10).await.unwrap()), [4]);
+    drop(q);
+    thread.join().unwrap();
+
+    assert_eq!(
+        depth_of_file(&path).unwrap(),
+        BTreeMap::from([("a".into(), 3), ("b".into(), 1)])
+    );
+    let (q, _t) = open(&path, settings(u64::MAX), metrics()).unwrap();
+    assert_eq!(
+        payloads(&q.fetch("a", Cursor::default(), 10).await.unwrap()),
+        [2, 3, 4]
+    );
+}
+
+#[tokio::test]
+async fn higher_priorities_are_read_first_and_fifo_within_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let (q, _t) = open(&dir.path().join("q.db"), settings(u64::MAX), metrics()).unwrap();
+    use Priority::*;
+    let order = [
+        (0, Low),
+        (1, Normal),
+        (2, High),
+        (3, Low),
+        (4, High),
+        (5, Normal),
+    ];
+    append(&q, order.iter().map(|(n, p)| row("a", *n, *p)).collect()).await;
+    let rows = q.fetch("a", Cursor::default(), 10).await.unwrap();
+    assert_eq!(payloads(&rows), [2, 4, 1, 5, 0, 3]);
+    // A limit takes the highest first; the cursor continues from there.
+    let first = q.fetch("a", Cursor::default(), 3).await.unwrap();
+    assert_eq!(payloads(&first), [2, 4, 1]);
+    let mut after = Cursor::default();
+    for r in &first {
+        after.advance(r);
+    }
+    assert_eq!(payloads(&q.fetch("a", after, 10).await.unwrap()), [5, 0, 3]);
+}
+
+#[tokio::test]
+async fn a_full_queue_with_drop_newest_keeps_what_it_has_and_counts_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = metrics();
+    // Room for exactly 5 rows of 10 bytes.
+    let (q, _t) = open(&dir.path().join("q.db"), settings(50), m.clone()).unwrap();
+    let rows: Vec<NewRow> = (0..8)
+        .map(|n| NewRow {
+            overflow: Overflow::DropNewest,
+            ..row("a", n, Priority::Normal)
+        })
+        .collect();
+    append(&q, rows).await;
+    assert_eq!(
+        payloads(&q.fetch("a", Cursor::default(), 10).await.unwrap()),
+        [0, 1, 2, 3, 4]
+    );
+    let u = &m.uplinks["a"];
+    assert_eq!(u.rejected[Priority::Normal.index()].load(Relaxed), 3);
+    assert_eq!(u.evicted.iter().map(|c| c.load(Relaxed)).sum::<u64>(), 0);
+    // Another upstream has its own cap.
+    append(&q, vec![row("b", 1, Priority::Normal)]).await;
+    assert_eq!(q.fetch("b", Cursor::default(), 10).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_full_queue_with_drop_oldest_evicts_the_lowest_priority_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = metrics();
+    let (q, _t) = open(&dir.path().join("q.db"), settings(50), m.clone()).unwrap();
+    use Priority::*;
+    // Full: low 0, high 1, low 2, normal 3, high 4.
+    let first = [(0, Low), (1, High), (2, Low), (3, Normal), (4, High)];
+    append(&q, first.iter().map(|(n, p)| row("a", *n, *p)).collect()).await;
+    // Normal 5 evicts low 0; normal 6 evicts low 2; normal 7 evicts normal 3;
+    // low 8 finds nothing of its priority or lower left: it is dropped.
+    append(&q, [5, 6, 7].map(|n| row("a", n, Normal)).to_vec()).await;
+    append(&q, vec![row("a", 8, Low)]).await;
+    let rows = q.fetch("a", Cursor::default(), 10).await.unwrap();
+    assert_eq!(payloads(&rows), [1, 4, 5, 6, 7]);
+    let u = &m.uplinks["a"];
+    assert_eq!(u.evicted[Low.index()].load(Relaxed), 2);
+    assert_eq!(u.evicted[Normal.index()].load(Relaxed), 1);
+    assert_eq!(u.evicted[High.index()].load(Relaxed), 0);
+    assert_eq!(u.rejected[Low.index()].load(Relaxed), 1);
+    // A high event evicts the oldest normal rather than a high one.
+    append(&q, vec![row("a", 9, High)]).await;
+    assert_eq!(
+        payloads(&q.fetch("a", Cursor::default(), 10).await.unwrap()),
+        [1, 4, 9, 6, 7]
+    );
+}
+
+#[tokio::test]
+async fn acked_rows_free_their_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = metrics();
+    let (q, _t) = open(&dir.path().join("q.db"), settings(30), m.clone()).unwrap();
+    let rows: Vec<NewRow> = (0..3)
+        .map(|n| NewRow {
+            overflow: Overflow::DropNewest,
+            ..row("a", n, Priority::Normal)
+        })
+        .collect();
+    append(&q, rows).await;
+    let sent = q.fetch("a", Cursor::default(), 10).await.unwrap();
+    q.ack(sent.iter().map(|r| r.id).collect()).await.unwrap();
+    let more: Vec<NewRow> = (3..6)
+        .map(|n| NewRow {
+            overflow: Overflow::DropNewest,
+            ..row("a", n, Priority::Normal)
+        })
+        .collect();
+    // Bytes are released when the deletes commit.
+    q.sync().await.unwrap();
+    append(&q, more).await;
+    assert_eq!(
+        payloads(&q.fetch("a", Cursor::default(), 10).await.unwrap()),
+        [3, 4, 5]
+    );
+    assert_eq!(
+        m.uplinks["a"]
+            .rejected
+            .iter()
+            .map(|c| c.load(Relaxed))
+            .sum::<u64>(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn expired_rows_are_never_fetched_and_the_sweep_counts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = metrics();
+    let (q, _t) = open(&dir.path().join("q.db"), settings(u64::MAX), m.clone()).unwrap();
+    let now = crate::event::now_ms();
+    let mut stale = row("a", 0, Priority::High);
+    stale.expires_ms = Some(now.saturating_sub(1));
+    let mut fresh = row("a", 1, Priority::High);
+    fresh.expires_ms = Some(now + 3_600_000);
+    append(&q, vec![stale, fresh, row("a", 2, Priority::Low)]).await;
+    assert_eq!(
+        payloads(&q.fetch("a", Cursor::default(), 10).await.unwrap()),
+        [1, 2]
+    );
+    let u = m.uplinks["a"].clone();
+    let start = std::time::Instant::now();
+    while u.expired[Priority::High.index()].load(Relaxed) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(30), "sweep never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(u.expired[Priority::High.index()].load(Relaxed), 1);
+    assert_eq!(q.depth().await.unwrap()["a"], 2);
+}

@@ -1,0 +1,540 @@
+//! The writer thread: owns the SQLite connection; applies appends, acks,
+//! evictions and expiry in group commits; serves the uplinks' reads.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, params};
+use tokio::sync::Notify;
+use tracing::{error, info, warn};
+
+use super::{Cmd, Cursor, NewRow, Overflow, Priority, QueueError, QueueSettings, Row};
+use crate::event::now_ms;
+use crate::metrics::{Metrics, UplinkMetrics};
+
+const INSERT_ROW: &str = "INSERT INTO queue (upstream, event_id, topic, qos, priority, received_ms, expires_ms, size, payload) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+const DELETE_ROW: &str = "DELETE FROM queue WHERE id = ?1 RETURNING upstream, size";
+const SELECT_SEND_ORDER: &str = "SELECT id, event_id, topic, qos, priority, received_ms, payload FROM queue \
+     WHERE upstream = ?1 AND priority = ?2 AND id > ?3 AND (expires_ms IS NULL OR expires_ms > ?4) \
+     ORDER BY id LIMIT ?5";
+const SELECT_EVICTION_ORDER: &str = "SELECT id, size FROM queue \
+     WHERE upstream = ?1 AND priority = ?2 AND id > ?3 ORDER BY id LIMIT 256";
+const SWEEP_EXPIRED: &str = "DELETE FROM queue WHERE expires_ms IS NOT NULL AND expires_ms <= ?1 \
+     RETURNING id, upstream, priority, size";
+const BYTES_PER_UPSTREAM: &str =
+    "SELECT upstream, COUNT(*), SUM(size) FROM queue GROUP BY upstream";
+
+/// How often free disk space is checked.
+const DISK_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+pub(super) struct Writer {
+    conn: Connection,
+    /// The database file, for free-space checks on its filesystem.
+    path: PathBuf,
+    settings: QueueSettings,
+    metrics: Arc<Metrics>,
+    notify: Arc<HashMap<String, Arc<Notify>>>,
+    /// Appended, not yet committed.
+    rows: Vec<NewRow>,
+    /// Acknowledged, deleted at the next commit.
+    acks: Vec<i64>,
+    /// Evicted by a full queue, deleted at the next commit (their bytes are
+    /// already subtracted).
+    evictions: Vec<i64>,
+    /// `acks` and `evictions`: hidden from fetches and from further eviction.
+    scheduled: HashSet<i64>,
+    /// Per upstream: bytes of committed rows plus pending appends, minus evictions.
+    bytes: HashMap<String, u64>,
+    last_sweep: Instant,
+    /// Free-space check: when last done, and whether space was below the watermark.
+    disk_checked: Option<Instant>,
+    disk_low: bool,
+}
+
+impl Writer {
+    pub(super) fn new(
+        conn: Connection,
+        path: &Path,
+        settings: QueueSettings,
+        metrics: Arc<Metrics>,
+        notify: Arc<HashMap<String, Arc<Notify>>>,
+    ) -> rusqlite::Result<Writer> {
+        let mut bytes = HashMap::new();
+        {
+            let mut stmt = conn.prepare(BYTES_PER_UPSTREAM)?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Option<i64>>(2)?,
+                ))
+            })?;
+            for row in rows {
+                let (upstream, count, size) = row?;
+                if !settings.max_size.contains_key(&upstream) {
+                    warn!(%upstream, queued = count, "queue holds events for an upstream that is not configured; they wait until it is configured again");
+                }
+                bytes.insert(upstream, size.unwrap_or(0) as u64);
+            }
+        }
+        Ok(Writer {
+            conn,
+            path: path.to_path_buf(),
+            settings,
+            metrics,
+            notify,
+            rows: Vec::new(),
+            acks: Vec::new(),
+            evictions: Vec::new(),
+            scheduled: HashSet::new(),
+            bytes,
+            last_sweep: Instant::now(),
+            disk_checked: None,
+            disk_low: false,
+        })
+    }
+
+    pub(super) fn rows_total(&self) -> i64 {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM queue", [], |r| r.get(0))
+            .unwrap_or(0)
+    }
+
+    fn pending(&self) -> bool {
+        !self.rows.is_empty() || !self.acks.is_empty() || !self.evictions.is_empty()
+    }
+
+    pub(super) fn run(mut self, rx: flume::Receiver<Cmd>) {
+        let interval = self.settings.commit_interval;
+        let mut last_commit = Instant::now() - interval;
+        // Set while commits fail (disk full, I/O error): when to try again.
+        let mut retry_at: Option<Instant> = None;
+        let mut last_warning: Option<Instant> = None;
+        // While commits fail, at most this many rows wait in memory; more
+        // are dropped and counted. Fetches and acks are still served, so the
+        // uplinks keep draining and shutdown never hangs on a full disk.
+        let cap = self.settings.commit_max_events.max(1000) * 4;
+        loop {
+            let now = Instant::now();
+            let next_sweep = self.last_sweep + self.settings.sweep_interval;
+            if now >= next_sweep && retry_at.is_none() {
+                self.sweep();
+            }
+            let due = retry_at.unwrap_or(last_commit + interval);
+            let commit_now = self.pending()
+                && (now >= due
+                    || (retry_at.is_none() && self.rows.len() >= self.settings.commit_max_events));
+            let deadline = if self.pending() {
+                due.min(next_sweep)
+            } else {
+                next_sweep
+            };
+            let cmd = if commit_now {
+                None
+            } else {
+                match rx.recv_deadline(deadline) {
+                    Ok(c) => Some(c),
+                    Err(flume::RecvTimeoutError::Timeout) => None,
+                    Err(flume::RecvTimeoutError::Disconnected) => break,
+                }
+            };
+            match cmd {
+                Some(Cmd::Append(rows)) => {
+                    if self.rows.len() >= cap {
+                        self.metrics
+                            .dropped_queue_unavailable
+                            .fetch_add(rows.len() as u64, Relaxed);
+                    } else {
+                        for row in rows {
+                            self.admit(row);
+                        }
+                    }
+                    continue;
+                }
+                Some(Cmd::Ack(ids)) => {
+                    for id in ids {
+                        if self.scheduled.insert(id) {
+                            self.acks.push(id);
+                        }
+                    }
+                    continue;
+                }
+                Some(Cmd::Fetch {
+                    upstream,
+                    after,
+                    limit,
+                    reply,
+                }) => {
+                    let _ = reply.send(self.fetch(&upstream, after, limit));
+                    continue;
+                }
+                Some(Cmd::Depth { reply }) => {
+                    let _ = reply.send(self.depth());
+                    continue;
+                }
+                Some(Cmd::Sync { reply }) => {
+                    let result = if self.pending() {
+                        self.commit()
+                    } else {
+                        Ok(())
+                    };
+                    if result.is_ok() {
+                        last_commit = Instant::now();
+                    }
+                    let _ = reply.send(result.map_err(|e| e.to_string()));
+                    continue;
+                }
+                None => {}
+            }
+            if !self.pending()
+                || Instant::now() < due && self.rows.len() < self.settings.commit_max_events
+            {
+                continue; // woke for the sweep
+            }
+            match self.commit() {
+                Ok(()) => {
+                    if retry_at.take().is_some() {
+                        info!("queue commits work again");
+                    }
+                    last_commit = Instant::now();
+                }
+                Err(e) => {
+                    // Keep what we hold and retry; warn at most every 30 s.
+                    if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                        error!(error = %e, pending = self.rows.len(), "queue commit failed (disk full or I/O error?); holding events in memory and retrying");
+                        last_warning = Some(Instant::now());
+                    }
+                    retry_at = Some(Instant::now() + interval.max(Duration::from_millis(500)));
+                }
+            }
+        }
+        // Every handle is gone: final commit, retried a few times.
+        for _ in 0..5 {
+            if !self.pending() || self.commit().is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        if !self.rows.is_empty() {
+            error!(
+                lost = self.rows.len(),
+                "queue: final commit failed; these events were not stored"
+            );
+        }
+        info!("queue closed");
+    }
+
+    fn uplink(&self, upstream: &str) -> Option<&Arc<UplinkMetrics>> {
+        self.metrics.uplinks.get(upstream)
+    }
+
+    /// Accept a new row if it fits its upstream's cap (and the disk's
+    /// watermark), applying the route's overflow policy if not.
+    fn admit(&mut self, row: NewRow) {
+        let size = row.size();
+        let used = self.bytes.get(&*row.upstream).copied().unwrap_or(0);
+        let mut cap = self
+            .settings
+            .max_size
+            .get(&*row.upstream)
+            .copied()
+            .unwrap_or(u64::MAX);
+        if self.disk_low() {
+            // Below the free-space watermark the queue does not grow.
+            cap = cap.min(used);
+        }
+        if used + size > cap {
+            let need = used + size - cap;
+            let fits = match row.overflow {
+                Overflow::DropNewest => false,
+                Overflow::DropOldest => {
+                    // Evict a little more than needed (1/256 of the cap) so a
+                    // full queue does not run an eviction query per event.
+                    let headroom = (cap / 256).min(cap.saturating_sub(size));
+                    self.evict(&row.upstream, row.priority, need + headroom) >= need
+                }
+            };
+            if !fits {
+                if let Some(u) = self.uplink(&row.upstream) {
+                    u.rejected[row.priority.index()].fetch_add(1, Relaxed);
+                }
+                return;
+            }
+        }
+        *self.bytes.entry(row.upstream.to_string()).or_insert(0) += size;
+        self.rows.push(row);
+    }
+
+    /// Free at least `need` bytes of `upstream` by evicting its oldest rows
+    /// of the lowest priority first, never above `max`. Returns bytes freed.
+    fn evict(&mut self, upstream: &str, max: Priority, need: u64) -> u64 {
+        let mut freed = 0;
+        for priority in [Priority::Low, Priority::Normal, Priority::High] {
+            if priority > max || freed >= need {
+                break;
+            }
+            // Committed rows are older than pending ones.
+            let mut after = 0i64;
+            while freed < need {
+                let batch: Vec<(i64, i64)> = match self
+                    .conn
+                    .prepare_cached(SELECT_EVICTION_ORDER)
+                    .and_then(|mut s| {
+                        s.query_map(params![upstream, priority.as_i64(), after], |r| {
+                            Ok((r.get(0)?, r.get(1)?))
+                        })?
+                        .collect()
+                    }) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        warn!(error = %e, "queue: cannot read eviction candidates");
+                        break;
+                    }
+                };
+                let Some(&(last, _)) = batch.last() else {
+                    break;
+                };
+                after = last;
+                for (id, size) in batch {
+                    if freed >= need {
+                        break;
+                    }
+                    if self.scheduled.insert(id) {
+                        self.evictions.push(id);
+                        freed += size as u64;
+                        self.count_evicted(upstream, priority, size as u64);
+                    }
+                }
+            }
+            // Then pending rows of this priority, oldest first.
+            while freed < need {
+                let Some(pos) = self
+                    .rows
+                    .iter()
+                    .position(|r| &*r.upstream == upstream && r.priority == priority)
+                else {
+                    break;
+                };
+                let r = self.rows.remove(pos);
+                freed += r.size();
+                self.count_evicted(upstream, priority, r.size());
+            }
+        }
+        freed
+    }
+
+    fn count_evicted(&mut self, upstream: &str, priority: Priority, size: u64) {
+        if let Some(b) = self.bytes.get_mut(upstream) {
+            *b = b.saturating_sub(size);
+        }
+        if let Some(u) = self.uplink(upstream) {
+            u.evicted[priority.index()].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Whether free space on the database's filesystem is below the
+    /// watermark (checked at most once a second).
+    fn disk_low(&mut self) -> bool {
+        if self.settings.min_free_disk == 0 {
+            return false;
+        }
+        if self
+            .disk_checked
+            .is_some_and(|t| t.elapsed() < DISK_CHECK_EVERY)
+        {
+            return self.disk_low;
+        }
+        self.disk_checked = Some(Instant::now());
+        let low = match free_bytes(&self.path) {
+            Some(free) => free < self.settings.min_free_disk,
+            None => false,
+        };
+        if low != self.disk_low {
+            if low {
+                warn!(path = %self.path.display(), min_free_disk = self.settings.min_free_disk, "free disk space below the watermark: the queue stops growing, overflow policies apply");
+            } else {
+                info!(path = %self.path.display(), "free disk space above the watermark again");
+            }
+        }
+        self.disk_low = low;
+        low
+    }
+
+    /// Apply pending appends, evictions and acks in one transaction. On
+    /// failure nothing is lost: the work stays pending.
+    fn commit(&mut self) -> rusqlite::Result<()> {
+        let tx = self.conn.transaction()?;
+        let mut released: Vec<(String, u64)> = Vec::new();
+        {
+            let mut insert = tx.prepare_cached(INSERT_ROW)?;
+            for r in &self.rows {
+                insert.execute(params![
+                    &*r.upstream,
+                    r.event_id,
+                    r.topic,
+                    r.qos,
+                    r.priority.as_i64(),
+                    r.received_ms as i64,
+                    r.expires_ms.map(|e| e as i64),
+                    r.size() as i64,
+                    &r.payload[..]
+                ])?;
+            }
+            let mut delete = tx.prepare_cached(DELETE_ROW)?;
+            for id in &self.evictions {
+                // Bytes were subtracted when the row was chosen.
+                let _ = delete.query_map([id], |_| Ok(()))?.count();
+            }
+            for id in &self.acks {
+                let rows = delete
+                    .query_map([id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+                for row in rows {
+                    let (upstream, size) = row?;
+                    released.push((upstream, size as u64));
+                }
+            }
+        }
+        tx.commit()?;
+        for (upstream, size) in released {
+            if let Some(b) = self.bytes.get_mut(&upstream) {
+                *b = b.saturating_sub(size);
+            }
+        }
+        self.metrics.commits.fetch_add(1, Relaxed);
+        self.metrics
+            .queued
+            .fetch_add(self.rows.len() as u64, Relaxed);
+        let mut woke: HashSet<&str> = HashSet::new();
+        for r in &self.rows {
+            if woke.insert(&r.upstream)
+                && let Some(n) = self.notify.get(&*r.upstream)
+            {
+                n.notify_one();
+            }
+        }
+        self.rows.clear();
+        self.acks.clear();
+        self.evictions.clear();
+        self.scheduled.clear();
+        Ok(())
+    }
+
+    /// Delete expired rows, counting them per upstream and priority.
+    fn sweep(&mut self) {
+        self.last_sweep = Instant::now();
+        let result = self.conn.prepare_cached(SWEEP_EXPIRED).and_then(|mut s| {
+            s.query_map([now_ms() as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()
+        });
+        let expired = match result {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %e, "queue: expiry sweep failed; will retry");
+                return;
+            }
+        };
+        for (id, upstream, priority, size) in expired {
+            if self.evictions.contains(&id) {
+                continue; // already counted and subtracted as evicted
+            }
+            if let Some(b) = self.bytes.get_mut(&upstream) {
+                *b = b.saturating_sub(size as u64);
+            }
+            if !self.acks.contains(&id)
+                && let Some(u) = self.uplink(&upstream)
+            {
+                u.expired[Priority::from_i64(priority).index()].fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    fn fetch(
+        &mut self,
+        upstream: &str,
+        after: Cursor,
+        limit: usize,
+    ) -> Result<Vec<Row>, QueueError> {
+        let now = now_ms() as i64;
+        let mut out = Vec::with_capacity(limit);
+        let mut stmt = self
+            .conn
+            .prepare_cached(SELECT_SEND_ORDER)
+            .map_err(|e| QueueError::Read(e.to_string()))?;
+        for priority in Priority::SEND_ORDER {
+            let mut cursor = after.0[priority.index()];
+            while out.len() < limit {
+                let want = limit - out.len();
+                let batch: Vec<Row> = stmt
+                    .query_map(
+                        params![upstream, priority.as_i64(), cursor, now, want as i64],
+                        |r| {
+                            Ok(Row {
+                                id: r.get(0)?,
+                                event_id: r.get(1)?,
+                                topic: r.get(2)?,
+                                qos: r.get(3)?,
+                                priority: Priority::from_i64(r.get(4)?),
+                                received_ms: r.get::<_, i64>(5)? as u64,
+                                payload: r.get(6)?,
+                            })
+                        },
+                    )
+                    .and_then(|rows| rows.collect())
+                    .map_err(|e| QueueError::Read(e.to_string()))?;
+                let Some(last) = batch.last() else { break };
+                cursor = last.id;
+                let exhausted = batch.len() < want;
+                // Rows acked or evicted but not yet deleted are hidden.
+                out.extend(
+                    batch
+                        .into_iter()
+                        .filter(|r| !self.scheduled.contains(&r.id)),
+                );
+                if exhausted {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn depth(&mut self) -> std::collections::BTreeMap<String, u64> {
+        let mut out: std::collections::BTreeMap<String, u64> =
+            self.notify.keys().map(|k| (k.clone(), 0)).collect();
+        let Ok(mut stmt) = self.conn.prepare_cached(BYTES_PER_UPSTREAM) else {
+            return out;
+        };
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)));
+        if let Ok(rows) = rows {
+            for (u, n) in rows.flatten() {
+                out.insert(u, n as u64);
+            }
+        }
+        out
+    }
+}
+
+/// Free bytes for unprivileged writers on the filesystem holding `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let c = CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a valid out-pointer.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    (rc == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+}
