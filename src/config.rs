@@ -260,6 +260,46 @@ impl Default for LogConfig {
     }
 }
 
+impl ConfigFile {
+    /// Parse config text (named `name` in messages) and resolve relative
+    /// paths against `base`. No validation and no rules: for tools that only
+    /// need paths, like `edgeferry queue stats`.
+    pub fn parse(text: &str, name: &Path, base: &Path) -> Result<ConfigFile, Diagnostics> {
+        let mut file: ConfigFile = toml::from_str(text)
+            .map_err(|e| Diagnostics(vec![Diagnostic::from_toml(name, text, &e)]))?;
+        file.rules.dir = base.join(&file.rules.dir);
+        file.queue.path = base.join(&file.queue.path);
+        Ok(file)
+    }
+
+    /// Read the config file at `path`, or the embedded default.
+    pub fn read(path: Option<&Path>) -> Result<ConfigFile, Diagnostics> {
+        match path {
+            None => Self::parse(
+                DEFAULT_CONFIG,
+                Path::new("<default config>"),
+                Path::new("."),
+            ),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    Diagnostics(vec![Diagnostic::whole_file(
+                        path,
+                        format!("cannot read config: {e}"),
+                    )])
+                })?;
+                Self::parse(&text, path, config_dir(path))
+            }
+        }
+    }
+}
+
+/// The directory relative paths in the config file at `path` are resolved against.
+fn config_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
 /// A loaded, validated configuration with its compiled rules: what `run` needs.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -286,11 +326,7 @@ impl Config {
                         format!("cannot read config: {e}"),
                     )])
                 })?;
-                let base = path
-                    .parent()
-                    .filter(|p| !p.as_os_str().is_empty())
-                    .unwrap_or(Path::new("."));
-                let mut cfg = Self::from_toml(&text, path, base)?;
+                let mut cfg = Self::from_toml(&text, path, config_dir(path))?;
                 cfg.source = Some(path.to_path_buf());
                 Ok(cfg)
             }
@@ -300,10 +336,7 @@ impl Config {
     /// Parse config text (named `name` in messages), resolve relative paths
     /// against `base`, and load the rules it points at.
     pub fn from_toml(text: &str, name: &Path, base: &Path) -> Result<Config, Diagnostics> {
-        let mut file: ConfigFile = toml::from_str(text)
-            .map_err(|e| Diagnostics(vec![Diagnostic::from_toml(name, text, &e)]))?;
-        file.rules.dir = base.join(&file.rules.dir);
-        file.queue.path = base.join(&file.queue.path);
+        let file = ConfigFile::parse(text, name, base)?;
 
         let mut errors = validate(&file, name, text);
         let rules = match RuleSet::load_dir(&file.rules.dir, &file.upstream) {

@@ -10,6 +10,7 @@ pub mod config;
 pub mod diagnostic;
 pub mod event;
 pub mod ingest;
+pub mod inspect;
 pub mod metrics;
 pub mod queue;
 pub mod router;

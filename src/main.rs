@@ -30,6 +30,53 @@ enum Command {
     },
     /// Print the embedded default config (a starting point for your own).
     PrintDefaultConfig,
+    /// Inspect the queue file (read-only; safe while the daemon runs).
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// Events, bytes and oldest age per upstream and priority.
+    Stats {
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Every queued event as JSON lines, in send order (for support).
+    Export {
+        #[command(flatten)]
+        db: DbArgs,
+        /// Only this upstream's events.
+        #[arg(long)]
+        upstream: Option<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct DbArgs {
+    /// Config file naming the queue (queue.path); default: the embedded default.
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+    /// The queue file itself, instead of reading it from a config.
+    #[arg(long, conflicts_with = "config")]
+    db: Option<PathBuf>,
+}
+
+impl DbArgs {
+    fn path(&self) -> Result<PathBuf, ExitCode> {
+        if let Some(db) = &self.db {
+            return Ok(db.clone());
+        }
+        match edgeferry::config::ConfigFile::read(self.config.as_deref()) {
+            Ok(file) => Ok(file.queue.path),
+            Err(errors) => {
+                eprintln!("{errors}");
+                Err(ExitCode::from(EXIT_CONFIG))
+            }
+        }
+    }
 }
 
 const EXIT_FAILURE: u8 = 1;
@@ -62,6 +109,39 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => run(config),
+        Command::Queue { command } => queue_command(command),
+    }
+}
+
+fn queue_command(command: QueueCommand) -> ExitCode {
+    let (QueueCommand::Stats { db } | QueueCommand::Export { db, .. }) = &command;
+    let path = match db.path() {
+        Ok(path) => path,
+        Err(code) => return code,
+    };
+    if !path.exists() {
+        eprintln!("edgeferry: no queue at {}", path.display());
+        return ExitCode::from(EXIT_FAILURE);
+    }
+    let mut out = std::io::stdout().lock();
+    let result = match &command {
+        QueueCommand::Stats { .. } => edgeferry::inspect::stats(&path, &mut out),
+        QueueCommand::Export { upstream, .. } => {
+            edgeferry::inspect::export(&path, upstream.as_deref(), &mut out)
+                .map(|n| eprintln!("{n} events exported from {}", path.display()))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(edgeferry::inspect::InspectError::Output(e))
+            if e.kind() == std::io::ErrorKind::BrokenPipe =>
+        {
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("edgeferry: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
     }
 }
 

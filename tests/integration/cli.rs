@@ -171,3 +171,77 @@ fn sigterm_stops_the_daemon_cleanly_within_seconds() {
     assert!(status.success(), "{status}: {stderr}");
     assert!(stderr.contains("edgeferry stopped"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_stats_and_export_read_the_queue_while_the_daemon_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let proxy = Proxy::start(upstream_broker(), false).await;
+    let gw = Gateway::start(&d, proxy.port).await;
+    let sensor = Sensor::connect(gw.addr).await;
+    for seq in 0..5 {
+        sensor
+            .publish("sensors/a/t/temperature", reading("t", seq))
+            .await;
+    }
+    sensor.publish("alarms/a/door", reading("door", 9)).await;
+    sensor
+        .publish("devices/pump/telemetry", vec![0xff, 0x00, 0x01])
+        .await;
+    wait_until("queued", || gw.queued("cloud") == 7).await;
+
+    let db = d.join("queue.db");
+    let db_arg = db.to_str().unwrap();
+    let out = edgeferry(&["queue", "stats", "--db", db_arg], &d);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Vec<&str>> = stdout
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(lines[0][..3], ["cloud", "high", "1"], "{stdout}");
+    assert_eq!(lines[1][..3], ["cloud", "normal", "6"], "{stdout}");
+
+    let out = edgeferry(
+        &["queue", "export", "--db", db_arg, "--upstream", "cloud"],
+        &d,
+    );
+    assert!(out.status.success());
+    let events: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 7);
+    assert_eq!(events[0]["topic"], "plant/a/door/alarm");
+    assert_eq!(events[0]["priority"], "high");
+    assert!(events[0]["expires_ms"].as_u64().is_some());
+    assert_eq!(
+        events[1]["payload"],
+        String::from_utf8(reading("t", 0)).unwrap()
+    );
+    assert_eq!(events[6]["payload_hex"], "ff0001");
+    let out = edgeferry(
+        &["queue", "export", "--db", db_arg, "--upstream", "other"],
+        &d,
+    );
+    assert!(out.status.success() && out.stdout.is_empty());
+    gw.stop().await;
+
+    let out = edgeferry(
+        &[
+            "queue",
+            "stats",
+            "--db",
+            d.join("nope.db").to_str().unwrap(),
+        ],
+        &d,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no queue at"));
+}
