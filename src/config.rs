@@ -156,6 +156,12 @@ pub struct UpstreamConfig {
     /// QoS 1 publishes in flight (sent, not yet acknowledged).
     #[serde(default = "defaults::inflight")]
     pub inflight: u16,
+    /// At most this many events per second to this upstream (0: no limit).
+    #[serde(default)]
+    pub send_rate: u64,
+    /// At most this many bytes (payload + topic) per second (0: no limit).
+    #[serde(default = "defaults::unlimited")]
+    pub send_bytes_rate: ByteSize,
     /// Byte cap of this upstream's queue (payload + topic of each event).
     #[serde(default = "defaults::max_size")]
     pub max_size: ByteSize,
@@ -174,6 +180,9 @@ mod defaults {
     }
     pub fn inflight() -> u16 {
         64
+    }
+    pub fn unlimited() -> ByteSize {
+        ByteSize(0)
     }
     pub fn max_size() -> ByteSize {
         ByteSize(512 << 20)

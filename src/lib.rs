@@ -12,6 +12,7 @@ pub mod event;
 pub mod ingest;
 pub mod inspect;
 pub mod metrics;
+pub mod pacing;
 pub mod queue;
 pub mod router;
 pub mod rules;

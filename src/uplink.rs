@@ -28,6 +28,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::UpstreamConfig;
 use crate::metrics::UplinkMetrics;
+use crate::pacing::Pacer;
 use crate::queue::{Cursor, QueueError, QueueHandle};
 
 /// How long acknowledged ids may wait before their delete is handed to the
@@ -128,6 +129,7 @@ async fn session(
     let name = settings.name.as_str();
     let window = usize::from(up.inflight);
     let refill = (window / 4).max(1);
+    let mut pacer = Pacer::new(up.send_rate, up.send_bytes_rate.0);
     let max_packet = up.max_packet_size.as_usize();
     let mut opts = MqttOptions::new(&settings.client_id, &up.url.host, up.url.port);
     opts.set_clean_session(false)
@@ -187,8 +189,9 @@ async fn session(
         let free = window.saturating_sub(outstanding);
         // Refill in batches (a quarter window at least), not a row per PUBACK:
         // each fetch is a round trip to the queue thread.
-        if !drained && (free >= refill || outstanding == 0) {
-            let rows = match queue.fetch(name, after, free).await {
+        let allowed = pacer.allowance(free);
+        if !drained && allowed > 0 && (free >= refill || outstanding == 0 || allowed < free) {
+            let rows = match queue.fetch(name, after, allowed).await {
                 Ok(rows) => rows,
                 Err(QueueError::Closed) => break Ended::QueueClosed,
                 Err(e) => {
@@ -197,7 +200,7 @@ async fn session(
                     continue;
                 }
             };
-            drained = rows.len() < free;
+            drained = rows.len() < allowed;
             let mut refused = None;
             for row in rows {
                 after.advance(&row);
@@ -217,10 +220,12 @@ async fn session(
                 }
                 // Capacity is window + 16 and at most `window` are outstanding,
                 // so this only fails if the event loop is gone.
+                let size = row.payload.len() + row.topic.len();
                 if let Err(e) = client.try_publish(row.topic, qos, false, row.payload) {
                     refused = Some(e.to_string());
                     break;
                 }
+                pacer.spend(size);
                 awaiting.push_back((row.id, qos));
                 metrics.sent.fetch_add(1, Relaxed);
                 if row.id <= high_water.0[p] {
@@ -249,6 +254,8 @@ async fn session(
                 continue;
             }
             _ = sleep_until_opt(ack_deadline) => continue,
+            // Paced: more may be sent once the bucket has refilled.
+            _ = sleep_until_opt(pacer.ready_at()), if !drained && allowed == 0 => continue,
             p = events.recv() => p,
         };
         match polled {

@@ -220,3 +220,36 @@ async fn after_an_outage_higher_priorities_are_sent_first_fifo_within_each() {
     assert_eq!(order, expected);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_drains_at_the_configured_send_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = upstream_broker();
+    let sub = Subscriber::start(upstream, "plant/#").await;
+    let proxy = Proxy::start(upstream, false).await;
+    const RATE: f64 = 400.0;
+    let text = config_text(dir.path(), proxy.port, "send_rate = 400\n");
+    let gw = Gateway::start_with(dir.path(), &text).await;
+    let sensor = Sensor::connect(gw.addr).await;
+    const N: usize = 1200;
+    for seq in 0..N {
+        sensor
+            .publish("sensors/p/q/temperature", reading("q", seq))
+            .await;
+    }
+    wait_until("backlog stored", || gw.queued("cloud") == N as u64).await;
+    proxy.set_up(true);
+    let got = sub.wait_for(N).await;
+    // Measured over the drain, after the initial burst (a tenth of a second's worth).
+    let burst = (RATE / 10.0) as usize;
+    let span = got[N - 1].at - got[burst].at;
+    let rate = (N - 1 - burst) as f64 / span.as_secs_f64();
+    println!("drained at {rate:.0} events/s, configured {RATE}");
+    assert!(
+        (RATE * 0.8..=RATE * 1.2).contains(&rate),
+        "drained at {rate:.0} events/s, configured {RATE}"
+    );
+    let seqs: Vec<u64> = got.iter().map(|m| seq_of(&m.payload)).collect();
+    assert_sequence(&seqs, 0..N as u64);
+    gw.stop().await;
+}

@@ -189,6 +189,8 @@ pub struct Message {
     pub payload: Vec<u8>,
     pub qos: QoS,
     pub retain: bool,
+    /// When the subscriber received it.
+    pub at: std::time::Instant,
 }
 
 /// An MQTT subscriber recording everything it receives.
@@ -228,6 +230,7 @@ impl Subscriber {
                             payload: p.payload.to_vec(),
                             qos: p.qos,
                             retain: p.retain,
+                            at: std::time::Instant::now(),
                         })
                     }
                     Ok(_) => {}
