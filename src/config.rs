@@ -283,30 +283,45 @@ impl ConfigFile {
 
     /// Read the config file at `path`, or the embedded default.
     pub fn read(path: Option<&Path>) -> Result<ConfigFile, Diagnostics> {
-        match path {
-            None => Self::parse(
-                DEFAULT_CONFIG,
-                Path::new("<default config>"),
-                Path::new("."),
-            ),
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    Diagnostics(vec![Diagnostic::whole_file(
-                        path,
-                        format!("cannot read config: {e}"),
-                    )])
-                })?;
-                Self::parse(&text, path, config_dir(path))
-            }
-        }
+        let source = Source::read(path)?;
+        Self::parse(&source.text, &source.name, &source.base)
     }
 }
 
-/// The directory relative paths in the config file at `path` are resolved against.
-fn config_dir(path: &Path) -> &Path {
-    path.parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
+/// Config text with the name it is reported under and the directory its
+/// relative paths are resolved against.
+struct Source {
+    text: String,
+    name: PathBuf,
+    base: PathBuf,
+}
+
+impl Source {
+    /// The file at `path`, or the embedded default (relative to the current directory).
+    fn read(path: Option<&Path>) -> Result<Source, Diagnostics> {
+        let Some(path) = path else {
+            return Ok(Source {
+                text: DEFAULT_CONFIG.to_string(),
+                name: PathBuf::from("<default config>"),
+                base: PathBuf::from("."),
+            });
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Diagnostics(vec![Diagnostic::whole_file(
+                path,
+                format!("cannot read config: {e}"),
+            )])
+        })?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        Ok(Source {
+            text,
+            name: path.to_path_buf(),
+            base: base.to_path_buf(),
+        })
+    }
 }
 
 /// A loaded, validated configuration with its compiled rules: what `run` needs.
@@ -322,24 +337,10 @@ impl Config {
     /// Load from `path`, or the embedded default when `None`; then the rules.
     /// Every problem found is returned at once.
     pub fn load(path: Option<&Path>) -> Result<Config, Diagnostics> {
-        match path {
-            None => Self::from_toml(
-                DEFAULT_CONFIG,
-                Path::new("<default config>"),
-                Path::new("."),
-            ),
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    Diagnostics(vec![Diagnostic::whole_file(
-                        path,
-                        format!("cannot read config: {e}"),
-                    )])
-                })?;
-                let mut cfg = Self::from_toml(&text, path, config_dir(path))?;
-                cfg.source = Some(path.to_path_buf());
-                Ok(cfg)
-            }
-        }
+        let source = Source::read(path)?;
+        let mut cfg = Self::from_toml(&source.text, &source.name, &source.base)?;
+        cfg.source = path.map(Path::to_path_buf);
+        Ok(cfg)
     }
 
     /// Parse config text (named `name` in messages), resolve relative paths

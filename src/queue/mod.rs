@@ -267,15 +267,7 @@ pub fn open_read_only(path: &Path) -> Result<rusqlite::Connection, QueueError> {
         rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .map_err(err)?;
     conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
-    let version: i64 = conn
-        .pragma_query_value(None, "user_version", |r| r.get(0))
-        .map_err(err)?;
-    if version > SCHEMA_VERSION {
-        return Err(QueueError::TooNew {
-            path: path.to_path_buf(),
-            found: version,
-        });
-    }
+    schema::check_version(&conn, path)?;
     Ok(conn)
 }
 
@@ -298,9 +290,7 @@ pub fn stats_of_file(path: &Path) -> Result<Vec<Stats>, QueueError> {
     if has_table.is_none() {
         return Ok(Vec::new());
     }
-    let version: i64 = conn
-        .pragma_query_value(None, "user_version", |r| r.get(0))
-        .map_err(err)?;
+    let version = schema::check_version(&conn, path)?;
     // A v1 file (not yet migrated by a running daemon) has no size column.
     let sql = if version >= 2 {
         STATS.to_string()

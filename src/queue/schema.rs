@@ -146,20 +146,29 @@ pub fn open_db(path: &Path) -> Result<Connection, QueueError> {
     Ok(conn)
 }
 
-fn migrate(conn: &Connection, path: &Path) -> Result<(), QueueError> {
-    let err = |source| QueueError::Open {
-        path: path.to_path_buf(),
-        source,
-    };
+/// The file's schema version; an error if it is newer than this edgeferry.
+pub(super) fn check_version(conn: &Connection, path: &Path) -> Result<i64, QueueError> {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
-        .map_err(err)?;
+        .map_err(|source| QueueError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
     if version > SCHEMA_VERSION {
         return Err(QueueError::TooNew {
             path: path.to_path_buf(),
             found: version,
         });
     }
+    Ok(version)
+}
+
+fn migrate(conn: &Connection, path: &Path) -> Result<(), QueueError> {
+    let err = |source| QueueError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let version = check_version(conn, path)?;
     // Each step in one transaction with its version bump: a crash mid-way
     // leaves the file at the previous version, and the step runs again.
     let step = |sql: &str, to: i64| -> rusqlite::Result<()> {

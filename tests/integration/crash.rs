@@ -80,6 +80,36 @@ impl Drop for Daemon {
     }
 }
 
+/// A temp dir with a config, an upstream broker behind a proxy (down at
+/// first) and a subscriber on it.
+struct World {
+    dir: tempfile::TempDir,
+    sub: Subscriber,
+    proxy: Proxy,
+    config: PathBuf,
+    port: u16,
+    db: PathBuf,
+}
+
+impl World {
+    async fn new() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let upstream = upstream_broker();
+        let sub = Subscriber::start(upstream, "plant/#").await;
+        let proxy = Proxy::start(upstream, false).await;
+        let (config, port) = write_config(dir.path(), proxy.port);
+        let db = dir.path().join("queue.db");
+        World {
+            dir,
+            sub,
+            proxy,
+            config,
+            port,
+            db,
+        }
+    }
+}
+
 fn write_config(dir: &Path, upstream_port: u16) -> (PathBuf, u16) {
     let port = free_port();
     let text = config_text(dir, upstream_port, "").replace(
@@ -136,13 +166,14 @@ fn steady_publisher(sensor: &Sensor) -> (tokio::task::JoinHandle<()>, Arc<Atomic
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_with_the_upstream_down_keeps_every_committed_event() {
-    let dir = tempfile::tempdir().unwrap();
-    let upstream = upstream_broker();
-    let sub = Subscriber::start(upstream, "plant/#").await;
-    let proxy = Proxy::start(upstream, false).await;
-    let (config, port) = write_config(dir.path(), proxy.port);
-    let db = dir.path().join("queue.db");
-
+    let World {
+        dir,
+        sub,
+        proxy,
+        config,
+        port,
+        db,
+    } = World::new().await;
     let mut daemon = Daemon::start(dir.path(), &config, port).await;
     let sensor = Sensor::connect(daemon.addr()).await;
     let (publisher, _) = steady_publisher(&sensor);
@@ -172,12 +203,15 @@ async fn sigkill_with_the_upstream_down_keeps_every_committed_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_while_forwarding_loses_no_committed_event() {
-    let dir = tempfile::tempdir().unwrap();
-    let upstream = upstream_broker();
-    let sub = Subscriber::start(upstream, "plant/#").await;
-    let (config, port) = write_config(dir.path(), upstream.port());
-    let db = dir.path().join("queue.db");
-
+    let World {
+        dir,
+        sub,
+        proxy,
+        config,
+        port,
+        db,
+    } = World::new().await;
+    proxy.set_up(true);
     let mut daemon = Daemon::start(dir.path(), &config, port).await;
     let sensor = Sensor::connect(daemon.addr()).await;
     let (publisher, _) = steady_publisher(&sensor);
@@ -234,13 +268,14 @@ async fn sigkill_while_forwarding_loses_no_committed_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_with_the_upstream_down_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let upstream = upstream_broker();
-    let sub = Subscriber::start(upstream, "plant/#").await;
-    let proxy = Proxy::start(upstream, false).await;
-    let (config, port) = write_config(dir.path(), proxy.port);
-    let db = dir.path().join("queue.db");
-
+    let World {
+        dir,
+        sub,
+        proxy,
+        config,
+        port,
+        db,
+    } = World::new().await;
     let mut daemon = Daemon::start(dir.path(), &config, port).await;
     let sensor = Sensor::connect(daemon.addr()).await;
     const N: usize = 3000;
