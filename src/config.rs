@@ -123,8 +123,8 @@ impl Default for QueueConfig {
     fn default() -> Self {
         QueueConfig {
             path: PathBuf::from("data/queue.db"),
-            commit_interval: HumanDuration(Duration::from_millis(50)),
-            commit_max_events: 1000,
+            commit_interval: HumanDuration(Duration::from_millis(100)),
+            commit_max_events: 5000,
             min_free_disk: ByteSize(64 << 20),
             sweep_interval: HumanDuration(Duration::from_secs(10)),
         }
@@ -536,6 +536,14 @@ fn validate(file: &ConfigFile, name: &Path, text: &str) -> Vec<Diagnostic> {
                 text,
                 at("keep_alive"),
                 format!("upstream.{up_name}.keep_alive must be between 1s and 65535s"),
+            ));
+        }
+        if up.max_size.0 == 0 {
+            errors.push(Diagnostic::at(
+                name,
+                text,
+                at("max_size"),
+                format!("upstream.{up_name}.max_size must be greater than 0"),
             ));
         }
         if up.reconnect_min.0 < Duration::from_millis(10) {

@@ -77,10 +77,11 @@ impl Metrics {
     /// One line for the periodic summary log.
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "received={} matched={} queued={} dropped_unmatched={} dropped_rule={} dropped_overflow={} dropped_queue_unavailable={} broker_lost={}",
+            "received={} matched={} queued={} commits={} dropped_unmatched={} dropped_rule={} dropped_overflow={} dropped_queue_unavailable={} broker_lost={}",
             self.received.load(Relaxed),
             self.matched.load(Relaxed),
             self.queued.load(Relaxed),
+            self.commits.load(Relaxed),
             self.dropped_unmatched.load(Relaxed),
             self.dropped_rule.load(Relaxed),
             self.dropped_overflow.load(Relaxed),

@@ -35,6 +35,9 @@ use crate::queue::{Cursor, QueueError, QueueHandle};
 /// queue writer (which then commits them with its next group commit).
 const ACK_FLUSH: Duration = Duration::from_millis(20);
 
+/// Connection failures are logged at WARN at most this often.
+const WARN_EVERY: Duration = Duration::from_secs(30);
+
 /// Everything one uplink needs to know about its upstream.
 #[derive(Debug, Clone)]
 pub struct UplinkSettings {
@@ -73,6 +76,7 @@ pub async fn run(
     let mut high_water = Cursor::default();
     // The last failure logged at WARN; repeats of it go to DEBUG.
     let mut last_reason = String::new();
+    let mut last_warned: Option<Instant> = None;
     loop {
         match session(&settings, &queue, &metrics, &mut shutdown, &mut high_water).await {
             Ended::Shutdown | Ended::QueueClosed => return,
@@ -81,9 +85,11 @@ pub async fn run(
                     backoff.reset();
                 }
                 let delay = backoff.next_delay();
-                if reason != last_reason {
+                // WARN on a new reason, at most every 30 s; DEBUG otherwise.
+                if reason != last_reason && last_warned.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
                     warn!(upstream = %settings.name, url = %up.url, %reason, retry_in = ?delay, "uplink down");
                     last_reason = reason;
+                    last_warned = Some(Instant::now());
                 } else {
                     debug!(upstream = %settings.name, %reason, retry_in = ?delay, "uplink still down");
                 }
@@ -190,6 +196,8 @@ async fn session(
         // Refill in batches (a quarter window at least), not a row per PUBACK:
         // each fetch is a round trip to the queue thread.
         let allowed = pacer.allowance(free);
+        // Waiting on the pace, not on the window or the queue.
+        let paced = free > 0 && allowed == 0;
         if !drained && allowed > 0 && (free >= refill || outstanding == 0 || allowed < free) {
             let rows = match queue.fetch(name, after, allowed).await {
                 Ok(rows) => rows,
@@ -202,7 +210,13 @@ async fn session(
             };
             drained = rows.len() < allowed;
             let mut refused = None;
-            for row in rows {
+            for (i, row) in rows.into_iter().enumerate() {
+                // A byte-rate limit is checked per event: stop at the first
+                // that must wait (it is fetched again, the cursor stays).
+                if i > 0 && pacer.allowance(1) == 0 {
+                    drained = false;
+                    break;
+                }
                 after.advance(&row);
                 let p = row.priority.index();
                 let qos = if row.qos == 0 {
@@ -255,7 +269,7 @@ async fn session(
             }
             _ = sleep_until_opt(ack_deadline) => continue,
             // Paced: more may be sent once the bucket has refilled.
-            _ = sleep_until_opt(pacer.ready_at()), if !drained && allowed == 0 => continue,
+            _ = sleep_until_opt(pacer.ready_at()), if !drained && paced => continue,
             p = events.recv() => p,
         };
         match polled {

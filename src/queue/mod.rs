@@ -290,14 +290,7 @@ pub fn stats_of_file(path: &Path) -> Result<Vec<Stats>, QueueError> {
     if has_table.is_none() {
         return Ok(Vec::new());
     }
-    let version = schema::check_version(&conn, path)?;
-    // A v1 file (not yet migrated by a running daemon) has no size column.
-    let sql = if version >= 2 {
-        STATS.to_string()
-    } else {
-        STATS.replace("SUM(size)", "SUM(length(payload) + length(topic))")
-    };
-    let mut stmt = conn.prepare(&sql).map_err(err)?;
+    let mut stmt = conn.prepare(STATS).map_err(err)?;
     let rows = stmt
         .query_map([], |r| {
             Ok(Stats {

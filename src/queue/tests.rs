@@ -6,13 +6,13 @@ fn row(up: &str, n: u8, priority: Priority) -> NewRow {
     NewRow {
         upstream: Arc::from(up),
         event_id: format!("e{n}"),
-        topic: format!("t/{n}"), // 3 bytes
+        topic: format!("t/{n:03}"), // 5 bytes
         qos: 1,
         priority,
         expires_ms: None,
         overflow: Overflow::DropOldest,
         received_ms: 0,
-        payload: Bytes::from(vec![n; 7]), // + 7 = 10 bytes per row
+        payload: Bytes::from(vec![n; 5]), // + 5 = 10 bytes per row
     }
 }
 
@@ -209,4 +209,49 @@ async fn expired_rows_are_never_fetched_and_the_sweep_counts_them() {
     }
     assert_eq!(u.expired[Priority::High.index()].load(Relaxed), 1);
     assert_eq!(q.depth().await.unwrap()["a"], 2);
+}
+
+fn evicted(m: &Metrics) -> [u64; 3] {
+    let u = &m.uplinks["a"];
+    [0, 1, 2].map(|i| u.evicted[i].load(Relaxed))
+}
+
+#[tokio::test]
+async fn an_event_that_cannot_be_made_room_for_evicts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = metrics();
+    let (q, _t) = open(&dir.path().join("q.db"), settings(100), m.clone()).unwrap();
+    use Priority::*;
+    let mut rows = vec![row("a", 0, Low)];
+    rows.extend((1..10).map(|n| row("a", n, High)));
+    append(&q, rows).await;
+    // Larger than the whole cap.
+    let mut huge = row("a", 20, Normal);
+    huge.payload = Bytes::from(vec![20; 150]);
+    // Needs 20 bytes, but only the one low row (10) may go for a low event.
+    let mut low = row("a", 21, Low);
+    low.payload = Bytes::from(vec![21; 15]);
+    append(&q, vec![huge, low]).await;
+    assert_eq!(evicted(&m), [0, 0, 0]);
+    assert_eq!(m.uplinks["a"].rejected[Normal.index()].load(Relaxed), 1);
+    assert_eq!(m.uplinks["a"].rejected[Low.index()].load(Relaxed), 1);
+    assert_eq!(q.fetch("a", Cursor::default(), 20).await.unwrap().len(), 10);
+}
+
+#[tokio::test]
+async fn eviction_headroom_stays_within_the_priority_that_made_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = metrics();
+    // 256 rows of 10 bytes fill it; headroom is 2560 / 256 = 10 bytes.
+    let (q, _t) = open(&dir.path().join("q.db"), settings(2560), m.clone()).unwrap();
+    let mut rows = vec![row("a", 0, Priority::Low)];
+    rows.extend((1..=255).map(|n| row("a", n as u8, Priority::Normal)));
+    append(&q, rows).await;
+    append(&q, vec![row("a", 0, Priority::Normal)]).await;
+    // The low row was enough; no normal row goes for headroom.
+    assert_eq!(evicted(&m), [1, 0, 0]);
+    assert_eq!(
+        q.fetch("a", Cursor::default(), 300).await.unwrap().len(),
+        256
+    );
 }

@@ -29,6 +29,12 @@ const SWEEP_EXPIRED: &str = "DELETE FROM queue WHERE expires_ms IS NOT NULL AND 
 const BYTES_PER_UPSTREAM: &str =
     "SELECT upstream, COUNT(*), SUM(size) FROM queue GROUP BY upstream";
 
+/// Size of the reserve file (see `Writer::reserve`).
+const RESERVE_BYTES: u64 = 2 << 20;
+
+/// Free disk space is checked at least this often, and after this many bytes
+/// were admitted (a burst can fill a small card within a second).
+const DISK_CHECK_BYTES: u64 = 256 << 10;
 /// How often free disk space is checked.
 const DISK_CHECK_EVERY: Duration = Duration::from_secs(1);
 
@@ -54,6 +60,16 @@ pub(super) struct Writer {
     /// Free-space check: when last done, and whether space was below the watermark.
     disk_checked: Option<Instant>,
     disk_low: bool,
+    /// Bytes admitted since the last free-space check.
+    admitted_since_check: u64,
+    /// Per upstream, the bytes it held when free space fell below the
+    /// watermark: its cap until space returns.
+    frozen_cap: HashMap<String, u64>,
+    /// A file of RESERVE_BYTES kept beside the database and deleted when the
+    /// disk is full, so the deletes that free space can still be committed.
+    reserve: PathBuf,
+    /// When the reserve was last found missing and not yet recreated.
+    reserve_missing_since: Option<Instant>,
 }
 
 impl Writer {
@@ -96,6 +112,10 @@ impl Writer {
             last_sweep: Instant::now(),
             disk_checked: None,
             disk_low: false,
+            admitted_since_check: 0,
+            frozen_cap: HashMap::new(),
+            reserve: reserve_path(path),
+            reserve_missing_since: Some(Instant::now() - Duration::from_secs(3600)),
         })
     }
 
@@ -121,10 +141,15 @@ impl Writer {
         let cap = self.settings.commit_max_events.max(1000) * 4;
         loop {
             let now = Instant::now();
-            let next_sweep = self.last_sweep + self.settings.sweep_interval;
-            if now >= next_sweep && retry_at.is_none() {
-                self.sweep();
+            if now >= self.last_sweep + self.settings.sweep_interval {
+                if retry_at.is_none() {
+                    self.sweep();
+                } else {
+                    // Not while commits fail; and never a deadline in the past.
+                    self.last_sweep = now;
+                }
             }
+            let next_sweep = self.last_sweep + self.settings.sweep_interval;
             let due = retry_at.unwrap_or(last_commit + interval);
             let commit_now = self.pending()
                 && (now >= due
@@ -185,6 +210,7 @@ impl Writer {
                     };
                     if result.is_ok() {
                         last_commit = Instant::now();
+                        retry_at = None;
                     }
                     let _ = reply.send(result.map_err(|e| e.to_string()));
                     continue;
@@ -202,14 +228,34 @@ impl Writer {
                         info!("queue commits work again");
                     }
                     last_commit = Instant::now();
+                    self.restore_reserve();
                 }
                 Err(e) => {
+                    // Deletes alone may still fit (a full disk): they free
+                    // pages for the appends, which are retried below.
+                    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+                        self.release_reserve();
+                        // Fold the WAL into the database and truncate it, so
+                        // the next transactions reuse its space.
+                        let _ = self
+                            .conn
+                            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+                    }
+                    let freed = (!self.acks.is_empty() || !self.evictions.is_empty())
+                        && self.commit_parts(false).is_ok();
                     // Keep what we hold and retry; warn at most every 30 s.
                     if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
                         error!(error = %e, pending = self.rows.len(), "queue commit failed (disk full or I/O error?); holding events in memory and retrying");
                         last_warning = Some(Instant::now());
                     }
-                    retry_at = Some(Instant::now() + interval.max(Duration::from_millis(500)));
+                    retry_at = Some(
+                        Instant::now()
+                            + if freed {
+                                interval
+                            } else {
+                                interval.max(Duration::from_millis(500))
+                            },
+                    );
                 }
             }
         }
@@ -238,27 +284,35 @@ impl Writer {
     fn admit(&mut self, row: NewRow) {
         let size = row.size();
         let used = self.bytes.get(&*row.upstream).copied().unwrap_or(0);
-        let mut cap = self
+        let max = self
             .settings
             .max_size
             .get(&*row.upstream)
             .copied()
             .unwrap_or(u64::MAX);
-        if self.disk_low() {
-            // Below the free-space watermark the queue does not grow.
-            cap = cap.min(used);
-        }
+        // Below the free-space watermark the queue does not grow past what
+        // it held when the disk went low (SQLite reuses the freed pages).
+        let cap = if self.disk_low() {
+            let frozen = *self
+                .frozen_cap
+                .entry(row.upstream.to_string())
+                .or_insert(used);
+            max.min(frozen)
+        } else {
+            max
+        };
         if used + size > cap {
-            let need = used + size - cap;
-            let fits = match row.overflow {
-                Overflow::DropNewest => false,
-                Overflow::DropOldest => {
-                    // Evict a little more than needed (1/256 of the cap) so a
-                    // full queue does not run an eviction query per event.
-                    let headroom = (cap / 256).min(cap.saturating_sub(size));
-                    self.evict(&row.upstream, row.priority, need + headroom) >= need
-                }
-            };
+            let fits = size <= cap
+                && match row.overflow {
+                    Overflow::DropNewest => false,
+                    Overflow::DropOldest => {
+                        // A little more than needed (1/256 of the cap, within
+                        // the same priority) so a full queue does not look for
+                        // victims on every event.
+                        let headroom = (cap / 256).min(cap.saturating_sub(size));
+                        self.evict(&row.upstream, row.priority, used + size - cap, headroom)
+                    }
+                };
             if !fits {
                 if let Some(u) = self.uplink(&row.upstream) {
                     u.rejected[row.priority.index()].fetch_add(1, Relaxed);
@@ -267,20 +321,27 @@ impl Writer {
             }
         }
         *self.bytes.entry(row.upstream.to_string()).or_insert(0) += size;
+        self.admitted_since_check += size;
         self.rows.push(row);
     }
 
-    /// Free at least `need` bytes of `upstream` by evicting its oldest rows
-    /// of the lowest priority first, never above `max`. Returns bytes freed.
-    fn evict(&mut self, upstream: &str, max: Priority, need: u64) -> u64 {
+    /// Make room for `need` bytes in `upstream`'s queue by evicting its
+    /// oldest rows of the lowest priority first, never above `max`; plus up
+    /// to `headroom` more from the priority where `need` was met. Evicts
+    /// nothing and returns false if `need` cannot be met.
+    fn evict(&mut self, upstream: &str, max: Priority, need: u64, headroom: u64) -> bool {
+        // Plan first: committed rows (id, size) and pending rows (index).
+        let mut committed: Vec<(i64, u64, Priority)> = Vec::new();
+        let mut pending: Vec<usize> = Vec::new();
         let mut freed = 0;
+        let target = |freed: u64| if freed >= need { need + headroom } else { need };
         for priority in [Priority::Low, Priority::Normal, Priority::High] {
             if priority > max || freed >= need {
                 break;
             }
             // Committed rows are older than pending ones.
             let mut after = 0i64;
-            while freed < need {
+            'committed: while freed < target(freed) {
                 let batch: Vec<(i64, i64)> = match self
                     .conn
                     .prepare_cached(SELECT_EVICTION_ORDER)
@@ -293,7 +354,7 @@ impl Writer {
                     Ok(b) => b,
                     Err(e) => {
                         warn!(error = %e, "queue: cannot read eviction candidates");
-                        break;
+                        return false;
                     }
                 };
                 let Some(&(last, _)) = batch.last() else {
@@ -301,31 +362,38 @@ impl Writer {
                 };
                 after = last;
                 for (id, size) in batch {
-                    if freed >= need {
-                        break;
+                    if freed >= target(freed) {
+                        break 'committed;
                     }
-                    if self.scheduled.insert(id) {
-                        self.evictions.push(id);
+                    if !self.scheduled.contains(&id) {
+                        committed.push((id, size as u64, priority));
                         freed += size as u64;
-                        self.count_evicted(upstream, priority, size as u64);
                     }
                 }
             }
-            // Then pending rows of this priority, oldest first.
-            while freed < need {
-                let Some(pos) = self
-                    .rows
-                    .iter()
-                    .position(|r| &*r.upstream == upstream && r.priority == priority)
-                else {
+            for (i, r) in self.rows.iter().enumerate() {
+                if freed >= target(freed) {
                     break;
-                };
-                let r = self.rows.remove(pos);
-                freed += r.size();
-                self.count_evicted(upstream, priority, r.size());
+                }
+                if &*r.upstream == upstream && r.priority == priority {
+                    pending.push(i);
+                    freed += r.size();
+                }
             }
         }
-        freed
+        if freed < need {
+            return false;
+        }
+        for (id, size, priority) in committed {
+            self.scheduled.insert(id);
+            self.evictions.push(id);
+            self.count_evicted(upstream, priority, size);
+        }
+        for i in pending.into_iter().rev() {
+            let r = self.rows.remove(i);
+            self.count_evicted(upstream, r.priority, r.size());
+        }
+        true
     }
 
     fn count_evicted(&mut self, upstream: &str, priority: Priority, size: u64) {
@@ -334,6 +402,43 @@ impl Writer {
         }
         if let Some(u) = self.uplink(upstream) {
             u.evicted[priority.index()].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Delete the reserve file: the disk is full and the deletes that would
+    /// free space need room to be committed.
+    fn release_reserve(&mut self) {
+        if std::fs::remove_file(&self.reserve).is_ok() {
+            warn!(reserve = %self.reserve.display(), "disk full: released the reserve file so acknowledged events can be deleted");
+            self.reserve_missing_since = Some(Instant::now());
+        }
+    }
+
+    /// (Re)create the reserve file once there is clearly room for it again.
+    fn restore_reserve(&mut self) {
+        let Some(since) = self.reserve_missing_since else {
+            return;
+        };
+        if since.elapsed() < Duration::from_secs(10) {
+            return;
+        }
+        self.reserve_missing_since = Some(Instant::now());
+        if free_bytes(&self.path).is_some_and(|f| f < 2 * RESERVE_BYTES) {
+            return;
+        }
+        let made = std::fs::File::create(&self.reserve).and_then(|f| {
+            use std::io::Write;
+            let mut f = std::io::BufWriter::new(f);
+            // Real blocks (not a sparse file), or deleting it frees nothing.
+            f.write_all(&vec![0u8; RESERVE_BYTES as usize])?;
+            f.into_inner().map_err(|e| e.into_error())?.sync_all()
+        });
+        match made {
+            Ok(()) => self.reserve_missing_since = None,
+            Err(e) => {
+                let _ = std::fs::remove_file(&self.reserve);
+                warn!(reserve = %self.reserve.display(), error = %e, "cannot create the disk-full reserve file; will retry");
+            }
         }
     }
 
@@ -346,10 +451,12 @@ impl Writer {
         if self
             .disk_checked
             .is_some_and(|t| t.elapsed() < DISK_CHECK_EVERY)
+            && self.admitted_since_check < DISK_CHECK_BYTES
         {
             return self.disk_low;
         }
         self.disk_checked = Some(Instant::now());
+        self.admitted_since_check = 0;
         let low = match free_bytes(&self.path) {
             Some(free) => free < self.settings.min_free_disk,
             None => false,
@@ -359,6 +466,7 @@ impl Writer {
                 warn!(path = %self.path.display(), min_free_disk = self.settings.min_free_disk, "free disk space below the watermark: the queue stops growing, overflow policies apply");
             } else {
                 info!(path = %self.path.display(), "free disk space above the watermark again");
+                self.frozen_cap.clear();
             }
         }
         self.disk_low = low;
@@ -368,11 +476,18 @@ impl Writer {
     /// Apply pending appends, evictions and acks in one transaction. On
     /// failure nothing is lost: the work stays pending.
     fn commit(&mut self) -> rusqlite::Result<()> {
+        self.commit_parts(true)
+    }
+
+    /// Commit deletes (acks, evictions) and, with `with_rows`, appends.
+    /// Deletes alone are what a full disk still allows: they free the pages
+    /// that let the appends in afterwards.
+    fn commit_parts(&mut self, with_rows: bool) -> rusqlite::Result<()> {
         let tx = self.conn.transaction()?;
         let mut released: Vec<(String, u64)> = Vec::new();
         {
             let mut insert = tx.prepare_cached(INSERT_ROW)?;
-            for r in &self.rows {
+            for r in self.rows.iter().filter(|_| with_rows) {
                 insert.execute(params![
                     &*r.upstream,
                     r.event_id,
@@ -406,18 +521,20 @@ impl Writer {
             }
         }
         self.metrics.commits.fetch_add(1, Relaxed);
-        self.metrics
-            .queued
-            .fetch_add(self.rows.len() as u64, Relaxed);
-        let mut woke: HashSet<&str> = HashSet::new();
-        for r in &self.rows {
-            if woke.insert(&r.upstream)
-                && let Some(n) = self.notify.get(&*r.upstream)
-            {
-                n.notify_one();
+        if with_rows {
+            self.metrics
+                .queued
+                .fetch_add(self.rows.len() as u64, Relaxed);
+            let mut woke: HashSet<&str> = HashSet::new();
+            for r in &self.rows {
+                if woke.insert(&r.upstream)
+                    && let Some(n) = self.notify.get(&*r.upstream)
+                {
+                    n.notify_one();
+                }
             }
+            self.rows.clear();
         }
-        self.rows.clear();
         self.acks.clear();
         self.evictions.clear();
         self.scheduled.clear();
@@ -524,6 +641,13 @@ impl Writer {
         }
         out
     }
+}
+
+/// `<db>.reserve`, beside the database.
+fn reserve_path(db: &Path) -> PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push(".reserve");
+    PathBuf::from(p)
 }
 
 /// Free bytes for unprivileged writers on the filesystem holding `path`.

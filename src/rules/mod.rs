@@ -354,10 +354,11 @@ fn compile_rule(
             },
             _ => None,
         };
-        if d.ttl.is_some_and(|t| t.0.is_zero()) {
+        const TEN_YEARS: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 86_400);
+        if d.ttl.is_some_and(|t| t.0.is_zero() || t.0 > TEN_YEARS) {
             err(
                 span("ttl"),
-                "ttl must be greater than zero (leave it out to never expire)".into(),
+                "ttl must be between 1ms and 10 years (leave it out to never expire)".into(),
             );
         }
         destinations.push(Destination {

@@ -4,6 +4,7 @@ mod broker;
 mod cli;
 mod crash;
 mod damage;
+mod disk;
 mod offline;
 mod pipeline;
 mod util;

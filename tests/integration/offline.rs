@@ -223,16 +223,33 @@ async fn after_an_outage_higher_priorities_are_sent_first_fifo_within_each() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_drains_at_the_configured_send_rate() {
+    assert_paced_drain("send_rate = 400\n", 400.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_drains_at_the_configured_send_bytes_rate() {
+    // Each event counts payload + topic bytes.
+    let size = (reading("q", 1000).len() + "plant/p/q/temp".len()) as f64;
+    let bytes_rate = (400.0 * size) as u64;
+    assert_paced_drain(
+        &format!("send_bytes_rate = {bytes_rate}\n"),
+        bytes_rate as f64 / size,
+    )
+    .await;
+}
+
+/// Store a backlog with the uplink down, let it drain, and check the rate
+/// measured over the drain is within 20% of `rate` events/s.
+async fn assert_paced_drain(upstream_settings: &str, rate: f64) {
     let dir = tempfile::tempdir().unwrap();
     let upstream = upstream_broker();
     let sub = Subscriber::start(upstream, "plant/#").await;
     let proxy = Proxy::start(upstream, false).await;
-    const RATE: f64 = 400.0;
-    let text = config_text(dir.path(), proxy.port, "send_rate = 400\n");
+    let text = config_text(dir.path(), proxy.port, upstream_settings);
     let gw = Gateway::start_with(dir.path(), &text).await;
     let sensor = Sensor::connect(gw.addr).await;
     const N: usize = 1200;
-    for seq in 0..N {
+    for seq in 1000..1000 + N {
         sensor
             .publish("sensors/p/q/temperature", reading("q", seq))
             .await;
@@ -240,16 +257,16 @@ async fn a_backlog_drains_at_the_configured_send_rate() {
     wait_until("backlog stored", || gw.queued("cloud") == N as u64).await;
     proxy.set_up(true);
     let got = sub.wait_for(N).await;
-    // Measured over the drain, after the initial burst (a tenth of a second's worth).
-    let burst = (RATE / 10.0) as usize;
+    // Measured after the initial burst (a tenth of a second's worth).
+    let burst = (rate / 10.0) as usize;
     let span = got[N - 1].at - got[burst].at;
-    let rate = (N - 1 - burst) as f64 / span.as_secs_f64();
-    println!("drained at {rate:.0} events/s, configured {RATE}");
+    let measured = (N - 1 - burst) as f64 / span.as_secs_f64();
+    println!("drained at {measured:.0} events/s, configured {rate:.0}");
     assert!(
-        (RATE * 0.8..=RATE * 1.2).contains(&rate),
-        "drained at {rate:.0} events/s, configured {RATE}"
+        (rate * 0.8..=rate * 1.2).contains(&measured),
+        "drained at {measured:.0} events/s, configured {rate:.0}"
     );
     let seqs: Vec<u64> = got.iter().map(|m| seq_of(&m.payload)).collect();
-    assert_sequence(&seqs, 0..N as u64);
+    assert_sequence(&seqs, 1000..1000 + N as u64);
     gw.stop().await;
 }

@@ -96,6 +96,7 @@ impl Gateway {
     }
 
     pub async fn start_with(dir: &Path, text: &str) -> Gateway {
+        init_logs();
         let config = load_config(dir, text);
         let db = config.file.queue.path.clone();
         let running = edgeferry::start(config).await.expect("edgeferry starts");
@@ -475,4 +476,14 @@ pub fn assert_sequence(got: &[u64], expected: std::ops::Range<u64>) {
         );
     }
     assert_eq!(got.len(), want.len(), "same prefix, different lengths");
+}
+
+/// With RUST_LOG set, the daemon's logs go to the test output (for debugging).
+pub fn init_logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
 }
