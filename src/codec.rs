@@ -5,6 +5,7 @@
 //! a CBOR map or array is CBOR; anything else is raw bytes. Both structured
 //! formats become the same `serde_json::Value`, so rules see one model.
 
+use bytes::Bytes;
 use serde_json::{Map, Number, Value};
 
 /// A decoded payload.
@@ -30,6 +31,22 @@ impl Payload {
             Payload::Json(v) | Payload::Cbor(v) => Some(v),
             Payload::Raw => None,
         }
+    }
+}
+
+/// `raw` with `field` set to `value` if it is a JSON object (`payload` is
+/// its decoded form); any other payload (CBOR, raw, a JSON array or scalar)
+/// is returned unchanged.
+pub fn with_json_field(payload: &Payload, raw: &Bytes, field: &str, value: Value) -> Bytes {
+    match payload {
+        Payload::Json(Value::Object(map)) => {
+            let mut map = map.clone();
+            map.insert(field.to_string(), value);
+            serde_json::to_vec(&map)
+                .map(Bytes::from)
+                .unwrap_or_else(|_| raw.clone())
+        }
+        _ => raw.clone(),
     }
 }
 
@@ -125,6 +142,23 @@ mod tests {
         assert_eq!(decode(b"{not json"), Payload::Raw);
         assert_eq!(decode(&[0xa1, 0x01]), Payload::Raw, "truncated CBOR map");
         assert_eq!(decode(b""), Payload::Raw);
+    }
+
+    #[test]
+    fn fields_are_added_to_json_objects_only() {
+        let raw = Bytes::from_static(br#"{"v": 1}"#);
+        let out = with_json_field(&decode(&raw), &raw, "_id", json!("abc"));
+        assert_eq!(
+            serde_json::from_slice::<Value>(&out).unwrap(),
+            json!({"v": 1, "_id": "abc"})
+        );
+        for raw in [&b"[1, 2]"[..], b"plain", &[0xa1, 0x01, 0x02]] {
+            let raw = Bytes::copy_from_slice(raw);
+            assert_eq!(
+                with_json_field(&decode(&raw), &raw, "_id", json!("abc")),
+                raw
+            );
+        }
     }
 
     #[test]

@@ -162,6 +162,9 @@ pub struct UpstreamConfig {
     /// At most this many bytes (payload + topic) per second (0: no limit).
     #[serde(default = "defaults::unlimited")]
     pub send_bytes_rate: ByteSize,
+    /// Mark events sent from the backlog (queued before this connection
+    /// came up) with `"<field>": true` in JSON object payloads.
+    pub replay_marker: Option<String>,
     /// Byte cap of this upstream's queue (payload + topic of each event).
     #[serde(default = "defaults::max_size")]
     pub max_size: ByteSize,

@@ -5,9 +5,11 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
+use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::info;
 
+use crate::codec;
 use crate::event::Event;
 use crate::metrics::Metrics;
 use crate::queue::{NewRow, QueueError, QueueHandle};
@@ -53,7 +55,15 @@ pub async fn run(
                     expires_ms: route.ttl.map(|t| event.received_ms + t.as_millis() as u64),
                     overflow: route.overflow,
                     received_ms: event.received_ms,
-                    payload: event.raw.clone(),
+                    payload: match &route.id_field {
+                        Some(field) => codec::with_json_field(
+                            &event.payload,
+                            &event.raw,
+                            field,
+                            json!(event_id),
+                        ),
+                        None => event.raw.clone(),
+                    },
                 });
             }
         }

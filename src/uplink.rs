@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::codec;
 use crate::config::UpstreamConfig;
 use crate::metrics::UplinkMetrics;
 use crate::pacing::Pacer;
@@ -173,6 +174,8 @@ async fn session(
         }
     };
     let connected_at = Instant::now();
+    // Rows received before this moment are the backlog (for the replay marker).
+    let connected_ms = crate::event::now_ms();
     metrics.connected.store(true, Relaxed);
     metrics.connects.fetch_add(1, Relaxed);
     info!(upstream = %name, url = %up.url, session_present, "uplink connected");
@@ -224,9 +227,22 @@ async fn session(
                 } else {
                     QoS::AtLeastOnce
                 };
+                let payload = match &up.replay_marker {
+                    Some(field) if row.received_ms < connected_ms => {
+                        let raw = bytes::Bytes::from(row.payload);
+                        codec::with_json_field(
+                            &codec::decode(&raw),
+                            &raw,
+                            field,
+                            serde_json::Value::Bool(true),
+                        )
+                        .to_vec()
+                    }
+                    _ => row.payload,
+                };
                 // A row the upstream can never take must not block the ones
                 // behind it: dead-letter it (counted, logged, deleted).
-                if let Err(why) = sendable(&row.topic, row.payload.len(), qos, max_packet) {
+                if let Err(why) = sendable(&row.topic, payload.len(), qos, max_packet) {
                     warn!(upstream = %name, row = row.id, event_id = %row.event_id, topic = %row.topic, %why, "dead-lettered: cannot be sent upstream");
                     metrics.dead_lettered.fetch_add(1, Relaxed);
                     acks.push(row.id);
@@ -234,8 +250,8 @@ async fn session(
                 }
                 // Capacity is window + 16 and at most `window` are outstanding,
                 // so this only fails if the event loop is gone.
-                let size = row.payload.len() + row.topic.len();
-                if let Err(e) = client.try_publish(row.topic, qos, false, row.payload) {
+                let size = payload.len() + row.topic.len();
+                if let Err(e) = client.try_publish(row.topic, qos, false, payload) {
                     refused = Some(e.to_string());
                     break;
                 }

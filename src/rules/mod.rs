@@ -46,6 +46,7 @@ struct Destination {
     priority: Priority,
     ttl: Option<std::time::Duration>,
     overflow: Overflow,
+    id_field: Option<Arc<str>>,
 }
 
 /// Where one event goes, as decided by the rules.
@@ -57,6 +58,8 @@ pub struct Route {
     pub priority: Priority,
     pub ttl: Option<std::time::Duration>,
     pub overflow: Overflow,
+    /// Field of a JSON object payload that receives the event id.
+    pub id_field: Option<Arc<str>>,
 }
 
 /// The rules' verdict on one event.
@@ -191,6 +194,7 @@ impl RuleSet {
                     priority: d.priority,
                     ttl: d.ttl,
                     overflow: d.overflow,
+                    id_field: d.id_field.clone(),
                 });
             }
             if rule.stop {
@@ -354,6 +358,9 @@ fn compile_rule(
             },
             _ => None,
         };
+        if d.id_field.as_deref().is_some_and(str::is_empty) {
+            err(span("id_field"), "id_field must not be empty".into());
+        }
         const TEN_YEARS: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 86_400);
         if d.ttl.is_some_and(|t| t.0.is_zero() || t.0 > TEN_YEARS) {
             err(
@@ -368,6 +375,7 @@ fn compile_rule(
             priority: d.priority,
             ttl: d.ttl.map(|t| t.0),
             overflow: d.overflow,
+            id_field: d.id_field.as_deref().map(Arc::from),
         });
     }
     if errors.len() > before {

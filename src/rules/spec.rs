@@ -46,6 +46,10 @@ pub struct DestinationSpec {
     /// When the upstream's queue is full: "drop_oldest" (default) or "drop_newest".
     #[serde(default)]
     pub overflow: Overflow,
+    /// Add the event's id under this field of a JSON object payload, so the
+    /// cloud can drop duplicates of an at-least-once delivery (MQTT 3.1.1
+    /// has no message properties to carry it).
+    pub id_field: Option<String>,
 }
 
 fn default_qos() -> u8 {

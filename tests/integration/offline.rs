@@ -270,3 +270,60 @@ async fn assert_paced_drain(upstream_settings: &str, rate: f64) {
     assert_sequence(&seqs, 1000..1000 + N as u64);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_carry_their_id_and_replayed_ones_are_marked() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    std::fs::write(
+        rules.join("ids.toml"),
+        r#"
+[[rule]]
+name = "with-ids"
+match = "sensors/{site}/{device}/temperature"
+to = [{ upstream = "cloud", topic = "plant/{site}/{device}/temp", id_field = "event_id" }]
+"#,
+    )
+    .unwrap();
+    let upstream = upstream_broker();
+    let sub = Subscriber::start(upstream, "plant/#").await;
+    let proxy = Proxy::start(upstream, false).await;
+    let text = config_text(dir.path(), proxy.port, "replay_marker = \"_replayed\"\n").replace(
+        &format!("dir = \"{}\"", repo_rules().display()),
+        &format!("dir = \"{}\"", rules.display()),
+    );
+    let gw = Gateway::start_with(dir.path(), &text).await;
+    let sensor = Sensor::connect(gw.addr).await;
+    for seq in 0..3 {
+        sensor
+            .publish("sensors/a/b/temperature", reading("b", seq))
+            .await;
+    }
+    wait_until("backlog stored", || gw.queued("cloud") == 3).await;
+    proxy.set_up(true);
+    sub.wait_for(3).await;
+    for seq in 3..5 {
+        sensor
+            .publish("sensors/a/b/temperature", reading("b", seq))
+            .await;
+    }
+    let got = sub.wait_for(5).await;
+    let bodies: Vec<serde_json::Value> = got
+        .iter()
+        .map(|m| serde_json::from_slice(&m.payload).unwrap())
+        .collect();
+    let ids: std::collections::BTreeSet<String> = bodies
+        .iter()
+        .map(|b| b["event_id"].as_str().expect("id present").to_string())
+        .collect();
+    assert_eq!(ids.len(), 5, "distinct ids");
+    assert!(ids.iter().all(|id| uuid::Uuid::parse_str(id).is_ok()));
+    let replayed: Vec<bool> = bodies
+        .iter()
+        .map(|b| b["_replayed"] == serde_json::json!(true))
+        .collect();
+    assert_eq!(replayed, [true, true, true, false, false]);
+    assert_eq!(bodies[4]["seq"], 4, "the rest of the payload is intact");
+    gw.stop().await;
+}
