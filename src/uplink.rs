@@ -213,6 +213,7 @@ async fn session(
             };
             drained = rows.len() < allowed;
             let mut refused = None;
+            let (mut handled, mut published) = (0usize, 0usize);
             for (i, row) in rows.into_iter().enumerate() {
                 // A byte-rate limit is checked per event: stop at the first
                 // that must wait (it is fetched again, the cursor stays).
@@ -221,6 +222,7 @@ async fn session(
                     break;
                 }
                 after.advance(&row);
+                handled += 1;
                 let p = row.priority.index();
                 let qos = if row.qos == 0 {
                     QoS::AtMostOnce
@@ -230,13 +232,18 @@ async fn session(
                 let payload = match &up.replay_marker {
                     Some(field) if row.received_ms < connected_ms => {
                         let raw = bytes::Bytes::from(row.payload);
-                        codec::with_json_field(
+                        let marked = codec::with_json_field(
                             &codec::decode(&raw),
                             &raw,
                             field,
                             serde_json::Value::Bool(true),
-                        )
-                        .to_vec()
+                        );
+                        // The marker must not make a sendable event unsendable.
+                        if sendable(&row.topic, marked.len(), qos, max_packet).is_ok() {
+                            marked.to_vec()
+                        } else {
+                            raw.to_vec()
+                        }
                     }
                     _ => row.payload,
                 };
@@ -256,12 +263,21 @@ async fn session(
                     break;
                 }
                 pacer.spend(size);
+                published += 1;
                 awaiting.push_back((row.id, qos));
                 metrics.sent.fetch_add(1, Relaxed);
                 if row.id <= high_water.0[p] {
                     metrics.resent.fetch_add(1, Relaxed);
                 }
                 high_water.0[p] = high_water.0[p].max(row.id);
+            }
+            if !acks.is_empty() && ack_deadline.is_none() {
+                ack_deadline = Some(Instant::now() + ACK_FLUSH);
+            }
+            if refused.is_none() && handled > 0 && published == 0 && !drained {
+                // Every row was dead-lettered: fetch the next ones now rather
+                // than wait for network traffic to wake the loop.
+                continue;
             }
             if let Some(reason) = refused {
                 break Ended::Lost {

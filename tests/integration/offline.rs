@@ -327,3 +327,40 @@ to = [{ upstream = "cloud", topic = "plant/{site}/{device}/temp", id_field = "ev
     assert_eq!(bodies[4]["seq"], 4, "the rest of the payload is intact");
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_marker_never_makes_an_event_too_large_to_send() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = upstream_broker();
+    let sub = Subscriber::start(upstream, "plant/#").await;
+    let proxy = Proxy::start(upstream, false).await;
+    let text = config_text(
+        dir.path(),
+        proxy.port,
+        "replay_marker = \"_replayed\"\nmax_packet_size = \"1KiB\"\n",
+    );
+    let gw = Gateway::start_with(dir.path(), &text).await;
+    let sensor = Sensor::connect(gw.addr).await;
+    // Packet: 1 + 2 + 2 + 14 (topic) + 2 + 995 = 1016 bytes; the marker's 17 would make 1033.
+    let head = r#"{"seq":0,"pad":""#;
+    let payload = format!("{head}{}\"}}", "x".repeat(995 - head.len() - 2));
+    assert_eq!(payload.len(), 995);
+    sensor
+        .publish("sensors/a/b/temperature", payload.clone())
+        .await;
+    wait_until("stored", || gw.queued("cloud") == 1).await;
+    proxy.set_up(true);
+    let got = sub.wait_for(1).await;
+    assert_eq!(
+        got[0].payload,
+        payload.as_bytes(),
+        "sent unmarked rather than dead-lettered"
+    );
+    assert_eq!(
+        gw.running.metrics.uplinks["cloud"]
+            .dead_lettered
+            .load(Relaxed),
+        0
+    );
+    gw.stop().await;
+}
