@@ -12,6 +12,7 @@ pub mod event;
 pub mod ingest;
 pub mod inspect;
 pub mod metrics;
+pub mod ops;
 pub mod pacing;
 pub mod queue;
 pub mod router;
@@ -156,6 +157,7 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
             ("uplink", Ok(()))
         });
     }
+    let queue_probe = queue.clone();
     drop(queue);
     let summary = summarize(
         metrics.clone(),
@@ -166,12 +168,18 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         summary.await;
         ("summary", Ok(()))
     });
+    let health = health(queue_probe, metrics.clone(), shutdown_rx.clone());
+    stages.spawn(async move {
+        health.await;
+        ("health", Ok(()))
+    });
     info!(
         rules = config.rules.len(),
         upstreams = upstream_names.len(),
         queue = %file.queue.path.display(),
         "edgeferry started"
     );
+    ops::systemd::ready(&status_line(&metrics, None));
 
     let stop = shutdown_tx.clone();
     let link_tx = broker.link_tx;
@@ -192,6 +200,7 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         if let Some(e) = &failure {
             error!(error = %e, "stopping");
         }
+        ops::systemd::stopping();
         let _ = stop.send(true);
         // Stop order follows ownership: ingest drains the link and drops its
         // sender, the router drains into the queue and drops its handle,
@@ -234,6 +243,69 @@ fn stage_failure(
             reason: format!("panicked: {e}"),
         },
     }
+}
+
+/// Liveness: every few seconds (half the systemd watchdog interval when
+/// one is set) the queue writer must answer a request; only then is
+/// WATCHDOG=1 sent, so a stuck writer gets the daemon restarted. STATUS= is
+/// refreshed at the same pace.
+async fn health(
+    queue: queue::QueueHandle,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let watchdog = ops::systemd::watchdog_interval();
+    let every = watchdog
+        .map(|w| w / 2)
+        .unwrap_or(std::time::Duration::from_secs(10));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            _ = tick.tick() => {}
+        }
+        let answer = tokio::time::timeout(every, queue.depth()).await;
+        match answer {
+            Ok(Ok(depth)) => {
+                ops::systemd::status(&status_line(&metrics, Some(&depth)));
+                if watchdog.is_some() {
+                    ops::systemd::watchdog();
+                }
+            }
+            Ok(Err(_)) => return, // the writer is gone: shutting down
+            Err(_) => {
+                error!(waited = ?every, "queue writer did not answer; withholding the watchdog ping");
+            }
+        }
+    }
+}
+
+/// `systemctl status` line: each upstream up/down with its backlog.
+fn status_line(
+    metrics: &Metrics,
+    depth: Option<&std::collections::BTreeMap<String, u64>>,
+) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let ups: Vec<String> = metrics
+        .uplinks
+        .iter()
+        .map(|(name, u)| {
+            let state = if u.connected.load(Relaxed) {
+                "up"
+            } else {
+                "down"
+            };
+            match depth.and_then(|d| d.get(name)) {
+                Some(n) => format!("{name} {state}, {n} queued"),
+                None => format!("{name} {state}"),
+            }
+        })
+        .collect();
+    format!(
+        "received {}; {}",
+        metrics.received.load(Relaxed),
+        ups.join("; ")
+    )
 }
 
 /// One log line with the counters every `every`, instead of a line per event.

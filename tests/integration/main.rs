@@ -7,4 +7,5 @@ mod damage;
 mod disk;
 mod offline;
 mod pipeline;
+mod systemd;
 mod util;

@@ -1,0 +1,3 @@
+//! Operations: how the daemon talks to its service manager.
+
+pub mod systemd;
