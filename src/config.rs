@@ -162,6 +162,9 @@ pub struct UpstreamConfig {
     /// At most this many bytes (payload + topic) per second (0: no limit).
     #[serde(default = "defaults::unlimited")]
     pub send_bytes_rate: ByteSize,
+    /// Order of the backlog and live events after a reconnect.
+    #[serde(default)]
+    pub drain_order: DrainOrder,
     /// Mark events sent from the backlog (queued before this connection
     /// came up) with `"<field>": true` in JSON object payloads.
     pub replay_marker: Option<String>,
@@ -199,6 +202,18 @@ mod defaults {
     pub fn reconnect_max() -> HumanDuration {
         HumanDuration(Duration::from_secs(30))
     }
+}
+
+/// How an uplink orders the backlog and new events after a reconnect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DrainOrder {
+    /// Queue order: new events wait behind the backlog of their priority.
+    #[default]
+    Fifo,
+    /// Events queued after the connection came up go first; the backlog
+    /// drains in the remaining capacity (and pace).
+    LiveFirst,
 }
 
 /// `mqtt://host[:port]`. (`mqtts://` arrives with upstream TLS.)

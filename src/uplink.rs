@@ -16,7 +16,7 @@
 //! - It has no reconnect backoff: capped exponential backoff with jitter here.
 //! - Its default max packet size is 10 KiB: set from config.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::codec;
-use crate::config::UpstreamConfig;
+use crate::config::{DrainOrder, UpstreamConfig};
 use crate::metrics::UplinkMetrics;
 use crate::pacing::Pacer;
 use crate::queue::{Cursor, QueueError, QueueHandle};
@@ -72,14 +72,14 @@ pub async fn run(
 ) {
     let up = &settings.upstream;
     let mut backoff = Backoff::new(up.reconnect_min.0, up.reconnect_max.0);
-    // Highest row id ever handed to the network, per priority: rows at or
-    // below it that are sent again are re-sends.
-    let mut high_water = Cursor::default();
+    // Rows sent but not acknowledged when the last session ended: sending
+    // one of them again is a re-send.
+    let mut unacked: HashSet<i64> = HashSet::new();
     // The last failure logged at WARN; repeats of it go to DEBUG.
     let mut last_reason = String::new();
     let mut last_warned: Option<Instant> = None;
     loop {
-        match session(&settings, &queue, &metrics, &mut shutdown, &mut high_water).await {
+        match session(&settings, &queue, &metrics, &mut shutdown, &mut unacked).await {
             Ended::Shutdown | Ended::QueueClosed => return,
             Ended::Lost { healthy, reason } => {
                 if healthy {
@@ -130,7 +130,7 @@ async fn session(
     queue: &QueueHandle,
     metrics: &UplinkMetrics,
     shutdown: &mut watch::Receiver<bool>,
-    high_water: &mut Cursor,
+    unacked: &mut HashSet<i64>,
 ) -> Ended {
     let up = &settings.upstream;
     let name = settings.name.as_str();
@@ -183,6 +183,18 @@ async fn session(
     let notify = queue.notified(name);
     // Resend everything not yet acknowledged: start from the beginning.
     let mut after = Cursor::default();
+    // With drain_order = "live_first", rows up to `boundary` are the backlog
+    // (sent after the live rows, which are read with `live_after`).
+    let live_first = up.drain_order == DrainOrder::LiveFirst;
+    let boundary = if live_first {
+        match queue.last_id(name).await {
+            Ok(id) => id,
+            Err(_) => return Ended::QueueClosed,
+        }
+    } else {
+        i64::MAX
+    };
+    let mut live_after = Cursor([boundary; 3]);
     // Published but pkid not yet assigned, in publish order: (row id, qos).
     let mut awaiting: VecDeque<(i64, QoS)> = VecDeque::with_capacity(window);
     // pkid -> row id, for QoS 1 publishes on the wire.
@@ -202,7 +214,21 @@ async fn session(
         // Waiting on the pace, not on the window or the queue.
         let paced = free > 0 && allowed == 0;
         if !drained && allowed > 0 && (free >= refill || outstanding == 0 || allowed < free) {
-            let rows = match queue.fetch(name, after, allowed).await {
+            let fetched = async {
+                // Live rows (queued after this connection) first when asked.
+                let mut rows = Vec::new();
+                if live_first {
+                    rows = queue.fetch(name, live_after, i64::MAX, allowed).await?;
+                }
+                if rows.len() < allowed {
+                    let more = queue
+                        .fetch(name, after, boundary, allowed - rows.len())
+                        .await?;
+                    rows.extend(more);
+                }
+                Ok::<_, QueueError>(rows)
+            };
+            let rows = match fetched.await {
                 Ok(rows) => rows,
                 Err(QueueError::Closed) => break Ended::QueueClosed,
                 Err(e) => {
@@ -221,9 +247,12 @@ async fn session(
                     drained = false;
                     break;
                 }
-                after.advance(&row);
+                if row.id > boundary {
+                    live_after.advance(&row);
+                } else {
+                    after.advance(&row);
+                }
                 handled += 1;
-                let p = row.priority.index();
                 let qos = if row.qos == 0 {
                     QoS::AtMostOnce
                 } else {
@@ -266,10 +295,9 @@ async fn session(
                 published += 1;
                 awaiting.push_back((row.id, qos));
                 metrics.sent.fetch_add(1, Relaxed);
-                if row.id <= high_water.0[p] {
+                if unacked.remove(&row.id) {
                     metrics.resent.fetch_add(1, Relaxed);
                 }
-                high_water.0[p] = high_water.0[p].max(row.id);
             }
             if !acks.is_empty() && ack_deadline.is_none() {
                 ack_deadline = Some(Instant::now() + ACK_FLUSH);
@@ -346,6 +374,9 @@ async fn session(
     };
 
     metrics.connected.store(false, Relaxed);
+    // What was on the wire without an acknowledgement is sent again next time.
+    unacked.extend(awaiting.iter().map(|(id, _)| *id));
+    unacked.extend(inflight.values().copied());
     let _ = flush_acks(queue, &mut acks).await;
     if matches!(ended, Ended::Shutdown) {
         // Polite DISCONNECT; unacknowledged rows stay queued for next time.

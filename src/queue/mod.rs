@@ -108,6 +108,7 @@ enum Cmd {
     Fetch {
         upstream: String,
         after: Cursor,
+        until: i64,
         limit: usize,
         reply: oneshot::Sender<Result<Vec<Row>, QueueError>>,
     },
@@ -116,6 +117,10 @@ enum Cmd {
     },
     Sync {
         reply: oneshot::Sender<Result<(), String>>,
+    },
+    LastId {
+        upstream: String,
+        reply: oneshot::Sender<i64>,
     },
 }
 
@@ -161,11 +166,13 @@ impl QueueHandle {
     }
 
     /// Up to `limit` committed, unacknowledged, unexpired rows of `upstream`
-    /// after `after`: higher priorities first, FIFO within each.
+    /// after `after` and with ids up to `until`: higher priorities first,
+    /// FIFO within each.
     pub async fn fetch(
         &self,
         upstream: &str,
         after: Cursor,
+        until: i64,
         limit: usize,
     ) -> Result<Vec<Row>, QueueError> {
         let (reply, rx) = oneshot::channel();
@@ -173,6 +180,7 @@ impl QueueHandle {
             .send_async(Cmd::Fetch {
                 upstream: upstream.to_string(),
                 after,
+                until,
                 limit,
                 reply,
             })
@@ -201,6 +209,20 @@ impl QueueHandle {
         rx.await
             .map_err(|_| QueueError::Closed)?
             .map_err(QueueError::Read)
+    }
+
+    /// The highest committed row id of `upstream` (0 if none): rows up to it
+    /// are the backlog at this moment.
+    pub async fn last_id(&self, upstream: &str) -> Result<i64, QueueError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send_async(Cmd::LastId {
+                upstream: upstream.to_string(),
+                reply,
+            })
+            .await
+            .map_err(|_| QueueError::Closed)?;
+        rx.await.map_err(|_| QueueError::Closed)
     }
 
     /// Signalled after each commit that added rows for `upstream`.

@@ -48,14 +48,23 @@ async fn rows_are_read_in_order_deleted_on_ack_and_survive_reopen() {
     let mut rows: Vec<NewRow> = (0..5).map(|n| row("a", n, Priority::Normal)).collect();
     rows.push(row("b", 9, Priority::Normal));
     append(&q, rows).await;
-    let rows = q.fetch("a", Cursor::default(), 10).await.unwrap();
+    let rows = q.fetch("a", Cursor::default(), i64::MAX, 10).await.unwrap();
     assert_eq!(payloads(&rows), [0, 1, 2, 3, 4]);
     q.ack(vec![rows[0].id, rows[1].id]).await.unwrap();
     // Acked rows are hidden at once, before their delete is committed.
-    assert_eq!(q.fetch("a", Cursor::default(), 10).await.unwrap().len(), 3);
+    assert_eq!(
+        q.fetch("a", Cursor::default(), i64::MAX, 10)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
     let mut after = Cursor::default();
     after.advance(&rows[3]);
-    assert_eq!(payloads(&q.fetch("a", after, 10).await.unwrap()), [4]);
+    assert_eq!(
+        payloads(&q.fetch("a", after, i64::MAX, 10).await.unwrap()),
+        [4]
+    );
     drop(q);
     thread.join().unwrap();
 
@@ -65,7 +74,7 @@ async fn rows_are_read_in_order_deleted_on_ack_and_survive_reopen() {
     );
     let (q, _t) = open(&path, settings(u64::MAX), metrics()).unwrap();
     assert_eq!(
-        payloads(&q.fetch("a", Cursor::default(), 10).await.unwrap()),
+        payloads(&q.fetch("a", Cursor::default(), i64::MAX, 10).await.unwrap()),
         [2, 3, 4]
     );
 }
@@ -84,16 +93,19 @@ async fn higher_priorities_are_read_first_and_fifo_within_each() {
         (5, Normal),
     ];
     append(&q, order.iter().map(|(n, p)| row("a", *n, *p)).collect()).await;
-    let rows = q.fetch("a", Cursor::default(), 10).await.unwrap();
+    let rows = q.fetch("a", Cursor::default(), i64::MAX, 10).await.unwrap();
     assert_eq!(payloads(&rows), [2, 4, 1, 5, 0, 3]);
     // A limit takes the highest first; the cursor continues from there.
-    let first = q.fetch("a", Cursor::default(), 3).await.unwrap();
+    let first = q.fetch("a", Cursor::default(), i64::MAX, 3).await.unwrap();
     assert_eq!(payloads(&first), [2, 4, 1]);
     let mut after = Cursor::default();
     for r in &first {
         after.advance(r);
     }
-    assert_eq!(payloads(&q.fetch("a", after, 10).await.unwrap()), [5, 0, 3]);
+    assert_eq!(
+        payloads(&q.fetch("a", after, i64::MAX, 10).await.unwrap()),
+        [5, 0, 3]
+    );
 }
 
 #[tokio::test]
@@ -110,7 +122,7 @@ async fn a_full_queue_with_drop_newest_keeps_what_it_has_and_counts_exactly() {
         .collect();
     append(&q, rows).await;
     assert_eq!(
-        payloads(&q.fetch("a", Cursor::default(), 10).await.unwrap()),
+        payloads(&q.fetch("a", Cursor::default(), i64::MAX, 10).await.unwrap()),
         [0, 1, 2, 3, 4]
     );
     let u = &m.uplinks["a"];
@@ -118,7 +130,13 @@ async fn a_full_queue_with_drop_newest_keeps_what_it_has_and_counts_exactly() {
     assert_eq!(u.evicted.iter().map(|c| c.load(Relaxed)).sum::<u64>(), 0);
     // Another upstream has its own cap.
     append(&q, vec![row("b", 1, Priority::Normal)]).await;
-    assert_eq!(q.fetch("b", Cursor::default(), 10).await.unwrap().len(), 1);
+    assert_eq!(
+        q.fetch("b", Cursor::default(), i64::MAX, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -134,7 +152,7 @@ async fn a_full_queue_with_drop_oldest_evicts_the_lowest_priority_oldest_first()
     // low 8 finds nothing of its priority or lower left: it is dropped.
     append(&q, [5, 6, 7].map(|n| row("a", n, Normal)).to_vec()).await;
     append(&q, vec![row("a", 8, Low)]).await;
-    let rows = q.fetch("a", Cursor::default(), 10).await.unwrap();
+    let rows = q.fetch("a", Cursor::default(), i64::MAX, 10).await.unwrap();
     assert_eq!(payloads(&rows), [1, 4, 5, 6, 7]);
     let u = &m.uplinks["a"];
     assert_eq!(u.evicted[Low.index()].load(Relaxed), 2);
@@ -144,7 +162,7 @@ async fn a_full_queue_with_drop_oldest_evicts_the_lowest_priority_oldest_first()
     // A high event evicts the oldest normal rather than a high one.
     append(&q, vec![row("a", 9, High)]).await;
     assert_eq!(
-        payloads(&q.fetch("a", Cursor::default(), 10).await.unwrap()),
+        payloads(&q.fetch("a", Cursor::default(), i64::MAX, 10).await.unwrap()),
         [1, 4, 9, 6, 7]
     );
 }
@@ -161,7 +179,7 @@ async fn acked_rows_free_their_bytes() {
         })
         .collect();
     append(&q, rows).await;
-    let sent = q.fetch("a", Cursor::default(), 10).await.unwrap();
+    let sent = q.fetch("a", Cursor::default(), i64::MAX, 10).await.unwrap();
     q.ack(sent.iter().map(|r| r.id).collect()).await.unwrap();
     let more: Vec<NewRow> = (3..6)
         .map(|n| NewRow {
@@ -173,7 +191,7 @@ async fn acked_rows_free_their_bytes() {
     q.sync().await.unwrap();
     append(&q, more).await;
     assert_eq!(
-        payloads(&q.fetch("a", Cursor::default(), 10).await.unwrap()),
+        payloads(&q.fetch("a", Cursor::default(), i64::MAX, 10).await.unwrap()),
         [3, 4, 5]
     );
     assert_eq!(
@@ -198,7 +216,7 @@ async fn expired_rows_are_never_fetched_and_the_sweep_counts_them() {
     fresh.expires_ms = Some(now + 3_600_000);
     append(&q, vec![stale, fresh, row("a", 2, Priority::Low)]).await;
     assert_eq!(
-        payloads(&q.fetch("a", Cursor::default(), 10).await.unwrap()),
+        payloads(&q.fetch("a", Cursor::default(), i64::MAX, 10).await.unwrap()),
         [1, 2]
     );
     let u = m.uplinks["a"].clone();
@@ -235,7 +253,13 @@ async fn an_event_that_cannot_be_made_room_for_evicts_nothing() {
     assert_eq!(evicted(&m), [0, 0, 0]);
     assert_eq!(m.uplinks["a"].rejected[Normal.index()].load(Relaxed), 1);
     assert_eq!(m.uplinks["a"].rejected[Low.index()].load(Relaxed), 1);
-    assert_eq!(q.fetch("a", Cursor::default(), 20).await.unwrap().len(), 10);
+    assert_eq!(
+        q.fetch("a", Cursor::default(), i64::MAX, 20)
+            .await
+            .unwrap()
+            .len(),
+        10
+    );
 }
 
 #[tokio::test]
@@ -251,7 +275,29 @@ async fn eviction_headroom_stays_within_the_priority_that_made_room() {
     // The low row was enough; no normal row goes for headroom.
     assert_eq!(evicted(&m), [1, 0, 0]);
     assert_eq!(
-        q.fetch("a", Cursor::default(), 300).await.unwrap().len(),
+        q.fetch("a", Cursor::default(), i64::MAX, 300)
+            .await
+            .unwrap()
+            .len(),
         256
     );
+}
+
+#[tokio::test]
+async fn fetch_stops_at_until_and_last_id_marks_the_backlog() {
+    let dir = tempfile::tempdir().unwrap();
+    let (q, _t) = open(&dir.path().join("q.db"), settings(u64::MAX), metrics()).unwrap();
+    append(&q, (0..3).map(|n| row("a", n, Priority::Normal)).collect()).await;
+    let boundary = q.last_id("a").await.unwrap();
+    append(&q, (3..5).map(|n| row("a", n, Priority::Normal)).collect()).await;
+    assert_eq!(
+        payloads(&q.fetch("a", Cursor::default(), boundary, 10).await.unwrap()),
+        [0, 1, 2]
+    );
+    let live = Cursor([boundary; 3]);
+    assert_eq!(
+        payloads(&q.fetch("a", live, i64::MAX, 10).await.unwrap()),
+        [3, 4]
+    );
+    assert_eq!(q.last_id("b").await.unwrap(), 0);
 }

@@ -20,8 +20,9 @@ const INSERT_ROW: &str = "INSERT INTO queue (upstream, event_id, topic, qos, pri
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
 const DELETE_ROW: &str = "DELETE FROM queue WHERE id = ?1 RETURNING upstream, size";
 const SELECT_SEND_ORDER: &str = "SELECT id, event_id, topic, qos, priority, received_ms, payload FROM queue \
-     WHERE upstream = ?1 AND priority = ?2 AND id > ?3 AND (expires_ms IS NULL OR expires_ms > ?4) \
+     WHERE upstream = ?1 AND priority = ?2 AND id > ?3 AND id <= ?6 AND (expires_ms IS NULL OR expires_ms > ?4) \
      ORDER BY id LIMIT ?5";
+const LAST_ID: &str = "SELECT MAX(id) FROM queue WHERE upstream = ?1";
 const SELECT_EVICTION_ORDER: &str = "SELECT id, size FROM queue \
      WHERE upstream = ?1 AND priority = ?2 AND id > ?3 ORDER BY id LIMIT 256";
 const SWEEP_EXPIRED: &str = "DELETE FROM queue WHERE expires_ms IS NOT NULL AND expires_ms <= ?1 \
@@ -192,10 +193,21 @@ impl Writer {
                 Some(Cmd::Fetch {
                     upstream,
                     after,
+                    until,
                     limit,
                     reply,
                 }) => {
-                    let _ = reply.send(self.fetch(&upstream, after, limit));
+                    let _ = reply.send(self.fetch(&upstream, after, until, limit));
+                    continue;
+                }
+                Some(Cmd::LastId { upstream, reply }) => {
+                    let last = self
+                        .conn
+                        .query_row(LAST_ID, [&upstream], |r| r.get::<_, Option<i64>>(0))
+                        .ok()
+                        .flatten()
+                        .unwrap_or(0);
+                    let _ = reply.send(last);
                     continue;
                 }
                 Some(Cmd::Depth { reply }) => {
@@ -581,6 +593,7 @@ impl Writer {
         &mut self,
         upstream: &str,
         after: Cursor,
+        until: i64,
         limit: usize,
     ) -> Result<Vec<Row>, QueueError> {
         let now = now_ms() as i64;
@@ -595,7 +608,7 @@ impl Writer {
                 let want = limit - out.len();
                 let batch: Vec<Row> = stmt
                     .query_map(
-                        params![upstream, priority.as_i64(), cursor, now, want as i64],
+                        params![upstream, priority.as_i64(), cursor, now, want as i64, until],
                         |r| {
                             Ok(Row {
                                 id: r.get(0)?,

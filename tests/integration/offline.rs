@@ -364,3 +364,53 @@ async fn a_replay_marker_never_makes_an_event_too_large_to_send() {
     );
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_live_first_new_events_overtake_a_paced_backlog() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = upstream_broker();
+    let sub = Subscriber::start(upstream, "plant/#").await;
+    let proxy = Proxy::start(upstream, false).await;
+    let text = config_text(
+        dir.path(),
+        proxy.port,
+        "drain_order = \"live_first\"\nsend_rate = 100\n",
+    );
+    let gw = Gateway::start_with(dir.path(), &text).await;
+    let sensor = Sensor::connect(gw.addr).await;
+    const BACKLOG: usize = 300; // three seconds at 100 events/s
+    for seq in 0..BACKLOG {
+        sensor
+            .publish("sensors/a/old/temperature", reading("old", seq))
+            .await;
+    }
+    wait_until("backlog stored", || gw.queued("cloud") == BACKLOG as u64).await;
+    proxy.set_up(true);
+    sub.wait_for(20).await; // the drain is under way
+    for seq in 0..5 {
+        sensor
+            .publish("sensors/a/new/temperature", reading("new", seq))
+            .await;
+    }
+    let got = sub.wait_for(BACKLOG + 5).await;
+    let live_at: Vec<usize> = got
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.topic == "plant/a/new/temp")
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(live_at.len(), 5);
+    // Live events went out within the next pace-worth of the drain, not after all 300.
+    assert!(
+        *live_at.last().unwrap() < 150,
+        "live events at positions {live_at:?}"
+    );
+    // Each stream stays in order.
+    let old: Vec<u64> = got
+        .iter()
+        .filter(|m| m.topic == "plant/a/old/temp")
+        .map(|m| seq_of(&m.payload))
+        .collect();
+    assert_sequence(&old, 0..BACKLOG as u64);
+    gw.stop().await;
+}
