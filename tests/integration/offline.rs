@@ -8,12 +8,13 @@ use crate::util::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_wait_in_sqlite_while_upstream_is_down_then_all_arrive_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let upstream = upstream_broker();
-    let sub = Subscriber::start(upstream, "plant/#").await;
-    let proxy = Proxy::start(upstream, false).await;
-    let gw = Gateway::start(dir.path(), proxy.port).await;
-    let sensor = Sensor::connect(gw.addr).await;
+    let World {
+        dir: _dir,
+        sub,
+        proxy,
+        gw,
+        sensor,
+    } = World::offline("").await;
 
     const N: usize = 300;
     for seq in 0..N {
@@ -241,13 +242,13 @@ async fn a_backlog_drains_at_the_configured_send_bytes_rate() {
 /// Store a backlog with the uplink down, let it drain, and check the rate
 /// measured over the drain is within 20% of `rate` events/s.
 async fn assert_paced_drain(upstream_settings: &str, rate: f64) {
-    let dir = tempfile::tempdir().unwrap();
-    let upstream = upstream_broker();
-    let sub = Subscriber::start(upstream, "plant/#").await;
-    let proxy = Proxy::start(upstream, false).await;
-    let text = config_text(dir.path(), proxy.port, upstream_settings);
-    let gw = Gateway::start_with(dir.path(), &text).await;
-    let sensor = Sensor::connect(gw.addr).await;
+    let World {
+        dir: _dir,
+        sub,
+        proxy,
+        gw,
+        sensor,
+    } = World::offline(upstream_settings).await;
     const N: usize = 1200;
     for seq in 1000..1000 + N {
         sensor
@@ -273,11 +274,9 @@ async fn assert_paced_drain(upstream_settings: &str, rate: f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_carry_their_id_and_replayed_ones_are_marked() {
-    let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("rules");
-    std::fs::create_dir(&rules).unwrap();
+    let rules = tempfile::tempdir().unwrap();
     std::fs::write(
-        rules.join("ids.toml"),
+        rules.path().join("ids.toml"),
         r#"
 [[rule]]
 name = "with-ids"
@@ -286,15 +285,19 @@ to = [{ upstream = "cloud", topic = "plant/{site}/{device}/temp", id_field = "ev
 "#,
     )
     .unwrap();
-    let upstream = upstream_broker();
-    let sub = Subscriber::start(upstream, "plant/#").await;
-    let proxy = Proxy::start(upstream, false).await;
-    let text = config_text(dir.path(), proxy.port, "replay_marker = \"_replayed\"\n").replace(
-        &format!("dir = \"{}\"", repo_rules().display()),
-        &format!("dir = \"{}\"", rules.display()),
-    );
-    let gw = Gateway::start_with(dir.path(), &text).await;
-    let sensor = Sensor::connect(gw.addr).await;
+    let World {
+        dir: _dir,
+        sub,
+        proxy,
+        gw,
+        sensor,
+    } = World::offline_with("replay_marker = \"_replayed\"\n", |text| {
+        text.replace(
+            &format!("dir = \"{}\"", repo_rules().display()),
+            &format!("dir = \"{}\"", rules.path().display()),
+        )
+    })
+    .await;
     for seq in 0..3 {
         sensor
             .publish("sensors/a/b/temperature", reading("b", seq))
@@ -330,17 +333,13 @@ to = [{ upstream = "cloud", topic = "plant/{site}/{device}/temp", id_field = "ev
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_marker_never_makes_an_event_too_large_to_send() {
-    let dir = tempfile::tempdir().unwrap();
-    let upstream = upstream_broker();
-    let sub = Subscriber::start(upstream, "plant/#").await;
-    let proxy = Proxy::start(upstream, false).await;
-    let text = config_text(
-        dir.path(),
-        proxy.port,
-        "replay_marker = \"_replayed\"\nmax_packet_size = \"1KiB\"\n",
-    );
-    let gw = Gateway::start_with(dir.path(), &text).await;
-    let sensor = Sensor::connect(gw.addr).await;
+    let World {
+        dir: _dir,
+        sub,
+        proxy,
+        gw,
+        sensor,
+    } = World::offline("replay_marker = \"_replayed\"\nmax_packet_size = \"1KiB\"\n").await;
     // Packet: 1 + 2 + 2 + 14 (topic) + 2 + 995 = 1016 bytes; the marker's 17 would make 1033.
     let head = r#"{"seq":0,"pad":""#;
     let payload = format!("{head}{}\"}}", "x".repeat(995 - head.len() - 2));
@@ -367,17 +366,13 @@ async fn a_replay_marker_never_makes_an_event_too_large_to_send() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_live_first_new_events_overtake_a_paced_backlog() {
-    let dir = tempfile::tempdir().unwrap();
-    let upstream = upstream_broker();
-    let sub = Subscriber::start(upstream, "plant/#").await;
-    let proxy = Proxy::start(upstream, false).await;
-    let text = config_text(
-        dir.path(),
-        proxy.port,
-        "drain_order = \"live_first\"\nsend_rate = 100\n",
-    );
-    let gw = Gateway::start_with(dir.path(), &text).await;
-    let sensor = Sensor::connect(gw.addr).await;
+    let World {
+        dir: _dir,
+        sub,
+        proxy,
+        gw,
+        sensor,
+    } = World::offline("drain_order = \"live_first\"\nsend_rate = 100\n").await;
     const BACKLOG: usize = 300; // three seconds at 100 events/s
     for seq in 0..BACKLOG {
         sensor

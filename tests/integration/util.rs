@@ -487,3 +487,43 @@ pub fn init_logs() {
             .try_init();
     }
 }
+
+/// The usual world of a store-and-forward test: a gateway in a temp dir
+/// whose upstream sits behind a [`Proxy`] that starts down, a subscriber on
+/// the upstream (all of `plant/#`), and one connected sensor.
+pub struct World {
+    /// Keep it bound (`dir: _dir`): dropping it deletes the queue.
+    pub dir: tempfile::TempDir,
+    pub sub: Subscriber,
+    pub proxy: Proxy,
+    pub gw: Gateway,
+    pub sensor: Sensor,
+}
+
+impl World {
+    /// `upstream_settings` are extra keys for `[upstream.cloud]`.
+    pub async fn offline(upstream_settings: &str) -> World {
+        Self::offline_with(upstream_settings, |text| text).await
+    }
+
+    /// Like [`offline`](Self::offline), with a last edit of the config text.
+    pub async fn offline_with(
+        upstream_settings: &str,
+        edit: impl FnOnce(String) -> String,
+    ) -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let upstream = upstream_broker();
+        let sub = Subscriber::start(upstream, "plant/#").await;
+        let proxy = Proxy::start(upstream, false).await;
+        let text = edit(config_text(dir.path(), proxy.port, upstream_settings));
+        let gw = Gateway::start_with(dir.path(), &text).await;
+        let sensor = Sensor::connect(gw.addr).await;
+        World {
+            dir,
+            sub,
+            proxy,
+            gw,
+            sensor,
+        }
+    }
+}
