@@ -74,3 +74,79 @@ fn notifies_ready_status_watchdog_and_stopping() {
     };
     assert!(status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_watchdog_ping_while_the_queue_writer_is_stuck() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sock_path = d.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let port = free_port();
+    let text = config_text(d, free_port(), "").replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+    );
+    std::fs::write(d.join("edgeferry.toml"), text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgeferry"))
+        .args(["run", "-c", "edgeferry.toml"])
+        .current_dir(d)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "400000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    collect(&sock, |got| {
+        got.iter().filter(|l| *l == "WATCHDOG=1").count() >= 2
+    });
+
+    // Stall the writer: another process holds SQLite's write lock, so the
+    // writer's next commit blocks in its busy timeout.
+    let lock = rusqlite::Connection::open(d.join("queue.db")).unwrap();
+    lock.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let sensor = Sensor::connect(([127, 0, 0, 1], port).into()).await;
+    sensor
+        .publish("sensors/a/b/temperature", reading("b", 0))
+        .await;
+    sensor.wait_acked(1).await;
+    // The stall shows as pings stopping (one commit attempt blocks for the
+    // 5 s busy timeout): wait until none came for 1.5 periods, then watch
+    // a further window of several periods inside that 5 s.
+    let start = Instant::now();
+    let mut last_ping = Instant::now();
+    let mut buf = [0u8; 4096];
+    while last_ping.elapsed() < Duration::from_millis(600) {
+        assert!(start.elapsed() < DEADLINE, "pings never stopped");
+        if let Ok(n) = sock.recv(&mut buf)
+            && String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .any(|l| l == "WATCHDOG=1")
+        {
+            last_ping = Instant::now();
+        }
+    }
+    let quiet_until = Instant::now() + Duration::from_millis(1500);
+    let mut during = Vec::new();
+    while Instant::now() < quiet_until {
+        if let Ok(n) = sock.recv(&mut buf) {
+            during.extend(
+                String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .map(str::to_string),
+            );
+        }
+    }
+    assert!(
+        !during.iter().any(|l| l == "WATCHDOG=1"),
+        "pinged while stuck: {during:?}"
+    );
+
+    // Unstuck: pings resume.
+    lock.execute_batch("COMMIT").unwrap();
+    drop(lock);
+    collect(&sock, |got| got.iter().any(|l| l == "WATCHDOG=1"));
+    let _ = child.kill();
+    let _ = child.wait();
+}
