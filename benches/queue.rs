@@ -165,11 +165,7 @@ async fn main() {
     let upstream = upstream_broker();
     let proxy = Proxy::start(upstream, true).await;
     let port = free_port();
-    let text = config_text(dir.path(), proxy.port, "")
-        .replace(
-            "listen = \"127.0.0.1:0\"",
-            &format!("listen = \"127.0.0.1:{port}\""),
-        )
+    let text = listen_on(&config_text(dir.path(), proxy.port, ""), port)
         // Default commit settings, not the tests' fast ones.
         .replace("commit_interval = \"10ms\"", "")
         + "\n[log]\nsummary_interval = \"1s\"\n";

@@ -174,6 +174,29 @@ fn rumqttd_config(cfg: &BrokerConfig, v4: SocketAddr, v5: Option<SocketAddr>) ->
     }
 }
 
+/// One MQTT connect attempt with rumqttc's v4 or v5 client (the same code,
+/// different types): true once CONNACK arrives, then a polite DISCONNECT.
+macro_rules! connect_once {
+    ($mqtt:path, $id:expr, $host:expr, $port:expr) => {{
+        use $mqtt as mqtt;
+        let mut o = mqtt::MqttOptions::new($id, $host, $port);
+        o.set_keep_alive(Duration::from_secs(5));
+        let (client, mut el) = mqtt::AsyncClient::new(o, 2);
+        let ok = loop {
+            match el.poll().await {
+                Ok(mqtt::Event::Incoming(mqtt::Incoming::ConnAck(_))) => break true,
+                Ok(_) => {}
+                Err(_) => break false,
+            }
+        };
+        if ok {
+            let _ = client.try_disconnect();
+            let _ = tokio::time::timeout(Duration::from_secs(1), el.poll()).await;
+        }
+        ok
+    }};
+}
+
 /// Connect as an MQTT client and wait for CONNACK: proves the listener is
 /// rumqttd's and not someone else's that grabbed the port since `reserve`.
 async fn probe(addr: SocketAddr, v5: bool, waited: Duration) -> Result<(), BrokerError> {
@@ -182,39 +205,9 @@ async fn probe(addr: SocketAddr, v5: bool, waited: Duration) -> Result<(), Broke
     let attempt = async {
         loop {
             let ok = if v5 {
-                let mut o = rumqttc::v5::MqttOptions::new(&id, &host, addr.port());
-                o.set_keep_alive(Duration::from_secs(5));
-                let (client, mut el) = rumqttc::v5::AsyncClient::new(o, 2);
-                let ok = loop {
-                    match el.poll().await {
-                        Ok(rumqttc::v5::Event::Incoming(rumqttc::v5::Incoming::ConnAck(_))) => {
-                            break true;
-                        }
-                        Ok(_) => {}
-                        Err(_) => break false,
-                    }
-                };
-                if ok {
-                    let _ = client.try_disconnect();
-                    let _ = tokio::time::timeout(Duration::from_secs(1), el.poll()).await;
-                }
-                ok
+                connect_once!(rumqttc::v5, &id, &host, addr.port())
             } else {
-                let mut o = rumqttc::MqttOptions::new(&id, &host, addr.port());
-                o.set_keep_alive(Duration::from_secs(5));
-                let (client, mut el) = rumqttc::AsyncClient::new(o, 2);
-                let ok = loop {
-                    match el.poll().await {
-                        Ok(rumqttc::Event::Incoming(rumqttc::Incoming::ConnAck(_))) => break true,
-                        Ok(_) => {}
-                        Err(_) => break false,
-                    }
-                };
-                if ok {
-                    let _ = client.try_disconnect();
-                    let _ = tokio::time::timeout(Duration::from_secs(1), el.poll()).await;
-                }
-                ok
+                connect_once!(rumqttc, &id, &host, addr.port())
             };
             if ok {
                 return;

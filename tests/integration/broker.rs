@@ -186,10 +186,7 @@ async fn a_port_already_in_use_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let text = config_text(dir.path(), free_port(), "").replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{port}\""),
-    );
+    let text = listen_on(&config_text(dir.path(), free_port(), ""), port);
     let err = match edgeferry::start(load_config(dir.path(), &text)).await {
         Ok(_) => panic!("started on a taken port"),
         Err(e) => e.to_string(),

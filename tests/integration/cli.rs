@@ -115,10 +115,7 @@ fn run_on_a_port_in_use_exits_non_zero_with_a_clear_message() {
     let d = dir.path();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let text = config_text(d, free_port(), "").replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{port}\""),
-    );
+    let text = listen_on(&config_text(d, free_port(), ""), port);
     write(&d.join("edgeferry.toml"), &text);
     let out = edgeferry(&["run", "-c", "edgeferry.toml"], d);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -136,10 +133,7 @@ fn sigterm_stops_the_daemon_cleanly_within_seconds() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let port = free_port();
-    let text = config_text(d, free_port(), "").replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{port}\""),
-    );
+    let text = listen_on(&config_text(d, free_port(), ""), port);
     write(&d.join("edgeferry.toml"), &text);
     let mut child = Command::new(env!("CARGO_BIN_EXE_edgeferry"))
         .args(["run", "-c", "edgeferry.toml"])

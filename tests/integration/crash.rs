@@ -112,10 +112,7 @@ impl World {
 
 fn write_config(dir: &Path, upstream_port: u16) -> (PathBuf, u16) {
     let port = free_port();
-    let text = config_text(dir, upstream_port, "").replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{port}\""),
-    );
+    let text = listen_on(&config_text(dir, upstream_port, ""), port);
     let path = dir.join("edgeferry.toml");
     std::fs::write(&path, text).unwrap();
     (path, port)

@@ -78,9 +78,10 @@ async fn an_impossible_queue_path_is_a_clear_start_error_not_a_move_aside() {
     // A path under a regular file: no permission trick, so it fails for root too.
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("file"), b"keep me").unwrap();
-    let text = config_text(dir.path(), free_port(), "").replace(
-        &format!("path = \"{}\"", dir.path().join("queue.db").display()),
-        &format!("path = \"{}\"", dir.path().join("file/queue.db").display()),
+    let text = queue_at(
+        &config_text(dir.path(), free_port(), ""),
+        &dir.path().join("file/queue.db"),
+        "",
     );
     let err = match edgeferry::start(load_config(dir.path(), &text)).await {
         Ok(_) => panic!("started with an impossible queue path"),

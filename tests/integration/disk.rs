@@ -44,19 +44,16 @@ async fn a_full_disk_is_survived_counted_and_recovered_from_without_losing_commi
         eprintln!("SKIPPED: cannot mount a tmpfs here (not root?); CI runs this test as root");
         return;
     };
-    let upstream = upstream_broker();
-    let sub = Subscriber::start(upstream, "plant/#").await;
-    let proxy = Proxy::start(upstream, false).await;
     let db = fs.0.join("queue.db");
-    let text = config_text(dir.path(), proxy.port, "").replace(
-        &format!("path = \"{}\"", dir.path().join("queue.db").display()),
-        &format!(
-            "path = \"{}\"\nmin_free_disk = 0\ncommit_max_events = 100",
-            db.display()
-        ),
-    );
-    let gw = Gateway::start_with(dir.path(), &text).await;
-    let sensor = Sensor::connect(gw.addr).await;
+    let World {
+        sub,
+        proxy,
+        gw,
+        sensor,
+    } = World::offline_with("", |text| {
+        queue_at(&text, &db, "min_free_disk = 0\ncommit_max_events = 100")
+    })
+    .await;
 
     // About 35 MB of events for a 16 MiB filesystem.
     const N: usize = 100_000;
@@ -138,16 +135,13 @@ async fn below_the_free_disk_watermark_the_queue_stops_growing_and_keeps_the_new
         eprintln!("SKIPPED: cannot mount a tmpfs here (not root?); CI runs this test as root");
         return;
     };
-    let upstream = upstream_broker();
-    let sub = Subscriber::start(upstream, "plant/#").await;
-    let proxy = Proxy::start(upstream, false).await;
     let db = fs.0.join("queue.db");
-    let text = config_text(dir.path(), proxy.port, "").replace(
-        &format!("path = \"{}\"", dir.path().join("queue.db").display()),
-        &format!("path = \"{}\"\nmin_free_disk = \"12MiB\"", db.display()),
-    );
-    let gw = Gateway::start_with(dir.path(), &text).await;
-    let sensor = Sensor::connect(gw.addr).await;
+    let World {
+        sub,
+        proxy,
+        gw,
+        sensor,
+    } = World::offline_with("", |text| queue_at(&text, &db, "min_free_disk = \"12MiB\"")).await;
     // About 25 MB of events; the queue may use about 10 MiB of the 24.
     const N: usize = 75_000;
     for seq in 0..N {

@@ -9,7 +9,6 @@ use crate::util::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_wait_in_sqlite_while_upstream_is_down_then_all_arrive_in_order() {
     let World {
-        dir: _dir,
         sub,
         proxy,
         gw,
@@ -243,7 +242,6 @@ async fn a_backlog_drains_at_the_configured_send_bytes_rate() {
 /// measured over the drain is within 20% of `rate` events/s.
 async fn assert_paced_drain(upstream_settings: &str, rate: f64) {
     let World {
-        dir: _dir,
         sub,
         proxy,
         gw,
@@ -286,7 +284,6 @@ to = [{ upstream = "cloud", topic = "plant/{site}/{device}/temp", id_field = "ev
     )
     .unwrap();
     let World {
-        dir: _dir,
         sub,
         proxy,
         gw,
@@ -334,7 +331,6 @@ to = [{ upstream = "cloud", topic = "plant/{site}/{device}/temp", id_field = "ev
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_marker_never_makes_an_event_too_large_to_send() {
     let World {
-        dir: _dir,
         sub,
         proxy,
         gw,
@@ -367,7 +363,6 @@ async fn a_replay_marker_never_makes_an_event_too_large_to_send() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_live_first_new_events_overtake_a_paced_backlog() {
     let World {
-        dir: _dir,
         sub,
         proxy,
         gw,

@@ -2,7 +2,7 @@
 //! owns as NOTIFY_SOCKET, as systemd would pass it.
 
 use std::os::unix::net::UnixDatagram;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::util::*;
@@ -25,16 +25,15 @@ fn collect(sock: &UnixDatagram, mut done: impl FnMut(&[String]) -> bool) -> Vec<
     got
 }
 
-#[test]
-fn notifies_ready_status_watchdog_and_stopping() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+/// Run the binary on config `text` in `d` with a NOTIFY_SOCKET the test
+/// owns and a 400 ms watchdog; returns the socket and the child.
+fn start_notified(d: &std::path::Path, text: &str) -> (UnixDatagram, Child) {
     let sock_path = d.join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(100)))
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
         .unwrap();
-    std::fs::write(d.join("edgeferry.toml"), config_text(d, free_port(), "")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edgeferry"))
+    std::fs::write(d.join("edgeferry.toml"), text).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_edgeferry"))
         .args(["run", "-c", "edgeferry.toml"])
         .current_dir(d)
         .env("NOTIFY_SOCKET", &sock_path)
@@ -43,6 +42,14 @@ fn notifies_ready_status_watchdog_and_stopping() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    (sock, child)
+}
+
+#[test]
+fn notifies_ready_status_watchdog_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (sock, mut child) = start_notified(d, &config_text(d, free_port(), ""));
 
     let got = collect(&sock, |got| {
         got.iter().filter(|l| *l == "WATCHDOG=1").count() >= 3
@@ -79,25 +86,9 @@ fn notifies_ready_status_watchdog_and_stopping() {
 async fn no_watchdog_ping_while_the_queue_writer_is_stuck() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let sock_path = d.join("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(50)))
-        .unwrap();
     let port = free_port();
-    let text = config_text(d, free_port(), "").replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{port}\""),
-    );
-    std::fs::write(d.join("edgeferry.toml"), text).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edgeferry"))
-        .args(["run", "-c", "edgeferry.toml"])
-        .current_dir(d)
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WATCHDOG_USEC", "400000")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let text = listen_on(&config_text(d, free_port(), ""), port);
+    let (sock, mut child) = start_notified(d, &text);
     collect(&sock, |got| {
         got.iter().filter(|l| *l == "WATCHDOG=1").count() >= 2
     });

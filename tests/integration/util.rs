@@ -78,6 +78,30 @@ reconnect_max = "500ms"
     )
 }
 
+/// `text` (from [`config_text`]) with the MQTT 3.1.1 listener on `port`
+/// instead of an ephemeral one, for tests that must know it up front.
+pub fn listen_on(text: &str, port: u16) -> String {
+    text.replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+    )
+}
+
+/// `text` (from [`config_text`]) with the queue file at `path` and `extra`
+/// keys added to `[queue]`.
+pub fn queue_at(text: &str, path: &Path, extra: &str) -> String {
+    text.lines()
+        .map(|l| {
+            if l.starts_with("path = ") {
+                format!("path = \"{}\"\n{extra}", path.display())
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 pub fn load_config(dir: &Path, text: &str) -> Config {
     Config::from_toml(text, &dir.join("edgeferry.toml"), dir)
         .unwrap_or_else(|e| panic!("config: {e}"))
@@ -88,6 +112,9 @@ pub struct Gateway {
     pub running: Running,
     pub addr: SocketAddr,
     pub db: PathBuf,
+    /// The temp dir holding config and queue, when the gateway owns it
+    /// (see [`World`]): it lives exactly as long as the gateway.
+    owned_dir: Option<tempfile::TempDir>,
 }
 
 impl Gateway {
@@ -104,6 +131,7 @@ impl Gateway {
             addr: running.broker_addr,
             running,
             db,
+            owned_dir: None,
         }
     }
 
@@ -488,12 +516,10 @@ pub fn init_logs() {
     }
 }
 
-/// The usual world of a store-and-forward test: a gateway in a temp dir
-/// whose upstream sits behind a [`Proxy`] that starts down, a subscriber on
+/// The usual world of a store-and-forward test: a gateway in a temp dir (it
+/// owns) whose upstream sits behind a [`Proxy`] that starts down, a subscriber on
 /// the upstream (all of `plant/#`), and one connected sensor.
 pub struct World {
-    /// Keep it bound (`dir: _dir`): dropping it deletes the queue.
-    pub dir: tempfile::TempDir,
     pub sub: Subscriber,
     pub proxy: Proxy,
     pub gw: Gateway,
@@ -516,10 +542,10 @@ impl World {
         let sub = Subscriber::start(upstream, "plant/#").await;
         let proxy = Proxy::start(upstream, false).await;
         let text = edit(config_text(dir.path(), proxy.port, upstream_settings));
-        let gw = Gateway::start_with(dir.path(), &text).await;
+        let mut gw = Gateway::start_with(dir.path(), &text).await;
+        gw.owned_dir = Some(dir);
         let sensor = Sensor::connect(gw.addr).await;
         World {
-            dir,
             sub,
             proxy,
             gw,
