@@ -4,32 +4,50 @@
 //! machine where it cannot, the test says so and passes vacuously.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::Ordering::Relaxed;
 
 use crate::util::*;
 
-/// A small tmpfs mounted for the test's lifetime.
-struct SmallFs(PathBuf);
+/// A small tmpfs mounted in its own temp dir for the test's lifetime
+/// (unmounted before the dir is removed).
+struct SmallFs {
+    at: PathBuf,
+    _dir: tempfile::TempDir,
+}
 
 impl SmallFs {
-    fn mount(at: &Path, size: &str) -> Option<SmallFs> {
-        std::fs::create_dir_all(at).unwrap();
+    fn mount(size: &str) -> Option<SmallFs> {
+        let dir = tempfile::tempdir().unwrap();
+        let at = dir.path().join("small");
+        std::fs::create_dir_all(&at).unwrap();
         let ok = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(at)
+            .arg(&at)
             .output()
             .map(|o| o.status.success())
             .unwrap_or(false);
-        ok.then(|| SmallFs(at.to_path_buf()))
+        ok.then_some(SmallFs { at, _dir: dir })
     }
 }
 
 impl Drop for SmallFs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = Command::new("umount").arg("-l").arg(&self.at).status();
     }
+}
+
+/// A [`World`] whose queue is on a fresh tmpfs of `size`, with `queue_extra`
+/// keys in `[queue]`; `None` (and a SKIPPED line) where mounting is impossible.
+async fn world_on_small_fs(size: &str, queue_extra: &str) -> Option<(SmallFs, PathBuf, World)> {
+    let Some(fs) = SmallFs::mount(size) else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (not root?); CI runs this test as root");
+        return None;
+    };
+    let db = fs.at.join("queue.db");
+    let world = World::offline_with("", |text| queue_at(&text, &db, queue_extra)).await;
+    Some((fs, db, world))
 }
 
 /// The fallback below the watermark: a filesystem actually full. Best
@@ -39,21 +57,17 @@ impl Drop for SmallFs {
 #[ignore = "not yet reliable under a loaded parallel suite; see the doc comment"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_is_survived_counted_and_recovered_from_without_losing_committed_events() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(fs) = SmallFs::mount(&dir.path().join("small"), "16m") else {
-        eprintln!("SKIPPED: cannot mount a tmpfs here (not root?); CI runs this test as root");
+    let Some((_fs, db, world)) =
+        world_on_small_fs("16m", "min_free_disk = 0\ncommit_max_events = 100").await
+    else {
         return;
     };
-    let db = fs.0.join("queue.db");
     let World {
         sub,
         proxy,
         gw,
         sensor,
-    } = World::offline_with("", |text| {
-        queue_at(&text, &db, "min_free_disk = 0\ncommit_max_events = 100")
-    })
-    .await;
+    } = world;
 
     // About 35 MB of events for a 16 MiB filesystem.
     const N: usize = 100_000;
@@ -130,18 +144,15 @@ async fn a_full_disk_is_survived_counted_and_recovered_from_without_losing_commi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn below_the_free_disk_watermark_the_queue_stops_growing_and_keeps_the_newest() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(fs) = SmallFs::mount(&dir.path().join("small"), "24m") else {
-        eprintln!("SKIPPED: cannot mount a tmpfs here (not root?); CI runs this test as root");
+    let Some((_fs, db, world)) = world_on_small_fs("24m", "min_free_disk = \"12MiB\"").await else {
         return;
     };
-    let db = fs.0.join("queue.db");
     let World {
         sub,
         proxy,
         gw,
         sensor,
-    } = World::offline_with("", |text| queue_at(&text, &db, "min_free_disk = \"12MiB\"")).await;
+    } = world;
     // About 25 MB of events; the queue may use about 10 MiB of the 24.
     const N: usize = 75_000;
     for seq in 0..N {
