@@ -157,8 +157,6 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
             ("uplink", Ok(()))
         });
     }
-    let queue_probe = queue.clone();
-    drop(queue);
     let summary = summarize(
         metrics.clone(),
         file.log.summary_interval.0,
@@ -168,7 +166,9 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         summary.await;
         ("summary", Ok(()))
     });
-    let health = health(queue_probe, metrics.clone(), shutdown_rx.clone());
+    // The health stage holds the last queue handle here: when every stage
+    // has ended, the writer commits and exits.
+    let health = health(queue, metrics.clone(), shutdown_rx.clone());
     stages.spawn(async move {
         health.await;
         ("health", Ok(()))

@@ -260,19 +260,7 @@ async fn session(
                 };
                 let payload = match &up.replay_marker {
                     Some(field) if row.received_ms < connected_ms => {
-                        let raw = bytes::Bytes::from(row.payload);
-                        let marked = codec::with_json_field(
-                            &codec::decode(&raw),
-                            &raw,
-                            field,
-                            serde_json::Value::Bool(true),
-                        );
-                        // The marker must not make a sendable event unsendable.
-                        if sendable(&row.topic, marked.len(), qos, max_packet).is_ok() {
-                            marked.to_vec()
-                        } else {
-                            raw.to_vec()
-                        }
+                        with_replay_marker(row.payload, field, &row.topic, qos, max_packet)
                     }
                     _ => row.payload,
                 };
@@ -299,9 +287,6 @@ async fn session(
                     metrics.resent.fetch_add(1, Relaxed);
                 }
             }
-            if !acks.is_empty() && ack_deadline.is_none() {
-                ack_deadline = Some(Instant::now() + ACK_FLUSH);
-            }
             if refused.is_none() && handled > 0 && published == 0 && !drained {
                 // Every row was dead-lettered: fetch the next ones now rather
                 // than wait for network traffic to wake the loop.
@@ -319,6 +304,10 @@ async fn session(
                 break Ended::QueueClosed;
             }
             ack_deadline = None;
+        }
+        // Acks (and dead letters) wait at most ACK_FLUSH for their delete.
+        if ack_deadline.is_none() && !acks.is_empty() {
+            ack_deadline = Some(Instant::now() + ACK_FLUSH);
         }
 
         let polled = tokio::select! {
@@ -368,9 +357,6 @@ async fn session(
                 };
             }
         }
-        if ack_deadline.is_none() && !acks.is_empty() {
-            ack_deadline = Some(Instant::now() + ACK_FLUSH);
-        }
     };
 
     metrics.connected.store(false, Relaxed);
@@ -392,6 +378,29 @@ async fn session(
         info!(upstream = %name, "uplink closed");
     }
     ended
+}
+
+/// `payload` with `"<field>": true` if it is a JSON object, unless that would
+/// make an otherwise sendable event too large (then unchanged).
+fn with_replay_marker(
+    payload: Vec<u8>,
+    field: &str,
+    topic: &str,
+    qos: QoS,
+    max_packet: usize,
+) -> Vec<u8> {
+    let raw = bytes::Bytes::from(payload);
+    let marked = codec::with_json_field(
+        &codec::decode(&raw),
+        &raw,
+        field,
+        serde_json::Value::Bool(true),
+    );
+    if sendable(topic, marked.len(), qos, max_packet).is_ok() {
+        marked.to_vec()
+    } else {
+        raw.to_vec()
+    }
 }
 
 /// Whether a row can be published at all: MQTT forbids wildcards and NUL in
