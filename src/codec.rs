@@ -15,6 +15,10 @@ pub enum Payload {
     Cbor(Value),
     /// Not structured (or not valid as either format): kept as bytes only.
     Raw,
+    /// Looks like a JSON object or array (starts with `{` or `[`) but does
+    /// not parse: a broken sensor, not a binary format. Rules do not route
+    /// it; it is counted and dead-lettered.
+    Malformed(String),
 }
 
 impl Payload {
@@ -23,13 +27,14 @@ impl Payload {
             Payload::Json(_) => "json",
             Payload::Cbor(_) => "cbor",
             Payload::Raw => "raw",
+            Payload::Malformed(_) => "malformed",
         }
     }
 
     pub fn value(&self) -> Option<&Value> {
         match self {
             Payload::Json(v) | Payload::Cbor(v) => Some(v),
-            Payload::Raw => None,
+            Payload::Raw | Payload::Malformed(_) => None,
         }
     }
 }
@@ -56,9 +61,14 @@ pub fn decode(raw: &[u8]) -> Payload {
     if matches!(
         first,
         Some(b'{' | b'[' | b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n')
-    ) && let Ok(v) = serde_json::from_slice::<Value>(raw)
-    {
-        return Payload::Json(v);
+    ) {
+        match serde_json::from_slice::<Value>(raw) {
+            Ok(v) => return Payload::Json(v),
+            Err(e) if matches!(first, Some(b'{' | b'[')) => {
+                return Payload::Malformed(format!("malformed JSON: {e}"));
+            }
+            Err(_) => {}
+        }
     }
     // CBOR major types 4 (array) and 5 (map) only: other CBOR items are too
     // easily confused with arbitrary bytes.
@@ -139,7 +149,13 @@ mod tests {
             Payload::Cbor(json!({"value": 21.5, "unit": "C", "n": -3}))
         );
         assert_eq!(decode(b"hello"), Payload::Raw);
-        assert_eq!(decode(b"{not json"), Payload::Raw);
+        assert!(matches!(decode(b"{not json"), Payload::Malformed(_)));
+        assert!(
+            matches!(decode(&[b'['; 1000]), Payload::Malformed(_)),
+            "deep nesting"
+        );
+        assert_eq!(decode(b"12 apples"), Payload::Raw);
+        assert_eq!(decode(&[0xff, 0xfe, 0x00]), Payload::Raw);
         assert_eq!(decode(&[0xa1, 0x01]), Payload::Raw, "truncated CBOR map");
         assert_eq!(decode(b""), Payload::Raw);
     }

@@ -84,22 +84,39 @@ pub struct RulesConfig {
     /// Directory of `*.toml` rule files.
     pub dir: PathBuf,
     pub unmatched: UnmatchedPolicy,
+    /// Local topic that receives a JSON report for each event with a
+    /// malformed payload or a failing rule; unset: counted and logged only.
+    pub dead_letter: Option<String>,
+    /// Reload the rules when a file in `dir` changes (SIGHUP always does).
+    pub watch: bool,
 }
 
 impl Default for RulesConfig {
     fn default() -> Self {
         RulesConfig {
             dir: PathBuf::from("rules"),
-            unmatched: UnmatchedPolicy::Drop,
+            unmatched: UnmatchedPolicy::Keyword(Keyword::Drop),
+            dead_letter: None,
+            watch: true,
         }
     }
 }
 
-/// What happens to an event that no rule matches.
+/// What happens to an event that no rule matches: `"drop"` (counted as
+/// `dropped_unmatched`), or a destination like a rule's `to` entry.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "\"drop\" or a destination like { upstream = \"cloud\" } or { local = \"unrouted\" }"
+)]
+pub enum UnmatchedPolicy {
+    Keyword(Keyword),
+    Route(crate::rules::DestinationSpec),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum UnmatchedPolicy {
-    /// Drop it, counted as `dropped{reason="unmatched"}`.
+pub enum Keyword {
     Drop,
 }
 
@@ -299,6 +316,46 @@ impl ConfigFile {
         Ok(file)
     }
 
+    /// This gateway's id: configured, else the hostname, else "edgeferry".
+    pub fn gateway_id(&self) -> String {
+        self.gateway.id.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "edgeferry".into())
+        })
+    }
+
+    /// Compile the rules: the files of `rules.dir`, or the given files
+    /// instead (`edgeferry test PATHS`), with this config's upstreams,
+    /// gateway id, unmatched policy and dead-letter topic.
+    pub fn load_rules(&self, files: Option<&[PathBuf]>) -> Result<RuleSet, Diagnostics> {
+        let loaded = match files {
+            Some(files) => RuleSet::load_files(files, &self.upstream),
+            None => RuleSet::load_dir(&self.rules.dir, &self.upstream),
+        };
+        // The unmatched destination is checked even when rule files failed.
+        let (mut errors, mut rules) = match loaded {
+            Ok(r) => (Vec::new(), Some(r)),
+            Err(Diagnostics(e)) => (e, None),
+        };
+        let mut scratch = RuleSet::default();
+        if let Err(problems) = rules
+            .as_mut()
+            .unwrap_or(&mut scratch)
+            .configure(&rule_settings(self), &self.upstream)
+        {
+            errors.extend(problems.into_iter().map(|(key, msg)| {
+                Diagnostic::whole_file(&self.rules.dir, format!("rules.unmatched.{key}: {msg}"))
+            }));
+        }
+        match rules {
+            Some(rules) if errors.is_empty() => Ok(rules),
+            _ => Err(Diagnostics(errors)),
+        }
+    }
+
     /// Read the config file at `path`, or the embedded default.
     pub fn read(path: Option<&Path>) -> Result<ConfigFile, Diagnostics> {
         let source = Source::read(path)?;
@@ -325,7 +382,7 @@ impl Source {
             });
         };
         let text = std::fs::read_to_string(path).map_err(|e| {
-            Diagnostics(vec![Diagnostic::whole_file(
+            Diagnostics(vec![Diagnostic::unreadable(
                 path,
                 format!("cannot read config: {e}"),
             )])
@@ -367,9 +424,20 @@ impl Config {
         let file = ConfigFile::parse(text, name, base)?;
 
         let mut errors = validate(&file, name, text);
-        let rules = match RuleSet::load_dir(&file.rules.dir, &file.upstream) {
+        let rules = match file.load_rules(None) {
             Ok(r) => Some(r),
             Err(Diagnostics(mut e)) => {
+                // Unmatched-policy problems belong to this file: locate them.
+                for d in &mut e {
+                    if d.file == file.rules.dir && d.message.starts_with("rules.unmatched") {
+                        *d = Diagnostic::at(
+                            name,
+                            text,
+                            find_key(text, "unmatched"),
+                            d.message.clone(),
+                        );
+                    }
+                }
                 errors.append(&mut e);
                 None
             }
@@ -384,15 +452,15 @@ impl Config {
         }
     }
 
+    /// Load the rules again from the same directory with the same settings
+    /// (a reload: the config file itself is not re-read).
+    pub fn reload_rules(&self) -> Result<RuleSet, Diagnostics> {
+        self.file.load_rules(None)
+    }
+
     /// This gateway's id: configured, else the hostname, else "edgeferry".
     pub fn gateway_id(&self) -> String {
-        self.file.gateway.id.clone().unwrap_or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_string())
-                .ok()
-                .filter(|h| !h.is_empty())
-                .unwrap_or_else(|| "edgeferry".into())
-        })
+        self.file.gateway_id()
     }
 
     /// The stable client id of upstream `name`.
@@ -404,10 +472,32 @@ impl Config {
     }
 }
 
+/// What the rule set needs from the config beyond the rule files.
+fn rule_settings(file: &ConfigFile) -> crate::rules::Settings {
+    crate::rules::Settings {
+        gateway: file.gateway_id(),
+        unmatched: match &file.rules.unmatched {
+            UnmatchedPolicy::Keyword(Keyword::Drop) => None,
+            UnmatchedPolicy::Route(d) => Some(d.clone()),
+        },
+        dead_letter: file.rules.dead_letter.clone(),
+    }
+}
+
 /// Checks serde cannot express; located at the key where possible.
 fn validate(file: &ConfigFile, name: &Path, text: &str) -> Vec<Diagnostic> {
     let mut errors = Vec::new();
     let at = |key: &str| find_key(text, key);
+    if let Some(t) = &file.rules.dead_letter
+        && (t.is_empty() || t.contains(['+', '#']))
+    {
+        errors.push(Diagnostic::at(
+            name,
+            text,
+            at("dead_letter"),
+            format!("rules.dead_letter {t:?} must be a topic without wildcards, e.g. \"edgeferry/dead-letter\""),
+        ));
+    }
     if file.broker.segment_size.0 == 0 || file.broker.segment_count == 0 {
         errors.push(Diagnostic::at(
             name,

@@ -18,6 +18,9 @@ pub struct Diagnostic {
     pub column: usize,
     /// What is wrong and, where it helps, what to do about it.
     pub message: String,
+    /// The file could not be read at all (a different exit code from
+    /// "invalid": the fix is permissions or a path, not an edit).
+    pub unreadable: bool,
 }
 
 impl Diagnostic {
@@ -37,6 +40,7 @@ impl Diagnostic {
             line,
             column,
             message: message.into(),
+            unreadable: false,
         }
     }
 
@@ -47,6 +51,15 @@ impl Diagnostic {
             line: 0,
             column: 0,
             message: message.into(),
+            unreadable: false,
+        }
+    }
+
+    /// A file or directory that could not be read.
+    pub fn unreadable(file: &Path, message: impl Into<String>) -> Self {
+        Diagnostic {
+            unreadable: true,
+            ..Self::whole_file(file, message)
         }
     }
 
@@ -78,6 +91,13 @@ impl fmt::Display for Diagnostic {
 /// Every problem found while loading, reported together.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct Diagnostics(pub Vec<Diagnostic>);
+
+impl Diagnostics {
+    /// Whether some file could not be read at all.
+    pub fn any_unreadable(&self) -> bool {
+        self.0.iter().any(|d| d.unreadable)
+    }
+}
 
 impl fmt::Display for Diagnostics {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

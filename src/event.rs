@@ -21,6 +21,16 @@ pub struct Event {
     pub raw: Bytes,
     /// The decoded payload, for rules that look inside.
     pub payload: Payload,
+    /// Set when edgeferry itself republished this event into the embedded
+    /// broker (a rule's `local` destination), so rules do not loop on it.
+    pub origin: Option<Origin>,
+}
+
+/// Which rule republished an event locally, and how many republishes deep it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub rule: String,
+    pub hops: u8,
 }
 
 impl Event {
@@ -34,6 +44,7 @@ impl Event {
             received_ms: now_ms(),
             raw,
             payload,
+            origin: None,
         }
     }
 

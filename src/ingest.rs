@@ -20,6 +20,7 @@ use tracing::{error, info, warn};
 use crate::codec::Payload;
 use crate::event::Event;
 use crate::metrics::Metrics;
+use crate::republish;
 use crate::rules::topic::Pattern;
 
 #[derive(Debug, thiserror::Error)]
@@ -146,11 +147,19 @@ impl Ingest {
                         "embedded broker skipped messages because ingest fell behind its segments"
                     );
                 }
-                let event = Event::from_publish(topic.to_string(), publish.payload);
+                // Our own dead letters are for local subscribers only.
+                let origin = match republish::source_of(forward.properties.as_ref()) {
+                    republish::Source::Client => None,
+                    republish::Source::Rule(origin) => Some(origin),
+                    republish::Source::DeadLetter => return Ok(true),
+                };
+                let mut event = Event::from_publish(topic.to_string(), publish.payload);
+                event.origin = origin;
                 match event.payload {
                     Payload::Json(_) => &metrics.decoded_json,
                     Payload::Cbor(_) => &metrics.decoded_cbor,
                     Payload::Raw => &metrics.decoded_raw,
+                    Payload::Malformed(_) => &metrics.decoded_malformed,
                 }
                 .fetch_add(1, Relaxed);
                 match self.out.try_send(event) {

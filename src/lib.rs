@@ -15,6 +15,8 @@ pub mod metrics;
 pub mod ops;
 pub mod pacing;
 pub mod queue;
+pub mod reload;
+pub mod republish;
 pub mod router;
 pub mod rules;
 pub mod units;
@@ -57,10 +59,17 @@ pub struct Running {
     /// Live counters.
     pub metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
+    reload: mpsc::Sender<reload::Trigger>,
     supervisor: JoinHandle<Result<(), RunError>>,
 }
 
 impl Running {
+    /// Reload the rules (what SIGHUP does); the outcome shows in the log and
+    /// in `metrics.reloads_ok` / `reloads_failed`.
+    pub fn reload(&self) {
+        let _ = self.reload.try_send(reload::Trigger::Signal);
+    }
+
     /// Ask every stage to stop; `wait` returns when they have.
     pub fn shutdown(&self) {
         let _ = self.shutdown.send(true);
@@ -83,18 +92,48 @@ impl Running {
 
 /// Run until `shutdown` completes, then stop cleanly.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    // Before start: a SIGHUP while starting must not kill the process.
+    let mut hangup = hangup_signal();
     let running = start(config).await?;
     let stop = running.shutdown.clone();
     let mut stopped = running.shutdown.subscribe();
-    tokio::select! {
-        _ = shutdown => {
-            info!("shutting down");
-            let _ = stop.send(true);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => {
+                info!("shutting down");
+                let _ = stop.send(true);
+                break;
+            }
+            // The pipeline stopped on its own (an error): nothing to signal.
+            _ = stopped.wait_for(|s| *s) => break,
+            Some(()) = recv_hangup(&mut hangup) => {
+                info!("SIGHUP: reloading rules");
+                running.reload();
+            }
         }
-        // The pipeline stopped on its own (an error): nothing to signal.
-        _ = stopped.wait_for(|s| *s) => {}
     }
     running.wait().await
+}
+
+/// SIGHUP asks for a rule reload (`systemctl reload`). `None` if the
+/// handler cannot be installed (then only file watching reloads).
+fn hangup_signal() -> Option<tokio::signal::unix::Signal> {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot handle SIGHUP; rules reload on file changes only");
+            None
+        }
+    }
+}
+
+async fn recv_hangup(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match s {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Start every stage: queue, broker (+ link), ingest, router, one uplink per
@@ -133,13 +172,32 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         shutdown_rx.clone(),
     );
     stages.spawn(async move { ("ingest", ingest.await.map_err(|e| e.to_string())) });
+    let (republisher, republish_thread) = republish::spawn(broker.link_tx, metrics.clone())
+        .map_err(|e| RunError::StageFailed {
+            stage: "republish",
+            reason: e.to_string(),
+        })?;
+    let (rules_tx, rules_rx) = watch::channel(Arc::new(config.rules.clone()));
     let router = router::run(
         events_rx,
-        Arc::new(config.rules.clone()),
+        rules_rx,
         queue.clone(),
+        republisher,
         metrics.clone(),
     );
     stages.spawn(async move { ("router", router.await.map_err(|e| e.to_string())) });
+    let (reload_tx, reload_rx) = mpsc::channel(1);
+    let reloader = reload::run(
+        config.clone(),
+        rules_tx,
+        reload_rx,
+        metrics.clone(),
+        shutdown_rx.clone(),
+    );
+    stages.spawn(async move {
+        reloader.await;
+        ("reload", Ok(()))
+    });
     for name in &upstream_names {
         let settings = uplink::UplinkSettings {
             name: name.clone(),
@@ -182,7 +240,6 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
     ops::systemd::ready(&status_line(&metrics, None));
 
     let stop = shutdown_tx.clone();
-    let link_tx = broker.link_tx;
     let mut broker_exited = broker.exited;
     let supervisor = tokio::spawn(async move {
         let mut failure = None;
@@ -212,8 +269,11 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
                 error!(error = %e, "stage panicked while stopping");
             }
         }
-        drop(link_tx);
-        let _ = tokio::task::spawn_blocking(move || queue_thread.join()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = republish_thread.join();
+            queue_thread.join()
+        })
+        .await;
         info!("edgeferry stopped");
         failure.map_or(Ok(()), Err)
     });
@@ -224,6 +284,7 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         link_id: broker.link_id,
         metrics,
         shutdown: shutdown_tx,
+        reload: reload_tx,
         supervisor,
     })
 }

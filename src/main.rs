@@ -1,5 +1,6 @@
 //! The `edgeferry` command: parses arguments, sets up logging, and calls the
-//! library. Exit codes: 0 ok, 1 runtime failure, 2 invalid config or rules.
+//! library. Exit codes: 0 ok, 1 runtime failure (or a failed rule test),
+//! 2 invalid config or rules, 3 a config or rule file could not be read.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,6 +28,14 @@ enum Command {
     Check {
         #[arg(short, long)]
         config: Option<PathBuf>,
+    },
+    /// Run the [[test]] cases written in rule files; exit 1 if any fails.
+    Test {
+        /// Config file (for upstream names and rule settings); default: the embedded default.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Rule files or directories to test instead of the config's rules.dir.
+        paths: Vec<PathBuf>,
     },
     /// Print the embedded default config (a starting point for your own).
     PrintDefaultConfig,
@@ -81,6 +90,18 @@ impl DbArgs {
 
 const EXIT_FAILURE: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
+const EXIT_UNREADABLE: u8 = 3;
+
+/// Print every error and the exit code their kind calls for.
+fn config_errors(errors: &edgeferry::diagnostic::Diagnostics) -> ExitCode {
+    eprintln!("{errors}");
+    eprintln!("{} error(s)", errors.0.len());
+    ExitCode::from(if errors.any_unreadable() {
+        EXIT_UNREADABLE
+    } else {
+        EXIT_CONFIG
+    })
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -102,14 +123,51 @@ fn main() -> ExitCode {
                 );
                 ExitCode::SUCCESS
             }
-            Err(errors) => {
-                eprintln!("{errors}");
-                eprintln!("{} error(s)", errors.0.len());
-                ExitCode::from(EXIT_CONFIG)
-            }
+            Err(errors) => config_errors(&errors),
         },
+        Command::Test { config, paths } => test(config, paths),
         Command::Run { config } => run(config),
         Command::Queue { command } => queue_command(command),
+    }
+}
+
+fn test(config: Option<PathBuf>, paths: Vec<PathBuf>) -> ExitCode {
+    use edgeferry::rules::testing;
+    let file = match edgeferry::config::ConfigFile::read(config.as_deref()) {
+        Ok(f) => f,
+        Err(errors) => return config_errors(&errors),
+    };
+    let files = if paths.is_empty() {
+        None
+    } else {
+        match testing::files_under(&paths) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("edgeferry: {e}");
+                return ExitCode::from(EXIT_UNREADABLE);
+            }
+        }
+    };
+    let rules = match file.load_rules(files.as_deref()) {
+        Ok(r) => r,
+        Err(errors) => return config_errors(&errors),
+    };
+    let outcomes = testing::run_all(&rules);
+    for o in &outcomes {
+        match &o.failure {
+            None => println!("ok      {}", o.label),
+            Some(why) => println!("FAILED  {}\n{why}", o.label),
+        }
+    }
+    let (passed, failed) = testing::summary(&outcomes);
+    println!("{passed} passed, {failed} failed");
+    if outcomes.is_empty() {
+        eprintln!("edgeferry: no [[test]] cases found in the rule files");
+    }
+    if failed > 0 {
+        ExitCode::from(EXIT_FAILURE)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 
@@ -149,12 +207,8 @@ fn run(path: Option<PathBuf>) -> ExitCode {
     let config = match Config::load(path.as_deref()) {
         Ok(c) => c,
         Err(errors) => {
-            eprintln!("{errors}");
-            eprintln!(
-                "edgeferry: not started: {} error(s) in the configuration",
-                errors.0.len()
-            );
-            return ExitCode::from(EXIT_CONFIG);
+            eprintln!("edgeferry: not started: the configuration has errors");
+            return config_errors(&errors);
         }
     };
     init_tracing(&config.file.log);

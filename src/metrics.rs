@@ -8,12 +8,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 /// Pipeline-wide counters. Each is monotonic unless noted.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// Publishes ingest received from the broker link.
+    /// Publishes ingest received from the broker link (edgeferry's own local
+    /// republishes and dead letters included).
     pub received: AtomicU64,
     /// By decoded format.
     pub decoded_json: AtomicU64,
     pub decoded_cbor: AtomicU64,
     pub decoded_raw: AtomicU64,
+    /// Payloads that start like JSON but do not parse (dead-lettered).
+    pub decoded_malformed: AtomicU64,
     /// Publishes rumqttd discarded because ingest fell behind its segments
     /// (detected from gaps in the link's log offsets).
     pub broker_lost: AtomicU64,
@@ -25,6 +28,31 @@ pub struct Metrics {
     pub dropped_rule: AtomicU64,
     /// Events that matched at least one rule.
     pub matched: AtomicU64,
+    /// Rule evaluations that failed on an event (a `when`, `set`, key or
+    /// topic field that errored, a non-numeric deadband field); the rule did
+    /// not apply.
+    pub rule_errors: AtomicU64,
+    /// Events held back by shaping, by reason.
+    pub dropped_throttled: AtomicU64,
+    pub dropped_duplicate: AtomicU64,
+    pub dropped_deadband: AtomicU64,
+    /// Events folded into a window, and windows sent on.
+    pub window_absorbed: AtomicU64,
+    pub window_emitted: AtomicU64,
+    /// Events published into the embedded broker by `local` destinations.
+    pub republished: AtomicU64,
+    /// Local republishes dropped: the republish buffer was full or the broker gone.
+    pub republish_failed: AtomicU64,
+    /// Local destinations skipped because an event looped between rules.
+    pub dropped_loop: AtomicU64,
+    /// Events sent by the `unmatched` policy to a destination.
+    pub unmatched_routed: AtomicU64,
+    /// Events that went to the dead-letter counter (malformed payload or a
+    /// rule error); published on the dead-letter topic when one is set.
+    pub dead_letters: AtomicU64,
+    /// Rule reloads that were applied, and those refused (old rules kept).
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
     /// Rows committed to the queue (one per event and upstream destination).
     pub queued: AtomicU64,
     /// SQLite commits of the queue writer.
@@ -77,11 +105,18 @@ impl Metrics {
     /// One line for the periodic summary log.
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "received={} matched={} queued={} commits={} dropped_unmatched={} dropped_rule={} dropped_overflow={} dropped_queue_unavailable={} broker_lost={}",
+            "received={} matched={} queued={} commits={} rule_errors={} dead_letters={} shaped={} windows={} republished={} dropped_unmatched={} dropped_rule={} dropped_overflow={} dropped_queue_unavailable={} broker_lost={}",
             self.received.load(Relaxed),
             self.matched.load(Relaxed),
             self.queued.load(Relaxed),
             self.commits.load(Relaxed),
+            self.rule_errors.load(Relaxed),
+            self.dead_letters.load(Relaxed),
+            self.dropped_throttled.load(Relaxed)
+                + self.dropped_duplicate.load(Relaxed)
+                + self.dropped_deadband.load(Relaxed),
+            self.window_emitted.load(Relaxed),
+            self.republished.load(Relaxed),
             self.dropped_unmatched.load(Relaxed),
             self.dropped_rule.load(Relaxed),
             self.dropped_overflow.load(Relaxed),

@@ -1,74 +1,222 @@
-//! The router stage: applies the rule set to each event and appends one
-//! queue row per upstream destination. Events are taken in batches so the
-//! queue writer receives few, large appends.
+//! The router stage: applies the rule set to each event, appends one queue
+//! row per upstream destination, hands local republishes and dead letters
+//! to the republisher, and closes due windows. Events are taken in batches
+//! so the queue writer receives few, large appends.
+//!
+//! A reloaded rule set arrives on a watch channel and is swapped in between
+//! batches; the shaping state of every unchanged rule is carried over.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
 use serde_json::json;
-use tokio::sync::mpsc;
-use tracing::info;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
 
-use crate::codec;
-use crate::event::Event;
+use crate::event::{Event, now_ms};
 use crate::metrics::Metrics;
 use crate::queue::{NewRow, QueueError, QueueHandle};
-use crate::rules::RuleSet;
+use crate::republish::{Local, Republisher};
+use crate::rules::shaping::DropReason;
+use crate::rules::{RuleSet, State, Verdict};
 
 /// Largest batch handed to the queue writer at once.
 const BATCH: usize = 512;
 
+/// Rule errors are logged at most this often (they are always counted).
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
 /// Run until ingest closes its end of `events`; then every event received
-/// has been handed to the queue, and dropping `queue` lets it commit and close.
+/// has been handed to the queue (open windows are closed and sent), and
+/// dropping `queue` lets it commit and close.
 pub async fn run(
     mut events: mpsc::Receiver<Event>,
-    rules: Arc<RuleSet>,
+    mut rules: watch::Receiver<Arc<RuleSet>>,
     queue: QueueHandle,
+    local: Republisher,
     metrics: Arc<Metrics>,
 ) -> Result<(), QueueError> {
+    let mut set = rules.borrow_and_update().clone();
+    let mut router = Router {
+        state: set.new_state(),
+        local,
+        metrics,
+        dead_letter_topic: set.dead_letter_topic().map(str::to_string),
+        last_warn: None,
+        suppressed: 0,
+    };
     let mut batch = Vec::with_capacity(BATCH);
+    let mut rules_open = true;
     loop {
-        if events.recv_many(&mut batch, BATCH).await == 0 {
-            info!("router drained");
-            return Ok(());
-        }
-        let mut rows = Vec::with_capacity(batch.len());
-        for event in batch.drain(..) {
-            let verdict = rules.route(&event);
-            if verdict.matched == 0 {
-                metrics.dropped_unmatched.fetch_add(1, Relaxed);
-                continue;
+        let wake = set.next_deadline(&router.state).map(|at| {
+            tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(now_ms()))
+        });
+        tokio::select! {
+            n = events.recv_many(&mut batch, BATCH) => {
+                if n == 0 {
+                    // Shutting down: open windows are sent as they are.
+                    let verdict = set.tick(u64::MAX, &mut router.state);
+                    let mut rows = Vec::new();
+                    router.apply(None, verdict, &mut rows);
+                    if !rows.is_empty() {
+                        queue.append(rows).await?;
+                    }
+                    info!("router drained");
+                    return Ok(());
+                }
+                let mut rows = Vec::with_capacity(batch.len());
+                for event in batch.drain(..) {
+                    let verdict = set.route(&event, &mut router.state);
+                    router.apply(Some(&event), verdict, &mut rows);
+                }
+                if !rows.is_empty() {
+                    queue.append(rows).await?;
+                }
             }
-            metrics.matched.fetch_add(1, Relaxed);
-            if verdict.dropped_by.is_some() && verdict.routes.is_empty() {
-                metrics.dropped_rule.fetch_add(1, Relaxed);
-                continue;
+            changed = rules.changed(), if rules_open => {
+                if changed.is_err() {
+                    rules_open = false;
+                    continue;
+                }
+                let new = rules.borrow_and_update().clone();
+                let old = std::mem::take(&mut router.state);
+                router.state = new.carry_state(&set, old);
+                router.dead_letter_topic = new.dead_letter_topic().map(str::to_string);
+                set = new;
             }
-            let event_id = event.id.to_string();
-            for route in verdict.routes {
-                rows.push(NewRow {
-                    upstream: route.upstream,
-                    event_id: event_id.clone(),
-                    topic: route.topic,
-                    qos: route.qos,
-                    priority: route.priority,
-                    expires_ms: route.ttl.map(|t| event.received_ms + t.as_millis() as u64),
-                    overflow: route.overflow,
-                    received_ms: event.received_ms,
-                    payload: match &route.id_field {
-                        Some(field) => codec::with_json_field(
-                            &event.payload,
-                            &event.raw,
-                            field,
-                            json!(event_id),
-                        ),
-                        None => event.raw.clone(),
-                    },
-                });
+            _ = sleep_until(wake), if wake.is_some() => {
+                let verdict = set.tick(now_ms(), &mut router.state);
+                let mut rows = Vec::new();
+                router.apply(None, verdict, &mut rows);
+                if !rows.is_empty() {
+                    queue.append(rows).await?;
+                }
             }
-        }
-        if !rows.is_empty() {
-            queue.append(rows).await?;
         }
     }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+struct Router {
+    state: State,
+    local: Republisher,
+    metrics: Arc<Metrics>,
+    dead_letter_topic: Option<String>,
+    /// Rate limit of rule-error warnings.
+    last_warn: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl Router {
+    /// Count a verdict, queue its routes and publish its local outputs.
+    /// `event` is `None` for windows closed by the clock.
+    fn apply(&mut self, event: Option<&Event>, verdict: Verdict, rows: &mut Vec<NewRow>) {
+        let m = self.metrics.clone();
+        if let Some(event) = event {
+            if verdict.matched > 0 {
+                m.matched.fetch_add(1, Relaxed);
+            } else if verdict.unmatched_routed {
+                m.unmatched_routed.fetch_add(1, Relaxed);
+            } else if verdict.errors.is_empty() && verdict.dead_letter.is_none() {
+                m.dropped_unmatched.fetch_add(1, Relaxed);
+            }
+            if verdict.dropped_by.is_some() && verdict.routes.is_empty() {
+                m.dropped_rule.fetch_add(1, Relaxed);
+            }
+            if let Some(reason) = &verdict.dead_letter {
+                m.dead_letters.fetch_add(1, Relaxed);
+                self.warn(event, reason);
+                if let Some(topic) = &self.dead_letter_topic {
+                    self.local.send(Local {
+                        topic: topic.clone(),
+                        payload: dead_letter(event, reason),
+                        origin: None,
+                    });
+                }
+            }
+        }
+        m.rule_errors
+            .fetch_add(verdict.errors.len() as u64, Relaxed);
+        for reason in &verdict.shaped {
+            match reason {
+                DropReason::Throttled => &m.dropped_throttled,
+                DropReason::Duplicate => &m.dropped_duplicate,
+                DropReason::InsideDeadband => &m.dropped_deadband,
+            }
+            .fetch_add(1, Relaxed);
+        }
+        m.window_absorbed
+            .fetch_add(verdict.absorbed as u64, Relaxed);
+        m.window_emitted.fetch_add(verdict.windows as u64, Relaxed);
+        m.dropped_loop
+            .fetch_add(verdict.loop_dropped as u64, Relaxed);
+        for r in verdict.republish {
+            self.local.send(Local {
+                topic: r.topic,
+                payload: r.payload,
+                origin: Some(r.origin),
+            });
+        }
+        for route in verdict.routes {
+            rows.push(NewRow {
+                upstream: route.upstream,
+                event_id: route.event_id,
+                topic: route.topic,
+                qos: route.qos,
+                priority: route.priority,
+                expires_ms: route.ttl.map(|t| route.received_ms + t.as_millis() as u64),
+                overflow: route.overflow,
+                received_ms: route.received_ms,
+                payload: route.payload,
+            });
+        }
+    }
+
+    /// One WARN per `WARN_EVERY` at most, saying how many were held back.
+    fn warn(&mut self, event: &Event, reason: &str) {
+        let now = std::time::Instant::now();
+        if self.last_warn.is_some_and(|t| now - t < WARN_EVERY) {
+            self.suppressed += 1;
+            return;
+        }
+        warn!(
+            topic = %event.topic,
+            id = %event.id,
+            suppressed = self.suppressed,
+            "event dead-lettered: {reason}"
+        );
+        self.last_warn = Some(now);
+        self.suppressed = 0;
+    }
+}
+
+/// The dead-letter message: why, and the event as it came (its payload as
+/// text when it is UTF-8, else as hex).
+fn dead_letter(event: &Event, reason: &str) -> bytes::Bytes {
+    let mut v = json!({
+        "reason": reason,
+        "topic": event.topic,
+        "id": event.id.to_string(),
+        "received_ms": event.received_ms,
+    });
+    match std::str::from_utf8(&event.raw) {
+        Ok(text) => v["payload"] = json!(text),
+        Err(_) => {
+            v["payload_hex"] = json!(
+                event
+                    .raw
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            )
+        }
+    }
+    bytes::Bytes::from(v.to_string())
 }

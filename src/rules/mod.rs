@@ -3,53 +3,99 @@
 //!
 //! Order and semantics (documented in the README): files are read in file-name
 //! order and rules in the order they appear; every rule whose pattern matches
-//! the event applies (fan-out), in that order, until one says `stop = true` or
-//! `drop = true`. A `drop` rule ends evaluation; destinations of earlier rules
-//! still apply. An event no rule matches follows the `unmatched` policy.
+//! and whose `when` holds applies (fan-out), in that order, until one says
+//! `stop = true` or `drop = true`. Within a rule: match, `when`, shaping
+//! (throttle, dedupe, deadband or window), transforms (`set`, `drop_fields`,
+//! `rename`), then each destination. An event no rule matches follows the
+//! `unmatched` policy. A malformed payload, or a rule that errors on an
+//! event, is counted and, if configured, published on the dead-letter topic.
+//!
+//! A `RuleSet` is immutable and shared; what changes per event (the state of
+//! throttles, dedupes, deadbands and windows) lives in a [`State`] owned by
+//! the router, carried over to a reloaded set for every rule whose text did
+//! not change.
 
+mod compile;
+pub mod expr;
+pub mod shaping;
 mod spec;
 mod template;
+pub mod testing;
 pub mod topic;
+mod transform;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::Deserialize;
-use toml::Spanned;
-use toml::de::{DeTable, DeValue, ValueDeserializer};
+use bytes::Bytes;
+use serde_json::Value;
 
+use crate::codec::Payload;
 use crate::config::UpstreamConfig;
 use crate::diagnostic::{Diagnostic, Diagnostics};
-use crate::event::Event;
+use crate::event::{Event, Origin};
 use crate::queue::{Overflow, Priority};
-pub use spec::{DestinationSpec, RuleSpec};
+use expr::{Env, EventVars, Expr, RuleVars};
+use shaping::{DropReason, Offer, ShapeSpec, Shaper};
+pub use spec::{DestinationSpec, Encoding, RuleSpec};
 use template::Template;
+pub use testing::TestSpec;
 use topic::{Pattern, PatternIndex};
+use transform::Transform;
+
+/// A republished event goes through the rules again (minus the rule that
+/// republished it); past this many hops its local destinations are dropped
+/// and counted, which bounds a loop between rules.
+pub const MAX_HOPS: u8 = 4;
 
 /// A compiled rule.
 #[derive(Debug, Clone)]
 pub struct Rule {
-    pub name: String,
+    pub name: Arc<str>,
     pub pattern: Pattern,
+    /// As written, to tell changed rules from unchanged ones on reload.
+    spec: RuleSpec,
+    when: Option<Expr>,
+    transform: Transform,
+    shape: Option<Shape>,
     destinations: Vec<Destination>,
     drop: bool,
     stop: bool,
 }
 
+/// A rule's shaping operator and the expression of its key (default: topic).
 #[derive(Debug, Clone)]
-struct Destination {
-    upstream: Arc<str>,
+struct Shape {
+    spec: ShapeSpec,
+    key: Option<Expr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Destination {
+    target: Target,
     /// `None`: keep the event's topic.
     topic: Option<Template>,
+    encode: Option<Encoding>,
+    id_field: Option<Arc<str>>,
+}
+
+#[derive(Debug, Clone)]
+enum Target {
+    Upstream(UpstreamTarget),
+    Local,
+}
+
+#[derive(Debug, Clone)]
+struct UpstreamTarget {
+    upstream: Arc<str>,
     qos: u8,
     priority: Priority,
     ttl: Option<std::time::Duration>,
     overflow: Overflow,
-    id_field: Option<Arc<str>>,
 }
 
-/// Where one event goes, as decided by the rules.
+/// One event bound for an upstream's queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     pub upstream: Arc<str>,
@@ -58,18 +104,45 @@ pub struct Route {
     pub priority: Priority,
     pub ttl: Option<std::time::Duration>,
     pub overflow: Overflow,
-    /// Field of a JSON object payload that receives the event id.
-    pub id_field: Option<Arc<str>>,
+    pub payload: Bytes,
+    /// The id it is queued under (the event's, or a window's own).
+    pub event_id: String,
+    /// When it was received (a window: when it closed), ms since the epoch.
+    pub received_ms: u64,
 }
 
-/// The rules' verdict on one event.
+/// One event to publish into the embedded broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Republish {
+    pub topic: String,
+    pub payload: Bytes,
+    /// Stamped on it so the rules can tell it came from here.
+    pub origin: Origin,
+}
+
+/// The rules' verdict on one event (or on the windows closed by a tick).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Verdict {
     pub routes: Vec<Route>,
-    /// How many rules matched.
+    pub republish: Vec<Republish>,
+    /// How many rules matched (pattern and `when`).
     pub matched: usize,
     /// The rule that dropped the event, if one did.
-    pub dropped_by: Option<String>,
+    pub dropped_by: Option<Arc<str>>,
+    /// Events a throttle, dedupe or deadband held back, by reason.
+    pub shaped: Vec<DropReason>,
+    /// Events folded into a window.
+    pub absorbed: usize,
+    /// Windows that closed and were sent on.
+    pub windows: usize,
+    /// Rules that failed on this event: (rule, why).
+    pub errors: Vec<(Arc<str>, String)>,
+    /// Local destinations skipped because the event looped too many times.
+    pub loop_dropped: usize,
+    /// Why the event should go to the dead-letter topic, if it should.
+    pub dead_letter: Option<String>,
+    /// Routed by the `unmatched` policy.
+    pub unmatched_routed: bool,
 }
 
 /// All rules, in evaluation order, with an index over their patterns.
@@ -77,6 +150,37 @@ pub struct Verdict {
 pub struct RuleSet {
     rules: Vec<Rule>,
     index: PatternIndex,
+    env: Arc<Env>,
+    gateway: Arc<str>,
+    unmatched: Option<Destination>,
+    dead_letter: Option<Arc<str>>,
+    /// `[[test]]` cases found next to the rules, with their file and line.
+    tests: Vec<(TestSpec, PathBuf, usize)>,
+}
+
+/// What the config says about the rules beyond the rule files.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// Gateway id (for `meta.gateway`).
+    pub gateway: String,
+    /// Destination of events no rule matched; `None` drops them.
+    pub unmatched: Option<DestinationSpec>,
+    /// Local topic for dead letters; `None`: counted only.
+    pub dead_letter: Option<String>,
+}
+
+/// Which rules differ between two sets, by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
 }
 
 impl RuleSet {
@@ -92,6 +196,16 @@ impl RuleSet {
         &self.rules
     }
 
+    /// Local topic for dead letters, if configured.
+    pub fn dead_letter_topic(&self) -> Option<&str> {
+        self.dead_letter.as_deref()
+    }
+
+    /// The `[[test]]` cases of the loaded files.
+    pub fn tests(&self) -> &[(TestSpec, PathBuf, usize)] {
+        &self.tests
+    }
+
     /// Load every `*.toml` in `dir` (in file-name order), checking upstream
     /// names against `upstreams`. Returns every problem in every file.
     pub fn load_dir(
@@ -99,7 +213,7 @@ impl RuleSet {
         upstreams: &BTreeMap<String, UpstreamConfig>,
     ) -> Result<RuleSet, Diagnostics> {
         let entries = std::fs::read_dir(dir).map_err(|e| {
-            Diagnostics(vec![Diagnostic::whole_file(
+            Diagnostics(vec![Diagnostic::unreadable(
                 dir,
                 format!("cannot read rules directory: {e}"),
             )])
@@ -109,35 +223,29 @@ impl RuleSet {
             .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
             .collect();
         files.sort();
+        Self::load_files(&files, upstreams)
+    }
+
+    /// Load the given rule files, in the order given.
+    pub fn load_files(
+        files: &[PathBuf],
+        upstreams: &BTreeMap<String, UpstreamConfig>,
+    ) -> Result<RuleSet, Diagnostics> {
         let mut errors = Vec::new();
         let mut set = RuleSet::default();
-        let mut seen: HashMap<String, String> = HashMap::new();
-        for file in &files {
+        let mut seen: HashMap<Arc<str>, String> = HashMap::new();
+        for file in files {
             let text = match std::fs::read_to_string(file) {
                 Ok(t) => t,
                 Err(e) => {
-                    errors.push(Diagnostic::whole_file(
+                    errors.push(Diagnostic::unreadable(
                         file,
                         format!("cannot read rule file: {e}"),
                     ));
                     continue;
                 }
             };
-            for (rule, at) in parse_file(file, &text, upstreams, &mut errors) {
-                if let Some(prev) = seen.insert(rule.name.clone(), at.clone()) {
-                    errors.push(Diagnostic::at(
-                        file,
-                        &text,
-                        None,
-                        format!(
-                            "rule name {:?} is used twice (first at {prev}); names must be unique",
-                            rule.name
-                        ),
-                    ));
-                    continue;
-                }
-                set.push(rule);
-            }
+            set.add_file(file, &text, upstreams, &mut seen, &mut errors);
         }
         if errors.is_empty() {
             Ok(set)
@@ -154,9 +262,7 @@ impl RuleSet {
     ) -> Result<RuleSet, Diagnostics> {
         let mut errors = Vec::new();
         let mut set = RuleSet::default();
-        for (rule, _) in parse_file(name, text, upstreams, &mut errors) {
-            set.push(rule);
-        }
+        set.add_file(name, text, upstreams, &mut HashMap::new(), &mut errors);
         if errors.is_empty() {
             Ok(set)
         } else {
@@ -164,333 +270,435 @@ impl RuleSet {
         }
     }
 
-    fn push(&mut self, rule: Rule) {
-        self.index.insert(&rule.pattern, self.rules.len());
-        self.rules.push(rule);
+    fn add_file(
+        &mut self,
+        file: &Path,
+        text: &str,
+        upstreams: &BTreeMap<String, UpstreamConfig>,
+        seen: &mut HashMap<Arc<str>, String>,
+        errors: &mut Vec<Diagnostic>,
+    ) {
+        let contents = compile::parse_file(file, text, upstreams, errors);
+        for (rule, at) in contents.rules {
+            if let Some(prev) = seen.insert(rule.name.clone(), at.clone()) {
+                let line = at
+                    .rsplit(':')
+                    .next()
+                    .and_then(|l| l.parse().ok())
+                    .unwrap_or(0);
+                errors.push(Diagnostic {
+                    unreadable: false,
+                    file: file.to_path_buf(),
+                    line,
+                    column: 1,
+                    message: format!(
+                        "rule name {:?} is used twice (first at {prev}); names must be unique",
+                        rule.name
+                    ),
+                });
+                continue;
+            }
+            self.index.insert(&rule.pattern, self.rules.len());
+            self.rules.push(rule);
+        }
+        self.tests.extend(
+            contents
+                .tests
+                .into_iter()
+                .map(|(t, line)| (t, file.to_path_buf(), line)),
+        );
+    }
+
+    /// Apply the config's settings: gateway id, unmatched policy, dead
+    /// letters. The unmatched destination was checked with the config.
+    pub fn configure(
+        &mut self,
+        settings: &Settings,
+        upstreams: &BTreeMap<String, UpstreamConfig>,
+    ) -> Result<(), Vec<(&'static str, String)>> {
+        self.gateway = Arc::from(settings.gateway.as_str());
+        self.dead_letter = settings.dead_letter.as_deref().map(Arc::from);
+        self.unmatched = match &settings.unmatched {
+            Some(d) => Some(compile::compile_destination(d, None, upstreams, false)?),
+            None => None,
+        };
+        Ok(())
+    }
+
+    /// Which rules were added, removed or changed from `old` to `self`.
+    pub fn changes_from(&self, old: &RuleSet) -> Changes {
+        let before: HashMap<&str, &RuleSpec> =
+            old.rules.iter().map(|r| (&*r.name, &r.spec)).collect();
+        let after: HashMap<&str, &RuleSpec> =
+            self.rules.iter().map(|r| (&*r.name, &r.spec)).collect();
+        let mut c = Changes::default();
+        for r in &self.rules {
+            match before.get(&*r.name) {
+                None => c.added.push(r.name.to_string()),
+                Some(spec) if **spec != r.spec => c.changed.push(r.name.to_string()),
+                Some(_) => {}
+            }
+        }
+        for r in &old.rules {
+            if !after.contains_key(&*r.name) {
+                c.removed.push(r.name.to_string());
+            }
+        }
+        c
+    }
+
+    /// Fresh shaping state for this set.
+    pub fn new_state(&self) -> State {
+        State {
+            shapers: self
+                .rules
+                .iter()
+                .map(|r| r.shape.as_ref().map(|s| Shaper::new(s.spec.clone())))
+                .collect(),
+        }
+    }
+
+    /// Shaping state for this set, keeping `old`'s state (of set `old_set`)
+    /// for every rule whose text did not change.
+    pub fn carry_state(&self, old_set: &RuleSet, mut old: State) -> State {
+        let mut by_name: HashMap<&str, usize> = HashMap::new();
+        for (i, r) in old_set.rules.iter().enumerate() {
+            by_name.insert(&r.name, i);
+        }
+        let mut state = self.new_state();
+        for (i, rule) in self.rules.iter().enumerate() {
+            if let Some(&j) = by_name.get(&*rule.name)
+                && old_set.rules[j].spec == rule.spec
+                && let Some(shaper) = old.shapers.get_mut(j).and_then(Option::take)
+            {
+                state.shapers[i] = Some(shaper);
+            }
+        }
+        state
     }
 
     /// Apply the rules to one event.
-    pub fn route(&self, event: &Event) -> Verdict {
+    pub fn route(&self, event: &Event, state: &mut State) -> Verdict {
         let mut verdict = Verdict::default();
-        for id in self.index.matches(&event.topic) {
-            let rule = &self.rules[id];
+        if let Payload::Malformed(why) = &event.payload {
+            verdict.dead_letter = Some(why.clone());
+            return verdict;
+        }
+        let id = event.id.to_string();
+        // Built on first use, then shared by every rule this event reaches.
+        let mut vars: Option<EventVars<'_>> = None;
+        for i in self.index.matches(&event.topic) {
+            let rule = &self.rules[i];
+            if event.origin.as_ref().is_some_and(|o| *o.rule == *rule.name) {
+                continue;
+            }
             // The index only returns patterns that match, so captures exist.
             let Some(captures) = rule.pattern.captures(&event.topic) else {
                 continue;
             };
+            let ev = vars.get_or_insert_with(|| EventVars::new(event, &id, &self.gateway));
+            let rv = RuleVars {
+                event: ev,
+                captures: &captures,
+            };
+            if let Some(when) = &rule.when {
+                match when.eval_bool(&self.env, &rv) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => {
+                        verdict.fail(&rule.name, format!("when {:?}: {e}", when.source()));
+                        continue;
+                    }
+                }
+            }
             verdict.matched += 1;
             if rule.drop {
                 verdict.dropped_by = Some(rule.name.clone());
                 break;
             }
-            for d in &rule.destinations {
-                verdict.routes.push(Route {
-                    upstream: d.upstream.clone(),
-                    topic: match &d.topic {
-                        Some(t) => t.render(&captures),
-                        None => event.topic.clone(),
-                    },
-                    qos: d.qos,
-                    priority: d.priority,
-                    ttl: d.ttl,
-                    overflow: d.overflow,
-                    id_field: d.id_field.clone(),
-                });
+            let mut pass = true;
+            if let (Some(shape), Some(Some(shaper))) = (&rule.shape, state.shapers.get_mut(i)) {
+                let key = match &shape.key {
+                    Some(k) => k.eval_key(&self.env, &rv),
+                    None => Ok(event.topic.clone()),
+                };
+                let key = match key {
+                    Ok(k) => k,
+                    Err(e) => {
+                        verdict.fail(&rule.name, format!("{} key: {e}", shape.spec.kind()));
+                        continue;
+                    }
+                };
+                let ctx = WindowCtx {
+                    topic: event.topic.clone(),
+                    captures: captures
+                        .iter()
+                        .map(|(n, v)| (n.to_string(), v.to_string()))
+                        .collect(),
+                };
+                let payload = event.payload.value().unwrap_or(&Value::Null);
+                match shaper.offer(&key, event.received_ms, payload, ctx) {
+                    Offer::Pass => {}
+                    Offer::Drop(reason) => {
+                        verdict.shaped.push(reason);
+                        pass = false;
+                    }
+                    Offer::NotNumeric => {
+                        verdict.fail(
+                            &rule.name,
+                            "deadband field is missing or not a number".to_string(),
+                        );
+                        pass = false;
+                    }
+                    Offer::Absorbed { closed } => {
+                        verdict.absorbed += 1;
+                        if let Some(emit) = closed {
+                            self.emit_window(rule, emit, &mut verdict);
+                        }
+                        pass = false;
+                    }
+                }
+            }
+            if pass {
+                self.outputs(rule, event, &id, &rv, &captures, &mut verdict);
             }
             if rule.stop {
                 break;
             }
         }
+        if verdict.matched == 0
+            && verdict.errors.is_empty()
+            && let Some(d) = &self.unmatched
+        {
+            let ev = vars.get_or_insert_with(|| EventVars::new(event, &id, &self.gateway));
+            let rv = RuleVars {
+                event: ev,
+                captures: &[],
+            };
+            let name: Arc<str> = Arc::from("unmatched");
+            let before = verdict.routes.len() + verdict.republish.len();
+            self.destination(&name, d, event, &id, &rv, &[], None, &mut verdict);
+            verdict.unmatched_routed = verdict.routes.len() + verdict.republish.len() > before;
+        }
+        if verdict.dead_letter.is_none()
+            && let Some((rule, why)) = verdict.errors.first()
+        {
+            verdict.dead_letter = Some(format!("rule {rule:?}: {why}"));
+        }
         verdict
     }
-}
 
-/// Parse one rule file, pushing every problem into `errors`. Returns the
-/// rules that compiled, each with its `file:line` for duplicate-name messages.
-fn parse_file(
-    file: &Path,
-    text: &str,
-    upstreams: &BTreeMap<String, UpstreamConfig>,
-    errors: &mut Vec<Diagnostic>,
-) -> Vec<(Rule, String)> {
-    let (root, syntax) = DeTable::parse_recoverable(text);
-    if !syntax.is_empty() {
-        errors.extend(syntax.iter().map(|e| Diagnostic::from_toml(file, text, e)));
-        return Vec::new();
-    }
-    let mut out = Vec::new();
-    for (key, value) in root.get_ref().iter() {
-        match key.get_ref().as_ref() {
-            "rule" => {}
-            other => {
-                errors.push(Diagnostic::at(
-                    file,
-                    text,
-                    Some(key.span()),
-                    format!("unknown key {other:?} in rule file; expected [[rule]] tables"),
-                ));
-                continue;
+    /// Send on the windows that closed by `now_ms`.
+    pub fn tick(&self, now_ms: u64, state: &mut State) -> Verdict {
+        let mut verdict = Verdict::default();
+        for (i, shaper) in state.shapers.iter_mut().enumerate() {
+            let Some(shaper) = shaper else { continue };
+            for emit in shaper.due(now_ms) {
+                self.emit_window(&self.rules[i], emit, &mut verdict);
             }
         }
-        let DeValue::Array(items) = value.get_ref() else {
-            errors.push(Diagnostic::at(
-                file,
-                text,
-                Some(value.span()),
-                "`rule` must be written as [[rule]] tables",
-            ));
-            continue;
+        verdict
+    }
+
+    /// When `tick` next has something to do, if ever.
+    pub fn next_deadline(&self, state: &State) -> Option<u64> {
+        state
+            .shapers
+            .iter()
+            .flatten()
+            .filter_map(|s| s.next_deadline())
+            .min()
+    }
+
+    /// A closed window becomes an event of its own (a new id, the aggregate
+    /// as a JSON payload, the topic and captures of the window's last
+    /// event) and goes through the rule's transforms and destinations.
+    fn emit_window(&self, rule: &Rule, emit: shaping::Emit<WindowCtx>, verdict: &mut Verdict) {
+        verdict.windows += 1;
+        let raw = Bytes::from(serde_json::to_vec(&emit.payload).unwrap_or_default());
+        let mut event = Event::from_publish(emit.ctx.topic, raw);
+        event.received_ms = emit.window_end_ms;
+        event.payload = Payload::Json(emit.payload);
+        let id = event.id.to_string();
+        let captures: Vec<(&str, &str)> = emit
+            .ctx
+            .captures
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        let ev = EventVars::new(&event, &id, &self.gateway);
+        let rv = RuleVars {
+            event: &ev,
+            captures: &captures,
         };
-        for item in items.iter() {
-            let d = Diagnostic::at(file, text, Some(item.span()), "");
-            let at = format!("{}:{}", file.display(), d.line);
-            if let Some(rule) = compile_rule(file, text, item, upstreams, errors) {
-                out.push((rule, at));
-            }
-        }
+        self.outputs(rule, &event, &id, &rv, &captures, verdict);
     }
-    out
-}
 
-fn compile_rule(
-    file: &Path,
-    text: &str,
-    item: &Spanned<DeValue<'_>>,
-    upstreams: &BTreeMap<String, UpstreamConfig>,
-    errors: &mut Vec<Diagnostic>,
-) -> Option<Rule> {
-    let spec = match RuleSpec::deserialize(ValueDeserializer::from(item.clone())) {
-        Ok(s) => s,
-        Err(e) => {
-            let mut d = Diagnostic::from_toml(file, text, &e);
-            if d.line == 0 {
-                d = Diagnostic::at(
-                    file,
-                    text,
-                    Some(item.span()),
-                    e.message().trim().to_string(),
-                );
-            }
-            errors.push(d);
-            return None;
-        }
-    };
-    let before = errors.len();
-    // Span of a key inside this rule (or the rule itself), to point at the value.
-    let span_of = |path: &[&str]| -> std::ops::Range<usize> {
-        let mut cur = item;
-        for key in path {
-            match cur.get_ref().get(*key) {
-                Some(v) => cur = v,
-                None => break,
-            }
-        }
-        cur.span()
-    };
-    let mut err = |span: std::ops::Range<usize>, msg: String| {
-        errors.push(Diagnostic::at(
-            file,
-            text,
-            Some(span),
-            format!("rule {:?}: {msg}", spec.name),
-        ));
-    };
-    if spec.name.trim().is_empty() {
-        err(span_of(&["name"]), "name must not be empty".into());
-    }
-    let pattern = match Pattern::parse(&spec.pattern) {
-        Ok(p) => Some(p),
-        Err(e) => {
-            err(span_of(&["match"]), e.to_string());
+    /// Transform once, then write each destination.
+    fn outputs(
+        &self,
+        rule: &Rule,
+        event: &Event,
+        id: &str,
+        vars: &RuleVars<'_, '_>,
+        captures: &[(&str, &str)],
+        verdict: &mut Verdict,
+    ) {
+        let transformed = if rule.transform.is_empty() {
             None
-        }
-    };
-    if spec.drop && !spec.to.is_empty() {
-        err(
-            span_of(&["drop"]),
-            "a rule either drops (drop = true) or routes (to = [...]), not both".into(),
-        );
-    }
-    if !spec.drop && spec.to.is_empty() {
-        err(
-            span_of(&[]),
-            "a rule needs destinations (to = [...]) or drop = true".into(),
-        );
-    }
-    let mut destinations = Vec::new();
-    for (i, d) in spec.to.iter().enumerate() {
-        let span = |key: &str| {
-            item.get_ref()
-                .get("to")
-                .and_then(|to| to.get_ref().get(i))
-                .map(|t| t.get_ref().get(key).map(|v| v.span()).unwrap_or(t.span()))
-                .unwrap_or(item.span())
-        };
-        if !upstreams.contains_key(&d.upstream) {
-            let known: Vec<&str> = upstreams.keys().map(|k| k.as_str()).collect();
-            err(
-                span("upstream"),
-                format!(
-                    "upstream {:?} is not configured (configured: {}); add [upstream.{}] to the config or fix the name",
-                    d.upstream,
-                    if known.is_empty() {
-                        "none".to_string()
-                    } else {
-                        known.join(", ")
-                    },
-                    d.upstream
-                ),
-            );
-        }
-        if d.qos > 1 {
-            err(
-                span("qos"),
-                format!("qos {} is not supported upstream; use 0 or 1", d.qos),
-            );
-        }
-        let topic = match (&d.topic, &pattern) {
-            (Some(t), Some(p)) => match Template::parse(t, p.capture_names()) {
-                Ok(t) => Some(t),
+        } else {
+            match rule.transform.apply(&self.env, vars, event.payload.value()) {
+                Ok(v) => Some(v),
                 Err(e) => {
-                    err(span("topic"), e);
-                    None
+                    verdict.fail(&rule.name, e.0);
+                    return;
+                }
+            }
+        };
+        for d in &rule.destinations {
+            self.destination(
+                &rule.name,
+                d,
+                event,
+                id,
+                vars,
+                captures,
+                transformed.as_ref(),
+                verdict,
+            );
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn destination(
+        &self,
+        rule: &Arc<str>,
+        d: &Destination,
+        event: &Event,
+        id: &str,
+        _vars: &RuleVars<'_, '_>,
+        captures: &[(&str, &str)],
+        transformed: Option<&Value>,
+        verdict: &mut Verdict,
+    ) {
+        let value = transformed.or(event.payload.value());
+        let topic = match &d.topic {
+            Some(t) => match t.render(captures, value) {
+                Ok(t) => t,
+                Err(e) => {
+                    verdict.fail(rule, e);
+                    return;
                 }
             },
-            _ => None,
+            None => event.topic.clone(),
         };
-        if d.id_field.as_deref().is_some_and(str::is_empty) {
-            err(span("id_field"), "id_field must not be empty".into());
+        let payload = match payload_for(d, event, id, transformed) {
+            Ok(p) => p,
+            Err(e) => {
+                verdict.fail(rule, e);
+                return;
+            }
+        };
+        match &d.target {
+            Target::Upstream(u) => verdict.routes.push(Route {
+                upstream: u.upstream.clone(),
+                topic,
+                qos: u.qos,
+                priority: u.priority,
+                ttl: u.ttl,
+                overflow: u.overflow,
+                payload,
+                event_id: id.to_string(),
+                received_ms: event.received_ms,
+            }),
+            Target::Local => {
+                let hops = event.origin.as_ref().map_or(0, |o| o.hops) + 1;
+                if hops > MAX_HOPS {
+                    verdict.loop_dropped += 1;
+                    return;
+                }
+                verdict.republish.push(Republish {
+                    topic,
+                    payload,
+                    origin: Origin {
+                        rule: rule.to_string(),
+                        hops,
+                    },
+                });
+            }
         }
-        const TEN_YEARS: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 86_400);
-        if d.ttl.is_some_and(|t| t.0.is_zero() || t.0 > TEN_YEARS) {
-            err(
-                span("ttl"),
-                "ttl must be between 1ms and 10 years (leave it out to never expire)".into(),
-            );
+    }
+}
+
+/// The bytes a destination sends: the original ones where nothing changes
+/// them (fast, and exactly what the sensor sent), else the (transformed)
+/// value in the destination's encoding, with the event id added if asked.
+fn payload_for(
+    d: &Destination,
+    event: &Event,
+    id: &str,
+    transformed: Option<&Value>,
+) -> Result<Bytes, String> {
+    let input = match event.payload {
+        Payload::Json(_) => Some(Encoding::Json),
+        Payload::Cbor(_) => Some(Encoding::Cbor),
+        _ => None,
+    };
+    if d.encode == Some(Encoding::Raw) {
+        return Ok(event.raw.clone());
+    }
+    let Some(value) = transformed.or(event.payload.value()) else {
+        // A raw payload with nothing to change goes as it came.
+        return match d.encode {
+            None => Ok(event.raw.clone()),
+            Some(e) => Err(format!(
+                "cannot encode a {} payload as {e:?}",
+                event.payload.format()
+            )),
+        };
+    };
+    let with_id = d.id_field.is_some() && value.is_object();
+    if transformed.is_none() && !with_id && (d.encode.is_none() || d.encode == input) {
+        return Ok(event.raw.clone());
+    }
+    let encoding = d
+        .encode
+        .unwrap_or_else(|| transform::natural_encoding(&event.payload));
+    match (&d.id_field, value) {
+        (Some(field), Value::Object(map)) => {
+            let mut map = map.clone();
+            map.insert(field.to_string(), Value::String(id.to_string()));
+            transform::encode(&Value::Object(map), encoding)
         }
-        destinations.push(Destination {
-            upstream: Arc::from(d.upstream.as_str()),
-            topic,
-            qos: d.qos,
-            priority: d.priority,
-            ttl: d.ttl.map(|t| t.0),
-            overflow: d.overflow,
-            id_field: d.id_field.as_deref().map(Arc::from),
-        });
+        _ => transform::encode(value, encoding),
     }
-    if errors.len() > before {
-        return None;
+}
+
+impl Verdict {
+    fn fail(&mut self, rule: &Arc<str>, why: String) {
+        self.errors.push((rule.clone(), why));
     }
-    Some(Rule {
-        name: spec.name,
-        pattern: pattern?,
-        destinations,
-        drop: spec.drop,
-        stop: spec.stop,
-    })
+}
+
+/// What a window keeps of its last event, to address the event it emits.
+#[derive(Debug, Clone)]
+pub struct WindowCtx {
+    topic: String,
+    captures: Vec<(String, String)>,
+}
+
+/// The router's per-rule shaping state, aligned with a [`RuleSet`]'s rules.
+#[derive(Debug, Default)]
+pub struct State {
+    shapers: Vec<Option<Shaper<WindowCtx>>>,
+}
+
+impl State {
+    /// Keys held across all shapers (memory is bounded by each `max_keys`).
+    pub fn keys(&self) -> usize {
+        self.shapers.iter().flatten().map(|s| s.keys()).sum()
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::event::Event;
-
-    fn upstreams() -> BTreeMap<String, UpstreamConfig> {
-        let cfg: crate::config::ConfigFile =
-            toml::from_str("[upstream.cloud]\nurl = \"mqtt://h\"\n").unwrap();
-        cfg.upstream
-    }
-
-    fn load(text: &str) -> Result<RuleSet, Diagnostics> {
-        RuleSet::from_str(Path::new("r.toml"), text, &upstreams())
-    }
-
-    #[test]
-    fn fans_out_in_order_until_stop() {
-        let set = load(
-            r##"
-[[rule]]
-name = "a"
-match = "sensors/{site}/{device}/temperature"
-to = [{ upstream = "cloud", topic = "plant/{site}/{device}/temp" }]
-
-[[rule]]
-name = "b"
-match = "sensors/#"
-to = [{ upstream = "cloud", qos = 0 }]
-stop = true
-
-[[rule]]
-name = "c"
-match = "sensors/+/+/temperature"
-to = [{ upstream = "cloud", topic = "never" }]
-"##,
-        )
-        .unwrap();
-        let v = set.route(&Event::for_test("sensors/s1/t1/temperature", b"{}"));
-        assert_eq!(v.matched, 2);
-        let topics: Vec<&str> = v.routes.iter().map(|r| r.topic.as_str()).collect();
-        assert_eq!(topics, ["plant/s1/t1/temp", "sensors/s1/t1/temperature"]);
-        assert_eq!(v.routes[1].qos, 0);
-        assert_eq!(
-            set.route(&Event::for_test("other", b"")),
-            Verdict::default()
-        );
-    }
-
-    #[test]
-    fn drop_rule_ends_evaluation() {
-        let set = load(
-            r##"
-[[rule]]
-name = "quiet"
-match = "debug/#"
-drop = true
-
-[[rule]]
-name = "all"
-match = "#"
-to = [{ upstream = "cloud" }]
-"##,
-        )
-        .unwrap();
-        let v = set.route(&Event::for_test("debug/x", b""));
-        assert_eq!(v.dropped_by.as_deref(), Some("quiet"));
-        assert!(v.routes.is_empty());
-        assert_eq!(set.route(&Event::for_test("a", b"")).routes.len(), 1);
-    }
-
-    #[test]
-    fn every_error_in_a_file_is_reported_with_its_line() {
-        let text = r##"[[rule]]
-name = "bad-pattern"
-match = "a/#/b"
-to = [{ upstream = "cloud" }]
-
-[[rule]]
-name = "bad-upstream"
-match = "a/{x}"
-to = [{ upstream = "nowhere", topic = "b/{y}" }]
-
-[[rule]]
-name = "typo"
-mtch = "a"
-"##;
-        let Diagnostics(errs) = load(text).unwrap_err();
-        let lines: Vec<usize> = errs.iter().map(|d| d.line).collect();
-        assert_eq!(lines, [3, 9, 9, 13], "{errs:#?}");
-        assert!(
-            errs[1].message.contains("\"nowhere\" is not configured"),
-            "{}",
-            errs[1]
-        );
-        assert!(errs[2].message.contains("{y}"), "{}", errs[2]);
-        assert!(errs[3].message.contains("mtch"), "{}", errs[3]);
-    }
-
-    #[test]
-    fn syntax_errors_are_located() {
-        let Diagnostics(errs) = load("[[rule]]\nname = \"x\nmatch = 1\n").unwrap_err();
-        assert_eq!(errs[0].line, 2, "{errs:#?}");
-    }
-}
+mod tests;

@@ -1,13 +1,16 @@
 //! The rule file schema as operators write it (see README "Rules").
 //! Parsed with serde; turned into the runtime form by `compile`.
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 
+use super::shaping::{DeadbandSpec, DedupeSpec, ThrottleSpec, WindowSpec};
 use crate::queue::{Overflow, Priority};
 use crate::units::HumanDuration;
 
 /// One `[[rule]]` table.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RuleSpec {
     /// Unique across all rule files; used in logs and counters.
@@ -15,6 +18,25 @@ pub struct RuleSpec {
     /// MQTT topic pattern with `+`, `#` and `{name}` captures.
     #[serde(rename = "match")]
     pub pattern: String,
+    /// CEL predicate; the rule applies only where it is true.
+    pub when: Option<String>,
+    /// Fields added or replaced: field name -> CEL expression.
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    /// Fields removed (after `set`).
+    #[serde(default)]
+    pub drop_fields: Vec<String>,
+    /// Fields renamed: old name -> new name (after `drop_fields`).
+    #[serde(default)]
+    pub rename: BTreeMap<String, String>,
+    /// At most one event per key per period.
+    pub throttle: Option<ThrottleSpec>,
+    /// Drop an event whose key passed within a window.
+    pub dedupe: Option<DedupeSpec>,
+    /// Report by exception.
+    pub deadband: Option<DeadbandSpec>,
+    /// Tumbling aggregation per key.
+    pub window: Option<WindowSpec>,
     /// Where matching events go. Empty with `drop = true`.
     #[serde(default)]
     pub to: Vec<DestinationSpec>,
@@ -26,32 +48,39 @@ pub struct RuleSpec {
     pub stop: bool,
 }
 
-/// One entry of `to = [...]`.
-#[derive(Debug, Clone, Deserialize)]
+/// One entry of `to = [...]`: an upstream or a local topic.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DestinationSpec {
     /// Name of an `[upstream.<name>]` in the config.
-    pub upstream: String,
-    /// Topic template; `{name}` is replaced by the capture of that name.
-    /// Defaults to the event's own topic.
+    pub upstream: Option<String>,
+    /// Topic template to republish on in the embedded broker.
+    pub local: Option<String>,
+    /// Topic template; `{name}` is replaced by the capture of that name and
+    /// `{payload.field}` by a payload field. Defaults to the event's own topic.
     pub topic: Option<String>,
-    /// 0 or 1 (default 1).
-    #[serde(default = "default_qos")]
-    pub qos: u8,
+    /// 0 or 1 (default 1). Upstreams only, like the three below.
+    pub qos: Option<u8>,
     /// Send order in the queue: "low", "normal" (default) or "high".
-    #[serde(default)]
-    pub priority: Priority,
+    pub priority: Option<Priority>,
     /// Not sent after this long in the queue (e.g. "24h"); unset: never expires.
     pub ttl: Option<HumanDuration>,
     /// When the upstream's queue is full: "drop_oldest" (default) or "drop_newest".
-    #[serde(default)]
-    pub overflow: Overflow,
-    /// Add the event's id under this field of a JSON object payload, so the
+    pub overflow: Option<Overflow>,
+    /// Add the event's id under this field of an object payload, so the
     /// cloud can drop duplicates of an at-least-once delivery (MQTT 3.1.1
     /// has no message properties to carry it).
     pub id_field: Option<String>,
+    /// Output encoding: "json", "cbor" or "raw" (the bytes as received,
+    /// untouched by transforms). Default: the input's own format.
+    pub encode: Option<Encoding>,
 }
 
-fn default_qos() -> u8 {
-    1
+/// How a destination's payload is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Encoding {
+    Json,
+    Cbor,
+    Raw,
 }

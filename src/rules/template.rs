@@ -1,6 +1,10 @@
-//! Topic templates: `site/{site}/{device}/temp`, filled from captures.
+//! Topic templates: `plant/{site}/{device}/temp`, filled from the match
+//! pattern's captures, and `fleet/{payload.serial}`, filled from a field of
+//! the (transformed) payload.
 
-/// A compiled template: literal text and capture references.
+use serde_json::Value;
+
+/// A compiled template: literal text, capture references and payload fields.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
     parts: Vec<Part>,
@@ -10,6 +14,8 @@ pub struct Template {
 enum Part {
     Text(String),
     Capture(String),
+    /// Dotted path into an object payload.
+    Field(Vec<String>),
 }
 
 impl Template {
@@ -39,10 +45,20 @@ impl Template {
                 .find('}')
                 .ok_or_else(|| format!("unclosed '{{' in topic template {text:?}"))?;
             let name = &rest[open + 1..open + close];
-            if !captures.clone().any(|c| c == name) {
+            if let Some(path) = name.strip_prefix("payload.") {
+                let path: Vec<String> = path.split('.').map(str::to_string).collect();
+                if path.iter().any(String::is_empty) {
+                    return Err(format!(
+                        "topic template {text:?}: {{{name}}} needs a field path like {{payload.serial}}"
+                    ));
+                }
+                parts.push(Part::Field(path));
+            } else if captures.clone().any(|c| c == name) {
+                parts.push(Part::Capture(name.to_string()));
+            } else {
                 let known: Vec<&str> = captures.by_ref().collect();
                 return Err(format!(
-                    "topic template {text:?} uses {{{name}}}, but the match pattern captures {}",
+                    "topic template {text:?} uses {{{name}}}, but the match pattern captures {} (payload fields are written {{payload.<field>}})",
                     if known.is_empty() {
                         "nothing".to_string()
                     } else {
@@ -50,7 +66,6 @@ impl Template {
                     }
                 ));
             }
-            parts.push(Part::Capture(name.to_string()));
             rest = &rest[open + close + 1..];
         }
         if rest.contains('}') {
@@ -62,8 +77,14 @@ impl Template {
         Ok(Template { parts })
     }
 
-    /// Fill in the captures of one event.
-    pub fn render(&self, captures: &[(&str, &str)]) -> String {
+    /// Fill in the captures and payload fields of one event. A payload field
+    /// that is missing, not a string, number or bool, or that would put a
+    /// wildcard into the topic is an error (the destination is skipped).
+    pub fn render(
+        &self,
+        captures: &[(&str, &str)],
+        payload: Option<&Value>,
+    ) -> Result<String, String> {
         let mut out = String::with_capacity(64);
         for part in &self.parts {
             match part {
@@ -74,24 +95,63 @@ impl Template {
                         out.push_str(v);
                     }
                 }
+                Part::Field(path) => {
+                    let mut v = payload;
+                    for key in path {
+                        v = v.and_then(|v| v.get(key));
+                    }
+                    let text = match v {
+                        Some(Value::String(s)) => s.clone(),
+                        Some(Value::Number(n)) => n.to_string(),
+                        Some(Value::Bool(b)) => b.to_string(),
+                        _ => {
+                            return Err(format!(
+                                "topic field payload.{} is missing or not a string, number or bool",
+                                path.join(".")
+                            ));
+                        }
+                    };
+                    if text.is_empty() || text.contains(['+', '#', '\0']) {
+                        return Err(format!(
+                            "topic field payload.{} = {text:?} cannot go into a topic",
+                            path.join(".")
+                        ));
+                    }
+                    out.push_str(&text);
+                }
             }
         }
-        out
+        Ok(out)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn renders_captures_into_text() {
         let t =
             Template::parse("plant/{site}/{device}/temp", ["site", "device"].into_iter()).unwrap();
         assert_eq!(
-            t.render(&[("site", "a"), ("device", "t1")]),
-            "plant/a/t1/temp"
+            t.render(&[("site", "a"), ("device", "t1")], None),
+            Ok("plant/a/t1/temp".to_string())
         );
+    }
+
+    #[test]
+    fn renders_payload_fields() {
+        let t = Template::parse("fleet/{payload.meta.serial}/{d}", ["d"].into_iter()).unwrap();
+        let p = json!({"meta": {"serial": 42}});
+        assert_eq!(
+            t.render(&[("d", "x")], Some(&p)),
+            Ok("fleet/42/x".to_string())
+        );
+        assert!(t.render(&[("d", "x")], Some(&json!({}))).is_err());
+        assert!(t.render(&[("d", "x")], None).is_err());
+        let wild = json!({"meta": {"serial": "a/#"}});
+        assert!(t.render(&[("d", "x")], Some(&wild)).is_err());
     }
 
     #[test]
@@ -101,5 +161,6 @@ mod tests {
         assert!(Template::parse("x/{dev", ["dev"].into_iter()).is_err());
         assert!(Template::parse("}{dev}", ["dev"].into_iter()).is_err());
         assert!(Template::parse("x/+", std::iter::empty()).is_err());
+        assert!(Template::parse("x/{payload.}", std::iter::empty()).is_err());
     }
 }

@@ -56,7 +56,7 @@ async fn events_published_before_a_restart_arrive_when_the_upstream_returns() {
     const N: usize = 150;
     for seq in 0..N {
         sensor
-            .publish("sensors/yard/d2/humidity", reading("d2", seq))
+            .publish("sensors/yard/d2/temperature", reading("d2", seq))
             .await;
     }
     sensor.wait_acked(N).await;

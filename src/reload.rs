@@ -1,0 +1,133 @@
+//! Rule reload: on request (SIGHUP, `Running::reload`) and, when
+//! `rules.watch` is on, on a change to a `*.toml` file in the rules
+//! directory (inotify via `notify`, debounced so an editor's save burst
+//! gives one reload).
+//!
+//! The new set is compiled on a blocking thread, off the hot path, and
+//! handed to the router in one step through a watch channel; the router
+//! keeps the shaping state of unchanged rules. An invalid edit keeps the old
+//! rules running: every error is logged and the reload counted as failed.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::rules::RuleSet;
+
+/// Quiet time after the last file change before reloading.
+const DEBOUNCE: Duration = Duration::from_millis(300);
+
+/// Why a reload was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Signal,
+    FileChange,
+}
+
+/// Run until shutdown: reload the rules whenever `requests` or the file
+/// watcher asks, publishing each good set on `rules`.
+pub async fn run(
+    config: Config,
+    rules: watch::Sender<Arc<RuleSet>>,
+    mut requests: mpsc::Receiver<Trigger>,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (file_tx, mut file_rx) = mpsc::channel::<()>(1);
+    // Kept alive for as long as this stage runs.
+    let _watcher = if config.file.rules.watch {
+        watch_dir(&config, file_tx)
+    } else {
+        None
+    };
+    loop {
+        let trigger = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            r = requests.recv() => match r {
+                Some(t) => t,
+                None => return,
+            },
+            Some(()) = file_rx.recv() => Trigger::FileChange,
+        };
+        if trigger == Trigger::FileChange {
+            // Wait for the burst of changes to settle.
+            while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, file_rx.recv()).await {}
+        }
+        let cfg = config.clone();
+        let loaded = tokio::task::spawn_blocking(move || cfg.reload_rules()).await;
+        let current = rules.borrow().clone();
+        match loaded {
+            Ok(Ok(new)) => {
+                let changes = new.changes_from(&current);
+                metrics.reloads_ok.fetch_add(1, Relaxed);
+                if changes.is_empty() {
+                    info!(?trigger, rules = new.len(), "rules reloaded: no change");
+                    continue;
+                }
+                info!(
+                    ?trigger,
+                    rules = new.len(),
+                    added = ?changes.added,
+                    removed = ?changes.removed,
+                    changed = ?changes.changed,
+                    "rules reloaded"
+                );
+                rules.send_replace(Arc::new(new));
+            }
+            Ok(Err(errors)) => {
+                metrics.reloads_failed.fetch_add(1, Relaxed);
+                for e in &errors.0 {
+                    error!("{e}");
+                }
+                error!(
+                    ?trigger,
+                    errors = errors.0.len(),
+                    rules = current.len(),
+                    "rules NOT reloaded: the new rules have errors; the previous rules keep running"
+                );
+            }
+            Err(e) => {
+                metrics.reloads_failed.fetch_add(1, Relaxed);
+                error!(error = %e, "rule reload failed");
+            }
+        }
+    }
+}
+
+/// Watch the rules directory; each relevant change sends on `tx` (a full
+/// channel means a reload is already pending, which is enough).
+fn watch_dir(config: &Config, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+    use notify::{EventKind, RecursiveMode, Watcher};
+    let dir = config.file.rules.dir.clone();
+    let handler = move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        let relevant = matches!(
+            event.kind,
+            EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
+        ) && event
+            .paths
+            .iter()
+            .any(|p| p.extension().is_some_and(|x| x == "toml"));
+        if relevant {
+            let _ = tx.try_send(());
+        }
+    };
+    let mut watcher = match notify::recommended_watcher(handler) {
+        Ok(w) => w,
+        Err(e) => {
+            warn!(error = %e, "cannot watch the rules directory; reload with SIGHUP");
+            return None;
+        }
+    };
+    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+        warn!(dir = %dir.display(), error = %e, "cannot watch the rules directory; reload with SIGHUP");
+        return None;
+    }
+    info!(dir = %dir.display(), "watching rule files for changes");
+    Some(watcher)
+}

@@ -1,0 +1,449 @@
+//! Rule files to compiled rules: parse each file's TOML, deserialize each
+//! `[[rule]]` into a [`RuleSpec`], then check and compile it. Every problem
+//! becomes a [`Diagnostic`] at file:line:column naming the rule, and loading
+//! goes on, so `edgeferry check` shows every error of every file at once.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+
+use super::expr::{self, Expr};
+use super::shaping::ShapeSpec;
+use super::spec::{DestinationSpec, Encoding, RuleSpec};
+use super::template::Template;
+use super::topic::Pattern;
+use super::transform::Transform;
+use super::{Destination, Rule, Shape, Target, UpstreamTarget};
+use crate::config::UpstreamConfig;
+use crate::diagnostic::Diagnostic;
+use crate::rules::TestSpec;
+
+/// What one rule file holds once parsed: compiled rules (each with its
+/// `file:line`) and the `[[test]]` cases, still as written.
+#[derive(Default)]
+pub struct FileContents {
+    pub rules: Vec<(Rule, String)>,
+    pub tests: Vec<(TestSpec, usize)>,
+}
+
+/// Parse one rule file, pushing every problem into `errors`.
+pub fn parse_file(
+    file: &Path,
+    text: &str,
+    upstreams: &BTreeMap<String, UpstreamConfig>,
+    errors: &mut Vec<Diagnostic>,
+) -> FileContents {
+    let mut out = FileContents::default();
+    let (root, syntax) = DeTable::parse_recoverable(text);
+    if !syntax.is_empty() {
+        errors.extend(syntax.iter().map(|e| Diagnostic::from_toml(file, text, e)));
+        return out;
+    }
+    for (key, value) in root.get_ref().iter() {
+        let kind = key.get_ref().as_ref();
+        if kind != "rule" && kind != "test" {
+            errors.push(Diagnostic::at(
+                file,
+                text,
+                Some(key.span()),
+                format!("unknown key {kind:?} in rule file; expected [[rule]] and [[test]] tables"),
+            ));
+            continue;
+        }
+        let DeValue::Array(items) = value.get_ref() else {
+            errors.push(Diagnostic::at(
+                file,
+                text,
+                Some(value.span()),
+                format!("`{kind}` must be written as [[{kind}]] tables"),
+            ));
+            continue;
+        };
+        for item in items.iter() {
+            let line = Diagnostic::at(file, text, Some(item.span()), "").line;
+            if kind == "test" {
+                match TestSpec::deserialize(ValueDeserializer::from(item.clone())) {
+                    Ok(t) => out.tests.push((t, line)),
+                    Err(e) => errors.push(located(file, text, item, &e)),
+                }
+                continue;
+            }
+            let at = format!("{}:{line}", file.display());
+            if let Some(rule) = compile_rule(file, text, item, upstreams, errors) {
+                out.rules.push((rule, at));
+            }
+        }
+    }
+    out
+}
+
+/// A serde error inside `item`, located at its span or else at the item.
+fn located(
+    file: &Path,
+    text: &str,
+    item: &Spanned<DeValue<'_>>,
+    e: &toml::de::Error,
+) -> Diagnostic {
+    let d = Diagnostic::from_toml(file, text, e);
+    if d.line != 0 {
+        return d;
+    }
+    Diagnostic::at(
+        file,
+        text,
+        Some(item.span()),
+        e.message().trim().to_string(),
+    )
+}
+
+/// The span of the value at `path` inside `item` (or of the nearest parent).
+fn span_in(item: &Spanned<DeValue<'_>>, path: &[&str]) -> Range<usize> {
+    let mut cur = item;
+    for key in path {
+        let next = match cur.get_ref() {
+            DeValue::Array(a) => key.parse::<usize>().ok().and_then(|i| a.get(i)),
+            v => v.get(*key),
+        };
+        match next {
+            Some(v) => cur = v,
+            None => break,
+        }
+    }
+    cur.span()
+}
+
+/// Where inside a string value an expression's `offset` is: past the quote.
+fn inside_string(text: &str, span: Range<usize>, offset: Option<usize>) -> Range<usize> {
+    let quote = if text[span.start..].starts_with("\"\"\"") || text[span.start..].starts_with("'''")
+    {
+        3
+    } else {
+        1
+    };
+    match offset {
+        Some(o) => {
+            let at = (span.start + quote + o).min(span.end);
+            at..at
+        }
+        None => span,
+    }
+}
+
+fn compile_rule(
+    file: &Path,
+    text: &str,
+    item: &Spanned<DeValue<'_>>,
+    upstreams: &BTreeMap<String, UpstreamConfig>,
+    errors: &mut Vec<Diagnostic>,
+) -> Option<Rule> {
+    let spec = match RuleSpec::deserialize(ValueDeserializer::from(item.clone())) {
+        Ok(s) => s,
+        Err(e) => {
+            errors.push(located(file, text, item, &e));
+            return None;
+        }
+    };
+    let before = errors.len();
+    let mut err = |span: Range<usize>, msg: String| {
+        errors.push(Diagnostic::at(
+            file,
+            text,
+            Some(span),
+            format!("rule {:?}: {msg}", spec.name),
+        ));
+    };
+    let span = |path: &[&str]| span_in(item, path);
+    // An expression at `path`, with a syntax error pointing into it.
+    let compile_expr = |path: &[&str], source: &str, err: &mut dyn FnMut(Range<usize>, String)| {
+        match Expr::compile(source) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                err(inside_string(text, span(path), e.offset), e.message);
+                None
+            }
+        }
+    };
+
+    if spec.name.trim().is_empty() {
+        err(span(&["name"]), "name must not be empty".into());
+    }
+    let pattern = match Pattern::parse(&spec.pattern) {
+        Ok(p) => {
+            for name in p.capture_names() {
+                if expr::RESERVED.contains(&name) {
+                    err(
+                        span(&["match"]),
+                        format!(
+                            "capture {{{name}}} would hide the built-in variable `{name}`; pick another name"
+                        ),
+                    );
+                }
+            }
+            Some(p)
+        }
+        Err(e) => {
+            err(span(&["match"]), e.to_string());
+            None
+        }
+    };
+
+    let when = spec
+        .when
+        .as_deref()
+        .and_then(|w| compile_expr(&["when"], w, &mut err));
+
+    let mut transform = Transform::default();
+    for (field, source) in &spec.set {
+        if field.is_empty() {
+            err(span(&["set"]), "set: field names must not be empty".into());
+        }
+        if let Some(e) = compile_expr(&["set", field], source, &mut err) {
+            transform.set.push((field.clone(), e));
+        }
+    }
+    for (i, field) in spec.drop_fields.iter().enumerate() {
+        if field.is_empty() {
+            err(
+                span(&["drop_fields", &i.to_string()]),
+                "drop_fields: field names must not be empty".into(),
+            );
+        }
+        transform.drop_fields.push(field.clone());
+    }
+    for (from, to) in &spec.rename {
+        if from.is_empty() || to.is_empty() {
+            err(
+                span(&["rename"]),
+                "rename: field names must not be empty".into(),
+            );
+        }
+        transform.rename.push((from.clone(), to.clone()));
+    }
+
+    let shapes: Vec<(&str, ShapeSpec)> = [
+        spec.throttle
+            .clone()
+            .map(|s| ("throttle", ShapeSpec::Throttle(s))),
+        spec.dedupe
+            .clone()
+            .map(|s| ("dedupe", ShapeSpec::Dedupe(s))),
+        spec.deadband
+            .clone()
+            .map(|s| ("deadband", ShapeSpec::Deadband(s))),
+        spec.window
+            .clone()
+            .map(|s| ("window", ShapeSpec::Window(s))),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if shapes.len() > 1 {
+        err(
+            span(&[shapes[1].0]),
+            format!(
+                "a rule shapes its stream one way; {} and {} are both set (split the rule in two, with different `when`s)",
+                shapes[0].0, shapes[1].0
+            ),
+        );
+    }
+    let mut shape = None;
+    for (kind, s) in shapes {
+        for (key, msg) in s.validate() {
+            err(span(&[kind, key]), format!("{kind}.{key}: {msg}"));
+        }
+        let key = s
+            .key_expr()
+            .and_then(|k| compile_expr(&[kind, "key"], k, &mut err));
+        shape.get_or_insert(Shape { spec: s, key });
+    }
+
+    if spec.drop {
+        let extra = [
+            (!spec.to.is_empty(), "to"),
+            (!transform.is_empty(), "set/drop_fields/rename"),
+            (shape.is_some(), "shaping"),
+        ];
+        if let Some((_, what)) = extra.iter().find(|(on, _)| *on) {
+            err(
+                span(&["drop"]),
+                format!("a rule that drops (drop = true) cannot also have {what}"),
+            );
+        }
+    } else if spec.to.is_empty() {
+        err(
+            span(&[]),
+            "a rule needs destinations (to = [...]) or drop = true".into(),
+        );
+    }
+
+    let windowed = matches!(
+        shape,
+        Some(Shape {
+            spec: ShapeSpec::Window(_),
+            ..
+        })
+    );
+    let mut destinations = Vec::new();
+    for (i, d) in spec.to.iter().enumerate() {
+        let idx = i.to_string();
+        let at = |key: &str| span_in(item, &["to", &idx, key]);
+        match compile_destination(d, pattern.as_ref(), upstreams, windowed) {
+            Ok(dest) => destinations.push(dest),
+            Err(problems) => {
+                for (key, msg) in problems {
+                    err(at(key), msg);
+                }
+            }
+        }
+    }
+    if errors.len() > before {
+        return None;
+    }
+    Some(Rule {
+        name: Arc::from(spec.name.as_str()),
+        pattern: pattern?,
+        when,
+        transform,
+        shape,
+        destinations,
+        drop: spec.drop,
+        stop: spec.stop,
+        spec,
+    })
+}
+
+/// Compile one destination; problems come back as (key, message).
+pub fn compile_destination(
+    d: &DestinationSpec,
+    pattern: Option<&Pattern>,
+    upstreams: &BTreeMap<String, UpstreamConfig>,
+    windowed: bool,
+) -> Result<Destination, Vec<(&'static str, String)>> {
+    let mut problems = Vec::new();
+    let captures = || pattern.into_iter().flat_map(|p| p.capture_names());
+    let template = |t: &str, problems: &mut Vec<(&'static str, String)>, key| match Template::parse(
+        t,
+        captures(),
+    ) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            problems.push((key, e));
+            None
+        }
+    };
+    let target = match (&d.upstream, &d.local) {
+        (Some(_), Some(_)) | (None, None) => {
+            problems.push((
+                "upstream",
+                "a destination is either { upstream = \"<name>\", ... } or { local = \"<topic>\" }"
+                    .into(),
+            ));
+            None
+        }
+        (Some(name), None) => {
+            if !upstreams.contains_key(name) {
+                let known: Vec<&str> = upstreams.keys().map(|k| k.as_str()).collect();
+                problems.push((
+                    "upstream",
+                    format!(
+                        "upstream {name:?} is not configured (configured: {}); add [upstream.{name}] to the config or fix the name",
+                        if known.is_empty() { "none".to_string() } else { known.join(", ") },
+                    ),
+                ));
+            }
+            let qos = d.qos.unwrap_or(1);
+            if qos > 1 {
+                problems.push((
+                    "qos",
+                    format!("qos {qos} is not supported upstream; use 0 or 1"),
+                ));
+            }
+            const TEN_YEARS: std::time::Duration =
+                std::time::Duration::from_secs(10 * 365 * 86_400);
+            if d.ttl.is_some_and(|t| t.0.is_zero() || t.0 > TEN_YEARS) {
+                problems.push((
+                    "ttl",
+                    "ttl must be between 1ms and 10 years (leave it out to never expire)".into(),
+                ));
+            }
+            Some(Target::Upstream(UpstreamTarget {
+                upstream: Arc::from(name.as_str()),
+                qos,
+                priority: d.priority.unwrap_or_default(),
+                ttl: d.ttl.map(|t| t.0),
+                overflow: d.overflow.unwrap_or_default(),
+            }))
+        }
+        (None, Some(_)) => {
+            let upstream_only = [
+                (
+                    d.topic.is_some(),
+                    "topic",
+                    "the local topic is the `local` value itself",
+                ),
+                (
+                    d.qos.is_some(),
+                    "qos",
+                    "local republish is QoS 0 inside the gateway",
+                ),
+                (
+                    d.priority.is_some(),
+                    "priority",
+                    "priority orders the upstream queue",
+                ),
+                (d.ttl.is_some(), "ttl", "ttl applies to the upstream queue"),
+                (
+                    d.overflow.is_some(),
+                    "overflow",
+                    "overflow applies to the upstream queue",
+                ),
+            ];
+            for (set, key, why) in upstream_only {
+                if set {
+                    problems.push((
+                        key,
+                        format!("`{key}` does not apply to a local destination ({why})"),
+                    ));
+                }
+            }
+            Some(Target::Local)
+        }
+    };
+    let topic = match (&d.local, &d.topic) {
+        (Some(t), _) => template(t, &mut problems, "local"),
+        (None, Some(t)) => template(t, &mut problems, "topic"),
+        (None, None) => None,
+    };
+    if d.id_field.as_deref().is_some_and(str::is_empty) {
+        problems.push(("id_field", "id_field must not be empty".into()));
+    }
+    if d.encode == Some(Encoding::Raw) {
+        if d.id_field.is_some() {
+            problems.push((
+                "id_field",
+                "encode = \"raw\" sends the bytes as received, so it cannot carry id_field".into(),
+            ));
+        }
+        if windowed {
+            problems.push((
+                "encode",
+                "a window emits a new aggregate payload; it has no raw bytes (use json or cbor)"
+                    .into(),
+            ));
+        }
+    }
+    match (problems.is_empty(), target) {
+        (true, Some(target)) => Ok(Destination {
+            target,
+            topic,
+            encode: d.encode,
+            id_field: d.id_field.as_deref().map(Arc::from),
+        }),
+        _ => Err(problems),
+    }
+}

@@ -1,0 +1,414 @@
+use super::*;
+use crate::event::Event;
+use serde_json::json;
+
+fn upstreams() -> BTreeMap<String, UpstreamConfig> {
+    let cfg: crate::config::ConfigFile =
+        toml::from_str("[upstream.cloud]\nurl = \"mqtt://h\"\n").unwrap();
+    cfg.upstream
+}
+
+fn load(text: &str) -> Result<RuleSet, Diagnostics> {
+    RuleSet::from_str(Path::new("r.toml"), text, &upstreams())
+}
+
+fn route(set: &RuleSet, topic: &str, payload: &'static [u8]) -> Verdict {
+    set.route(&Event::for_test(topic, payload), &mut set.new_state())
+}
+
+fn json_of(b: &Bytes) -> Value {
+    serde_json::from_slice(b).unwrap()
+}
+
+#[test]
+fn fans_out_in_order_until_stop() {
+    let set = load(
+        r##"
+[[rule]]
+name = "a"
+match = "sensors/{site}/{device}/temperature"
+to = [{ upstream = "cloud", topic = "plant/{site}/{device}/temp" }]
+
+[[rule]]
+name = "b"
+match = "sensors/#"
+to = [{ upstream = "cloud", qos = 0 }]
+stop = true
+
+[[rule]]
+name = "c"
+match = "sensors/+/+/temperature"
+to = [{ upstream = "cloud", topic = "never" }]
+"##,
+    )
+    .unwrap();
+    let v = route(&set, "sensors/s1/t1/temperature", b"{}");
+    assert_eq!(v.matched, 2);
+    let topics: Vec<&str> = v.routes.iter().map(|r| r.topic.as_str()).collect();
+    assert_eq!(topics, ["plant/s1/t1/temp", "sensors/s1/t1/temperature"]);
+    assert_eq!(v.routes[1].qos, 0);
+    assert_eq!(route(&set, "other", b""), Verdict::default());
+}
+
+#[test]
+fn drop_rule_ends_evaluation() {
+    let set = load(
+        r##"
+[[rule]]
+name = "quiet"
+match = "debug/#"
+drop = true
+
+[[rule]]
+name = "all"
+match = "#"
+to = [{ upstream = "cloud" }]
+"##,
+    )
+    .unwrap();
+    let v = route(&set, "debug/x", b"");
+    assert_eq!(v.dropped_by.as_deref(), Some("quiet"));
+    assert!(v.routes.is_empty());
+    assert_eq!(route(&set, "a", b"").routes.len(), 1);
+}
+
+#[test]
+fn when_filters_and_errors_do_not_match() {
+    let set = load(
+        r##"
+[[rule]]
+name = "hot"
+match = "sensors/{site}/{device}/temperature"
+when = "value > 30.0 && unit == 'C' && site != 'lab'"
+to = [{ upstream = "cloud" }]
+"##,
+    )
+    .unwrap();
+    let t = "sensors/a/t1/temperature";
+    assert_eq!(
+        route(&set, t, br#"{"value": 31.5, "unit": "C"}"#)
+            .routes
+            .len(),
+        1
+    );
+    assert_eq!(
+        route(&set, t, br#"{"value": 31, "unit": "C"}"#)
+            .routes
+            .len(),
+        1,
+        "ints compare with doubles"
+    );
+    assert_eq!(
+        route(&set, t, br#"{"value": 20.0, "unit": "C"}"#).matched,
+        0
+    );
+    let lab = route(
+        &set,
+        "sensors/lab/t1/temperature",
+        br#"{"value": 40.0, "unit": "C"}"#,
+    );
+    assert_eq!(lab.matched, 0);
+    for bad in [
+        &br#"{"unit": "C"}"#[..],
+        br#"{"value": "hot", "unit": "C"}"#,
+        b"",
+        b"\xff\xfe",
+        b"[1,2]",
+    ] {
+        let v = set.route(
+            &Event::from_publish(t.into(), Bytes::copy_from_slice(bad)),
+            &mut set.new_state(),
+        );
+        assert_eq!(v.matched, 0, "{bad:?}");
+        assert_eq!(v.errors.len(), 1, "{bad:?}");
+        assert!(
+            v.dead_letter.as_deref().unwrap().contains("rule \"hot\""),
+            "{v:?}"
+        );
+    }
+}
+
+#[test]
+fn malformed_payloads_are_dead_lettered_not_routed() {
+    let set =
+        load("[[rule]]\nname = \"all\"\nmatch = \"#\"\nto = [{ upstream = \"cloud\" }]\n").unwrap();
+    let v = route(&set, "a", b"{\"value\": 1");
+    assert!(v.routes.is_empty());
+    assert!(v.dead_letter.unwrap().contains("malformed JSON"));
+    let deep: &'static [u8] = Box::leak(vec![b'['; 100_000].into_boxed_slice());
+    assert!(route(&set, "a", deep).dead_letter.is_some());
+}
+
+#[test]
+fn transforms_and_encodings_apply_per_destination() {
+    let set = load(
+        r##"
+[[rule]]
+name = "shape"
+match = "devices/{device}/telemetry"
+set = { device = "device", gw = "meta.gateway", f = "temp * 9.0 / 5.0 + 32.0" }
+drop_fields = ["debug"]
+rename = { temp = "celsius" }
+to = [
+  { upstream = "cloud", topic = "fleet/{device}/{payload.kind}", encode = "json", id_field = "_id" },
+  { upstream = "cloud", topic = "raw/{device}", encode = "raw" },
+  { local = "local/{device}" },
+]
+"##,
+    )
+    .unwrap();
+    let mut cbor = Vec::new();
+    ciborium::into_writer(
+        &json!({"temp": 20.0, "debug": [1], "kind": "env"}),
+        &mut cbor,
+    )
+    .unwrap();
+    let cbor: &'static [u8] = Box::leak(cbor.into_boxed_slice());
+    let event = Event::for_test("devices/d7/telemetry", cbor);
+    let v = set.route(&event, &mut set.new_state());
+    assert!(v.errors.is_empty(), "{:?}", v.errors);
+    assert_eq!(v.routes.len(), 2);
+    assert_eq!(v.routes[0].topic, "fleet/d7/env");
+    assert_eq!(
+        json_of(&v.routes[0].payload),
+        json!({"celsius": 20.0, "kind": "env", "device": "d7", "gw": "", "f": 68.0, "_id": event.id.to_string()})
+    );
+    assert_eq!(
+        &v.routes[1].payload[..],
+        cbor,
+        "raw is the bytes as received"
+    );
+    assert_eq!(v.republish.len(), 1);
+    assert_eq!(v.republish[0].topic, "local/d7");
+    assert_eq!(
+        crate::codec::decode(&v.republish[0].payload)
+            .value()
+            .unwrap()["celsius"],
+        json!(20.0),
+        "no encode: the input's own format (CBOR)"
+    );
+    assert!(matches!(
+        crate::codec::decode(&v.republish[0].payload),
+        Payload::Cbor(_)
+    ));
+    assert_eq!(
+        v.republish[0].origin,
+        Origin {
+            rule: "shape".into(),
+            hops: 1
+        }
+    );
+}
+
+#[test]
+fn untouched_payloads_keep_their_bytes() {
+    let set =
+        load("[[rule]]\nname = \"all\"\nmatch = \"#\"\nto = [{ upstream = \"cloud\" }]\n").unwrap();
+    let raw: &'static [u8] = b"{ \"v\" :  1 }";
+    assert_eq!(&route(&set, "a", raw).routes[0].payload[..], raw);
+    assert_eq!(
+        &route(&set, "a", b"\x00\x01").routes[0].payload[..],
+        b"\x00\x01"
+    );
+}
+
+#[test]
+fn republished_events_skip_their_rule_and_loops_are_bounded() {
+    let set = load(
+        r##"
+[[rule]]
+name = "a"
+match = "ping/#"
+to = [{ local = "pong/x" }]
+
+[[rule]]
+name = "b"
+match = "pong/#"
+to = [{ local = "ping/x" }]
+"##,
+    )
+    .unwrap();
+    let mut event = Event::for_test("ping/x", b"1");
+    let mut hops = 0;
+    loop {
+        let v = set.route(&event, &mut set.new_state());
+        if v.republish.is_empty() {
+            assert_eq!(v.loop_dropped, 1);
+            break;
+        }
+        assert_eq!(v.republish.len(), 1, "the producing rule is skipped");
+        let r = &v.republish[0];
+        event = Event::for_test(
+            if r.topic == "ping/x" {
+                "ping/x"
+            } else {
+                "pong/x"
+            },
+            b"1",
+        );
+        event.origin = Some(r.origin.clone());
+        hops += 1;
+    }
+    assert_eq!(hops, MAX_HOPS as usize);
+}
+
+#[test]
+fn throttle_state_survives_an_unchanged_reload() {
+    let text = r##"
+[[rule]]
+name = "t"
+match = "s/{device}"
+throttle = { key = "device", every = "10s" }
+to = [{ upstream = "cloud" }]
+"##;
+    let old = load(text).unwrap();
+    let mut state = old.new_state();
+    let at = |set: &RuleSet, state: &mut State, ms: u64, topic: &str| {
+        let mut e = Event::for_test("x", b"{}");
+        e.topic = topic.into();
+        e.received_ms = ms;
+        set.route(&e, state).routes.len()
+    };
+    assert_eq!(at(&old, &mut state, 1_000, "s/a"), 1);
+    assert_eq!(at(&old, &mut state, 2_000, "s/a"), 0);
+    assert_eq!(at(&old, &mut state, 2_000, "s/b"), 1);
+    let same = load(text).unwrap();
+    assert!(same.changes_from(&old).is_empty());
+    let mut state = same.carry_state(&old, state);
+    assert_eq!(at(&same, &mut state, 3_000, "s/a"), 0, "state kept");
+    let changed = load(&text.replace("10s", "20s")).unwrap();
+    assert_eq!(changed.changes_from(&same).changed, ["t"]);
+    let mut state = changed.carry_state(&same, state);
+    assert_eq!(at(&changed, &mut state, 4_000, "s/a"), 1, "state reset");
+}
+
+#[test]
+fn windows_emit_aggregates_through_transforms_and_ticks() {
+    let set = load(
+        r##"
+[[rule]]
+name = "w"
+match = "s/{device}/t"
+window = { key = "device", every = "1m", fields = ["v"], aggregates = ["count", "min", "max", "avg"] }
+set = { device = "device" }
+to = [{ upstream = "cloud", topic = "agg/{device}" }]
+"##,
+    )
+    .unwrap();
+    let mut state = set.new_state();
+    let t0 = testing::T0_MS;
+    for (i, v) in [1.0, 2.0, 6.0].iter().enumerate() {
+        let mut e = Event::from_publish("s/d1/t".into(), Bytes::from(json!({"v": v}).to_string()));
+        e.received_ms = t0 + i as u64 * 1000;
+        let verdict = set.route(&e, &mut state);
+        assert_eq!(verdict.absorbed, 1);
+        assert!(verdict.routes.is_empty());
+    }
+    assert_eq!(set.next_deadline(&state), Some(t0 + 60_000));
+    assert!(set.tick(t0 + 59_999, &mut state).routes.is_empty());
+    let v = set.tick(t0 + 60_000, &mut state);
+    assert_eq!(v.windows, 1);
+    assert_eq!(v.routes[0].topic, "agg/d1");
+    let p = json_of(&v.routes[0].payload);
+    assert_eq!(p["count"], json!(3));
+    assert_eq!(p["device"], json!("d1"));
+    assert_eq!(p["v"]["min"], json!(1.0));
+    assert_eq!(p["v"]["max"], json!(6.0));
+    assert_eq!(p["v"]["avg"], json!(3.0));
+    assert_eq!(v.routes[0].received_ms, t0 + 60_000);
+}
+
+#[test]
+fn unmatched_policy_routes_what_no_rule_takes() {
+    let mut set =
+        load("[[rule]]\nname = \"a\"\nmatch = \"a\"\nto = [{ upstream = \"cloud\" }]\n").unwrap();
+    let spec: DestinationSpec =
+        toml::from_str("upstream = \"cloud\"\ntopic = \"unrouted\"\n").unwrap();
+    set.configure(
+        &Settings {
+            unmatched: Some(spec),
+            ..Default::default()
+        },
+        &upstreams(),
+    )
+    .unwrap();
+    let v = route(&set, "b/c", b"1");
+    assert!(v.unmatched_routed);
+    assert_eq!(v.routes[0].topic, "unrouted");
+    assert!(!route(&set, "a", b"1").unmatched_routed);
+}
+
+#[test]
+fn every_error_in_a_file_is_reported_with_its_line() {
+    let text = r##"[[rule]]
+name = "bad-pattern"
+match = "a/#/b"
+to = [{ upstream = "cloud" }]
+
+[[rule]]
+name = "bad-upstream"
+match = "a/{x}"
+to = [{ upstream = "nowhere", topic = "b/{y}" }]
+
+[[rule]]
+name = "typo"
+mtch = "a"
+
+[[rule]]
+name = "bad-cel"
+match = "a"
+when = "value > > 3"
+to = [{ local = "x", qos = 1 }]
+
+[[rule]]
+name = "bad-shape"
+match = "a/{topic}"
+deadband = { field = "v" }
+throttle = { every = "1s" }
+to = [{ upstream = "cloud", encode = "raw", id_field = "_id" }]
+"##;
+    let Diagnostics(errs) = load(text).unwrap_err();
+    let lines: Vec<usize> = errs.iter().map(|d| d.line).collect();
+    assert_eq!(lines, [3, 9, 9, 13, 18, 19, 23, 24, 24, 26], "{errs:#?}");
+    let text_of = |i: usize| errs[i].to_string();
+    assert!(
+        text_of(1).contains("\"nowhere\" is not configured"),
+        "{}",
+        text_of(1)
+    );
+    assert!(text_of(2).contains("{y}"), "{}", text_of(2));
+    assert!(text_of(3).contains("mtch"), "{}", text_of(3));
+    assert!(
+        text_of(4).contains("rule \"bad-cel\": CEL syntax error"),
+        "{}",
+        text_of(4)
+    );
+    assert!(
+        errs[4].column > 8,
+        "points into the expression: {:?}",
+        errs[4]
+    );
+    assert!(text_of(5).contains("qos"), "{}", text_of(5));
+    assert!(text_of(6).contains("{topic}"), "{}", text_of(6));
+}
+
+#[test]
+fn duplicate_rule_names_are_refused() {
+    let Diagnostics(errs) = load(
+        "[[rule]]\nname = \"a\"\nmatch = \"a\"\ndrop = true\n\n[[rule]]\nname = \"a\"\nmatch = \"b\"\ndrop = true\n",
+    )
+    .unwrap_err();
+    assert_eq!(errs.len(), 1);
+    assert_eq!(errs[0].line, 6);
+    assert!(
+        errs[0].message.contains("used twice (first at r.toml:1)"),
+        "{}",
+        errs[0]
+    );
+}
+
+#[test]
+fn syntax_errors_are_located() {
+    let Diagnostics(errs) = load("[[rule]]\nname = \"x\nmatch = 1\n").unwrap_err();
+    assert_eq!(errs[0].line, 2, "{errs:#?}");
+}
