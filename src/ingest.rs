@@ -78,11 +78,13 @@ pub async fn run(
     mut link: LinkRx,
     filters: Vec<String>,
     out: mpsc::Sender<Event>,
+    ours: Arc<republish::Tracker>,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), IngestError> {
     let mut ingest = Ingest {
         gaps: GapDetector::new(&filters),
+        ours,
         out,
         metrics,
     };
@@ -118,6 +120,8 @@ const DRAIN_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 struct Ingest {
     gaps: GapDetector,
+    /// Recognises edgeferry's own local publishes coming back.
+    ours: Arc<republish::Tracker>,
     out: mpsc::Sender<Event>,
     metrics: Arc<Metrics>,
 }
@@ -148,7 +152,7 @@ impl Ingest {
                     );
                 }
                 // Our own dead letters are for local subscribers only.
-                let origin = match republish::source_of(forward.properties.as_ref()) {
+                let origin = match self.ours.source_of(topic, &publish.payload) {
                     republish::Source::Client => None,
                     republish::Source::Rule(origin) => Some(origin),
                     republish::Source::DeadLetter => return Ok(true),

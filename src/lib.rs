@@ -164,19 +164,21 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
     // before shutdown (error or panic) as fatal, so the process exits
     // non-zero and systemd restarts it instead of running on half-dead.
     let mut stages: JoinSet<(&'static str, Result<(), String>)> = JoinSet::new();
+    let ours = Arc::new(republish::Tracker::default());
     let ingest = ingest::run(
         broker.link_rx,
         file.broker.ingest.clone(),
         events_tx,
+        ours.clone(),
         metrics.clone(),
         shutdown_rx.clone(),
     );
     stages.spawn(async move { ("ingest", ingest.await.map_err(|e| e.to_string())) });
-    let (republisher, republish_thread) = republish::spawn(broker.link_tx, metrics.clone())
+    let (republisher, republish_thread) = republish::spawn(broker.link_tx, ours, metrics.clone())
         .map_err(|e| RunError::StageFailed {
-            stage: "republish",
-            reason: e.to_string(),
-        })?;
+        stage: "republish",
+        reason: e.to_string(),
+    })?;
     let (rules_tx, rules_rx) = watch::channel(Arc::new(config.rules.clone()));
     let router = router::run(
         events_rx,

@@ -264,9 +264,12 @@ fn init_tracing(log: &edgeferry::config::LogConfig) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     // Under systemd the journal adds timestamps; don't repeat them or colour.
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    // Colour only on a terminal: a log file or pipe gets plain text.
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_ansi(tty)
         .with_writer(std::io::stderr);
     if journald {
         builder.without_time().with_ansi(false).init();

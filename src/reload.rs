@@ -64,20 +64,23 @@ pub async fn run(
         match loaded {
             Ok(Ok(new)) => {
                 let changes = new.changes_from(&current);
-                metrics.reloads_ok.fetch_add(1, Relaxed);
                 if changes.is_empty() {
                     info!(?trigger, rules = new.len(), "rules reloaded: no change");
-                    continue;
+                } else {
+                    info!(
+                        ?trigger,
+                        rules = new.len(),
+                        added = ?changes.added,
+                        removed = ?changes.removed,
+                        changed = ?changes.changed,
+                        "rules reloaded"
+                    );
+                    // Even an unchanged set is handed over: the unmatched
+                    // destination or a test case may differ.
                 }
-                info!(
-                    ?trigger,
-                    rules = new.len(),
-                    added = ?changes.added,
-                    removed = ?changes.removed,
-                    changed = ?changes.changed,
-                    "rules reloaded"
-                );
                 rules.send_replace(Arc::new(new));
+                // Counted once the router can see the new set.
+                metrics.reloads_ok.fetch_add(1, Relaxed);
             }
             Ok(Err(errors)) => {
                 metrics.reloads_failed.fetch_add(1, Relaxed);

@@ -3,30 +3,33 @@
 //!
 //! rumqttd's `LinkTx::send` blocks when the broker's router is busy, so it
 //! runs on a thread of its own, fed by a bounded channel the router never
-//! waits on (a full channel drops the publish and counts it). Each publish
-//! carries MQTT 5 user properties naming the rule that produced it and how
-//! many republishes deep it is; ingest reads them back, so the rules can
-//! skip the producing rule and bound loops (see `rules::MAX_HOPS`). MQTT 3.1.1
-//! subscribers do not see properties; MQTT 5 subscribers do.
-
+//! waits on (a full channel drops the publish and counts it).
+//!
+//! Loop safety: what edgeferry publishes comes back to ingest like any
+//! other publish, and the rules must know it is theirs (to skip the rule
+//! that produced it, and to bound loops between rules, see
+//! `rules::MAX_HOPS`). MQTT 5 user properties would say so, but rumqttd 0.20
+//! panics when it forwards a publish that has properties to an MQTT 3.1.1
+//! subscriber, so nothing is stamped on the message. Instead a [`Tracker`]
+//! remembers each publish (topic and a hash of the payload) until ingest
+//! sees it come back, or for a few seconds if it never does (its topic is
+//! outside the ingest filters).
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::Bytes;
 use rumqttd::local::LinkTx;
-use rumqttd::protocol::{Packet, Publish, PublishProperties};
+use std::collections::VecDeque;
+use std::hash::{Hash, Hasher};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rumqttd::protocol::{Packet, Publish};
 use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::event::Origin;
 use crate::metrics::Metrics;
-
-/// User property naming the rule that republished an event.
-pub const PROP_RULE: &str = "edgeferry-rule";
-/// User property with the republish depth.
-pub const PROP_HOPS: &str = "edgeferry-hops";
-/// User property marking a dead letter (ingest ignores these).
-pub const PROP_DEAD_LETTER: &str = "edgeferry-dead-letter";
 
 /// One publish into the embedded broker.
 #[derive(Debug)]
@@ -66,6 +69,7 @@ impl Republisher {
 /// Start the publishing thread; it ends when every `Republisher` is dropped.
 pub fn spawn(
     mut link: LinkTx,
+    tracker: Arc<Tracker>,
     metrics: Arc<Metrics>,
 ) -> std::io::Result<(Republisher, std::thread::JoinHandle<()>)> {
     let (tx, mut rx) = mpsc::channel::<Local>(BUFFER);
@@ -84,25 +88,11 @@ pub fn spawn(
             };
             rt.block_on(async {
                 while let Some(local) = rx.recv().await {
-                    let props = match &local.origin {
-                        Some(o) => vec![
-                            (PROP_RULE.to_string(), o.rule.clone()),
-                            (PROP_HOPS.to_string(), o.hops.to_string()),
-                        ],
-                        None => vec![(PROP_DEAD_LETTER.to_string(), "1".to_string())],
-                    };
+                    tracker.expect(&local.topic, &local.payload, local.origin);
                     // QoS 0, like every local-link publish.
                     let publish =
                         Publish::new(Bytes::from(local.topic.into_bytes()), local.payload, false);
-                    let properties = PublishProperties {
-                        user_properties: props,
-                        ..Default::default()
-                    };
-                    if link
-                        .send(Packet::Publish(publish, Some(properties)))
-                        .await
-                        .is_err()
-                    {
+                    if link.send(Packet::Publish(publish, None)).await.is_err() {
                         m.republish_failed.fetch_add(1, Relaxed);
                     }
                 }
@@ -111,7 +101,7 @@ pub fn spawn(
     Ok((Republisher { tx, metrics }, thread))
 }
 
-/// Where an ingested publish came from, read from its user properties.
+/// Where an ingested publish came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     /// A sensor or local app.
@@ -122,22 +112,91 @@ pub enum Source {
     DeadLetter,
 }
 
-pub fn source_of(properties: Option<&PublishProperties>) -> Source {
-    let Some(props) = properties else {
-        return Source::Client;
-    };
-    let mut rule = None;
-    let mut hops = 0u8;
-    for (k, v) in &props.user_properties {
-        match k.as_str() {
-            PROP_DEAD_LETTER => return Source::DeadLetter,
-            PROP_RULE => rule = Some(v.clone()),
-            PROP_HOPS => hops = v.parse().unwrap_or(u8::MAX),
-            _ => {}
+/// Publishes edgeferry made, waiting to be recognised when they come back.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    pending: Mutex<VecDeque<Pending>>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    topic: String,
+    hash: u64,
+    origin: Option<Origin>,
+    at: Instant,
+}
+
+/// How long a publish is remembered if it never comes back.
+const FORGET_AFTER: Duration = Duration::from_secs(10);
+/// At most this many remembered at once (memory stays bounded whatever the rules do).
+const MAX_PENDING: usize = 10_000;
+
+fn hash_of(payload: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    payload.hash(&mut h);
+    h.finish()
+}
+
+impl Tracker {
+    /// Remember a publish about to be made (`origin: None`: a dead letter).
+    pub fn expect(&self, topic: &str, payload: &[u8], origin: Option<Origin>) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.len() >= MAX_PENDING {
+            pending.pop_front();
+        }
+        pending.push_back(Pending {
+            topic: topic.to_string(),
+            hash: hash_of(payload),
+            origin,
+            at: Instant::now(),
+        });
+    }
+
+    /// Whether an ingested publish is one of ours. The broker returns our
+    /// publishes in the order they were made, so a match is nearly always at
+    /// the front; entries that never came back are forgotten.
+    pub fn source_of(&self, topic: &str, payload: &[u8]) -> Source {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.is_empty() {
+            return Source::Client;
+        }
+        let now = Instant::now();
+        while pending
+            .front()
+            .is_some_and(|p| now.duration_since(p.at) > FORGET_AFTER)
+        {
+            pending.pop_front();
+        }
+        let hash = hash_of(payload);
+        match pending
+            .iter()
+            .position(|p| p.hash == hash && p.topic == topic)
+        {
+            Some(i) => match pending.remove(i).and_then(|p| p.origin) {
+                Some(origin) => Source::Rule(origin),
+                None => Source::DeadLetter,
+            },
+            None => Source::Client,
         }
     }
-    match rule {
-        Some(rule) => Source::Rule(Origin { rule, hops }),
-        None => Source::Client,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn our_publishes_are_recognised_once_and_others_are_clients() {
+        let t = Tracker::default();
+        let o = Origin {
+            rule: "r".into(),
+            hops: 1,
+        };
+        t.expect("alerts/a", b"x", Some(o.clone()));
+        t.expect("dead", b"y", None);
+        assert_eq!(t.source_of("alerts/a", b"other"), Source::Client);
+        assert_eq!(t.source_of("dead", b"y"), Source::DeadLetter);
+        assert_eq!(t.source_of("alerts/a", b"x"), Source::Rule(o));
+        assert_eq!(t.source_of("alerts/a", b"x"), Source::Client, "only once");
     }
 }

@@ -239,3 +239,168 @@ async fn queue_stats_and_export_read_the_queue_while_the_daemon_runs() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no queue at"));
 }
+
+#[test]
+fn test_runs_the_cases_in_rule_files_and_shows_a_diff_on_failure() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // The example rules pass their own tests.
+    let out = edgeferry(&["test"], repo);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let cases = stdout.lines().filter(|l| l.starts_with("ok ")).count();
+    assert!(cases >= 10, "{stdout}");
+    assert!(
+        stdout.contains(&format!("{cases} passed, 0 failed")),
+        "{stdout}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(
+        &d.join("t.toml"),
+        r#"[[rule]]
+name = "r"
+match = "s/{d}"
+to = [{ upstream = "cloud", topic = "x/{d}" }]
+
+[[test]]
+name = "right"
+input = { topic = "s/a", payload = { v = 1 } }
+expect = [{ upstream = "cloud", topic = "x/a", payload = { v = 1 } }]
+
+[[test]]
+name = "wrong"
+input = { topic = "s/a", payload = { v = 1 } }
+expect = [{ upstream = "cloud", topic = "y/a" }]
+"#,
+    );
+    let out = edgeferry(&["test", "t.toml"], d);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("ok      t.toml:6: right"), "{stdout}");
+    assert!(stdout.contains("FAILED  t.toml:11: wrong"), "{stdout}");
+    assert!(stdout.contains("different topic"), "{stdout}");
+    assert!(
+        stdout.contains("expected: upstream \"cloud\" topic \"y/a\""),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("got:      upstream \"cloud\" topic \"x/a\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains("1 passed, 1 failed"), "{stdout}");
+
+    // Invalid rules: exit 2 with file:line; a path that is not there: exit 3.
+    write(
+        &d.join("bad.toml"),
+        "[[rule]]\nname = \"b\"\nmatch = \"a\"\nwhen = \"1 +\"\ndrop = true\n",
+    );
+    let out = edgeferry(&["test", "bad.toml"], d);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("bad.toml:4:"), "{stderr}");
+    assert!(stderr.contains("CEL syntax error"), "{stderr}");
+    let out = edgeferry(&["test", "nowhere.toml"], d);
+    assert_eq!(out.status.code(), Some(3));
+}
+
+#[test]
+fn check_tells_an_unreadable_file_from_an_invalid_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = edgeferry(&["check", "-c", "missing.toml"], d);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("missing.toml: cannot read config"),
+        "{stderr}"
+    );
+    write(
+        &d.join("edgeferry.toml"),
+        "[rules]\ndir = \"no-such-dir\"\n\n[upstream.cloud]\nurl = \"mqtt://h\"\n",
+    );
+    let out = edgeferry(&["check", "-c", "edgeferry.toml"], d);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("cannot read rules directory"), "{stderr}");
+}
+
+#[test]
+fn sighup_reloads_the_rules_of_the_running_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let rules = d.join("rules");
+    let rule = |name: &str| {
+        format!("[[rule]]\nname = \"{name}\"\nmatch = \"s/#\"\nto = [{{ upstream = \"cloud\" }}]\n")
+    };
+    write(&rules.join("r.toml"), &rule("first"));
+    let port = free_port();
+    // File watching off: only the signal can reload.
+    let text = rules_at(
+        &listen_on(&config_text(d, free_port(), ""), port),
+        &rules,
+        "watch = false",
+    );
+    write(&d.join("edgeferry.toml"), &text);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgeferry"))
+        .args(["run", "-c", "edgeferry.toml"])
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let log = log.clone();
+        let mut stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut stderr, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                log.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let wait_log = |what: &str| {
+        let start = Instant::now();
+        while !log.lock().unwrap().contains(what) {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "no {what:?} in:\n{}",
+                log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_log("edgeferry started");
+    let hup = || {
+        Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap()
+    };
+    write(&rules.join("r.toml"), &rule("second"));
+    hup();
+    wait_log("added=[\"second\"] removed=[\"first\"]");
+    // A broken edit is refused and the daemon keeps running.
+    write(&rules.join("r.toml"), "[[rule]]\nname = \"x\"\n");
+    hup();
+    wait_log("rules NOT reloaded");
+    assert!(
+        log.lock().unwrap().contains("r.toml:1:1:"),
+        "{}",
+        log.lock().unwrap()
+    );
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    assert!(status.success(), "{}", log.lock().unwrap());
+}

@@ -7,5 +7,6 @@ mod damage;
 mod disk;
 mod offline;
 mod pipeline;
+mod rules;
 mod systemd;
 mod util;

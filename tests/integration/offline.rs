@@ -289,10 +289,7 @@ to = [{ upstream = "cloud", topic = "plant/{site}/{device}/temp", id_field = "ev
         gw,
         sensor,
     } = World::offline_with("replay_marker = \"_replayed\"\n", |text| {
-        text.replace(
-            &format!("dir = \"{}\"", repo_rules().display()),
-            &format!("dir = \"{}\"", rules.path().display()),
-        )
+        rules_at(&text, rules.path(), "")
     })
     .await;
     for seq in 0..3 {

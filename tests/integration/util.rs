@@ -555,3 +555,12 @@ impl World {
         }
     }
 }
+
+/// `text` (from [`config_text`]) with the rules read from `dir` instead of
+/// the repo's examples, and `extra` keys added to `[rules]`.
+pub fn rules_at(text: &str, dir: &Path, extra: &str) -> String {
+    text.replace(
+        &format!("dir = \"{}\"", repo_rules().display()),
+        &format!("dir = \"{}\"\n{extra}", dir.display()),
+    )
+}
