@@ -1,0 +1,177 @@
+//! Per-event cost of the rule engine (`RuleSet::route`), with no I/O: the
+//! event is already decoded, as the router gets it from ingest.
+//!
+//!   cargo bench --bench rules
+//!
+//! Two rule sets of realistic shape:
+//! - 10 rules: the kind of set one gateway runs (topic templates, two CEL
+//!   predicates, one `set` transform, a throttle, a drop rule);
+//! - 1,000 rules: one such group of five per site for 199 sites plus five
+//!   shared rules; an event matches only its own site's few rules.
+//!
+//! The indexed topic trie is what keeps 1,000 rules close to 10: matching
+//! costs in proportion to the rules that match, not to the rules loaded.
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::path::Path;
+use std::time::Instant;
+
+use bytes::Bytes;
+use edgeferry::config::UpstreamConfig;
+use edgeferry::event::Event;
+use edgeferry::rules::RuleSet;
+
+/// One site's rules; `{site}` is replaced by a literal site name, or kept as
+/// a capture for the single-site set.
+fn group(site: &str) -> String {
+    format!(
+        r#"
+[[rule]]
+name = "drop-debug-{site}"
+match = "sensors/{site}/+/debug/#"
+drop = true
+
+[[rule]]
+name = "temperature-{site}"
+match = "sensors/{site}/{{device}}/temperature"
+to = [{{ upstream = "cloud", topic = "plant/{site}/{{device}}/temp" }}]
+
+[[rule]]
+name = "temperature-alarm-{site}"
+match = "sensors/{site}/{{device}}/temperature"
+when = "unit == 'C' && value > 30.0"
+throttle = {{ key = "device", every = "1m" }}
+set = {{ alert = "'high'", device = "device" }}
+to = [{{ local = "alerts/{site}/{{device}}" }}]
+
+[[rule]]
+name = "humidity-{site}"
+match = "sensors/{site}/{{device}}/humidity"
+when = "value >= 0.0 && value <= 100.0"
+to = [{{ upstream = "cloud", topic = "plant/{site}/{{device}}/humidity" }}]
+
+[[rule]]
+name = "alarms-{site}"
+match = "alarms/{site}/{{device}}"
+to = [{{ upstream = "cloud", topic = "plant/{site}/{{device}}/alarm", priority = "high", ttl = "24h" }}]
+"#
+    )
+}
+
+/// Five rules that are not per site.
+const SHARED: &str = r#"
+[[rule]]
+name = "telemetry"
+match = "devices/{device}/telemetry"
+to = [{ upstream = "cloud", topic = "fleet/{device}/telemetry" }]
+
+[[rule]]
+name = "diag"
+match = "diag/{device}"
+to = [{ upstream = "cloud", topic = "fleet/{device}/diag", priority = "low" }]
+
+[[rule]]
+name = "power"
+match = "power/{meter}"
+to = [{ upstream = "cloud" }]
+
+[[rule]]
+name = "status"
+match = "status/+"
+to = [{ upstream = "cloud", qos = 0 }]
+
+[[rule]]
+name = "firmware"
+match = "firmware/#"
+drop = true
+"#;
+
+fn upstreams() -> BTreeMap<String, UpstreamConfig> {
+    let cfg: edgeferry::config::ConfigFile =
+        toml::from_str("[upstream.cloud]\nurl = \"mqtt://h\"\n").unwrap();
+    cfg.upstream
+}
+
+fn events(sites: usize) -> Vec<Event> {
+    let mut out = Vec::new();
+    for i in 0..1000 {
+        let site = format!("site{}", i % sites);
+        let device = format!("d{}", i % 17);
+        let (topic, payload) = match i % 4 {
+            0 | 1 => (
+                format!("sensors/{site}/{device}/temperature"),
+                format!(
+                    r#"{{"value": {}, "unit": "C", "seq": {i}}}"#,
+                    20.0 + (i % 15) as f64
+                ),
+            ),
+            2 => (
+                format!("sensors/{site}/{device}/humidity"),
+                format!(r#"{{"value": {}, "seq": {i}}}"#, 40 + i % 30),
+            ),
+            _ => (
+                format!("devices/{device}/telemetry"),
+                format!(r#"{{"rpm": {}, "seq": {i}}}"#, 1000 + i),
+            ),
+        };
+        out.push(Event::from_publish(topic, Bytes::from(payload)));
+    }
+    out
+}
+
+/// Mean nanoseconds per `route` call over `rounds` passes of `events`.
+fn measure(set: &RuleSet, events: &[Event], rounds: usize) -> (f64, usize) {
+    let mut state = set.new_state();
+    let mut outputs = 0;
+    // Warm up caches and the throttle's key table.
+    for e in events {
+        black_box(set.route(e, &mut state));
+    }
+    let start = Instant::now();
+    for _ in 0..rounds {
+        for e in events {
+            let v = set.route(black_box(e), &mut state);
+            outputs += v.routes.len() + v.republish.len();
+        }
+    }
+    let n = rounds * events.len();
+    (
+        start.elapsed().as_nanos() as f64 / n as f64,
+        outputs / rounds,
+    )
+}
+
+fn main() {
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let ups = upstreams();
+    // 10 rules: one site group with the site as a capture, plus the shared five.
+    let ten = format!("{}{SHARED}", group("{site}").replace("-{site}\"", "\""));
+    let ten = RuleSet::from_str(Path::new("ten.toml"), &ten, &ups).expect("10 rules");
+    let thousand: String = (0..199)
+        .map(|s| group(&format!("site{s}")))
+        .collect::<String>()
+        + SHARED;
+    let thousand =
+        RuleSet::from_str(Path::new("thousand.toml"), &thousand, &ups).expect("1000 rules");
+    assert_eq!(ten.len(), 10);
+    assert_eq!(thousand.len(), 1000);
+    let evs = events(100);
+    let (ns10, out10) = measure(&ten, &evs, rounds);
+    let (ns1000, out1000) = measure(&thousand, &evs, rounds);
+    assert_eq!(
+        out10, out1000,
+        "both sets route the same events the same way"
+    );
+    println!(
+        "rules: 10 rules {:.2} µs/event, 1000 rules {:.2} µs/event ({:.2}x); {} events x {rounds} rounds, {} outputs per round",
+        ns10 / 1e3,
+        ns1000 / 1e3,
+        ns1000 / ns10,
+        evs.len(),
+        out10
+    );
+}
