@@ -67,7 +67,7 @@ pub async fn run(
                 }
                 let mut rows = Vec::with_capacity(batch.len());
                 for event in batch.drain(..) {
-                    let verdict = set.route(&event, &mut router.state);
+                    let verdict = route_guarded(&set, &event, &mut router.state);
                     router.apply(Some(&event), verdict, &mut rows);
                 }
                 if !rows.is_empty() {
@@ -94,6 +94,22 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+/// `set.route`, with a panic inside it (a bug in the rule engine or a
+/// dependency, on some odd input) turned into a dead letter for that one
+/// event instead of the end of the router: the daemon keeps running.
+fn route_guarded(set: &RuleSet, event: &Event, state: &mut State) -> Verdict {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| set.route(event, state))) {
+        Ok(v) => v,
+        Err(_) => Verdict {
+            dead_letter: Some(
+                "internal error: the rule engine panicked on this event (a bug; please report it with this event)"
+                    .into(),
+            ),
+            ..Verdict::default()
+        },
     }
 }
 

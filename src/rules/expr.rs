@@ -402,3 +402,50 @@ mod tests {
         assert!(Expr::compile("  ").is_err());
     }
 }
+
+#[cfg(test)]
+mod edge_tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn arithmetic_and_conversion_edges_are_errors_not_panics() {
+        let env = Env::default();
+        let event = Event::from_publish(
+            "t".into(),
+            Bytes::from_static(br#"{"big": 9223372036854775807, "s": "abc", "l": [1]}"#),
+        );
+        let vars = EventVars::new(&event, "i", "g");
+        let rule = RuleVars {
+            event: &vars,
+            captures: &[],
+        };
+        for src in [
+            "big + 1",
+            "-9223372036854775808 / -1",
+            "big * big",
+            "int('abc')",
+            "s[5]",
+            "l[3]",
+            "double('x')",
+            "timestamp('nope')",
+            "duration('1x')",
+            "s.matches('(')",
+            "1 % 0",
+            "uint(-1)",
+            "int(1e300)",
+            "size(big)",
+            "l.map(x, x / 0)",
+            "'a' * 3",
+        ] {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                Expr::compile(src).map(|e| e.eval(&env, &rule))
+            }));
+            assert!(r.is_ok(), "{src} panicked");
+            assert!(
+                matches!(r.unwrap(), Ok(Err(_))),
+                "{src} should fail to evaluate"
+            );
+        }
+    }
+}
