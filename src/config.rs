@@ -104,11 +104,7 @@ impl Default for RulesConfig {
 
 /// What happens to an event that no rule matches: `"drop"` (counted as
 /// `dropped_unmatched`), or a destination like a rule's `to` entry.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(
-    untagged,
-    expecting = "\"drop\" or a destination like { upstream = \"cloud\" } or { local = \"unrouted\" }"
-)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum UnmatchedPolicy {
     Keyword(Keyword),
     Route(crate::rules::DestinationSpec),
@@ -118,6 +114,37 @@ pub enum UnmatchedPolicy {
 #[serde(rename_all = "snake_case")]
 pub enum Keyword {
     Drop,
+}
+
+/// A string is the keyword, a table a destination. Hand-written rather than
+/// `#[serde(untagged)]`, which would replace a destination's own error (an
+/// unknown key, a bad priority) with "matched no variant".
+impl<'de> Deserialize<'de> for UnmatchedPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = UnmatchedPolicy;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(
+                    "\"drop\" or a destination like { upstream = \"cloud\", topic = \"unrouted\" }",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Keyword::deserialize(serde::de::value::StrDeserializer::<E>::new(v))
+                    .map(UnmatchedPolicy::Keyword)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                crate::rules::DestinationSpec::deserialize(
+                    serde::de::value::MapAccessDeserializer::new(map),
+                )
+                .map(UnmatchedPolicy::Route)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

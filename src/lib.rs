@@ -164,7 +164,7 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
     // before shutdown (error or panic) as fatal, so the process exits
     // non-zero and systemd restarts it instead of running on half-dead.
     let mut stages: JoinSet<(&'static str, Result<(), String>)> = JoinSet::new();
-    let ours = Arc::new(republish::Tracker::default());
+    let ours = Arc::new(republish::Tracker::new(&file.broker.ingest));
     let ingest = ingest::run(
         broker.link_rx,
         file.broker.ingest.clone(),

@@ -115,6 +115,9 @@ pub enum Source {
 /// Publishes edgeferry made, waiting to be recognised when they come back.
 #[derive(Debug, Default)]
 pub struct Tracker {
+    /// The ingest filters: a publish outside them never comes back, so it
+    /// is not remembered (it would only slow every lookup down).
+    ingest: Vec<crate::rules::topic::Pattern>,
     pending: Mutex<VecDeque<Pending>>,
 }
 
@@ -138,8 +141,22 @@ fn hash_of(payload: &[u8]) -> u64 {
 }
 
 impl Tracker {
+    /// A tracker for publishes that come back through `ingest` filters.
+    pub fn new(ingest: &[String]) -> Tracker {
+        Tracker {
+            ingest: ingest
+                .iter()
+                .filter_map(|f| crate::rules::topic::Pattern::parse(f).ok())
+                .collect(),
+            pending: Mutex::default(),
+        }
+    }
+
     /// Remember a publish about to be made (`origin: None`: a dead letter).
     pub fn expect(&self, topic: &str, payload: &[u8], origin: Option<Origin>) {
+        if !self.ingest.iter().any(|f| f.captures(topic).is_some()) {
+            return;
+        }
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         if pending.len() >= MAX_PENDING {
             pending.pop_front();
@@ -187,7 +204,9 @@ mod tests {
 
     #[test]
     fn our_publishes_are_recognised_once_and_others_are_clients() {
-        let t = Tracker::default();
+        let t = Tracker::new(&["alerts/#".into(), "dead".into()]);
+        t.expect("elsewhere", b"z", None);
+        assert_eq!(t.pending.lock().unwrap().len(), 0, "never comes back");
         let o = Origin {
             rule: "r".into(),
             hops: 1,

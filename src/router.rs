@@ -50,30 +50,14 @@ pub async fn run(
     let mut rules_open = true;
     loop {
         let wake = set.next_deadline(&router.state).map(|at| {
-            tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(now_ms()))
+            let wait = at.saturating_add(WINDOW_GRACE_MS).saturating_sub(now_ms());
+            tokio::time::Instant::now() + Duration::from_millis(wait)
         });
+        // Biased: a reloaded set is taken before more events; the window
+        // timer before events so a steady stream cannot starve it (its
+        // branch routes what has already arrived first).
         tokio::select! {
-            n = events.recv_many(&mut batch, BATCH) => {
-                if n == 0 {
-                    // Shutting down: open windows are sent as they are.
-                    let verdict = set.tick(u64::MAX, &mut router.state);
-                    let mut rows = Vec::new();
-                    router.apply(None, verdict, &mut rows);
-                    if !rows.is_empty() {
-                        queue.append(rows).await?;
-                    }
-                    info!("router drained");
-                    return Ok(());
-                }
-                let mut rows = Vec::with_capacity(batch.len());
-                for event in batch.drain(..) {
-                    let verdict = route_guarded(&set, &event, &mut router.state);
-                    router.apply(Some(&event), verdict, &mut rows);
-                }
-                if !rows.is_empty() {
-                    queue.append(rows).await?;
-                }
-            }
+            biased;
             changed = rules.changed(), if rules_open => {
                 if changed.is_err() {
                     rules_open = false;
@@ -81,21 +65,42 @@ pub async fn run(
                 }
                 let new = rules.borrow_and_update().clone();
                 let old = std::mem::take(&mut router.state);
-                router.state = new.carry_state(&set, old);
+                let (state, flushed) = new.carry_state(&set, old);
+                router.state = state;
                 router.dead_letter_topic = new.dead_letter_topic().map(str::to_string);
                 set = new;
+                router.send(None, flushed, &queue).await?;
             }
             _ = sleep_until(wake), if wake.is_some() => {
-                let verdict = set.tick(now_ms(), &mut router.state);
-                let mut rows = Vec::new();
-                router.apply(None, verdict, &mut rows);
-                if !rows.is_empty() {
-                    queue.append(rows).await?;
+                // An event received before a window's end belongs in it.
+                while let Ok(event) = events.try_recv() {
+                    batch.push(event);
+                    if batch.len() == BATCH {
+                        router.route(&set, &mut batch, &queue).await?;
+                    }
                 }
+                router.route(&set, &mut batch, &queue).await?;
+                let verdict = set.tick(now_ms().saturating_sub(WINDOW_GRACE_MS), &mut router.state);
+                router.send(None, verdict, &queue).await?;
+            }
+            n = events.recv_many(&mut batch, BATCH) => {
+                if n == 0 {
+                    // Shutting down: open windows are sent as they are.
+                    let verdict = set.tick(u64::MAX, &mut router.state);
+                    router.send(None, verdict, &queue).await?;
+                    info!("router drained");
+                    return Ok(());
+                }
+                router.route(&set, &mut batch, &queue).await?;
             }
         }
     }
 }
+
+/// Windows close this long after their end, so that events received just
+/// before the end and still on their way through ingest get in. An event
+/// later than that opens a window of its own for the same period.
+const WINDOW_GRACE_MS: u64 = 1000;
 
 /// `set.route`, with a panic inside it (a bug in the rule engine or a
 /// dependency, on some odd input) turned into a dead letter for that one
@@ -131,6 +136,40 @@ struct Router {
 }
 
 impl Router {
+    /// Route a batch of events (emptying it) and queue the rows.
+    async fn route(
+        &mut self,
+        set: &RuleSet,
+        batch: &mut Vec<Event>,
+        queue: &QueueHandle,
+    ) -> Result<(), QueueError> {
+        let mut rows = Vec::with_capacity(batch.len());
+        for event in batch.drain(..) {
+            let verdict = route_guarded(set, &event, &mut self.state);
+            self.apply(Some(&event), verdict, &mut rows);
+        }
+        if !rows.is_empty() {
+            queue.append(rows).await?;
+        }
+        Ok(())
+    }
+
+    /// Apply one verdict (`event` is `None` for windows closed by the clock
+    /// or a reload) and queue its rows.
+    async fn send(
+        &mut self,
+        event: Option<&Event>,
+        verdict: Verdict,
+        queue: &QueueHandle,
+    ) -> Result<(), QueueError> {
+        let mut rows = Vec::new();
+        self.apply(event, verdict, &mut rows);
+        if !rows.is_empty() {
+            queue.append(rows).await?;
+        }
+        Ok(())
+    }
+
     /// Count a verdict, queue its routes and publish its local outputs.
     /// `event` is `None` for windows closed by the clock.
     fn apply(&mut self, event: Option<&Event>, verdict: Verdict, rows: &mut Vec<NewRow>) {
@@ -160,6 +199,12 @@ impl Router {
         }
         m.rule_errors
             .fetch_add(verdict.errors.len() as u64, Relaxed);
+        if event.is_none()
+            && let Some((rule, why)) = verdict.errors.first()
+        {
+            // A window closed by the clock that could not be sent.
+            self.warn_window(rule, why);
+        }
         for reason in &verdict.shaped {
             match reason {
                 DropReason::Throttled => &m.dropped_throttled,
@@ -197,19 +242,31 @@ impl Router {
 
     /// One WARN per `WARN_EVERY` at most, saying how many were held back.
     fn warn(&mut self, event: &Event, reason: &str) {
+        if let Some(suppressed) = self.may_warn() {
+            warn!(
+                topic = %event.topic,
+                id = %event.id,
+                suppressed,
+                "event dead-lettered: {reason}"
+            );
+        }
+    }
+
+    fn warn_window(&mut self, rule: &str, why: &str) {
+        if let Some(suppressed) = self.may_warn() {
+            warn!(rule, suppressed, "window not sent: {why}");
+        }
+    }
+
+    /// `Some(held back since the last one)` when a WARN may be logged now.
+    fn may_warn(&mut self) -> Option<u64> {
         let now = std::time::Instant::now();
         if self.last_warn.is_some_and(|t| now - t < WARN_EVERY) {
             self.suppressed += 1;
-            return;
+            return None;
         }
-        warn!(
-            topic = %event.topic,
-            id = %event.id,
-            suppressed = self.suppressed,
-            "event dead-lettered: {reason}"
-        );
         self.last_warn = Some(now);
-        self.suppressed = 0;
+        Some(std::mem::take(&mut self.suppressed))
     }
 }
 

@@ -27,7 +27,10 @@ use crate::rules::TestSpec;
 /// `file:line`) and the `[[test]]` cases, still as written.
 #[derive(Default)]
 pub struct FileContents {
-    pub rules: Vec<(Rule, String)>,
+    pub rules: Vec<Rule>,
+    /// The name and `file:line` of every rule table that has one, compiled
+    /// or not (duplicate names are reported even among broken rules).
+    pub names: Vec<(String, String)>,
     pub tests: Vec<(TestSpec, usize)>,
 }
 
@@ -73,13 +76,24 @@ pub fn parse_file(
                 }
                 continue;
             }
-            let at = format!("{}:{line}", file.display());
+            if let Some(name) = name_of(item) {
+                out.names
+                    .push((name.to_string(), format!("{}:{line}", file.display())));
+            }
             if let Some(rule) = compile_rule(file, text, item, upstreams, errors) {
-                out.rules.push((rule, at));
+                out.rules.push(rule);
             }
         }
     }
     out
+}
+
+/// The `name` of a rule table, read before (and whatever) serde says.
+fn name_of<'a>(item: &'a Spanned<DeValue<'_>>) -> Option<&'a str> {
+    match item.get_ref().get("name").map(|v| v.get_ref()) {
+        Some(DeValue::String(s)) => Some(s.as_ref()),
+        _ => None,
+    }
 }
 
 /// A serde error inside `item`, located at its span or else at the item.
@@ -144,7 +158,11 @@ fn compile_rule(
     let spec = match RuleSpec::deserialize(ValueDeserializer::from(item.clone())) {
         Ok(s) => s,
         Err(e) => {
-            errors.push(located(file, text, item, &e));
+            let mut d = located(file, text, item, &e);
+            if let Some(name) = name_of(item) {
+                d.message = format!("rule {name:?}: {}", d.message);
+            }
+            errors.push(d);
             return None;
         }
     };

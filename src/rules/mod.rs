@@ -279,8 +279,13 @@ impl RuleSet {
         errors: &mut Vec<Diagnostic>,
     ) {
         let contents = compile::parse_file(file, text, upstreams, errors);
-        for (rule, at) in contents.rules {
-            if let Some(prev) = seen.insert(rule.name.clone(), at.clone()) {
+        let mut duplicates = Vec::new();
+        for (name, at) in contents.names {
+            let first = seen
+                .entry(Arc::from(name.as_str()))
+                .or_insert_with(|| at.clone());
+            if *first != at {
+                let prev = first.clone();
                 let line = at
                     .rsplit(':')
                     .next()
@@ -292,10 +297,14 @@ impl RuleSet {
                     line,
                     column: 1,
                     message: format!(
-                        "rule name {:?} is used twice (first at {prev}); names must be unique",
-                        rule.name
+                        "rule name {name:?} is used twice (first at {prev}); names must be unique"
                     ),
                 });
+                duplicates.push(name);
+            }
+        }
+        for rule in contents.rules {
+            if duplicates.iter().any(|d| **d == *rule.name) {
                 continue;
             }
             self.index.insert(&rule.pattern, self.rules.len());
@@ -359,8 +368,10 @@ impl RuleSet {
     }
 
     /// Shaping state for this set, keeping `old`'s state (of set `old_set`)
-    /// for every rule whose text did not change.
-    pub fn carry_state(&self, old_set: &RuleSet, mut old: State) -> State {
+    /// for every rule whose text did not change. The open windows of rules
+    /// that changed or went away are closed and sent as they are (by the old
+    /// rule), in the returned verdict, so a reload loses nothing.
+    pub fn carry_state(&self, old_set: &RuleSet, mut old: State) -> (State, Verdict) {
         let mut by_name: HashMap<&str, usize> = HashMap::new();
         for (i, r) in old_set.rules.iter().enumerate() {
             by_name.insert(&r.name, i);
@@ -374,7 +385,8 @@ impl RuleSet {
                 state.shapers[i] = Some(shaper);
             }
         }
-        state
+        let flushed = old_set.tick(u64::MAX, &mut old);
+        (state, flushed)
     }
 
     /// Apply the rules to one event.
@@ -425,6 +437,8 @@ impl RuleSet {
                 let key = match key {
                     Ok(k) => k,
                     Err(e) => {
+                        // Like a failing `when`: the rule does not apply.
+                        verdict.matched -= 1;
                         verdict.fail(&rule.name, format!("{} key: {e}", shape.spec.kind()));
                         continue;
                     }
@@ -444,15 +458,17 @@ impl RuleSet {
                         pass = false;
                     }
                     Offer::NotNumeric => {
+                        // Like a failing `when`: the rule does not apply.
+                        verdict.matched -= 1;
                         verdict.fail(
                             &rule.name,
                             "deadband field is missing or not a number".to_string(),
                         );
-                        pass = false;
+                        continue;
                     }
                     Offer::Absorbed { closed } => {
                         verdict.absorbed += 1;
-                        if let Some(emit) = closed {
+                        for emit in closed {
                             self.emit_window(rule, emit, &mut verdict);
                         }
                         pass = false;
@@ -466,8 +482,10 @@ impl RuleSet {
                 break;
             }
         }
+        // edgeferry's own republishes are not "unmatched" sensor data: they
+        // would otherwise go to the unmatched destination (or loop on it).
         if verdict.matched == 0
-            && verdict.errors.is_empty()
+            && event.origin.is_none()
             && let Some(d) = &self.unmatched
         {
             let ev = vars.get_or_insert_with(|| EventVars::new(event, &id, &self.gateway));

@@ -36,11 +36,13 @@
 //! Memory: at most `max_keys` keys (default 10 000) per shaper. When a new key
 //! arrives and the shaper is full, state that no longer matters goes first
 //! (throttle/dedupe entries whose period has elapsed, deadband entries whose
-//! heartbeat has elapsed), then the least recently offered key, counted in
-//! [`Shaper::evicted`]. For windows, the new key's event makes room by closing
-//! one window, returned as `Offer::Absorbed { closed }`: a window that has
-//! already ended if there is one (on time, not counted), otherwise the least
-//! recently offered key's window, emitted early with what it has (counted).
+//! heartbeat has elapsed); if that frees less than an eighth of `max_keys`,
+//! the least recently offered keys are evicted down to 7/8 of `max_keys`
+//! (counted in [`Shaper::evicted`]), so the sweep runs once per many new
+//! keys. For windows, the new key's event makes room by closing windows,
+//! returned in `Offer::Absorbed { closed }`: those that have already ended
+//! (on time, not counted), then, if needed, the least recently offered keys'
+//! windows, emitted early with what they have (counted).
 //!
 //! Changes from the first sketch of this API: [`Emit::skipped`] (the
 //! non-numeric values a window skipped, for the caller's counters),
@@ -397,12 +399,12 @@ pub enum Offer<C> {
     /// Deadband only: the field is missing or not a JSON number. The caller
     /// counts it and treats the rule as not matching.
     NotNumeric,
-    /// Window only: the event was folded into its key's window. `closed` is a
-    /// window this offer closed (the key's previous one, or one that made
+    /// Window only: the event was folded into its key's window. `closed` are
+    /// windows this offer closed (the key's previous one, or ones that made
     /// room for a new key), to be sent like the ones from [`Shaper::due`].
     Absorbed {
-        /// A window closed by this offer.
-        closed: Option<Emit<C>>,
+        /// Windows closed by this offer.
+        closed: Vec<Emit<C>>,
     },
 }
 
@@ -568,9 +570,18 @@ fn period_elapsed(now_ms: u64, then_ms: u64, period_ms: u64) -> bool {
     }
 }
 
-/// Makes room for one new key in a full map: drops stale entries, then the
-/// least recently offered ones. Returns how many were evicted (stale entries
-/// are not counted).
+/// How far below `max_keys` a full shaper is brought when it must evict:
+/// an eighth, so the O(n) sweep runs once per that many new keys, not once
+/// per new key (which would cost tens of microseconds per event at 10,000
+/// keys).
+fn headroom(max_keys: usize) -> usize {
+    (max_keys / 8).max(1)
+}
+
+/// Makes room for a new key in a full map: drops stale entries; if that does
+/// not free `headroom`, evicts the least recently offered keys down to
+/// `max_keys - headroom`. Returns how many were evicted (stale entries are
+/// not counted).
 fn make_room<E>(
     keys: &mut HashMap<String, E>,
     max_keys: usize,
@@ -581,19 +592,22 @@ fn make_room<E>(
         return 0;
     }
     keys.retain(|_, e| !stale(e));
-    let mut evicted = 0;
-    while keys.len() >= max_keys {
-        let Some(victim) = keys
-            .iter()
-            .min_by_key(|(_, e)| seen(e))
-            .map(|(k, _)| k.clone())
-        else {
-            break;
-        };
-        keys.remove(&victim);
-        evicted += 1;
+    let target = max_keys - headroom(max_keys);
+    if keys.len() <= target {
+        return 0;
     }
-    evicted
+    let excess = keys.len() - target;
+    let cutoff = nth_oldest(keys.values().map(&seen), excess);
+    // `seen` values are distinct (one offer counter), so exactly `excess` go.
+    keys.retain(|_, e| seen(e) > cutoff);
+    excess as u64
+}
+
+/// The `n`-th smallest (1-based) of `seen` values.
+fn nth_oldest(seen: impl Iterator<Item = u64>, n: usize) -> u64 {
+    let mut all: Vec<u64> = seen.collect();
+    let (_, nth, _) = all.select_nth_unstable(n - 1);
+    *nth
 }
 
 impl<C: Clone> Shaper<C> {
@@ -772,12 +786,12 @@ impl<C: Clone> Windows<C> {
         ctx: C,
         seq: u64,
         max_keys: usize,
-    ) -> (Option<Emit<C>>, u64) {
+    ) -> (Vec<Emit<C>>, u64) {
         let start_ms = now_ms - now_ms % self.plan.every_ms;
         if let Some(open) = self.keys.get_mut(key) {
             let closed = if open.start_ms == start_ms {
                 open.ctx = ctx;
-                None
+                Vec::new()
             } else {
                 // Another window (later, or earlier after a clock step):
                 // the open one is over.
@@ -785,16 +799,16 @@ impl<C: Clone> Windows<C> {
                 let old = std::mem::replace(open, fresh);
                 remove_end(&mut self.ends, old.end_ms);
                 add_end(&mut self.ends, open.end_ms);
-                Some(self.plan.emit(key.to_owned(), old))
+                vec![self.plan.emit(key.to_owned(), old)]
             };
             open.seen = seq;
             self.plan.absorb(open, payload);
             return (closed, 0);
         }
         let (closed, evicted) = if self.keys.len() >= max_keys {
-            self.make_room(now_ms)
+            self.make_room(now_ms, max_keys)
         } else {
-            (None, 0)
+            (Vec::new(), 0)
         };
         let mut open = self.plan.open(start_ms, ctx);
         open.seen = seq;
@@ -804,31 +818,32 @@ impl<C: Clone> Windows<C> {
         (closed, evicted)
     }
 
-    /// Closes one window to make room for a new key: the one that ended
-    /// first if any has ended (not an eviction), else the least recently
-    /// offered key's (emitted early, an eviction).
-    fn make_room(&mut self, now_ms: u64) -> (Option<Emit<C>>, u64) {
-        let ended = self
+    /// Closes windows to make room for a new key: every window that has
+    /// already ended (on time, not an eviction); if that does not free
+    /// `headroom`, the least recently offered keys' windows down to
+    /// `max_keys - headroom`, emitted early with what they have (evictions).
+    fn make_room(&mut self, now_ms: u64, max_keys: usize) -> (Vec<Emit<C>>, u64) {
+        let mut closed = self.due(now_ms);
+        let target = max_keys - headroom(max_keys);
+        if self.keys.len() <= target {
+            return (closed, 0);
+        }
+        let excess = self.keys.len() - target;
+        let cutoff = nth_oldest(self.keys.values().map(|w| w.seen), excess);
+        let mut victims: Vec<(u64, String)> = self
             .keys
             .iter()
-            .filter(|(_, w)| w.end_ms <= now_ms)
-            .min_by(|a, b| (a.1.end_ms, a.0).cmp(&(b.1.end_ms, b.0)))
-            .map(|(k, _)| k.clone());
-        let (victim, evicted) = match ended {
-            Some(k) => (Some(k), 0),
-            None => (
-                self.keys
-                    .iter()
-                    .min_by_key(|(_, w)| w.seen)
-                    .map(|(k, _)| k.clone()),
-                1,
-            ),
-        };
-        let Some((key, open)) = victim.and_then(|k| self.keys.remove_entry(&k)) else {
-            return (None, 0);
-        };
-        remove_end(&mut self.ends, open.end_ms);
-        (Some(self.plan.emit(key, open)), evicted)
+            .filter(|(_, w)| w.seen <= cutoff)
+            .map(|(k, w)| (w.seen, k.clone()))
+            .collect();
+        victims.sort();
+        for (_, key) in victims {
+            if let Some(open) = self.keys.remove(&key) {
+                remove_end(&mut self.ends, open.end_ms);
+                closed.push(self.plan.emit(key, open));
+            }
+        }
+        (closed, excess as u64)
     }
 
     fn due(&mut self, now_ms: u64) -> Vec<Emit<C>> {
@@ -994,11 +1009,11 @@ mod tests {
     const THROTTLED: Offer<u32> = Offer::Drop(DropReason::Throttled);
     const DUP: Offer<u32> = Offer::Drop(DropReason::Duplicate);
     const BAND: Offer<u32> = Offer::Drop(DropReason::InsideDeadband);
-    const ABSORBED: Offer<u32> = Offer::Absorbed { closed: None };
+    const ABSORBED: Offer<u32> = Offer::Absorbed { closed: Vec::new() };
 
     fn closed(o: Offer<u32>) -> Emit<u32> {
         match o {
-            Offer::Absorbed { closed: Some(e) } => e,
+            Offer::Absorbed { mut closed } if closed.len() == 1 => closed.remove(0),
             other => panic!("expected a closed window, got {other:?}"),
         }
     }
@@ -1426,19 +1441,52 @@ max_keys = 2"#,
         assert_eq!((e.key.as_str(), e.ctx, e.window_end_ms), ("b", 2, 10_000));
         assert_eq!(e.payload["count"], json!(1));
         assert_eq!((s.keys(), s.evicted()), (2, 1));
-        // At 12s, a's and c's windows have ended: the earliest (by key) closes, on time.
-        let e = closed(s.offer("d", 12_000, &json!({}), 5));
-        assert_eq!(
-            (e.key.as_str(), e.payload["count"].clone()),
-            ("a", json!(2))
-        );
-        assert_eq!((s.keys(), s.evicted()), (2, 1));
+        // At 12s, a's and c's windows have ended: both close, on time.
+        let Offer::Absorbed { closed } = s.offer("d", 12_000, &json!({}), 5) else {
+            panic!("absorbed")
+        };
+        let got: Vec<_> = closed
+            .iter()
+            .map(|e| (e.key.as_str(), e.payload["count"].clone()))
+            .collect();
+        assert_eq!(got, [("a", json!(2)), ("c", json!(1))]);
+        assert_eq!((s.keys(), s.evicted()), (1, 1));
         let rest: Vec<_> = s
             .due(20_000)
             .into_iter()
             .map(|e| (e.key, e.window_end_ms))
             .collect();
-        assert_eq!(rest, [("c".to_owned(), 10_000), ("d".to_owned(), 20_000)]);
+        assert_eq!(rest, [("d".to_owned(), 20_000)]);
+    }
+
+    #[test]
+    fn a_full_shaper_evicts_in_batches_so_new_keys_stay_cheap() {
+        let mut s = throttle(
+            r#"every = "1h"
+max_keys = 800"#,
+        );
+        for i in 0..800 {
+            assert_eq!(s.offer(&format!("k{i}"), 1_000, &json!({}), 0), Offer::Pass);
+        }
+        // Full, nothing stale: the 100 least recently offered keys go at once.
+        s.offer("k0", 1_000, &json!({}), 0);
+        s.offer("new", 1_000, &json!({}), 0);
+        assert_eq!((s.keys(), s.evicted()), (701, 100));
+        assert_eq!(
+            s.offer("k0", 2_000, &json!({}), 0),
+            Offer::Drop(DropReason::Throttled),
+            "recently seen: kept"
+        );
+        assert_eq!(
+            s.offer("k1", 2_000, &json!({}), 0),
+            Offer::Pass,
+            "evicted: a new key again"
+        );
+        // The next 99 new keys need no sweep.
+        for i in 0..98 {
+            s.offer(&format!("n{i}"), 3_000, &json!({}), 0);
+        }
+        assert_eq!((s.keys(), s.evicted()), (800, 100));
     }
 
     #[test]

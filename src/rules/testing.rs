@@ -14,7 +14,9 @@
 //! Sequences use `steps`, each at a time offset from the start (`at`); a step
 //! without a topic only advances the clock, which closes due windows.
 //! `expect = []` means the event goes nowhere. Expected payloads match as a
-//! subset: every field given must be equal, other fields may exist.
+//! subset: every field given must be equal, other fields may exist. A rule
+//! that fails on an input fails the test unless the test (or step) says
+//! `errors = true`.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -41,6 +43,9 @@ pub struct TestSpec {
     /// A single event (with `expect`), or use `steps`.
     pub input: Option<InputSpec>,
     pub expect: Option<Vec<ExpectSpec>>,
+    /// The input is expected to make a rule fail (bad data on purpose).
+    #[serde(default)]
+    pub errors: bool,
     #[serde(default)]
     pub steps: Vec<StepSpec>,
 }
@@ -71,6 +76,10 @@ pub struct StepSpec {
     pub raw: Option<String>,
     #[serde(default)]
     pub expect: Vec<ExpectSpec>,
+    /// This step's input is expected to make a rule fail; otherwise a rule
+    /// error fails the test even when the outputs match.
+    #[serde(default)]
+    pub errors: bool,
 }
 
 /// One expected output.
@@ -155,6 +164,7 @@ fn run_one(set: &RuleSet, spec: &TestSpec) -> Result<(), String> {
             cbor: i.cbor,
             raw: i.raw.clone(),
             expect: e.clone(),
+            errors: spec.errors,
         }],
         (None, None, false) => spec.steps.clone(),
         (Some(_), None, _) => return Err("`input` needs `expect` (use [] for \"dropped\")".into()),
@@ -172,7 +182,9 @@ fn run_one(set: &RuleSet, spec: &TestSpec) -> Result<(), String> {
             return Err(format!("step {}: `at` goes back in time", n + 1));
         }
         now = at;
-        let mut outputs = collect(&set.tick(now, &mut state));
+        let tick = set.tick(now, &mut state);
+        let mut outputs = collect(&tick);
+        let mut notes = explain(&tick);
         let mut what = format!("at {}s", (now - T0_MS) as f64 / 1e3);
         if let Some(topic) = &step.topic {
             let raw = payload_bytes(step)?;
@@ -181,19 +193,64 @@ fn run_one(set: &RuleSet, spec: &TestSpec) -> Result<(), String> {
             let verdict = set.route(&event, &mut state);
             outputs.extend(collect(&verdict));
             let _ = write!(what, ", {topic}");
-            if !verdict.errors.is_empty() && step.expect.is_empty() && outputs.is_empty() {
-                // Dropped as expected, but say why in case it surprises.
+            notes = explain(&verdict);
+            match (verdict.errors.is_empty(), step.errors) {
+                (false, false) => {
+                    let msg = format!(
+                        "  a rule failed on this input (add `errors = true` if that is the point)\n  note: {}",
+                        notes.join("\n  note: ")
+                    );
+                    return Err(in_step(steps.len(), n, &what, msg));
+                }
+                (true, true) => {
+                    let msg = "  `errors = true`, but no rule failed on this input".to_string();
+                    return Err(in_step(steps.len(), n, &what, msg));
+                }
+                _ => {}
             }
         }
-        compare(&step.expect, &outputs).map_err(|diff| {
-            if steps.len() == 1 {
-                diff
-            } else {
-                format!("step {} ({what}):\n{diff}", n + 1)
+        compare(&step.expect, &outputs).map_err(|mut diff| {
+            // What the rules said about the event, which usually is the why.
+            for note in notes.drain(..) {
+                let _ = write!(diff, "\n  note: {note}");
             }
+            in_step(steps.len(), n, &what, diff)
         })?;
     }
     Ok(())
+}
+
+/// A failure message, prefixed with its step when the test has several.
+fn in_step(steps: usize, n: usize, what: &str, msg: String) -> String {
+    if steps == 1 {
+        msg
+    } else {
+        format!("step {} ({what}):\n{msg}", n + 1)
+    }
+}
+
+/// Rule errors, drops and shaping of one verdict, for a failure message.
+fn explain(v: &Verdict) -> Vec<String> {
+    let mut out: Vec<String> = v
+        .errors
+        .iter()
+        .map(|(rule, why)| format!("rule {rule:?} failed: {why}"))
+        .collect();
+    if let Some(rule) = &v.dropped_by {
+        out.push(format!("dropped by rule {rule:?}"));
+    }
+    for reason in &v.shaped {
+        out.push(format!("held back by shaping ({})", reason.as_str()));
+    }
+    if v.absorbed > 0 {
+        out.push("absorbed into a window".into());
+    }
+    if v.errors.is_empty()
+        && let Some(why) = &v.dead_letter
+    {
+        out.push(format!("dead-lettered: {why}"));
+    }
+    out
 }
 
 fn payload_bytes(step: &StepSpec) -> Result<Bytes, String> {

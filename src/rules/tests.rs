@@ -274,11 +274,12 @@ to = [{ upstream = "cloud" }]
     assert_eq!(at(&old, &mut state, 2_000, "s/b"), 1);
     let same = load(text).unwrap();
     assert!(same.changes_from(&old).is_empty());
-    let mut state = same.carry_state(&old, state);
+    let (mut state, _) = same.carry_state(&old, state);
     assert_eq!(at(&same, &mut state, 3_000, "s/a"), 0, "state kept");
     let changed = load(&text.replace("10s", "20s")).unwrap();
     assert_eq!(changed.changes_from(&same).changed, ["t"]);
-    let mut state = changed.carry_state(&same, state);
+    let (mut state, flushed) = changed.carry_state(&same, state);
+    assert_eq!(flushed, Verdict::default());
     assert_eq!(at(&changed, &mut state, 4_000, "s/a"), 1, "state reset");
 }
 
@@ -336,6 +337,49 @@ fn unmatched_policy_routes_what_no_rule_takes() {
     assert!(v.unmatched_routed);
     assert_eq!(v.routes[0].topic, "unrouted");
     assert!(!route(&set, "a", b"1").unmatched_routed);
+    // Our own republishes are not unmatched sensor data.
+    let mut ours = Event::for_test("b/c", b"1");
+    ours.origin = Some(Origin {
+        rule: "x".into(),
+        hops: 1,
+    });
+    assert!(!set.route(&ours, &mut set.new_state()).unmatched_routed);
+}
+
+#[test]
+fn an_event_whose_only_rule_failed_is_unmatched_and_dead_lettered() {
+    let mut set = load("[[rule]]\nname = \"a\"\nmatch = \"a\"\nwhen = \"v > 1\"\nto = [{ upstream = \"cloud\" }]\n").unwrap();
+    let spec: DestinationSpec =
+        toml::from_str("upstream = \"cloud\"\ntopic = \"unrouted\"\n").unwrap();
+    set.configure(
+        &Settings {
+            unmatched: Some(spec),
+            ..Default::default()
+        },
+        &upstreams(),
+    )
+    .unwrap();
+    let v = route(&set, "a", b"{}");
+    assert_eq!(v.matched, 0);
+    assert!(v.unmatched_routed);
+    assert!(v.dead_letter.is_some());
+}
+
+#[test]
+fn a_changed_window_rule_sends_its_open_windows_on_reload() {
+    let text = "[[rule]]\nname = \"w\"\nmatch = \"p/{m}\"\nwindow = { key = \"m\", every = \"1m\" }\nto = [{ upstream = \"cloud\" }]\n";
+    let old = load(text).unwrap();
+    let mut state = old.new_state();
+    for i in 0..5 {
+        let mut e = Event::for_test("p/m1", b"{}");
+        e.received_ms = testing::T0_MS + i * 1000;
+        assert_eq!(old.route(&e, &mut state).absorbed, 1);
+    }
+    let new = load(&text.replace("1m", "2m")).unwrap();
+    let (state, flushed) = new.carry_state(&old, state);
+    assert_eq!(flushed.windows, 1);
+    assert_eq!(json_of(&flushed.routes[0].payload)["count"], json!(5));
+    assert_eq!(state.keys(), 0);
 }
 
 #[test]
@@ -411,4 +455,26 @@ fn duplicate_rule_names_are_refused() {
 fn syntax_errors_are_located() {
     let Diagnostics(errs) = load("[[rule]]\nname = \"x\nmatch = 1\n").unwrap_err();
     assert_eq!(errs[0].line, 2, "{errs:#?}");
+}
+
+#[test]
+fn schema_errors_name_the_rule_and_broken_rules_still_count_for_duplicates() {
+    let Diagnostics(errs) = load(
+        "[[rule]]\nname = \"a\"\nmatch = \"a\"\nthottle = { every = \"1s\" }\ndrop = true\n\n[[rule]]\nname = \"a\"\nmatch = \"b\"\ndrop = true\n",
+    )
+    .unwrap_err();
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(
+        errs[0]
+            .message
+            .starts_with("rule \"a\": unknown field `thottle`"),
+        "{}",
+        errs[0]
+    );
+    assert_eq!(errs[0].line, 4);
+    assert!(
+        errs[1].message.contains("used twice (first at r.toml:1)"),
+        "{}",
+        errs[1]
+    );
 }

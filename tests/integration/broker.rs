@@ -127,7 +127,7 @@ async fn messages_the_broker_skips_when_ingest_lags_are_counted() {
         broker.link_rx,
         cfg.broker.ingest.clone(),
         tx,
-        Default::default(),
+        std::sync::Arc::new(edgeferry::republish::Tracker::new(&cfg.broker.ingest)),
         metrics.clone(),
         stop,
     ));
