@@ -408,13 +408,13 @@ impl RuleSet {
             let Some(captures) = rule.pattern.captures(&event.topic) else {
                 continue;
             };
-            let ev = vars.get_or_insert_with(|| EventVars::new(event, &id, &self.gateway));
-            let rv = RuleVars {
-                event: ev,
+            // Only rules with expressions pay for the event's CEL view.
+            let rv = rule.needs_vars().then(|| RuleVars {
+                event: vars.get_or_insert_with(|| EventVars::new(event, &id, &self.gateway)),
                 captures: &captures,
-            };
-            if let Some(when) = &rule.when {
-                match when.eval_bool(&self.env, &rv) {
+            });
+            if let (Some(when), Some(rv)) = (&rule.when, &rv) {
+                match when.eval_bool(&self.env, rv) {
                     Ok(true) => {}
                     Ok(false) => continue,
                     Err(e) => {
@@ -430,9 +430,9 @@ impl RuleSet {
             }
             let mut pass = true;
             if let (Some(shape), Some(Some(shaper))) = (&rule.shape, state.shapers.get_mut(i)) {
-                let key = match &shape.key {
-                    Some(k) => k.eval_key(&self.env, &rv),
-                    None => Ok(event.topic.clone()),
+                let key = match (&shape.key, &rv) {
+                    (Some(k), Some(rv)) => k.eval_key(&self.env, rv),
+                    _ => Ok(event.topic.clone()),
                 };
                 let key = match key {
                     Ok(k) => k,
@@ -476,7 +476,7 @@ impl RuleSet {
                 }
             }
             if pass {
-                self.outputs(rule, event, &id, &rv, &captures, &mut verdict);
+                self.outputs(rule, event, &id, rv.as_ref(), &captures, &mut verdict);
             }
             if rule.stop {
                 break;
@@ -488,14 +488,9 @@ impl RuleSet {
             && event.origin.is_none()
             && let Some(d) = &self.unmatched
         {
-            let ev = vars.get_or_insert_with(|| EventVars::new(event, &id, &self.gateway));
-            let rv = RuleVars {
-                event: ev,
-                captures: &[],
-            };
             let name: Arc<str> = Arc::from("unmatched");
             let before = verdict.routes.len() + verdict.republish.len();
-            self.destination(&name, d, event, &id, &rv, &[], None, &mut verdict);
+            self.destination(&name, d, event, &id, &[], None, &mut verdict);
             verdict.unmatched_routed = verdict.routes.len() + verdict.republish.len() > before;
         }
         if verdict.dead_letter.is_none()
@@ -549,7 +544,7 @@ impl RuleSet {
             event: &ev,
             captures: &captures,
         };
-        self.outputs(rule, &event, &id, &rv, &captures, verdict);
+        self.outputs(rule, &event, &id, Some(&rv), &captures, verdict);
     }
 
     /// Transform once, then write each destination.
@@ -558,7 +553,7 @@ impl RuleSet {
         rule: &Rule,
         event: &Event,
         id: &str,
-        vars: &RuleVars<'_, '_>,
+        vars: Option<&RuleVars<'_, '_>>,
         captures: &[(&str, &str)],
         verdict: &mut Verdict,
     ) {
@@ -579,7 +574,6 @@ impl RuleSet {
                 d,
                 event,
                 id,
-                vars,
                 captures,
                 transformed.as_ref(),
                 verdict,
@@ -594,7 +588,6 @@ impl RuleSet {
         d: &Destination,
         event: &Event,
         id: &str,
-        _vars: &RuleVars<'_, '_>,
         captures: &[(&str, &str)],
         transformed: Option<&Value>,
         verdict: &mut Verdict,
@@ -689,6 +682,15 @@ fn payload_for(
             transform::encode(&Value::Object(map), encoding)
         }
         _ => transform::encode(value, encoding),
+    }
+}
+
+impl Rule {
+    /// Whether any expression of this rule reads the event.
+    fn needs_vars(&self) -> bool {
+        self.when.is_some()
+            || self.shape.as_ref().is_some_and(|s| s.key.is_some())
+            || !self.transform.set.is_empty()
     }
 }
 

@@ -28,7 +28,7 @@ impl Transform {
     pub fn apply(
         &self,
         env: &Env,
-        vars: &RuleVars<'_, '_>,
+        vars: Option<&RuleVars<'_, '_>>,
         payload: Option<&Value>,
     ) -> Result<Value, EvalError> {
         let Some(Value::Object(map)) = payload else {
@@ -38,6 +38,10 @@ impl Transform {
         };
         let mut computed = Vec::with_capacity(self.set.len());
         for (field, expr) in &self.set {
+            // The rule builds `vars` whenever it has `set` entries.
+            let Some(vars) = vars else {
+                return Err(EvalError("internal: no variables for set".into()));
+            };
             let v = expr
                 .eval(env, vars)
                 .map_err(|e| EvalError(format!("set.{field} = {:?}: {e}", expr.source())))?;
@@ -111,7 +115,7 @@ mod tests {
             drop_fields: vec!["debug".into(), "absent".into()],
             rename: vec![("unit".into(), "u".into())],
         };
-        let out = t.apply(&env, &rule, event.payload.value()).unwrap();
+        let out = t.apply(&env, Some(&rule), event.payload.value()).unwrap();
         assert_eq!(
             out,
             json!({"value": 21.0, "u": "C", "device": "t1", "f": 68.0})
@@ -122,7 +126,7 @@ mod tests {
             event: &vars,
             captures: &[],
         };
-        assert!(t.apply(&env, &rule, raw.payload.value()).is_err());
+        assert!(t.apply(&env, Some(&rule), raw.payload.value()).is_err());
     }
 
     #[test]
