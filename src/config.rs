@@ -37,6 +37,8 @@ pub struct ConfigFile {
     pub upstream: BTreeMap<String, UpstreamConfig>,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -305,6 +307,24 @@ impl<'de> Deserialize<'de> for UpstreamUrl {
         String::deserialize(d)?
             .parse()
             .map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` (Prometheus) and `/health` over HTTP.
+    pub enabled: bool,
+    /// Where; loopback by default (the numbers are nobody else's business).
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9184)),
+        }
     }
 }
 

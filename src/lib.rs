@@ -40,6 +40,8 @@ pub enum RunError {
     Broker(#[from] broker::BrokerError),
     #[error(transparent)]
     Queue(#[from] queue::QueueError),
+    #[error(transparent)]
+    Metrics(#[from] ops::http::HttpError),
     #[error("embedded broker stopped unexpectedly (all its listeners failed); see the log above")]
     BrokerStopped,
     /// A stage ended before shutdown: a bug or an unrecoverable condition
@@ -56,6 +58,8 @@ pub struct Running {
     pub broker_addr_v5: Option<SocketAddr>,
     /// The ingest link's client id (random per start).
     pub link_id: String,
+    /// The metrics endpoint (port 0 resolved), if enabled.
+    pub metrics_addr: Option<SocketAddr>,
     /// Live counters.
     pub metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
@@ -142,6 +146,9 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
     let file = &config.file;
     let upstream_names: Vec<String> = file.upstream.keys().cloned().collect();
     let metrics = Arc::new(Metrics::new(&upstream_names));
+    metrics
+        .started_ms
+        .store(event::now_ms(), std::sync::atomic::Ordering::Relaxed);
     let settings = queue::QueueSettings {
         commit_interval: file.queue.commit_interval.0,
         commit_max_events: file.queue.commit_max_events,
@@ -156,6 +163,12 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
     // The queue first: if the database is unusable there is no point
     // accepting sensor data.
     let (queue, queue_thread) = queue::open(&file.queue.path, settings, metrics.clone())?;
+    // Bound before anything listens, so a port in use fails the start.
+    let metrics_listener = match file.metrics.enabled {
+        true => Some(ops::http::bind(file.metrics.listen).await?),
+        false => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     let broker = broker::start(&file.broker).await?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
@@ -215,6 +228,18 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         stages.spawn(async move {
             uplink.await;
             ("uplink", Ok(()))
+        });
+    }
+    if let Some(listener) = metrics_listener {
+        let server = ops::http::serve(
+            listener,
+            metrics.clone(),
+            file.queue.path.clone(),
+            shutdown_rx.clone(),
+        );
+        stages.spawn(async move {
+            server.await;
+            ("metrics", Ok(()))
         });
     }
     let summary = summarize(
@@ -284,6 +309,7 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         broker_addr: broker.v4,
         broker_addr_v5: broker.v5,
         link_id: broker.link_id,
+        metrics_addr,
         metrics,
         shutdown: shutdown_tx,
         reload: reload_tx,
@@ -317,10 +343,17 @@ async fn health(
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    use std::sync::atomic::Ordering::Relaxed;
     let watchdog = ops::systemd::watchdog_interval();
+    // Often enough for /health and STATUS= to be current, and at least
+    // twice per watchdog interval.
     let every = watchdog
         .map(|w| w / 2)
-        .unwrap_or(std::time::Duration::from_secs(10));
+        .unwrap_or(HEALTH_EVERY)
+        .min(HEALTH_EVERY);
+    metrics
+        .health_every_ms
+        .store(every.as_millis() as u64, Relaxed);
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
@@ -330,6 +363,7 @@ async fn health(
         let answer = tokio::time::timeout(every, queue.depth()).await;
         match answer {
             Ok(Ok(depth)) => {
+                metrics.healthy_ms.store(event::now_ms(), Relaxed);
                 ops::systemd::status(&status_line(&metrics, Some(&depth)));
                 if watchdog.is_some() {
                     ops::systemd::watchdog();
@@ -342,6 +376,9 @@ async fn health(
         }
     }
 }
+
+/// How often the health stage probes the queue writer (at most).
+const HEALTH_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// `systemctl status` line: each upstream up/down with its backlog.
 fn status_line(

@@ -53,6 +53,21 @@ pub struct Metrics {
     /// Rule reloads that were applied, and those refused (old rules kept).
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
+    /// When the last reload was tried (ms since the epoch; 0: never), and
+    /// whether it was applied.
+    pub last_reload_ms: AtomicU64,
+    pub last_reload_ok: AtomicBool,
+    /// Rules in the set the router is using (a gauge).
+    pub rules: AtomicU64,
+    /// Duration of the queue writer's SQLite commits.
+    pub commit_seconds: Histogram,
+    /// When the health probe last got an answer from the queue writer (ms
+    /// since the epoch), and how often it probes: `/health` is unhealthy
+    /// when the last answer is more than three probes old.
+    pub healthy_ms: AtomicU64,
+    pub health_every_ms: AtomicU64,
+    /// When this pipeline started (ms since the epoch).
+    pub started_ms: AtomicU64,
     /// Rows committed to the queue (one per event and upstream destination).
     pub queued: AtomicU64,
     /// SQLite commits of the queue writer.
@@ -72,6 +87,8 @@ pub struct UplinkMetrics {
     /// 1 while the MQTT session is up.
     pub connected: AtomicBool,
     pub connects: AtomicU64,
+    /// Publishes sent and not yet acknowledged (a gauge).
+    pub inflight: AtomicU64,
     /// Publishes handed to the network (re-sends included).
     pub sent: AtomicU64,
     /// Rows sent again after a reconnect (not acked before the link dropped).
@@ -141,4 +158,45 @@ impl Metrics {
 
 fn sum(per_priority: &[AtomicU64; 3]) -> u64 {
     per_priority.iter().map(|c| c.load(Relaxed)).sum()
+}
+
+/// A latency histogram with fixed buckets, in plain atomics (so `Metrics`
+/// stays `Default` and lock-free); exported in Prometheus form.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations at or below each of `BUCKETS` (not cumulative).
+    counts: [AtomicU64; BUCKETS.len()],
+    /// Above the last bucket.
+    over: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+/// Upper bounds in seconds: 1 ms to 10 s, for commits on SD cards.
+pub const BUCKETS: [f64; 10] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 10.0,
+];
+
+impl Histogram {
+    pub fn observe(&self, d: std::time::Duration) {
+        let secs = d.as_secs_f64();
+        match BUCKETS.iter().position(|b| secs <= *b) {
+            Some(i) => self.counts[i].fetch_add(1, Relaxed),
+            None => self.over.fetch_add(1, Relaxed),
+        };
+        self.sum_micros
+            .fetch_add(d.as_micros().min(u64::MAX as u128) as u64, Relaxed);
+    }
+
+    /// (sum in seconds, count, (upper bound, count in that bucket) pairs,
+    /// the last one +Inf): the form `prometheus-client` accumulates.
+    pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let mut buckets: Vec<(f64, u64)> = BUCKETS
+            .iter()
+            .zip(&self.counts)
+            .map(|(b, c)| (*b, c.load(Relaxed)))
+            .collect();
+        buckets.push((f64::INFINITY, self.over.load(Relaxed)));
+        let count = buckets.iter().map(|(_, c)| c).sum();
+        (self.sum_micros.load(Relaxed) as f64 / 1e6, count, buckets)
+    }
 }

@@ -60,6 +60,12 @@ pub async fn run(
         }
         let cfg = config.clone();
         let loaded = tokio::task::spawn_blocking(move || cfg.reload_rules()).await;
+        metrics
+            .last_reload_ok
+            .store(matches!(loaded, Ok(Ok(_))), Relaxed);
+        metrics
+            .last_reload_ms
+            .store(crate::event::now_ms(), Relaxed);
         let current = rules.borrow().clone();
         match loaded {
             Ok(Ok(new)) => {

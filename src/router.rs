@@ -38,6 +38,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
 ) -> Result<(), QueueError> {
     let mut set = rules.borrow_and_update().clone();
+    metrics.rules.store(set.len() as u64, Relaxed);
     let mut router = Router {
         state: set.new_state(),
         local,
@@ -68,6 +69,7 @@ pub async fn run(
                 let (state, flushed) = new.carry_state(&set, old);
                 router.state = state;
                 router.dead_letter_topic = new.dead_letter_topic().map(str::to_string);
+                router.metrics.rules.store(new.len() as u64, Relaxed);
                 set = new;
                 router.send(None, flushed, &queue).await?;
             }

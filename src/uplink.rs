@@ -207,6 +207,7 @@ async fn session(
 
     let ended = loop {
         let outstanding = awaiting.len() + inflight.len();
+        metrics.inflight.store(outstanding as u64, Relaxed);
         let free = window.saturating_sub(outstanding);
         // Refill in batches (a quarter window at least), not a row per PUBACK:
         // each fetch is a round trip to the queue thread.
@@ -360,6 +361,7 @@ async fn session(
     };
 
     metrics.connected.store(false, Relaxed);
+    metrics.inflight.store(0, Relaxed);
     // What was on the wire without an acknowledgement is sent again next time.
     unacked.extend(awaiting.iter().map(|(id, _)| *id));
     unacked.extend(inflight.values().copied());

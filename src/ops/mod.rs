@@ -1,3 +1,6 @@
-//! Operations: how the daemon talks to its service manager.
+//! Operations: how the daemon talks to its service manager and to the
+//! people and tools watching it.
 
+pub mod http;
+pub mod prometheus;
 pub mod systemd;

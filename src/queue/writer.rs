@@ -495,6 +495,7 @@ impl Writer {
     /// Deletes alone are what a full disk still allows: they free the pages
     /// that let the appends in afterwards.
     fn commit_parts(&mut self, with_rows: bool) -> rusqlite::Result<()> {
+        let started = std::time::Instant::now();
         let tx = self.conn.transaction()?;
         let mut released: Vec<(String, u64)> = Vec::new();
         {
@@ -527,6 +528,7 @@ impl Writer {
             }
         }
         tx.commit()?;
+        self.metrics.commit_seconds.observe(started.elapsed());
         for (upstream, size) in released {
             if let Some(b) = self.bytes.get_mut(&upstream) {
                 *b = b.saturating_sub(size);

@@ -78,9 +78,10 @@ async fn ingest_keeps_reading_after_the_broker_unschedules_the_link() {
 async fn publishes_outside_the_ingest_filters_are_acked_but_not_ingested() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = upstream_broker();
-    let text = config_text(dir.path(), upstream.port(), "").replace(
+    let text = config_text(dir.path(), upstream.port(), "").replacen(
         "listen = \"127.0.0.1:0\"",
         "listen = \"127.0.0.1:0\"\ningest = [\"sensors/#\"]",
+        1,
     );
     let gw = Gateway::start_with(dir.path(), &text).await;
     let sensor = Sensor::connect(gw.addr).await;

@@ -97,9 +97,10 @@ async fn mqtt5_sensors_publish_through_the_v5_listener() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = upstream_broker();
     let sub = Subscriber::start(upstream, "#").await;
-    let text = config_text(dir.path(), upstream.port(), "").replace(
+    let text = config_text(dir.path(), upstream.port(), "").replacen(
         "listen = \"127.0.0.1:0\"",
         "listen = \"127.0.0.1:0\"\nlisten_v5 = \"127.0.0.1:0\"",
+        1,
     );
     let gw = Gateway::start_with(dir.path(), &text).await;
     let v5 = gw.running.broker_addr_v5.expect("v5 listener");

@@ -87,11 +87,17 @@ async fn no_watchdog_ping_while_the_queue_writer_is_stuck() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let port = free_port();
-    let text = listen_on(&config_text(d, free_port(), ""), port);
+    let metrics_port = free_port();
+    let text = metrics_on(
+        &listen_on(&config_text(d, free_port(), ""), port),
+        metrics_port,
+    );
     let (sock, mut child) = start_notified(d, &text);
     collect(&sock, |got| {
         got.iter().filter(|l| *l == "WATCHDOG=1").count() >= 2
     });
+    let health = ([127, 0, 0, 1], metrics_port).into();
+    assert_eq!(http_get(health, "/health").await.0, 200);
 
     // Stall the writer: another process holds SQLite's write lock, so the
     // writer's next commit blocks in its busy timeout.
@@ -133,11 +139,16 @@ async fn no_watchdog_ping_while_the_queue_writer_is_stuck() {
         !during.iter().any(|l| l == "WATCHDOG=1"),
         "pinged while stuck: {during:?}"
     );
+    // /health says so too (its probe is the watchdog's).
+    let (status, body) = http_get(health, "/health").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.starts_with("stuck"), "{body}");
 
     // Unstuck: pings resume.
     lock.execute_batch("COMMIT").unwrap();
     drop(lock);
     collect(&sock, |got| got.iter().any(|l| l == "WATCHDOG=1"));
+    assert_eq!(http_get(health, "/health").await.0, 200);
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -64,6 +64,9 @@ dir = "{rules}"
 path = "{db}"
 commit_interval = "10ms"
 
+[metrics]
+listen = "127.0.0.1:0"
+
 [upstream.cloud]
 url = "mqtt://127.0.0.1:{upstream_port}"
 client_id = "edgeferry-test-{unique}"
@@ -81,9 +84,11 @@ reconnect_max = "500ms"
 /// `text` (from [`config_text`]) with the MQTT 3.1.1 listener on `port`
 /// instead of an ephemeral one, for tests that must know it up front.
 pub fn listen_on(text: &str, port: u16) -> String {
-    text.replace(
+    // The first `listen` is the broker's ([metrics] has one too).
+    text.replacen(
         "listen = \"127.0.0.1:0\"",
         &format!("listen = \"127.0.0.1:{port}\""),
+        1,
     )
 }
 
@@ -563,4 +568,46 @@ pub fn rules_at(text: &str, dir: &Path, extra: &str) -> String {
         &format!("dir = \"{}\"", repo_rules().display()),
         &format!("dir = \"{}\"\n{extra}", dir.display()),
     )
+}
+
+/// `text` (from [`config_text`]) with the metrics endpoint on `port`.
+pub fn metrics_on(text: &str, port: u16) -> String {
+    text.replace(
+        "[metrics]\nlisten = \"127.0.0.1:0\"",
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\""),
+    )
+}
+
+/// `GET path` from an HTTP endpoint: (status code, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connects");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(DEADLINE, s.read_to_string(&mut out))
+        .await
+        .expect("answers")
+        .unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of one sample (`name{labels}` exactly as exposed) in a scrape.
+pub fn sample(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{scrape}"))
 }

@@ -1,0 +1,98 @@
+//! The Prometheus endpoint after a known workload: exact counter values,
+//! queue depth per priority while the uplink is down, and after it drained.
+
+use crate::util::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_endpoint_counts_a_known_workload_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = upstream_broker();
+    let sub = Subscriber::start(upstream, "plant/#").await;
+    let proxy = Proxy::start(upstream, false).await;
+    let gw = Gateway::start(dir.path(), proxy.port).await;
+    let addr = gw.running.metrics_addr.expect("metrics on");
+    let sensor = Sensor::connect(gw.addr).await;
+    for seq in 0..5 {
+        sensor
+            .publish("sensors/hall/t1/temperature", reading("t1", seq))
+            .await;
+    }
+    sensor
+        .publish("alarms/hall/door", r#"{"open": true}"#)
+        .await;
+    sensor.publish("sensors/hall/t1/debug/heap", "x").await;
+    sensor.publish("lab/unrouted", "x").await;
+    sensor
+        .publish("sensors/hall/t1/temperature", "{\"value\": 2")
+        .await;
+    sensor.wait_acked(9).await;
+    wait_until("6 rows committed", || gw.queued("cloud") == 6).await;
+
+    let (status, m) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    for (series, want) in [
+        ("edgeferry_events_received_total", 9.0),
+        ("edgeferry_events_decoded_total{format=\"json\"}", 6.0),
+        ("edgeferry_events_decoded_total{format=\"raw\"}", 2.0),
+        ("edgeferry_events_decoded_total{format=\"malformed\"}", 1.0),
+        // 5 readings, the alarm, the debug message (a drop rule applies).
+        ("edgeferry_events_matched_total", 7.0),
+        ("edgeferry_events_dropped_total{reason=\"unmatched\"}", 1.0),
+        ("edgeferry_events_dropped_total{reason=\"rule\"}", 1.0),
+        ("edgeferry_dead_letters_total", 1.0),
+        ("edgeferry_queue_appended_total", 6.0),
+        (
+            "edgeferry_queue_events{upstream=\"cloud\",priority=\"normal\"}",
+            5.0,
+        ),
+        (
+            "edgeferry_queue_events{upstream=\"cloud\",priority=\"high\"}",
+            1.0,
+        ),
+        (
+            "edgeferry_queue_events{upstream=\"cloud\",priority=\"low\"}",
+            0.0,
+        ),
+        ("edgeferry_uplink_connected{upstream=\"cloud\"}", 0.0),
+        ("edgeferry_uplink_acked_total{upstream=\"cloud\"}", 0.0),
+        ("edgeferry_rules", 9.0),
+    ] {
+        assert_eq!(sample(&m, series), want, "{series}");
+    }
+    let bytes = sample(
+        &m,
+        "edgeferry_queue_bytes{upstream=\"cloud\",priority=\"normal\"}",
+    );
+    let expected: usize = (0..5)
+        .map(|s| reading("t1", s).len() + "plant/hall/t1/temp".len())
+        .sum();
+    assert_eq!(bytes, expected as f64);
+    assert!(sample(&m, "edgeferry_queue_oldest_age_seconds{upstream=\"cloud\"}") >= 0.0);
+    assert!(sample(&m, "edgeferry_queue_commit_seconds_count") >= 1.0);
+    assert!(sample(&m, "edgeferry_process_resident_memory_bytes") > 1e6);
+    assert_eq!(http_get(addr, "/health").await, (200, "ok\n".to_string()));
+
+    proxy.set_up(true);
+    sub.wait_for(6).await;
+    wait_until("acked and deleted", || gw.queued("cloud") == 0).await;
+    let (_, m) = http_get(addr, "/metrics").await;
+    for (series, want) in [
+        ("edgeferry_uplink_connected{upstream=\"cloud\"}", 1.0),
+        ("edgeferry_uplink_connects_total{upstream=\"cloud\"}", 1.0),
+        ("edgeferry_uplink_acked_total{upstream=\"cloud\"}", 6.0),
+        ("edgeferry_uplink_resent_total{upstream=\"cloud\"}", 0.0),
+        ("edgeferry_uplink_inflight{upstream=\"cloud\"}", 0.0),
+        (
+            "edgeferry_queue_events{upstream=\"cloud\",priority=\"normal\"}",
+            0.0,
+        ),
+        (
+            "edgeferry_queue_oldest_age_seconds{upstream=\"cloud\"}",
+            0.0,
+        ),
+    ] {
+        assert_eq!(sample(&m, series), want, "{series}");
+    }
+    assert_eq!(http_get(addr, "/nowhere").await.0, 404);
+    gw.stop().await;
+}
