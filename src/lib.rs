@@ -19,6 +19,7 @@ pub mod reload;
 pub mod republish;
 pub mod router;
 pub mod rules;
+pub mod status;
 pub mod units;
 pub mod uplink;
 

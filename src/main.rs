@@ -37,6 +37,11 @@ enum Command {
         /// Rule files or directories to test instead of the config's rules.dir.
         paths: Vec<PathBuf>,
     },
+    /// One screen on the running daemon (or, when it is down, its queue file).
+    Status {
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
     /// Print the embedded default config (a starting point for your own).
     PrintDefaultConfig,
     /// Inspect the queue file (read-only; safe while the daemon runs).
@@ -126,6 +131,7 @@ fn main() -> ExitCode {
             Err(errors) => config_errors(&errors),
         },
         Command::Test { config, paths } => test(config, paths),
+        Command::Status { config } => status(config),
         Command::Run { config } => run(config),
         Command::Queue { command } => queue_command(command),
     }
@@ -169,6 +175,62 @@ fn test(config: Option<PathBuf>, paths: Vec<PathBuf>) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+fn status(config: Option<PathBuf>) -> ExitCode {
+    use edgeferry::status;
+    let file = match edgeferry::config::ConfigFile::read(config.as_deref()) {
+        Ok(f) => f,
+        Err(errors) => return config_errors(&errors),
+    };
+    if !file.metrics.enabled {
+        print!(
+            "{}",
+            status::render_offline(
+                "metrics.enabled = false, so the daemon cannot be asked",
+                &file.queue.path
+            )
+        );
+        return ExitCode::SUCCESS;
+    }
+    let addr = file.metrics.listen;
+    let scrape = || status::http_get(addr, "/metrics").map(|t| status::Scrape::parse(&t));
+    let first = match scrape() {
+        Ok(s) => s,
+        Err(e) => {
+            print!(
+                "{}",
+                status::render_offline(&e.to_string(), &file.queue.path)
+            );
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let started = std::time::Instant::now();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let second = match scrape() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("edgeferry: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let health = match status::fetch(addr, "/health") {
+        Ok((200, _)) => "healthy".to_string(),
+        Ok((_, body)) => format!("UNHEALTHY: {}", body.trim()),
+        Err(e) => format!("UNHEALTHY: {e}"),
+    };
+    print!(
+        "{}",
+        status::render(
+            &file.gateway_id(),
+            addr,
+            &health,
+            &first,
+            &second,
+            started.elapsed().as_secs_f64()
+        )
+    );
+    ExitCode::SUCCESS
 }
 
 fn queue_command(command: QueueCommand) -> ExitCode {

@@ -404,3 +404,76 @@ fn sighup_reloads_the_rules_of_the_running_daemon() {
     reader.join().unwrap();
     assert!(status.success(), "{}", log.lock().unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reads_the_running_daemon_and_falls_back_to_the_queue_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let (port, metrics_port) = (free_port(), free_port());
+    // The upstream never answers: events stay queued.
+    let text = metrics_on(
+        &listen_on(&config_text(&d, free_port(), ""), port),
+        metrics_port,
+    );
+    write(&d.join("edgeferry.toml"), &text);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgeferry"))
+        .args(["run", "-c", "edgeferry.toml"])
+        .current_dir(&d)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let metrics: std::net::SocketAddr = ([127, 0, 0, 1], metrics_port).into();
+    let start = Instant::now();
+    while std::net::TcpStream::connect(metrics).is_err() {
+        assert!(start.elapsed() < DEADLINE, "daemon did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sensor = Sensor::connect(([127, 0, 0, 1], port).into()).await;
+    for seq in 0..3 {
+        sensor
+            .publish("sensors/a/t/temperature", reading("t", seq))
+            .await;
+    }
+    sensor.wait_acked(3).await;
+    wait_until("queued", || queued_in(&d.join("queue.db"), "cloud") == 3).await;
+
+    let out = edgeferry(&["status", "-c", "edgeferry.toml"], &d);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.starts_with("edgeferry on test: running for"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("healthy"), "{stdout}");
+    assert!(
+        stdout.contains("rules:  9 loaded, never reloaded"),
+        "{stdout}"
+    );
+    let cloud: Vec<&str> = stdout
+        .lines()
+        .find(|l| l.starts_with("cloud "))
+        .unwrap_or_else(|| panic!("{stdout}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(&cloud[..3], ["cloud", "DOWN", "3"], "{stdout}");
+
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let out = edgeferry(&["status", "-c", "edgeferry.toml"], &d);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.starts_with("edgeferry is not running (nothing answers on"),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.split_whitespace().take(3).eq(["cloud", "normal", "3"])),
+        "{stdout}"
+    );
+}

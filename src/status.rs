@@ -1,0 +1,296 @@
+//! `edgeferry status`: one screen for an operator, read from the running
+//! daemon's metrics endpoint (two scrapes a second apart, for rates) or,
+//! when nothing answers there, from the queue file.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use crate::event::now_ms;
+use crate::units::ByteSize;
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why the daemon's endpoint could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("nothing answers on {addr}: {source}")]
+    NotRunning {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{addr} answered, but not like edgeferry's metrics endpoint: {why}")]
+    BadAnswer { addr: SocketAddr, why: String },
+}
+
+/// GET `path` from `addr`: the body of a 200 answer.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, StatusError> {
+    match fetch(addr, path)? {
+        (200, body) => Ok(body),
+        (status, _) => Err(StatusError::BadAnswer {
+            addr,
+            why: format!("HTTP status {status}"),
+        }),
+    }
+}
+
+/// GET `path` from `addr`: status code and body.
+pub fn fetch(addr: SocketAddr, path: &str) -> Result<(u16, String), StatusError> {
+    let not_running = |source| StatusError::NotRunning { addr, source };
+    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(not_running)?;
+    s.set_read_timeout(Some(TIMEOUT)).map_err(not_running)?;
+    s.set_write_timeout(Some(TIMEOUT)).map_err(not_running)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(not_running)?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).map_err(not_running)?;
+    let text = String::from_utf8_lossy(&out);
+    let bad = |why: &str| StatusError::BadAnswer {
+        addr,
+        why: why.to_string(),
+    };
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| bad("no HTTP header"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| bad("no HTTP status"))?;
+    Ok((status, body.to_string()))
+}
+
+/// Samples of one scrape, by series as exposed (`name{labels}`).
+#[derive(Debug, Default, Clone)]
+pub struct Scrape(HashMap<String, f64>);
+
+impl Scrape {
+    pub fn parse(text: &str) -> Scrape {
+        Scrape(
+            text.lines()
+                .filter(|l| !l.starts_with('#'))
+                .filter_map(|l| {
+                    let (series, value) = l.rsplit_once(' ')?;
+                    Some((series.to_string(), value.parse().ok()?))
+                })
+                .collect(),
+        )
+    }
+
+    fn get(&self, series: &str) -> f64 {
+        self.0.get(series).copied().unwrap_or(0.0)
+    }
+
+    fn up(&self, name: &str, upstream: &str) -> f64 {
+        self.get(&format!("{name}{{upstream=\"{upstream}\"}}"))
+    }
+
+    /// Upstream names, from the `uplink_connected` series.
+    fn upstreams(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .0
+            .keys()
+            .filter_map(|k| {
+                k.strip_prefix("edgeferry_uplink_connected{upstream=\"")?
+                    .strip_suffix("\"}")
+                    .map(str::to_string)
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Sum over the priorities of a per-upstream-and-priority series.
+    fn by_priority(&self, name: &str, upstream: &str) -> f64 {
+        ["low", "normal", "high"]
+            .iter()
+            .map(|p| {
+                self.get(&format!(
+                    "{name}{{upstream=\"{upstream}\",priority=\"{p}\"}}"
+                ))
+            })
+            .sum()
+    }
+}
+
+const DROPS: [&str; 9] = [
+    "unmatched",
+    "rule",
+    "throttled",
+    "duplicate",
+    "deadband",
+    "pipeline_full",
+    "queue_unavailable",
+    "loop",
+    "broker_lost",
+];
+
+/// The screen, from two scrapes `secs` apart.
+pub fn render(
+    gateway: &str,
+    addr: SocketAddr,
+    health: &str,
+    a: &Scrape,
+    b: &Scrape,
+    secs: f64,
+) -> String {
+    let rate = |series: &str| (b.get(series) - a.get(series)).max(0.0) / secs;
+    let now_s = now_ms() as f64 / 1e3;
+    let mut out = String::new();
+    let started = b.get("edgeferry_start_timestamp_seconds");
+    let _ = writeln!(
+        out,
+        "edgeferry on {gateway}: running for {} (metrics at {addr}), {}",
+        age(now_s - started),
+        health.trim()
+    );
+    let last = b.get("edgeferry_rule_last_reload_timestamp_seconds");
+    let reload = if last == 0.0 {
+        "never reloaded".to_string()
+    } else {
+        format!(
+            "last reload {} ago ({})",
+            age(now_s - last),
+            if b.get("edgeferry_rule_last_reload_ok") == 1.0 {
+                "applied"
+            } else {
+                "REFUSED: the previous rules are running; see the log"
+            }
+        )
+    };
+    let _ = writeln!(out, "rules:  {} loaded, {reload}", b.get("edgeferry_rules"));
+    let _ = writeln!(
+        out,
+        "events: {:.0}/s received, {:.0}/s matched, {:.0}/s queued (totals {}, {}, {})",
+        rate("edgeferry_events_received_total"),
+        rate("edgeferry_events_matched_total"),
+        rate("edgeferry_queue_appended_total"),
+        b.get("edgeferry_events_received_total"),
+        b.get("edgeferry_events_matched_total"),
+        b.get("edgeferry_queue_appended_total"),
+    );
+    let drops: Vec<String> = DROPS
+        .iter()
+        .filter_map(|r| {
+            let v = b.get(&format!("edgeferry_events_dropped_total{{reason=\"{r}\"}}"));
+            (v > 0.0).then(|| format!("{r} {v}"))
+        })
+        .collect();
+    let _ = writeln!(
+        out,
+        "drops:  {}; dead letters {}, rule errors {}",
+        if drops.is_empty() {
+            "none".to_string()
+        } else {
+            drops.join(", ")
+        },
+        b.get("edgeferry_dead_letters_total"),
+        b.get("edgeferry_rule_errors_total"),
+    );
+    let _ = writeln!(
+        out,
+        "memory: {} resident",
+        ByteSize(b.get("edgeferry_process_resident_memory_bytes") as u64)
+    );
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:<12} {:<5} {:>9} {:>10} {:>9} {:>9} {:>8} {:>10} {:>7} {:>13}",
+        "UPSTREAM",
+        "STATE",
+        "QUEUED",
+        "BYTES",
+        "OLDEST",
+        "IN FLIGHT",
+        "ACKED/s",
+        "ACKED",
+        "RESENT",
+        "EVICT/REJ/EXP"
+    );
+    for u in b.upstreams() {
+        let oldest = b.up("edgeferry_queue_oldest_age_seconds", &u);
+        let acked = format!("edgeferry_uplink_acked_total{{upstream=\"{u}\"}}");
+        let _ = writeln!(
+            out,
+            "{:<12} {:<5} {:>9} {:>10} {:>9} {:>9} {:>8.0} {:>10} {:>7} {:>13}",
+            u,
+            if b.up("edgeferry_uplink_connected", &u) == 1.0 {
+                "up"
+            } else {
+                "DOWN"
+            },
+            b.by_priority("edgeferry_queue_events", &u),
+            ByteSize(b.by_priority("edgeferry_queue_bytes", &u) as u64).to_string(),
+            if oldest > 0.0 {
+                age(oldest)
+            } else {
+                "-".into()
+            },
+            b.up("edgeferry_uplink_inflight", &u),
+            rate(&acked),
+            b.get(&acked),
+            b.up("edgeferry_uplink_resent_total", &u),
+            format!(
+                "{}/{}/{}",
+                b.by_priority("edgeferry_queue_evicted_total", &u),
+                b.by_priority("edgeferry_queue_rejected_total", &u),
+                b.by_priority("edgeferry_queue_expired_total", &u)
+            ),
+        );
+    }
+    out
+}
+
+/// What `edgeferry status` prints when the daemon does not answer.
+pub fn render_offline(why: &str, db: &Path) -> String {
+    let mut out = format!(
+        "edgeferry is not running ({why}).\nQueue file {}:\n",
+        db.display()
+    );
+    let mut table = Vec::new();
+    match crate::inspect::stats(db, &mut table) {
+        Ok(()) => out.push_str(&String::from_utf8_lossy(&table)),
+        Err(e) => {
+            let _ = writeln!(out, "  cannot read it: {e}");
+        }
+    }
+    out
+}
+
+/// "3h 5m", "12s": the two largest units of an age in seconds.
+fn age(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    let (d, h, m, s) = (s / 86_400, s / 3600 % 24, s / 60 % 60, s % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrapes_parse_and_ages_read_well() {
+        let s = Scrape::parse(
+            "# HELP x y\nedgeferry_uplink_connected{upstream=\"cloud\"} 1\nedgeferry_rules 9\nedgeferry_queue_events{upstream=\"cloud\",priority=\"high\"} 2\n",
+        );
+        assert_eq!(s.upstreams(), ["cloud"]);
+        assert_eq!(s.get("edgeferry_rules"), 9.0);
+        assert_eq!(s.by_priority("edgeferry_queue_events", "cloud"), 2.0);
+        assert_eq!(age(5.0), "5s");
+        assert_eq!(age(125.0), "2m 5s");
+        assert_eq!(age(7500.0), "2h 5m");
+        assert_eq!(age(90_000.0), "1d 1h");
+    }
+}
