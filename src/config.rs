@@ -365,13 +365,11 @@ impl ConfigFile {
 
     /// This gateway's id: configured, else the hostname, else "edgeferry".
     pub fn gateway_id(&self) -> String {
-        self.gateway.id.clone().unwrap_or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_string())
-                .ok()
-                .filter(|h| !h.is_empty())
-                .unwrap_or_else(|| "edgeferry".into())
-        })
+        self.gateway
+            .id
+            .clone()
+            .or_else(hostname)
+            .unwrap_or_else(|| "edgeferry".into())
     }
 
     /// Compile the rules: the files of `rules.dir`, or the given files
@@ -517,6 +515,21 @@ impl Config {
             .clone()
             .unwrap_or_else(|| format!("edgeferry-{}-{}", self.gateway_id(), name))
     }
+}
+
+/// The kernel's host name, by gethostname(2): unlike /proc/sys it is there
+/// under systemd's `ProcSubset=pid` sandboxing, so the default client id
+/// does not change with the sandbox.
+fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the pointer and length describe `buf`, which outlives the call.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..end]).trim().to_string();
+    (!name.is_empty()).then_some(name)
 }
 
 /// What the rule set needs from the config beyond the rule files.
