@@ -763,6 +763,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_packaged_config_is_the_default_with_service_paths() {
+        let text = include_str!("../systemd/edgeferry.toml");
+        let packaged = ConfigFile::parse(text, Path::new("edgeferry.toml"), Path::new("/etc/edgeferry")).unwrap();
+        let default = ConfigFile::parse(DEFAULT_CONFIG, Path::new("d"), Path::new(".")).unwrap();
+        assert_eq!(packaged.queue.path, Path::new("/var/lib/edgeferry/queue.db"));
+        assert_eq!(packaged.rules.dir, Path::new("/etc/edgeferry/rules"));
+        let rest = |f: &ConfigFile| {
+            format!(
+                "{:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+                f.gateway, f.broker, f.rules.unmatched, f.rules.dead_letter, f.rules.watch,
+                f.pipeline, f.upstream, f.log, f.metrics
+            )
+        };
+        assert_eq!(rest(&packaged), rest(&default));
+        let q = |f: &ConfigFile| format!("{:?} {:?} {:?} {:?}", f.queue.commit_interval, f.queue.commit_max_events, f.queue.min_free_disk, f.queue.sweep_interval);
+        assert_eq!(q(&packaged), q(&default));
+    }
+
+    #[test]
     fn upstream_urls_parse_with_default_port() {
         let u: UpstreamUrl = "mqtt://example.com".parse().unwrap();
         assert_eq!((u.host.as_str(), u.port), ("example.com", 1883));

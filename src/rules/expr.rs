@@ -256,7 +256,9 @@ fn to_cel(v: &Value) -> Box<dyn Val + '_> {
 }
 
 /// A CEL result as JSON. Bytes become an array of numbers (as CBOR byte
-/// strings do on the way in); timestamps and durations become strings.
+/// strings do on the way in). (cel is built without its `chrono` feature,
+/// whose time-zone database would double the binary; there are no
+/// timestamp or duration values: times are `meta.received_ms` integers.)
 fn to_json(v: &CelValue) -> Result<Value, String> {
     Ok(match v {
         CelValue::Null => Value::Null,
@@ -283,8 +285,6 @@ fn to_json(v: &CelValue) -> Result<Value, String> {
             }
             Value::Object(out)
         }
-        CelValue::Timestamp(t) => Value::String(t.to_rfc3339()),
-        CelValue::Duration(d) => Value::String(format!("{}s", d.num_milliseconds() as f64 / 1e3)),
         other => {
             return Err(format!(
                 "gave a {}, which has no JSON form",
