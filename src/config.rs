@@ -763,21 +763,75 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_readme_config_reference_shows_the_real_defaults() {
+        let readme = include_str!("../README.md");
+        let section = &readme[readme.find("## Configuration").unwrap()..];
+        let start = section.find("```toml\n").unwrap() + "```toml\n".len();
+        let block = &section[start..start + section[start..].find("```").unwrap()];
+        let shown = ConfigFile::parse(block, Path::new("README.md"), Path::new("."))
+            .unwrap_or_else(|e| panic!("README's config block: {e}"));
+        let default = ConfigFile::parse(DEFAULT_CONFIG, Path::new("d"), Path::new(".")).unwrap();
+        let all = |f: &ConfigFile| {
+            format!(
+                "{:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+                f.gateway,
+                f.broker,
+                f.rules,
+                f.queue.commit_interval,
+                f.pipeline,
+                f.upstream,
+                f.log,
+                f.metrics,
+                (
+                    f.queue.commit_max_events,
+                    f.queue.min_free_disk,
+                    f.queue.sweep_interval,
+                    &f.queue.path
+                )
+            )
+        };
+        assert_eq!(all(&shown), all(&default));
+    }
+
+    #[test]
     fn the_packaged_config_is_the_default_with_service_paths() {
         let text = include_str!("../systemd/edgeferry.toml");
-        let packaged = ConfigFile::parse(text, Path::new("edgeferry.toml"), Path::new("/etc/edgeferry")).unwrap();
+        let packaged = ConfigFile::parse(
+            text,
+            Path::new("edgeferry.toml"),
+            Path::new("/etc/edgeferry"),
+        )
+        .unwrap();
         let default = ConfigFile::parse(DEFAULT_CONFIG, Path::new("d"), Path::new(".")).unwrap();
-        assert_eq!(packaged.queue.path, Path::new("/var/lib/edgeferry/queue.db"));
+        assert_eq!(
+            packaged.queue.path,
+            Path::new("/var/lib/edgeferry/queue.db")
+        );
         assert_eq!(packaged.rules.dir, Path::new("/etc/edgeferry/rules"));
         let rest = |f: &ConfigFile| {
             format!(
                 "{:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
-                f.gateway, f.broker, f.rules.unmatched, f.rules.dead_letter, f.rules.watch,
-                f.pipeline, f.upstream, f.log, f.metrics
+                f.gateway,
+                f.broker,
+                f.rules.unmatched,
+                f.rules.dead_letter,
+                f.rules.watch,
+                f.pipeline,
+                f.upstream,
+                f.log,
+                f.metrics
             )
         };
         assert_eq!(rest(&packaged), rest(&default));
-        let q = |f: &ConfigFile| format!("{:?} {:?} {:?} {:?}", f.queue.commit_interval, f.queue.commit_max_events, f.queue.min_free_disk, f.queue.sweep_interval);
+        let q = |f: &ConfigFile| {
+            format!(
+                "{:?} {:?} {:?} {:?}",
+                f.queue.commit_interval,
+                f.queue.commit_max_events,
+                f.queue.min_free_disk,
+                f.queue.sweep_interval
+            )
+        };
         assert_eq!(q(&packaged), q(&default));
     }
 
