@@ -273,7 +273,7 @@ fn run(path: Option<PathBuf>) -> ExitCode {
             return config_errors(&errors);
         }
     };
-    init_tracing(&config.file.log);
+    edgeferry::ops::logging::init(&config.file.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -300,7 +300,11 @@ fn run(path: Option<PathBuf>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "edgeferry failed");
-            eprintln!("edgeferry: {e}");
+            // On a terminal, end with the plain reason; the journal already
+            // has it from the line above, with its priority.
+            if !edgeferry::ops::logging::under_journald() {
+                eprintln!("edgeferry: {e}");
+            }
             ExitCode::from(EXIT_FAILURE)
         }
     }
@@ -318,24 +322,4 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
             _ = int.recv() => {}
         }
     })
-}
-
-fn init_tracing(log: &edgeferry::config::LogConfig) {
-    use tracing_subscriber::EnvFilter;
-    let default = format!("{},rumqttd={}", log.level, log.broker);
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    // Under systemd the journal adds timestamps; don't repeat them or colour.
-    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    // Colour only on a terminal: a log file or pipe gets plain text.
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(tty)
-        .with_writer(std::io::stderr);
-    if journald {
-        builder.without_time().with_ansi(false).init();
-    } else {
-        builder.init();
-    }
 }

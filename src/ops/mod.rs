@@ -2,5 +2,6 @@
 //! people and tools watching it.
 
 pub mod http;
+pub mod logging;
 pub mod prometheus;
 pub mod systemd;

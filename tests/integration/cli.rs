@@ -477,3 +477,45 @@ async fn status_reads_the_running_daemon_and_falls_back_to_the_queue_file() {
         "{stdout}"
     );
 }
+
+#[test]
+fn under_journald_log_lines_carry_their_priority_and_no_time_or_colour() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    write(
+        &d.join("edgeferry.toml"),
+        &listen_on(&config_text(d, free_port(), ""), port),
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_edgeferry"))
+        .args(["run", "-c", "edgeferry.toml"])
+        .current_dir(d)
+        .env("JOURNAL_STREAM", "8:12345")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let logged: Vec<&str> = stderr.lines().filter(|l| l.starts_with('<')).collect();
+    assert!(
+        logged
+            .iter()
+            .any(|l| l.starts_with("<6> INFO queue opened")),
+        "{stderr}"
+    );
+    assert!(
+        logged
+            .iter()
+            .any(|l| l.starts_with("<3>ERROR") && l.contains("address already in use")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.lines().all(|l| l.starts_with('<')),
+        "every line has a priority: {stderr}"
+    );
+    assert!(!stderr.contains('\u{1b}'), "no colour codes: {stderr}");
+    assert!(
+        !stderr.contains("2026-") && !stderr.contains("Z "),
+        "no timestamps: {stderr}"
+    );
+}
