@@ -150,6 +150,8 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
     metrics
         .started_ms
         .store(event::now_ms(), std::sync::atomic::Ordering::Relaxed);
+    // Starts the monotonic clock of /health.
+    metrics.uptime_ms();
     let settings = queue::QueueSettings {
         commit_interval: file.queue.commit_interval.0,
         commit_max_events: file.queue.commit_max_events,
@@ -235,7 +237,7 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         let server = ops::http::serve(
             listener,
             metrics.clone(),
-            file.queue.path.clone(),
+            queue.clone(),
             shutdown_rx.clone(),
         );
         stages.spawn(async move {
@@ -361,11 +363,11 @@ async fn health(
             _ = shutdown.wait_for(|s| *s) => return,
             _ = tick.tick() => {}
         }
-        let answer = tokio::time::timeout(every, queue.depth()).await;
+        let answer = tokio::time::timeout(every, queue.stats()).await;
         match answer {
-            Ok(Ok(depth)) => {
-                metrics.healthy_ms.store(event::now_ms(), Relaxed);
-                ops::systemd::status(&status_line(&metrics, Some(&depth)));
+            Ok(Ok(stats)) => {
+                metrics.healthy_ms.store(metrics.uptime_ms(), Relaxed);
+                ops::systemd::status(&status_line(&metrics, Some(&stats)));
                 if watchdog.is_some() {
                     ops::systemd::watchdog();
                 }
@@ -382,11 +384,9 @@ async fn health(
 const HEALTH_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// `systemctl status` line: each upstream up/down with its backlog.
-fn status_line(
-    metrics: &Metrics,
-    depth: Option<&std::collections::BTreeMap<String, u64>>,
-) -> String {
+fn status_line(metrics: &Metrics, queue: Option<&[queue::Stats]>) -> String {
     use std::sync::atomic::Ordering::Relaxed;
+    let now = event::now_ms();
     let ups: Vec<String> = metrics
         .uplinks
         .iter()
@@ -396,9 +396,17 @@ fn status_line(
             } else {
                 "down"
             };
-            match depth.and_then(|d| d.get(name)) {
-                Some(n) => format!("{name} {state}, {n} queued"),
-                None => format!("{name} {state}"),
+            let Some(stats) = queue else {
+                return format!("{name} {state}");
+            };
+            let mine = stats.iter().filter(|s| &s.upstream == name);
+            let queued: u64 = mine.clone().map(|s| s.events).sum();
+            match mine.map(|s| s.oldest_ms).min() {
+                Some(oldest) => format!(
+                    "{name} {state}, {queued} queued, oldest {}s",
+                    now.saturating_sub(oldest) / 1000
+                ),
+                None => format!("{name} {state}, 0 queued"),
             }
         })
         .collect();

@@ -187,11 +187,11 @@ fn status(config: Option<PathBuf>) -> ExitCode {
         print!(
             "{}",
             status::render_offline(
-                "metrics.enabled = false, so the daemon cannot be asked",
+                "cannot tell whether edgeferry runs: metrics.enabled = false in its config",
                 &file.queue.path
             )
         );
-        return ExitCode::SUCCESS;
+        return ExitCode::from(EXIT_FAILURE);
     }
     let addr = file.metrics.listen;
     let scrape = || status::http_get(addr, "/metrics").map(|t| status::Scrape::parse(&t));
@@ -200,7 +200,7 @@ fn status(config: Option<PathBuf>) -> ExitCode {
         Err(e) => {
             print!(
                 "{}",
-                status::render_offline(&e.to_string(), &file.queue.path)
+                status::render_offline(&e.headline(), &file.queue.path)
             );
             return ExitCode::from(EXIT_FAILURE);
         }
@@ -214,6 +214,8 @@ fn status(config: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
+    // Rates over the time between the two scrapes, not what follows.
+    let secs = started.elapsed().as_secs_f64();
     let health = match status::fetch(addr, "/health") {
         Ok((200, _)) => "healthy".to_string(),
         Ok((_, body)) => format!("UNHEALTHY: {}", body.trim()),
@@ -221,14 +223,7 @@ fn status(config: Option<PathBuf>) -> ExitCode {
     };
     print!(
         "{}",
-        status::render(
-            &file.gateway_id(),
-            addr,
-            &health,
-            &first,
-            &second,
-            started.elapsed().as_secs_f64()
-        )
+        status::render(&file.gateway_id(), addr, &health, &first, &second, secs)
     );
     ExitCode::SUCCESS
 }

@@ -59,15 +59,22 @@ pub struct Metrics {
     pub last_reload_ok: AtomicBool,
     /// Rules in the set the router is using (a gauge).
     pub rules: AtomicU64,
-    /// Duration of the queue writer's SQLite commits.
+    /// Duration of the queue writer's successful SQLite commits.
     pub commit_seconds: Histogram,
+    /// Commits that failed (disk full, I/O error, a lock held too long);
+    /// the writer keeps the events and retries.
+    pub commit_failures: AtomicU64,
     /// When the health probe last got an answer from the queue writer (ms
-    /// since the epoch), and how often it probes: `/health` is unhealthy
-    /// when the last answer is more than three probes old.
+    /// of [`Metrics::uptime_ms`]: monotonic, as a Pi without a real-time
+    /// clock has its wall clock set late), and how often it probes:
+    /// `/health` is unhealthy when the last answer is more than three
+    /// probes old. 0: no answer yet.
     pub healthy_ms: AtomicU64,
     pub health_every_ms: AtomicU64,
     /// When this pipeline started (ms since the epoch).
     pub started_ms: AtomicU64,
+    /// The monotonic clock `uptime_ms` counts from.
+    pub started: std::sync::OnceLock<std::time::Instant>,
     /// Rows committed to the queue (one per event and upstream destination).
     pub queued: AtomicU64,
     /// SQLite commits of the queue writer.
@@ -117,6 +124,13 @@ impl Metrics {
                 .collect(),
             ..Default::default()
         }
+    }
+
+    /// Milliseconds since this pipeline started, on the monotonic clock
+    /// (at least 1, so 0 can mean "never").
+    pub fn uptime_ms(&self) -> u64 {
+        let started = self.started.get_or_init(std::time::Instant::now);
+        (started.elapsed().as_millis() as u64).max(1)
     }
 
     /// One line for the periodic summary log.

@@ -27,6 +27,22 @@ pub enum StatusError {
     BadAnswer { addr: SocketAddr, why: String },
 }
 
+impl StatusError {
+    /// What `status` says first: a refused connection means nothing runs
+    /// there; a reset, a timeout or an odd answer means something does but
+    /// does not answer (busy, stuck, or not edgeferry).
+    pub fn headline(&self) -> String {
+        match self {
+            StatusError::NotRunning { source, .. }
+                if source.kind() == std::io::ErrorKind::ConnectionRefused =>
+            {
+                format!("edgeferry is not running ({self})")
+            }
+            _ => format!("edgeferry did not answer: it may be running but busy or stuck ({self})"),
+        }
+    }
+}
+
 /// GET `path` from `addr`: the body of a 200 answer.
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, StatusError> {
     match fetch(addr, path)? {
@@ -248,12 +264,10 @@ pub fn render(
     out
 }
 
-/// What `edgeferry status` prints when the daemon does not answer.
-pub fn render_offline(why: &str, db: &Path) -> String {
-    let mut out = format!(
-        "edgeferry is not running ({why}).\nQueue file {}:\n",
-        db.display()
-    );
+/// What `edgeferry status` prints when the daemon cannot be asked:
+/// `headline`, then the queue file's stats.
+pub fn render_offline(headline: &str, db: &Path) -> String {
+    let mut out = format!("{headline}.\nQueue file {}:\n", db.display());
     let mut table = Vec::new();
     match crate::inspect::stats(db, &mut table) {
         Ok(()) => out.push_str(&String::from_utf8_lossy(&table)),

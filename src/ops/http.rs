@@ -1,14 +1,15 @@
-//! The metrics endpoint: `GET /metrics` (Prometheus text format) and
+//! The metrics endpoint: `GET /metrics` (Prometheus / OpenMetrics text) and
 //! `GET /health` (200 while the pipeline answers, 503 when it is stuck).
 //!
 //! A few dozen lines of HTTP/1.1 on a tokio listener rather than a web
-//! framework: two read-only GETs on loopback do not need routing or
-//! keep-alive, and the Pi binary stays small. Requests are bounded (8 KiB of
-//! headers, 5 s to send them, 16 connections at once); anything else gets a
-//! 4xx and the connection is closed.
+//! framework: two read-only GETs do not need routing or keep-alive, and the
+//! Pi binary stays small. Requests are bounded: 8 KiB of headers, 2 s to
+//! send them, 5 s per connection in all, 16 connections at once (the next
+//! one gets a 503 at once); anything else gets a 4xx and the connection is
+//! closed. The queue figures come from the writer's memory (no table scan),
+//! so a scrape stays cheap however large the backlog.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -16,14 +17,18 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::prometheus::{self, Snapshot};
-use crate::event::now_ms;
 use crate::metrics::Metrics;
+use crate::queue::QueueHandle;
 
 const MAX_REQUEST: usize = 8 * 1024;
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// A whole connection, from accept to the last byte of the answer.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a scrape waits for the queue writer's figures.
+const QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_CONNECTIONS: usize = 16;
 
 /// Why the endpoint could not start.
@@ -48,31 +53,54 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HttpError> {
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
-    queue_path: PathBuf,
+    queue: QueueHandle,
     mut shutdown: watch::Receiver<bool>,
 ) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "metrics on http://{addr}/metrics, health on /health");
     }
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let queue_path = Arc::new(queue_path);
     loop {
         let accepted = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
             a = listener.accept() => a,
         };
-        let Ok((stream, peer)) = accepted else {
-            continue;
+        let (mut stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors, typically: the connection stays in
+                // the backlog, so accepting again at once would spin.
+                warn!(error = %e, "metrics endpoint cannot accept connections; retrying in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
         };
-        // Over the limit: close at once rather than queue work.
         let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Over the limit: say so at once rather than queue work.
+            tokio::spawn(async move {
+                let busy = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 5\r\nConnection: close\r\n\r\nbusy\n";
+                let _ = tokio::time::timeout(READ_TIMEOUT, async {
+                    stream.write_all(busy).await?;
+                    stream.shutdown().await?;
+                    // Take in the unread request before closing: closing with
+                    // unread data resets the connection, and the client could
+                    // lose the answer.
+                    let mut sink = [0u8; 1024];
+                    while stream.read(&mut sink).await? > 0 {}
+                    Ok::<_, std::io::Error>(())
+                })
+                .await;
+            });
             continue;
         };
         let metrics = metrics.clone();
-        let queue_path = queue_path.clone();
+        let queue = queue.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, &metrics, &queue_path).await {
-                debug!(%peer, error = %e, "metrics request failed");
+            let served = tokio::time::timeout(CONNECTION_TIMEOUT, handle(stream, &metrics, &queue));
+            match served.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(%peer, error = %e, "metrics request failed"),
+                Err(_) => debug!(%peer, "metrics request timed out"),
             }
             drop(slot);
         });
@@ -82,7 +110,7 @@ pub async fn serve(
 async fn handle(
     mut stream: TcpStream,
     metrics: &Arc<Metrics>,
-    queue_path: &std::path::Path,
+    queue: &QueueHandle,
 ) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let head = tokio::time::timeout(READ_TIMEOUT, async {
@@ -113,19 +141,20 @@ async fn handle(
     } else {
         match path.split('?').next().unwrap_or("") {
             "/metrics" => {
-                let path = queue_path.to_path_buf();
-                let queue =
-                    tokio::task::spawn_blocking(move || crate::queue::stats_of_file(&path).ok())
-                        .await
-                        .ok()
-                        .flatten();
+                // A stuck writer leaves the queue series out rather than
+                // hanging the scrape (and /health says why).
+                let queue = tokio::time::timeout(QUEUE_TIMEOUT, queue.stats())
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
                 let snapshot = Snapshot {
                     queue,
                     rss_bytes: prometheus::rss_bytes(),
                 };
                 (
                     200,
-                    "text/plain; version=0.0.4; charset=utf-8",
+                    // What prometheus-client writes (`# EOF`, `_total` samples).
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     prometheus::render(metrics, snapshot),
                 )
             }
@@ -157,11 +186,12 @@ async fn handle(
 }
 
 /// Healthy while the health stage's probe of the queue writer keeps getting
-/// answers (the same probe that gates the systemd watchdog).
+/// answers (the same probe that gates the systemd watchdog). Measured on the
+/// monotonic clock: a Pi sets its wall clock late, by NTP.
 fn health(metrics: &Metrics) -> (u16, &'static str, String) {
     let every = metrics.health_every_ms.load(Relaxed).max(1);
     let last = metrics.healthy_ms.load(Relaxed);
-    let age = now_ms().saturating_sub(last);
+    let age = metrics.uptime_ms().saturating_sub(last);
     if last > 0 && age <= 3 * every {
         (200, "text/plain", "ok\n".to_string())
     } else if last == 0 {

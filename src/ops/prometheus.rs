@@ -173,6 +173,12 @@ impl Collector for Scrape {
         )?;
         counter(
             &mut enc,
+            "queue_commit_failures",
+            "Queue commits that failed and are being retried (disk full, I/O error)",
+            m.commit_failures.load(Relaxed),
+        )?;
+        counter(
+            &mut enc,
             "queue_recovered",
             "Damaged queue files moved aside at start",
             m.queue_recovered.load(Relaxed),

@@ -115,6 +115,9 @@ enum Cmd {
     Depth {
         reply: oneshot::Sender<BTreeMap<String, u64>>,
     },
+    Stats {
+        reply: oneshot::Sender<Vec<Stats>>,
+    },
     Sync {
         reply: oneshot::Sender<Result<(), String>>,
     },
@@ -189,7 +192,19 @@ impl QueueHandle {
         rx.await.map_err(|_| QueueError::Closed)?
     }
 
-    /// Rows waiting per upstream (committed, not yet deleted).
+    /// Per upstream and priority: events, bytes, oldest receive time; from
+    /// the writer's memory (no table scan), pending appends included.
+    pub async fn stats(&self) -> Result<Vec<Stats>, QueueError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send_async(Cmd::Stats { reply })
+            .await
+            .map_err(|_| QueueError::Closed)?;
+        rx.await.map_err(|_| QueueError::Closed)
+    }
+
+    /// Events waiting per upstream (pending appends included), from the
+    /// writer's memory: cheap enough for every health probe.
     pub async fn depth(&self) -> Result<BTreeMap<String, u64>, QueueError> {
         let (reply, rx) = oneshot::channel();
         self.tx

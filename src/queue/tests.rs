@@ -301,3 +301,44 @@ async fn fetch_stops_at_until_and_last_id_marks_the_backlog() {
     );
     assert_eq!(q.last_id("b").await.unwrap(), 0);
 }
+
+#[tokio::test]
+async fn in_memory_stats_agree_with_the_file_through_appends_acks_evictions_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    // Room for 8 rows of 10 bytes: the ninth and tenth evict the oldest lows.
+    let (q, thread) = open(&path, settings(80), metrics()).unwrap();
+    let mut rows: Vec<NewRow> = (0..4).map(|n| row("a", n, Priority::Low)).collect();
+    rows.extend((4..8).map(|n| row("a", n, Priority::High)));
+    rows.extend((8..10).map(|n| row("a", n, Priority::Normal)));
+    rows.push(row("b", 20, Priority::Normal));
+    for (i, r) in rows.iter_mut().enumerate() {
+        r.received_ms = 1_000 + i as u64;
+    }
+    append(&q, rows).await;
+    let high = q.fetch("a", Cursor::default(), i64::MAX, 2).await.unwrap();
+    q.ack(high.iter().map(|r| r.id).collect()).await.unwrap();
+    q.sync().await.unwrap();
+    let strip = |mut v: Vec<Stats>| {
+        v.sort_by(|a, b| (&a.upstream, a.priority).cmp(&(&b.upstream, b.priority)));
+        v
+    };
+    let from_file = strip(stats_of_file(&path).unwrap());
+    assert_eq!(strip(q.stats().await.unwrap()), from_file);
+    let a: u64 = from_file
+        .iter()
+        .filter(|s| s.upstream == "a")
+        .map(|s| s.events)
+        .sum();
+    assert_eq!(a, 6, "10 in, 2 evicted, 2 acked");
+    drop(q);
+    thread.join().unwrap();
+    let (q, thread) = open(&path, settings(80), metrics()).unwrap();
+    assert_eq!(
+        strip(q.stats().await.unwrap()),
+        from_file,
+        "counted again at start"
+    );
+    drop(q);
+    thread.join().unwrap();
+}

@@ -18,7 +18,7 @@ use crate::metrics::{Metrics, UplinkMetrics};
 
 const INSERT_ROW: &str = "INSERT INTO queue (upstream, event_id, topic, qos, priority, received_ms, expires_ms, size, payload) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
-const DELETE_ROW: &str = "DELETE FROM queue WHERE id = ?1 RETURNING upstream, size";
+const DELETE_ROW: &str = "DELETE FROM queue WHERE id = ?1 RETURNING upstream, size, priority";
 const SELECT_SEND_ORDER: &str = "SELECT id, event_id, topic, qos, priority, received_ms, payload FROM queue \
      WHERE upstream = ?1 AND priority = ?2 AND id > ?3 AND id <= ?6 AND (expires_ms IS NULL OR expires_ms > ?4) \
      ORDER BY id LIMIT ?5";
@@ -27,8 +27,11 @@ const SELECT_EVICTION_ORDER: &str = "SELECT id, size FROM queue \
      WHERE upstream = ?1 AND priority = ?2 AND id > ?3 ORDER BY id LIMIT 256";
 const SWEEP_EXPIRED: &str = "DELETE FROM queue WHERE expires_ms IS NOT NULL AND expires_ms <= ?1 \
      RETURNING id, upstream, priority, size";
-const BYTES_PER_UPSTREAM: &str =
-    "SELECT upstream, COUNT(*), SUM(size) FROM queue GROUP BY upstream";
+const COUNTS: &str =
+    "SELECT upstream, priority, COUNT(*), SUM(size) FROM queue GROUP BY upstream, priority";
+/// The oldest committed row of one upstream and priority: an index seek.
+const OLDEST: &str =
+    "SELECT received_ms FROM queue WHERE upstream = ?1 AND priority = ?2 ORDER BY id LIMIT 1";
 
 /// Size of the reserve file (see `Writer::reserve`).
 const RESERVE_BYTES: u64 = 2 << 20;
@@ -57,6 +60,9 @@ pub(super) struct Writer {
     scheduled: HashSet<i64>,
     /// Per upstream: bytes of committed rows plus pending appends, minus evictions.
     bytes: HashMap<String, u64>,
+    /// The same per upstream and priority, with the number of events: kept
+    /// in memory (counted once at start) so depth and stats cost no scan.
+    counts: HashMap<(String, Priority), Count>,
     last_sweep: Instant,
     /// Free-space check: when last done, and whether space was below the watermark.
     disk_checked: Option<Instant>,
@@ -81,22 +87,36 @@ impl Writer {
         metrics: Arc<Metrics>,
         notify: Arc<HashMap<String, Arc<Notify>>>,
     ) -> rusqlite::Result<Writer> {
-        let mut bytes = HashMap::new();
+        let mut bytes: HashMap<String, u64> = HashMap::new();
+        let mut counts: HashMap<(String, Priority), Count> = HashMap::new();
         {
-            let mut stmt = conn.prepare(BYTES_PER_UPSTREAM)?;
+            let mut stmt = conn.prepare(COUNTS)?;
             let rows = stmt.query_map([], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, i64>(1)?,
-                    r.get::<_, Option<i64>>(2)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
                 ))
             })?;
+            let mut unknown: HashMap<String, i64> = HashMap::new();
             for row in rows {
-                let (upstream, count, size) = row?;
+                let (upstream, priority, count, size) = row?;
+                let size = size.unwrap_or(0) as u64;
                 if !settings.max_size.contains_key(&upstream) {
-                    warn!(%upstream, queued = count, "queue holds events for an upstream that is not configured; they wait until it is configured again");
+                    *unknown.entry(upstream.clone()).or_default() += count;
                 }
-                bytes.insert(upstream, size.unwrap_or(0) as u64);
+                *bytes.entry(upstream.clone()).or_default() += size;
+                counts.insert(
+                    (upstream, Priority::from_i64(priority)),
+                    Count {
+                        events: count as u64,
+                        bytes: size,
+                    },
+                );
+            }
+            for (upstream, queued) in unknown {
+                warn!(%upstream, queued, "queue holds events for an upstream that is not configured; they wait until it is configured again");
             }
         }
         Ok(Writer {
@@ -110,6 +130,7 @@ impl Writer {
             evictions: Vec::new(),
             scheduled: HashSet::new(),
             bytes,
+            counts,
             last_sweep: Instant::now(),
             disk_checked: None,
             disk_low: false,
@@ -214,6 +235,10 @@ impl Writer {
                     let _ = reply.send(self.depth());
                     continue;
                 }
+                Some(Cmd::Stats { reply }) => {
+                    let _ = reply.send(self.stats());
+                    continue;
+                }
                 Some(Cmd::Sync { reply }) => {
                     let result = if self.pending() {
                         self.commit()
@@ -243,6 +268,7 @@ impl Writer {
                     self.restore_reserve();
                 }
                 Err(e) => {
+                    self.metrics.commit_failures.fetch_add(1, Relaxed);
                     // Deletes alone may still fit (a full disk): they free
                     // pages for the appends, which are retried below.
                     if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
@@ -333,6 +359,7 @@ impl Writer {
             }
         }
         *self.bytes.entry(row.upstream.to_string()).or_insert(0) += size;
+        self.count(&row.upstream, row.priority, 1, size as i64);
         self.admitted_since_check += size;
         self.rows.push(row);
     }
@@ -412,6 +439,7 @@ impl Writer {
         if let Some(b) = self.bytes.get_mut(upstream) {
             *b = b.saturating_sub(size);
         }
+        self.count(upstream, priority, -1, -(size as i64));
         if let Some(u) = self.uplink(upstream) {
             u.evicted[priority.index()].fetch_add(1, Relaxed);
         }
@@ -497,7 +525,7 @@ impl Writer {
     fn commit_parts(&mut self, with_rows: bool) -> rusqlite::Result<()> {
         let started = std::time::Instant::now();
         let tx = self.conn.transaction()?;
-        let mut released: Vec<(String, u64)> = Vec::new();
+        let mut released: Vec<(String, u64, Priority)> = Vec::new();
         {
             let mut insert = tx.prepare_cached(INSERT_ROW)?;
             for r in self.rows.iter().filter(|_| with_rows) {
@@ -519,20 +547,26 @@ impl Writer {
                 let _ = delete.query_map([id], |_| Ok(()))?.count();
             }
             for id in &self.acks {
-                let rows = delete
-                    .query_map([id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+                let rows = delete.query_map([id], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                })?;
                 for row in rows {
-                    let (upstream, size) = row?;
-                    released.push((upstream, size as u64));
+                    let (upstream, size, priority) = row?;
+                    released.push((upstream, size as u64, Priority::from_i64(priority)));
                 }
             }
         }
         tx.commit()?;
         self.metrics.commit_seconds.observe(started.elapsed());
-        for (upstream, size) in released {
+        for (upstream, size, priority) in released {
             if let Some(b) = self.bytes.get_mut(&upstream) {
                 *b = b.saturating_sub(size);
             }
+            self.count(&upstream, priority, -1, -(size as i64));
         }
         self.metrics.commits.fetch_add(1, Relaxed);
         if with_rows {
@@ -583,6 +617,7 @@ impl Writer {
             if let Some(b) = self.bytes.get_mut(&upstream) {
                 *b = b.saturating_sub(size as u64);
             }
+            self.count(&upstream, Priority::from_i64(priority), -1, -size);
             if !self.acks.contains(&id)
                 && let Some(u) = self.uplink(&upstream)
             {
@@ -642,20 +677,69 @@ impl Writer {
         Ok(out)
     }
 
+    /// Events per upstream (committed and pending), from memory.
     fn depth(&mut self) -> std::collections::BTreeMap<String, u64> {
         let mut out: std::collections::BTreeMap<String, u64> =
             self.notify.keys().map(|k| (k.clone(), 0)).collect();
-        let Ok(mut stmt) = self.conn.prepare_cached(BYTES_PER_UPSTREAM) else {
-            return out;
-        };
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)));
-        if let Ok(rows) = rows {
-            for (u, n) in rows.flatten() {
-                out.insert(u, n as u64);
-            }
+        for ((upstream, _), c) in &self.counts {
+            *out.entry(upstream.clone()).or_default() += c.events;
         }
         out
     }
+
+    /// Per upstream and priority: events and bytes from memory, the oldest
+    /// receive time by an index seek (or from pending rows).
+    fn stats(&mut self) -> Vec<super::Stats> {
+        let mut out = Vec::new();
+        for ((upstream, priority), c) in &self.counts {
+            if c.events == 0 {
+                continue;
+            }
+            let committed: Option<i64> = self
+                .conn
+                .prepare_cached(OLDEST)
+                .and_then(|mut st| st.query_row(params![upstream, priority.as_i64()], |r| r.get(0)))
+                .ok();
+            let pending = self
+                .rows
+                .iter()
+                .filter(|r| *r.upstream == **upstream && r.priority == *priority)
+                .map(|r| r.received_ms)
+                .min();
+            let oldest = match (committed, pending) {
+                (Some(c), Some(p)) => (c as u64).min(p),
+                (Some(c), None) => c as u64,
+                (None, Some(p)) => p,
+                (None, None) => crate::event::now_ms(),
+            };
+            out.push(super::Stats {
+                upstream: upstream.clone(),
+                priority: *priority,
+                events: c.events,
+                bytes: c.bytes,
+                oldest_ms: oldest,
+            });
+        }
+        out.sort_by(|a, b| (&a.upstream, b.priority).cmp(&(&b.upstream, a.priority)));
+        out
+    }
+
+    /// Adjust the in-memory count of one upstream and priority.
+    fn count(&mut self, upstream: &str, priority: Priority, events: i64, bytes: i64) {
+        let c = self
+            .counts
+            .entry((upstream.to_string(), priority))
+            .or_default();
+        c.events = c.events.saturating_add_signed(events);
+        c.bytes = c.bytes.saturating_add_signed(bytes);
+    }
+}
+
+/// Events and bytes of one upstream and priority.
+#[derive(Debug, Default, Clone, Copy)]
+struct Count {
+    events: u64,
+    bytes: u64,
 }
 
 /// `<db>.reserve`, beside the database.

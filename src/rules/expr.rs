@@ -64,6 +64,16 @@ impl Expr {
             });
         }
         match Program::compile(source) {
+            Ok(program)
+                if !cfg!(feature = "regex") && program.references().has_function("matches") =>
+            {
+                Err(CompileError {
+                    message: format!(
+                        "{source:?} uses matches(), but this edgeferry was built without regex support (the `small` build); use startsWith, endsWith or contains, or the standard build"
+                    ),
+                    offset: source.find("matches"),
+                })
+            }
             Ok(program) => Ok(Expr {
                 source: Arc::from(source),
                 program: Arc::new(program),
@@ -446,6 +456,29 @@ mod edge_tests {
                 matches!(r.unwrap(), Ok(Err(_))),
                 "{src} should fail to evaluate"
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod regex_tests {
+    use super::*;
+
+    #[test]
+    fn matches_needs_the_regex_feature() {
+        let compiled = Expr::compile("topic.matches('^sensors/[a-z]+$')");
+        if cfg!(feature = "regex") {
+            let env = Env::default();
+            let event = Event::for_test("sensors/abc", b"{}");
+            let vars = EventVars::new(&event, "i", "g");
+            let rule = RuleVars {
+                event: &vars,
+                captures: &[],
+            };
+            assert_eq!(compiled.unwrap().eval_bool(&env, &rule), Ok(true));
+        } else {
+            let e = compiled.unwrap_err();
+            assert!(e.message.contains("without regex support"), "{e:?}");
         }
     }
 }
