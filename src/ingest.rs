@@ -43,12 +43,16 @@ struct GapDetector {
 
 impl GapDetector {
     fn new(filters: &[String]) -> GapDetector {
+        let filters: Vec<Pattern> = filters
+            .iter()
+            .filter_map(|f| Pattern::parse(f).ok())
+            .collect();
         GapDetector {
-            filters: filters
-                .iter()
-                .filter_map(|f| Pattern::parse(f).ok())
-                .collect(),
-            next: HashMap::new(),
+            // The link subscribes before the broker starts, so each filter's
+            // log begins at offset 0 with us: messages skipped before the
+            // first one ingest sees are lost too (a slow start under load).
+            next: (0..filters.len()).map(|i| (i, 0)).collect(),
+            filters,
         }
     }
 
@@ -199,9 +203,14 @@ mod tests {
     #[test]
     fn gaps_are_counted_per_filter() {
         let mut g = GapDetector::new(&["a/#".into(), "b/#".into()]);
-        assert_eq!(g.lost_before("a/x", Some((0, 10))), 0);
+        assert_eq!(
+            g.lost_before("a/x", Some((0, 10))),
+            10,
+            "skipped from the start"
+        );
         assert_eq!(g.lost_before("a/x", Some((0, 11))), 0);
-        assert_eq!(g.lost_before("b/x", Some((0, 3))), 0);
+        assert_eq!(g.lost_before("b/x", Some((0, 0))), 0);
+        assert_eq!(g.lost_before("b/x", Some((0, 3))), 2);
         assert_eq!(g.lost_before("a/x", Some((1, 15))), 3);
         assert_eq!(g.lost_before("a/x", None), 0);
         assert_eq!(g.lost_before("b/x", Some((0, 4))), 0);
