@@ -171,7 +171,9 @@ impl Ingest {
                 }
                 .fetch_add(1, Relaxed);
                 match self.out.try_send(event) {
-                    Ok(()) => {}
+                    Ok(()) => {
+                        metrics.handed.fetch_add(1, Relaxed);
+                    }
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         metrics.dropped_overflow.fetch_add(1, Relaxed);
                     }

@@ -338,9 +338,10 @@ fn stage_failure(
 }
 
 /// Liveness: every few seconds (half the systemd watchdog interval when
-/// one is set) the queue writer must answer a request; only then is
-/// WATCHDOG=1 sent, so a stuck writer gets the daemon restarted. STATUS= is
-/// refreshed at the same pace.
+/// one is set) the queue writer must answer a request, and the router must
+/// have moved if events wait for it; only then is WATCHDOG=1 sent (and
+/// `/health` kept at 200), so a stuck writer or router gets the daemon
+/// restarted. STATUS= is refreshed at the same pace.
 async fn health(
     queue: queue::QueueHandle,
     metrics: Arc<Metrics>,
@@ -358,12 +359,21 @@ async fn health(
         .health_every_ms
         .store(every.as_millis() as u64, Relaxed);
     let mut tick = tokio::time::interval(every);
+    let mut router = RouterWatch::default();
     loop {
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
             _ = tick.tick() => {}
         }
         let answer = tokio::time::timeout(every, queue.stats()).await;
+        let router_stuck = router.stuck(metrics.handed.load(Relaxed), metrics.routed.load(Relaxed));
+        if router_stuck {
+            error!(
+                probes = router.still,
+                "the router has not taken an event for several probes while events wait; withholding the watchdog ping"
+            );
+            continue;
+        }
         match answer {
             Ok(Ok(stats)) => {
                 metrics.healthy_ms.store(metrics.uptime_ms(), Relaxed);
@@ -377,6 +387,31 @@ async fn health(
                 error!(waited = ?every, "queue writer did not answer; withholding the watchdog ping");
             }
         }
+    }
+}
+
+/// Whether the router moves: stuck when events wait for it and it has
+/// finished none for `STUCK_AFTER` probes in a row.
+#[derive(Debug, Default)]
+struct RouterWatch {
+    last_routed: u64,
+    /// Probes in a row with events waiting and none routed.
+    still: u32,
+}
+
+/// Probes (5 s each by default) before a router that does not move counts
+/// as stuck: long enough for any batch, short enough for the watchdog.
+const STUCK_AFTER: u32 = 3;
+
+impl RouterWatch {
+    fn stuck(&mut self, handed: u64, routed: u64) -> bool {
+        if handed > routed && routed == self.last_routed {
+            self.still += 1;
+        } else {
+            self.still = 0;
+        }
+        self.last_routed = routed;
+        self.still >= STUCK_AFTER
     }
 }
 
@@ -432,4 +467,29 @@ async fn summarize(
         }
     }
     info!(summary = %metrics.summary(), "final counters");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_router_is_stuck_only_when_events_wait_and_none_moves_for_three_probes() {
+        let mut w = RouterWatch::default();
+        // Idle: nothing handed, nothing routed, forever fine.
+        assert!(!(0..10).any(|_| w.stuck(0, 0)));
+        // Busy and moving.
+        assert!(!w.stuck(100, 50));
+        assert!(!w.stuck(200, 150));
+        // Events wait, nothing moves: the third probe says stuck.
+        assert!(!w.stuck(300, 150));
+        assert!(!w.stuck(300, 150));
+        assert!(w.stuck(300, 150));
+        // It moves again: fine at once.
+        assert!(!w.stuck(300, 160));
+        // Caught up: fine even though the count stays.
+        assert!(!w.stuck(300, 300));
+        assert!(!w.stuck(300, 300));
+        assert!(!w.stuck(300, 300));
+    }
 }

@@ -20,6 +20,11 @@ pub struct Metrics {
     /// Publishes rumqttd discarded because ingest fell behind its segments
     /// (detected from gaps in the link's log offsets).
     pub broker_lost: AtomicU64,
+    /// Events ingest handed to the router, and events the router finished:
+    /// the difference is what waits in the pipeline buffer (the health
+    /// probe's "is the router moving" check).
+    pub handed: AtomicU64,
+    pub routed: AtomicU64,
     /// Events dropped because the pipeline buffer was full.
     pub dropped_overflow: AtomicU64,
     /// Events no rule matched (unmatched policy "drop").

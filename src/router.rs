@@ -149,6 +149,7 @@ impl Router {
         for event in batch.drain(..) {
             let verdict = route_guarded(set, &event, &mut self.state);
             self.apply(Some(&event), verdict, &mut rows);
+            self.metrics.routed.fetch_add(1, Relaxed);
         }
         if !rows.is_empty() {
             queue.append(rows).await?;

@@ -185,9 +185,10 @@ async fn handle(
     stream.shutdown().await
 }
 
-/// Healthy while the health stage's probe of the queue writer keeps getting
-/// answers (the same probe that gates the systemd watchdog). Measured on the
-/// monotonic clock: a Pi sets its wall clock late, by NTP.
+/// Healthy while the health stage's probe passes: the queue writer answers
+/// and the router moves when events wait (the same probe that gates the
+/// systemd watchdog). Measured on the monotonic clock: a Pi sets its wall
+/// clock late, by NTP.
 fn health(metrics: &Metrics) -> (u16, &'static str, String) {
     let every = metrics.health_every_ms.load(Relaxed).max(1);
     let last = metrics.healthy_ms.load(Relaxed);
@@ -205,7 +206,7 @@ fn health(metrics: &Metrics) -> (u16, &'static str, String) {
             503,
             "text/plain",
             format!(
-                "stuck: the queue writer has not answered for {:.1}s\n",
+                "stuck: the pipeline (queue writer or router) has not moved for {:.1}s; see the log\n",
                 age as f64 / 1e3
             ),
         )
