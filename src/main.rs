@@ -20,18 +20,19 @@ struct Cli {
 enum Command {
     /// Run the daemon (the default when no command is given).
     Run {
-        /// Config file; without it the embedded default runs.
+        /// Config file; default: /etc/edgeferry/edgeferry.toml if it exists, else the embedded default.
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
     /// Load the config and rules, print every error, exit non-zero on any.
     Check {
+        /// Config file; default: /etc/edgeferry/edgeferry.toml if it exists, else the embedded default.
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
     /// Run the [[test]] cases written in rule files; exit 1 if any fails.
     Test {
-        /// Config file (for upstream names and rule settings); default: the embedded default.
+        /// Config file; default: /etc/edgeferry/edgeferry.toml if it exists, else the embedded default.
         #[arg(short, long)]
         config: Option<PathBuf>,
         /// Rule files or directories to test instead of the config's rules.dir.
@@ -39,6 +40,7 @@ enum Command {
     },
     /// One screen on the running daemon (or, when it is down, its queue file).
     Status {
+        /// Config file; default: /etc/edgeferry/edgeferry.toml if it exists, else the embedded default.
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
@@ -70,7 +72,8 @@ enum QueueCommand {
 
 #[derive(clap::Args)]
 struct DbArgs {
-    /// Config file naming the queue (queue.path); default: the embedded default.
+    /// Config file naming the queue (queue.path); default: /etc/edgeferry/edgeferry.toml if it
+    /// exists, else the embedded default.
     #[arg(short, long)]
     config: Option<PathBuf>,
     /// The queue file itself, instead of reading it from a config.
@@ -83,7 +86,7 @@ impl DbArgs {
         if let Some(db) = &self.db {
             return Ok(db.clone());
         }
-        match edgeferry::config::ConfigFile::read(self.config.as_deref()) {
+        match edgeferry::config::ConfigFile::read(installed_or(self.config.clone()).as_deref()) {
             Ok(file) => Ok(file.queue.path),
             Err(errors) => {
                 eprintln!("{errors}");
@@ -108,6 +111,19 @@ fn config_errors(errors: &edgeferry::diagnostic::Diagnostics) -> ExitCode {
     })
 }
 
+/// Where an installed edgeferry keeps its config (the Debian package's).
+const INSTALLED_CONFIG: &str = "/etc/edgeferry/edgeferry.toml";
+
+/// The config a command uses: `-c`, else the installed one if there is one
+/// (so `edgeferry check`, `test` and `status` on a gateway mean its real
+/// config), else the embedded default (`None`).
+fn installed_or(config: Option<PathBuf>) -> Option<PathBuf> {
+    config.or_else(|| {
+        let installed = PathBuf::from(INSTALLED_CONFIG);
+        installed.is_file().then_some(installed)
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run { config: None }) {
@@ -115,14 +131,14 @@ fn main() -> ExitCode {
             print!("{DEFAULT_CONFIG}");
             ExitCode::SUCCESS
         }
-        Command::Check { config } => match Config::load(config.as_deref()) {
+        Command::Check { config } => match Config::load(installed_or(config).as_deref()) {
             Ok(cfg) => {
                 println!(
                     "{}: ok ({} rules, {} upstreams)",
-                    config
+                    cfg.source
                         .as_deref()
                         .map(|p| p.display().to_string())
-                        .unwrap_or("default config".into()),
+                        .unwrap_or("the embedded default config".into()),
                     cfg.rules.len(),
                     cfg.file.upstream.len()
                 );
@@ -139,7 +155,7 @@ fn main() -> ExitCode {
 
 fn test(config: Option<PathBuf>, paths: Vec<PathBuf>) -> ExitCode {
     use edgeferry::rules::testing;
-    let file = match edgeferry::config::ConfigFile::read(config.as_deref()) {
+    let file = match edgeferry::config::ConfigFile::read(installed_or(config).as_deref()) {
         Ok(f) => f,
         Err(errors) => return config_errors(&errors),
     };
@@ -179,7 +195,7 @@ fn test(config: Option<PathBuf>, paths: Vec<PathBuf>) -> ExitCode {
 
 fn status(config: Option<PathBuf>) -> ExitCode {
     use edgeferry::status;
-    let file = match edgeferry::config::ConfigFile::read(config.as_deref()) {
+    let file = match edgeferry::config::ConfigFile::read(installed_or(config).as_deref()) {
         Ok(f) => f,
         Err(errors) => return config_errors(&errors),
     };
@@ -261,7 +277,7 @@ fn queue_command(command: QueueCommand) -> ExitCode {
 }
 
 fn run(path: Option<PathBuf>) -> ExitCode {
-    let config = match Config::load(path.as_deref()) {
+    let config = match Config::load(installed_or(path).as_deref()) {
         Ok(c) => c,
         Err(errors) => {
             eprintln!("edgeferry: not started: the configuration has errors");
