@@ -44,8 +44,7 @@ pub async fn run(
         local,
         metrics,
         dead_letter_topic: set.dead_letter_topic().map(str::to_string),
-        last_warn: None,
-        suppressed: 0,
+        warns: WarnLimit::default(),
     };
     let mut batch = Vec::with_capacity(BATCH);
     let mut rules_open = true;
@@ -132,9 +131,28 @@ struct Router {
     local: Republisher,
     metrics: Arc<Metrics>,
     dead_letter_topic: Option<String>,
-    /// Rate limit of rule-error warnings.
-    last_warn: Option<std::time::Instant>,
+    /// Rate limit of dead-letter and window warnings.
+    warns: WarnLimit,
+}
+
+/// One WARN per `WARN_EVERY` at most, saying how many were held back.
+#[derive(Default)]
+struct WarnLimit {
+    last: Option<std::time::Instant>,
     suppressed: u64,
+}
+
+impl WarnLimit {
+    /// `Some(held back since the last one)` when a WARN may be logged now.
+    fn allow(&mut self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        if self.last.is_some_and(|t| now - t < WARN_EVERY) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
 }
 
 impl Router {
@@ -176,7 +194,7 @@ impl Router {
     /// Count a verdict, queue its routes and publish its local outputs.
     /// `event` is `None` for windows closed by the clock.
     fn apply(&mut self, event: Option<&Event>, verdict: Verdict, rows: &mut Vec<NewRow>) {
-        let m = self.metrics.clone();
+        let m = &*self.metrics;
         if let Some(event) = event {
             if verdict.matched > 0 {
                 m.matched.fetch_add(1, Relaxed);
@@ -190,7 +208,14 @@ impl Router {
             }
             if let Some(reason) = &verdict.dead_letter {
                 m.dead_letters.fetch_add(1, Relaxed);
-                self.warn(event, reason);
+                if let Some(suppressed) = self.warns.allow() {
+                    warn!(
+                        topic = %event.topic,
+                        id = %event.id,
+                        suppressed,
+                        "event dead-lettered: {reason}"
+                    );
+                }
                 if let Some(topic) = &self.dead_letter_topic {
                     self.local.send(Local {
                         topic: topic.clone(),
@@ -206,7 +231,9 @@ impl Router {
             && let Some((rule, why)) = verdict.errors.first()
         {
             // A window closed by the clock that could not be sent.
-            self.warn_window(rule, why);
+            if let Some(suppressed) = self.warns.allow() {
+                warn!(rule = %rule, suppressed, "window not sent: {why}");
+            }
         }
         for reason in &verdict.shaped {
             match reason {
@@ -241,35 +268,6 @@ impl Router {
                 payload: route.payload,
             });
         }
-    }
-
-    /// One WARN per `WARN_EVERY` at most, saying how many were held back.
-    fn warn(&mut self, event: &Event, reason: &str) {
-        if let Some(suppressed) = self.may_warn() {
-            warn!(
-                topic = %event.topic,
-                id = %event.id,
-                suppressed,
-                "event dead-lettered: {reason}"
-            );
-        }
-    }
-
-    fn warn_window(&mut self, rule: &str, why: &str) {
-        if let Some(suppressed) = self.may_warn() {
-            warn!(rule, suppressed, "window not sent: {why}");
-        }
-    }
-
-    /// `Some(held back since the last one)` when a WARN may be logged now.
-    fn may_warn(&mut self) -> Option<u64> {
-        let now = std::time::Instant::now();
-        if self.last_warn.is_some_and(|t| now - t < WARN_EVERY) {
-            self.suppressed += 1;
-            return None;
-        }
-        self.last_warn = Some(now);
-        Some(std::mem::take(&mut self.suppressed))
     }
 }
 

@@ -396,10 +396,14 @@ impl RuleSet {
             verdict.dead_letter = Some(why.clone());
             return verdict;
         }
+        let candidates = self.index.matches(&event.topic);
+        if candidates.is_empty() && self.unmatched.is_none() {
+            return verdict;
+        }
         let id = event.id.to_string();
         // Built on first use, then shared by every rule this event reaches.
         let mut vars: Option<EventVars<'_>> = None;
-        for i in self.index.matches(&event.topic) {
+        for i in candidates {
             let rule = &self.rules[i];
             if event.origin.as_ref().is_some_and(|o| *o.rule == *rule.name) {
                 continue;
@@ -443,12 +447,16 @@ impl RuleSet {
                         continue;
                     }
                 };
-                let ctx = WindowCtx {
-                    topic: event.topic.clone(),
-                    captures: captures
-                        .iter()
-                        .map(|(n, v)| (n.to_string(), v.to_string()))
-                        .collect(),
+                // Only a window keeps its last event's topic and captures.
+                let ctx = match shape.spec {
+                    ShapeSpec::Window(_) => WindowCtx {
+                        topic: event.topic.clone(),
+                        captures: captures
+                            .iter()
+                            .map(|(n, v)| (n.to_string(), v.to_string()))
+                            .collect(),
+                    },
+                    _ => WindowCtx::default(),
                 };
                 let payload = event.payload.value().unwrap_or(&Value::Null);
                 match shaper.offer(&key, event.received_ms, payload, ctx) {
@@ -701,7 +709,7 @@ impl Verdict {
 }
 
 /// What a window keeps of its last event, to address the event it emits.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct WindowCtx {
     topic: String,
     captures: Vec<(String, String)>,
