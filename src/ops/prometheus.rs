@@ -197,39 +197,26 @@ impl Collector for Scrape {
         }
         if let Some(stats) = &self.snapshot.queue {
             let now = now_ms();
-            let mut e = enc.encode_descriptor(
-                "queue_events",
-                "Events waiting in the queue",
-                None,
-                MetricType::Gauge,
-            )?;
-            for (upstream, p) in self
-                .metrics
-                .uplinks
-                .keys()
-                .flat_map(|u| PRIORITIES.map(|p| (u, p)))
-            {
-                let v = find(stats, upstream, p).map_or(0, |s| s.events);
-                ConstGauge::new(v as i64).encode(
-                    e.encode_family(&[("upstream", upstream.as_str()), ("priority", p.name())])?,
-                )?;
-            }
-            let mut e = enc.encode_descriptor(
-                "queue_bytes",
-                "Bytes (payload and topic) waiting in the queue",
-                None,
-                MetricType::Gauge,
-            )?;
-            for (upstream, p) in self
-                .metrics
-                .uplinks
-                .keys()
-                .flat_map(|u| PRIORITIES.map(|p| (u, p)))
-            {
-                let v = find(stats, upstream, p).map_or(0, |s| s.bytes);
-                ConstGauge::new(v as i64).encode(
-                    e.encode_family(&[("upstream", upstream.as_str()), ("priority", p.name())])?,
-                )?;
+            type Field = fn(&Stats) -> u64;
+            let per_priority: [(&str, &str, Field); 2] = [
+                ("queue_events", "Events waiting in the queue", |s| s.events),
+                (
+                    "queue_bytes",
+                    "Bytes (payload and topic) waiting in the queue",
+                    |s| s.bytes,
+                ),
+            ];
+            for (name, help, field) in per_priority {
+                let mut e = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+                for upstream in self.metrics.uplinks.keys() {
+                    for p in PRIORITIES {
+                        let v = find(stats, upstream, p).map_or(0, field);
+                        ConstGauge::new(v as i64).encode(e.encode_family(&[
+                            ("upstream", upstream.as_str()),
+                            ("priority", p.name()),
+                        ])?)?;
+                    }
+                }
             }
             let mut e = enc.encode_descriptor(
                 "queue_oldest_age_seconds",

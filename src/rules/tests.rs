@@ -319,10 +319,9 @@ to = [{ upstream = "cloud", topic = "agg/{device}" }]
     assert_eq!(v.routes[0].received_ms, t0 + 60_000);
 }
 
-#[test]
-fn unmatched_policy_routes_what_no_rule_takes() {
-    let mut set =
-        load("[[rule]]\nname = \"a\"\nmatch = \"a\"\nto = [{ upstream = \"cloud\" }]\n").unwrap();
+/// `text`'s rules, with unmatched events sent to the cloud on "unrouted".
+fn with_unmatched_to_unrouted(text: &str) -> RuleSet {
+    let mut set = load(text).unwrap();
     let spec: DestinationSpec =
         toml::from_str("upstream = \"cloud\"\ntopic = \"unrouted\"\n").unwrap();
     set.configure(
@@ -333,6 +332,14 @@ fn unmatched_policy_routes_what_no_rule_takes() {
         &upstreams(),
     )
     .unwrap();
+    set
+}
+
+#[test]
+fn unmatched_policy_routes_what_no_rule_takes() {
+    let set = with_unmatched_to_unrouted(
+        "[[rule]]\nname = \"a\"\nmatch = \"a\"\nto = [{ upstream = \"cloud\" }]\n",
+    );
     let v = route(&set, "b/c", b"1");
     assert!(v.unmatched_routed);
     assert_eq!(v.routes[0].topic, "unrouted");
@@ -348,17 +355,9 @@ fn unmatched_policy_routes_what_no_rule_takes() {
 
 #[test]
 fn an_event_whose_only_rule_failed_is_unmatched_and_dead_lettered() {
-    let mut set = load("[[rule]]\nname = \"a\"\nmatch = \"a\"\nwhen = \"v > 1\"\nto = [{ upstream = \"cloud\" }]\n").unwrap();
-    let spec: DestinationSpec =
-        toml::from_str("upstream = \"cloud\"\ntopic = \"unrouted\"\n").unwrap();
-    set.configure(
-        &Settings {
-            unmatched: Some(spec),
-            ..Default::default()
-        },
-        &upstreams(),
-    )
-    .unwrap();
+    let set = with_unmatched_to_unrouted(
+        "[[rule]]\nname = \"a\"\nmatch = \"a\"\nwhen = \"v > 1\"\nto = [{ upstream = \"cloud\" }]\n",
+    );
     let v = route(&set, "a", b"{}");
     assert_eq!(v.matched, 0);
     assert!(v.unmatched_routed);

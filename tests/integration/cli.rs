@@ -14,6 +14,14 @@ fn edgeferry(args: &[&str], cwd: &Path) -> Output {
         .expect("runs")
 }
 
+/// `edgeferry check -c <config>` in `d`, which must exit with `code`: its stderr.
+fn check_fails(d: &Path, config: &str, code: i32) -> String {
+    let out = edgeferry(&["check", "-c", config], d);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(code), "{stderr}");
+    stderr
+}
+
 fn write(path: &Path, text: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, text).unwrap();
@@ -35,9 +43,7 @@ fn check_reports_every_error_with_file_and_line_and_exits_non_zero() {
         &d.join("edgeferry.toml"),
         "[upstream.cloud]\nurl = \"mqtt://127.0.0.1:1884\"\n",
     );
-    let out = edgeferry(&["check", "-c", "edgeferry.toml"], d);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let stderr = check_fails(d, "edgeferry.toml", 2);
     assert!(
         stderr.contains("rules/a.toml:3:9:") && stderr.contains("'#' is only allowed"),
         "{stderr}"
@@ -58,9 +64,7 @@ fn check_reports_a_broken_config_with_file_line_and_key() {
         &d.join("edgeferry.toml"),
         "[queue]\ncommit_interval = \"fast\"\n\n[upstream.cloud]\nurl = \"mqtt://h\"\n",
     );
-    let out = edgeferry(&["check", "-c", "edgeferry.toml"], d);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let stderr = check_fails(d, "edgeferry.toml", 2);
     assert!(
         stderr.contains("edgeferry.toml:2:19:") && stderr.contains("invalid duration \"fast\""),
         "{stderr}"
@@ -70,9 +74,7 @@ fn check_reports_a_broken_config_with_file_line_and_key() {
         &d.join("edgeferry.toml"),
         "[broker]\nlisten = \"127.0.0.1:1883\"\nlisen_v5 = \"x\"\n",
     );
-    let out = edgeferry(&["check", "-c", "edgeferry.toml"], d);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let stderr = check_fails(d, "edgeferry.toml", 2);
     assert!(
         stderr.contains("edgeferry.toml:3:1:") && stderr.contains("lisen_v5"),
         "{stderr}"
@@ -308,9 +310,7 @@ expect = [{ upstream = "cloud", topic = "y/a" }]
 fn check_tells_an_unreadable_file_from_an_invalid_one() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let out = edgeferry(&["check", "-c", "missing.toml"], d);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    let stderr = check_fails(d, "missing.toml", 3);
     assert!(
         stderr.contains("missing.toml: cannot read config"),
         "{stderr}"
@@ -319,9 +319,7 @@ fn check_tells_an_unreadable_file_from_an_invalid_one() {
         &d.join("edgeferry.toml"),
         "[rules]\ndir = \"no-such-dir\"\n\n[upstream.cloud]\nurl = \"mqtt://h\"\n",
     );
-    let out = edgeferry(&["check", "-c", "edgeferry.toml"], d);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    let stderr = check_fails(d, "edgeferry.toml", 3);
     assert!(stderr.contains("cannot read rules directory"), "{stderr}");
 }
 

@@ -8,6 +8,21 @@ use serde_json::{Value, json};
 
 use crate::util::*;
 
+/// A gateway on the rule files in `rules`, an upstream subscriber on
+/// `filter`, and a sensor.
+async fn gateway_with_rules(
+    dir: &std::path::Path,
+    rules: &std::path::Path,
+    filter: &str,
+) -> (Subscriber, Gateway, Sensor) {
+    let upstream = upstream_broker();
+    let cloud = Subscriber::start(upstream, filter).await;
+    let text = rules_at(&config_text(dir, upstream.port(), ""), rules, "");
+    let gw = Gateway::start_with(dir, &text).await;
+    let sensor = Sensor::connect(gw.addr).await;
+    (cloud, gw, sensor)
+}
+
 fn json_of(payload: &[u8]) -> Value {
     serde_json::from_slice(payload).unwrap_or_else(|e| panic!("{e}: {payload:?}"))
 }
@@ -152,15 +167,7 @@ to = [{ upstream = "cloud", topic = "agg/{meter}" }]
 "#,
     )
     .unwrap();
-    let upstream = upstream_broker();
-    let cloud = Subscriber::start(upstream, "agg/#").await;
-    let text = rules_at(
-        &config_text(dir.path(), upstream.port(), ""),
-        rules.path(),
-        "",
-    );
-    let gw = Gateway::start_with(dir.path(), &text).await;
-    let sensor = Sensor::connect(gw.addr).await;
+    let (cloud, gw, sensor) = gateway_with_rules(dir.path(), rules.path(), "agg/#").await;
     const N: usize = 50;
     for i in 0..N {
         let meter = if i % 2 == 0 { "m1" } else { "m2" };
@@ -215,15 +222,7 @@ async fn an_edited_rule_file_is_reloaded_and_a_bad_edit_keeps_the_old_rules() {
         )
     };
     std::fs::write(&file, rule("v1")).unwrap();
-    let upstream = upstream_broker();
-    let cloud = Subscriber::start(upstream, "#").await;
-    let text = rules_at(
-        &config_text(dir.path(), upstream.port(), ""),
-        rules.path(),
-        "",
-    );
-    let gw = Gateway::start_with(dir.path(), &text).await;
-    let sensor = Sensor::connect(gw.addr).await;
+    let (cloud, gw, sensor) = gateway_with_rules(dir.path(), rules.path(), "#").await;
     let m = gw.running.metrics.clone();
 
     sensor.publish("s/x", "1").await;

@@ -578,30 +578,14 @@ pub fn metrics_on(text: &str, port: u16) -> String {
     )
 }
 
-/// `GET path` from an HTTP endpoint: (status code, body).
+/// `GET path` from an HTTP endpoint: (status code, body), with the client
+/// `edgeferry status` uses.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
+    let path = path.to_string();
+    tokio::task::spawn_blocking(move || edgeferry::status::fetch(addr, &path))
         .await
-        .expect("connects");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(DEADLINE, s.read_to_string(&mut out))
-        .await
-        .expect("answers")
-        .unwrap();
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+        .unwrap()
+        .unwrap_or_else(|e| panic!("GET {addr}: {e}"))
 }
 
 /// The value of one sample (`name{labels}` exactly as exposed) in a scrape.
