@@ -212,17 +212,12 @@ impl RuleSet {
         dir: &Path,
         upstreams: &BTreeMap<String, UpstreamConfig>,
     ) -> Result<RuleSet, Diagnostics> {
-        let entries = std::fs::read_dir(dir).map_err(|e| {
+        let files = toml_files(dir).map_err(|e| {
             Diagnostics(vec![Diagnostic::unreadable(
                 dir,
                 format!("cannot read rules directory: {e}"),
             )])
         })?;
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
-            .collect();
-        files.sort();
         Self::load_files(&files, upstreams)
     }
 
@@ -691,6 +686,16 @@ fn payload_for(
         }
         _ => transform::encode(value, encoding),
     }
+}
+
+/// The `*.toml` files in `dir`, in file-name order (the rule order).
+pub fn toml_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+        .collect();
+    files.sort();
+    Ok(files)
 }
 
 impl Rule {

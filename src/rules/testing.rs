@@ -417,12 +417,8 @@ pub fn files_under(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
     let mut out = Vec::new();
     for p in paths {
         if p.is_dir() {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(p)
-                .map_err(|e| format!("{}: cannot read directory: {e}", p.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| f.extension().is_some_and(|x| x == "toml") && f.is_file())
-                .collect();
-            files.sort();
+            let files = super::toml_files(p)
+                .map_err(|e| format!("{}: cannot read directory: {e}", p.display()))?;
             out.extend(files);
         } else if p.is_file() {
             out.push(p.clone());
