@@ -12,6 +12,7 @@
 //!
 //!   cargo bench --bench queue
 //!   EVENTS=200000 cargo bench --bench queue
+//!   DURABILITY=offline cargo bench --bench queue    (RAM first)
 
 #[path = "../tests/integration/util.rs"]
 mod util;
@@ -165,9 +166,13 @@ async fn main() {
     let upstream = upstream_broker();
     let proxy = Proxy::start(upstream, true).await;
     let port = free_port();
+    let durability = std::env::var("DURABILITY").unwrap_or_else(|_| "always".into());
     let text = listen_on(&config_text(dir.path(), proxy.port, ""), port)
         // Default commit settings, not the tests' fast ones.
-        .replace("commit_interval = \"10ms\"", "")
+        .replace(
+            "commit_interval = \"10ms\"",
+            &format!("durability = \"{durability}\""),
+        )
         + "\n[log]\nsummary_interval = \"1s\"\n";
     let config = dir.path().join("edgeferry.toml");
     std::fs::write(&config, text).unwrap();
@@ -189,7 +194,7 @@ async fn main() {
     }
     let addr = ([127, 0, 0, 1], port).into();
     println!(
-        "edgeferry queue bench: default commit settings, {PAYLOAD}-byte events, {PUBLISHERS} publishers"
+        "edgeferry queue bench: durability = {durability:?}, default commit settings, {PAYLOAD}-byte events, {PUBLISHERS} publishers"
     );
 
     // 1. Steady load with the uplink up.

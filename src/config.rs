@@ -163,6 +163,15 @@ pub struct QueueConfig {
     pub min_free_disk: ByteSize,
     /// How often events past their TTL are deleted (never sent meanwhile).
     pub sweep_interval: HumanDuration,
+    /// "always": every event is committed before it is sent; "offline":
+    /// events are sent from RAM and written only when the uplink falls
+    /// behind or is down (see `queue::Durability` for the loss bounds).
+    pub durability: crate::queue::Durability,
+    /// Offline mode: RAM held by events not yet written; beyond it the
+    /// oldest are written to SQLite.
+    pub memory_max: ByteSize,
+    /// Offline mode: an event not acknowledged within this is written.
+    pub spill_after: HumanDuration,
 }
 
 impl Default for QueueConfig {
@@ -173,6 +182,9 @@ impl Default for QueueConfig {
             commit_max_events: 5000,
             min_free_disk: ByteSize(64 << 20),
             sweep_interval: HumanDuration(Duration::from_secs(10)),
+            durability: crate::queue::Durability::Always,
+            memory_max: ByteSize(8 << 20),
+            spill_after: HumanDuration(Duration::from_secs(1)),
         }
     }
 }
@@ -612,6 +624,16 @@ fn validate(file: &ConfigFile, name: &Path, text: &str) -> Vec<Diagnostic> {
         "commit_interval",
         file.queue.commit_interval.0 <= Duration::from_secs(60),
         "queue.commit_interval must be at most 60s (it is the power-cut loss window)",
+    );
+    range(
+        "spill_after",
+        file.queue.spill_after.0 <= Duration::from_secs(60),
+        "queue.spill_after must be at most 60s (with durability = \"offline\" it is the power-cut loss window)",
+    );
+    range(
+        "memory_max",
+        file.queue.memory_max.0 <= 1 << 30,
+        "queue.memory_max must be at most 1GiB",
     );
     range(
         "sweep_interval",

@@ -162,6 +162,9 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
             .collect(),
         min_free_disk: file.queue.min_free_disk.0,
         sweep_interval: file.queue.sweep_interval.0,
+        durability: file.queue.durability,
+        memory_max: file.queue.memory_max.0,
+        spill_after: file.queue.spill_after.0,
     };
     // The queue first: if the database is unusable there is no point
     // accepting sensor data.

@@ -173,6 +173,12 @@ impl Collector for Scrape {
         )?;
         counter(
             &mut enc,
+            "queue_acked_in_memory",
+            "Events acknowledged upstream before they were written to disk (durability = offline)",
+            m.acked_in_memory.load(Relaxed),
+        )?;
+        counter(
+            &mut enc,
             "queue_commit_failures",
             "Queue commits that failed and are being retried (disk full, I/O error)",
             m.commit_failures.load(Relaxed),

@@ -24,7 +24,7 @@ use tokio::sync::{Notify, oneshot};
 use tracing::info;
 
 use crate::metrics::Metrics;
-pub use policy::{Overflow, Priority};
+pub use policy::{Durability, Overflow, Priority};
 pub use schema::{SCHEMA_VERSION, open_db};
 
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +149,12 @@ pub struct QueueSettings {
     pub min_free_disk: u64,
     /// How often expired rows are deleted (never sent in between).
     pub sweep_interval: Duration,
+    /// When rows are written; `Offline` sends them from RAM first.
+    pub durability: Durability,
+    /// `Offline`: bytes (payload + topic) held in RAM before the oldest spill.
+    pub memory_max: u64,
+    /// `Offline`: a row not acknowledged within this is written to SQLite.
+    pub spill_after: Duration,
 }
 
 impl QueueHandle {

@@ -56,3 +56,20 @@ pub enum Overflow {
     /// Keep what is queued; drop the new event.
     DropNewest,
 }
+
+/// When an event bound upstream is written to SQLite (`[queue] durability`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Every event is committed (group commit) before it is sent: a power
+    /// cut loses at most the last `commit_interval`.
+    #[default]
+    Always,
+    /// Events wait in a bounded RAM buffer and are sent from there; only
+    /// those not acknowledged within `spill_after`, those of an upstream
+    /// that is down, the oldest beyond `memory_max`, and everything at
+    /// shutdown are written. A power cut (or SIGKILL) loses at most the
+    /// events of the last `spill_after` + `commit_interval`, and never more
+    /// than `memory_max`; a clean stop loses nothing.
+    Offline,
+}

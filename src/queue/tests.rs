@@ -23,6 +23,43 @@ fn settings(max_size: u64) -> QueueSettings {
         max_size: BTreeMap::from([("a".into(), max_size), ("b".into(), max_size)]),
         min_free_disk: 0,
         sweep_interval: Duration::from_millis(20),
+        durability: Durability::Always,
+        memory_max: 1 << 20,
+        spill_after: Duration::from_secs(1),
+    }
+}
+
+/// RAM first: long enough that nothing spills by age unless a test waits.
+fn offline(memory_max: u64, spill_after: Duration) -> QueueSettings {
+    QueueSettings {
+        durability: Durability::Offline,
+        memory_max,
+        spill_after,
+        ..settings(u64::MAX)
+    }
+}
+
+/// Metrics with uplink "a" connected (else its rows spill at once).
+fn connected() -> Arc<Metrics> {
+    let m = metrics();
+    m.uplinks["a"].connected.store(true, Relaxed);
+    m
+}
+
+/// Rows of `upstream` in the file, read as an operator would.
+fn in_file(path: &std::path::Path, upstream: &str) -> u64 {
+    depth_of_file(path)
+        .unwrap()
+        .get(upstream)
+        .copied()
+        .unwrap_or(0)
+}
+
+async fn settle(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -341,4 +378,186 @@ async fn in_memory_stats_agree_with_the_file_through_appends_acks_evictions_and_
     );
     drop(q);
     thread.join().unwrap();
+}
+
+#[tokio::test]
+async fn offline_rows_are_read_from_ram_and_an_ack_there_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let m = connected();
+    let (q, thread) = open(
+        &path,
+        offline(1 << 20, Duration::from_secs(3600)),
+        m.clone(),
+    )
+    .unwrap();
+    q.append((0..3).map(|n| row("a", n, Priority::Normal)).collect())
+        .await
+        .unwrap();
+    q.append(vec![row("a", 7, Priority::High)]).await.unwrap();
+    // Readable at once, without a commit, in send order.
+    let rows = q.fetch("a", Cursor::default(), i64::MAX, 10).await.unwrap();
+    assert_eq!(payloads(&rows), [7, 0, 1, 2]);
+    assert_eq!(q.last_id("a").await.unwrap(), rows[0].id, "the newest");
+    assert_eq!(q.depth().await.unwrap()["a"], 4);
+    q.ack(rows.iter().map(|r| r.id).collect()).await.unwrap();
+    assert_eq!(q.depth().await.unwrap()["a"], 0);
+    assert!(
+        q.fetch("a", Cursor::default(), i64::MAX, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    drop(q);
+    thread.join().unwrap();
+    assert_eq!(m.acked_in_memory.load(Relaxed), 4);
+    assert_eq!(m.queued.load(Relaxed), 0, "nothing was written");
+    assert_eq!(m.commits.load(Relaxed), 0);
+    assert_eq!(in_file(&path, "a"), 0);
+}
+
+#[tokio::test]
+async fn offline_rows_not_acked_in_time_are_written_and_stay_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let m = connected();
+    let (q, _t) = open(
+        &path,
+        offline(1 << 20, Duration::from_millis(50)),
+        m.clone(),
+    )
+    .unwrap();
+    q.append((0..3).map(|n| row("a", n, Priority::Normal)).collect())
+        .await
+        .unwrap();
+    settle("rows written after spill_after", || {
+        in_file(&path, "a") == 3
+    })
+    .await;
+    // Younger rows wait in RAM; a read spans both, in id order.
+    q.append((3..5).map(|n| row("a", n, Priority::Normal)).collect())
+        .await
+        .unwrap();
+    let rows = q.fetch("a", Cursor::default(), i64::MAX, 10).await.unwrap();
+    assert_eq!(payloads(&rows), [0, 1, 2, 3, 4]);
+    let mut after = Cursor::default();
+    after.advance(&rows[1]);
+    assert_eq!(
+        payloads(&q.fetch("a", after, i64::MAX, 2).await.unwrap()),
+        [2, 3]
+    );
+    // An ack of a written row deletes it from the file.
+    q.ack(vec![rows[0].id]).await.unwrap();
+    q.sync().await.unwrap();
+    assert_eq!(in_file(&path, "a"), 4);
+    assert_eq!(q.depth().await.unwrap()["a"], 4);
+}
+
+#[tokio::test]
+async fn offline_rows_of_a_disconnected_upstream_are_written_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    // "b" is not connected; "a" is and keeps its rows in RAM.
+    let (q, _t) = open(
+        &path,
+        offline(1 << 20, Duration::from_secs(3600)),
+        connected(),
+    )
+    .unwrap();
+    q.append(vec![
+        row("a", 1, Priority::Normal),
+        row("b", 2, Priority::Normal),
+    ])
+    .await
+    .unwrap();
+    settle("b's row written", || in_file(&path, "b") == 1).await;
+    assert_eq!(in_file(&path, "a"), 0);
+    assert_eq!(
+        payloads(&q.fetch("b", Cursor::default(), i64::MAX, 10).await.unwrap()),
+        [2]
+    );
+}
+
+#[tokio::test]
+async fn offline_ram_beyond_memory_max_spills_the_oldest() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    // 50 bytes of RAM: five 10-byte rows; the next five push out the oldest.
+    let (q, _t) = open(&path, offline(50, Duration::from_secs(3600)), connected()).unwrap();
+    q.append((0..10).map(|n| row("a", n, Priority::Normal)).collect())
+        .await
+        .unwrap();
+    settle("oldest written", || in_file(&path, "a") == 5).await;
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let written: Vec<u8> = conn
+        .prepare("SELECT payload FROM queue ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get::<_, Vec<u8>>(0))
+        .unwrap()
+        .map(|p| p.unwrap()[0])
+        .collect();
+    assert_eq!(written, [0, 1, 2, 3, 4]);
+    assert_eq!(
+        payloads(&q.fetch("a", Cursor::default(), i64::MAX, 20).await.unwrap()),
+        (0..10).collect::<Vec<u8>>()
+    );
+}
+
+#[tokio::test]
+async fn offline_rows_are_all_written_at_shutdown_and_read_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let (q, thread) = open(
+        &path,
+        offline(1 << 20, Duration::from_secs(3600)),
+        connected(),
+    )
+    .unwrap();
+    q.append((0..4).map(|n| row("a", n, Priority::Normal)).collect())
+        .await
+        .unwrap();
+    let first = q.fetch("a", Cursor::default(), i64::MAX, 1).await.unwrap();
+    q.ack(vec![first[0].id]).await.unwrap();
+    assert_eq!(in_file(&path, "a"), 0);
+    drop(q);
+    thread.join().unwrap();
+    assert_eq!(in_file(&path, "a"), 3);
+    // Ids go on above the written ones after a restart.
+    let (q, _t) = open(
+        &path,
+        offline(1 << 20, Duration::from_secs(3600)),
+        connected(),
+    )
+    .unwrap();
+    q.append(vec![row("a", 9, Priority::Normal)]).await.unwrap();
+    assert_eq!(
+        payloads(&q.fetch("a", Cursor::default(), i64::MAX, 10).await.unwrap()),
+        [1, 2, 3, 9]
+    );
+}
+
+#[tokio::test]
+async fn offline_expired_rows_in_ram_are_never_read_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = connected();
+    let (q, _t) = open(
+        &dir.path().join("q.db"),
+        offline(1 << 20, Duration::from_secs(3600)),
+        m.clone(),
+    )
+    .unwrap();
+    let mut r = row("a", 1, Priority::Normal);
+    r.expires_ms = Some(1);
+    q.append(vec![r, row("a", 2, Priority::Normal)])
+        .await
+        .unwrap();
+    assert_eq!(
+        payloads(&q.fetch("a", Cursor::default(), i64::MAX, 10).await.unwrap()),
+        [2]
+    );
+    settle("expired row swept", || {
+        m.uplinks["a"].expired[Priority::Normal.index()].load(Relaxed) == 1
+    })
+    .await;
+    assert_eq!(q.depth().await.unwrap()["a"], 1);
 }

@@ -1,7 +1,13 @@
 //! The writer thread: owns the SQLite connection; applies appends, acks,
 //! evictions and expiry in group commits; serves the uplinks' reads.
+//!
+//! Row ids are assigned here, when a row is appended, in arrival order: a
+//! row keeps its id whether it is read from RAM (durability "offline") or
+//! from SQLite, so the uplinks' cursors and acks work the same for both.
+//! Rows are written oldest first, so for each upstream every row in SQLite
+//! has a lower id than every row still only in RAM.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,12 +18,16 @@ use rusqlite::{Connection, params};
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
-use super::{Cmd, Cursor, NewRow, Overflow, Priority, QueueError, QueueSettings, Row};
+use super::{Cmd, Cursor, Durability, NewRow, Overflow, Priority, QueueError, QueueSettings, Row};
 use crate::event::now_ms;
 use crate::metrics::{Metrics, UplinkMetrics};
 
-const INSERT_ROW: &str = "INSERT INTO queue (upstream, event_id, topic, qos, priority, received_ms, expires_ms, size, payload) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+const INSERT_ROW: &str = "INSERT INTO queue (id, upstream, event_id, topic, qos, priority, received_ms, expires_ms, size, payload) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+/// The next id: above every id SQLite ever handed out (AUTOINCREMENT keeps
+/// that in sqlite_sequence) and every id in the table.
+const NEXT_ID: &str = "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'queue'), 0), \
+     COALESCE((SELECT MAX(id) FROM queue), 0)) + 1";
 const DELETE_ROW: &str = "DELETE FROM queue WHERE id = ?1 RETURNING upstream, size, priority";
 const SELECT_SEND_ORDER: &str = "SELECT id, event_id, topic, qos, priority, received_ms, payload FROM queue \
      WHERE upstream = ?1 AND priority = ?2 AND id > ?3 AND id <= ?6 AND (expires_ms IS NULL OR expires_ms > ?4) \
@@ -49,8 +59,14 @@ pub(super) struct Writer {
     settings: QueueSettings,
     metrics: Arc<Metrics>,
     notify: Arc<HashMap<String, Arc<Notify>>>,
-    /// Appended, not yet committed.
-    rows: Vec<NewRow>,
+    /// Appended, not yet written, by id. With durability "always" they
+    /// are written at the next commit and read only after it; with
+    /// "offline" they are read from here and written only if they wait.
+    rows: BTreeMap<i64, Held>,
+    /// Payload and topic bytes of `rows`.
+    ram_bytes: u64,
+    /// The id the next appended row gets.
+    next_id: i64,
     /// Acknowledged, deleted at the next commit.
     acks: Vec<i64>,
     /// Evicted by a full queue, deleted at the next commit (their bytes are
@@ -119,13 +135,16 @@ impl Writer {
                 warn!(%upstream, queued, "queue holds events for an upstream that is not configured; they wait until it is configured again");
             }
         }
+        let next_id = conn.query_row(NEXT_ID, [], |r| r.get(0))?;
         Ok(Writer {
             conn,
             path: path.to_path_buf(),
             settings,
             metrics,
             notify,
-            rows: Vec::new(),
+            rows: BTreeMap::new(),
+            ram_bytes: 0,
+            next_id,
             acks: Vec::new(),
             evictions: Vec::new(),
             scheduled: HashSet::new(),
@@ -147,20 +166,49 @@ impl Writer {
             .unwrap_or(0)
     }
 
-    fn pending(&self) -> bool {
+    /// Whether anything waits to be written or deleted.
+    fn has_work(&self) -> bool {
         !self.rows.is_empty() || !self.acks.is_empty() || !self.evictions.is_empty()
+    }
+
+    /// When to consider the next commit, if there is work: at most one per
+    /// commit interval (or retry delay), sooner when too much waits.
+    fn next_round(&self, last_round: Instant, retry_at: Option<Instant>) -> Option<Instant> {
+        if !self.has_work() {
+            return None;
+        }
+        if let Some(retry) = retry_at {
+            return Some(retry);
+        }
+        let full = match self.settings.durability {
+            Durability::Always => self.rows.len() >= self.settings.commit_max_events,
+            Durability::Offline => self.ram_bytes > self.settings.memory_max,
+        };
+        Some(if full {
+            Instant::now()
+        } else {
+            last_round + self.settings.commit_interval
+        })
+    }
+
+    /// Whether new rows must be refused (and counted): commits are
+    /// failing and the in-memory allowance is used up. Fetches and acks are
+    /// still served meanwhile, so the uplinks keep draining and shutdown
+    /// never hangs on a full disk.
+    fn holding_full(&self, failing: bool) -> bool {
+        match self.settings.durability {
+            Durability::Always => self.rows.len() >= self.settings.commit_max_events.max(1000) * 4,
+            Durability::Offline => failing && self.ram_bytes >= self.settings.memory_max,
+        }
     }
 
     pub(super) fn run(mut self, rx: flume::Receiver<Cmd>) {
         let interval = self.settings.commit_interval;
-        let mut last_commit = Instant::now() - interval;
+        // The last commit, or the last look that found nothing to write.
+        let mut last_round = Instant::now() - interval;
         // Set while commits fail (disk full, I/O error): when to try again.
         let mut retry_at: Option<Instant> = None;
         let mut last_warning: Option<Instant> = None;
-        // While commits fail, at most this many rows wait in memory; more
-        // are dropped and counted. Fetches and acks are still served, so the
-        // uplinks keep draining and shutdown never hangs on a full disk.
-        let cap = self.settings.commit_max_events.max(1000) * 4;
         loop {
             let now = Instant::now();
             if now >= self.last_sweep + self.settings.sweep_interval {
@@ -172,19 +220,11 @@ impl Writer {
                 }
             }
             let next_sweep = self.last_sweep + self.settings.sweep_interval;
-            let due = retry_at.unwrap_or(last_commit + interval);
-            let commit_now = self.pending()
-                && (now >= due
-                    || (retry_at.is_none() && self.rows.len() >= self.settings.commit_max_events));
-            let deadline = if self.pending() {
-                due.min(next_sweep)
-            } else {
-                next_sweep
-            };
-            let cmd = if commit_now {
+            let round = self.next_round(last_round, retry_at);
+            let cmd = if round.is_some_and(|r| r <= now) {
                 None
             } else {
-                match rx.recv_deadline(deadline) {
+                match rx.recv_deadline(round.unwrap_or(next_sweep).min(next_sweep)) {
                     Ok(c) => Some(c),
                     Err(flume::RecvTimeoutError::Timeout) => None,
                     Err(flume::RecvTimeoutError::Disconnected) => break,
@@ -192,22 +232,29 @@ impl Writer {
             };
             match cmd {
                 Some(Cmd::Append(rows)) => {
-                    if self.rows.len() >= cap {
+                    if self.holding_full(retry_at.is_some()) {
                         self.metrics
                             .dropped_queue_unavailable
                             .fetch_add(rows.len() as u64, Relaxed);
                     } else {
+                        let mut woke: HashSet<Arc<str>> = HashSet::new();
                         for row in rows {
-                            self.admit(row);
+                            let upstream = row.upstream.clone();
+                            if self.admit(row)
+                                && self.settings.durability == Durability::Offline
+                                && woke.insert(upstream.clone())
+                                && let Some(n) = self.notify.get(&*upstream)
+                            {
+                                // Readable from RAM at once.
+                                n.notify_one();
+                            }
                         }
                     }
                     continue;
                 }
                 Some(Cmd::Ack(ids)) => {
                     for id in ids {
-                        if self.scheduled.insert(id) {
-                            self.acks.push(id);
-                        }
+                        self.ack(id);
                     }
                     continue;
                 }
@@ -222,13 +269,7 @@ impl Writer {
                     continue;
                 }
                 Some(Cmd::LastId { upstream, reply }) => {
-                    let last = self
-                        .conn
-                        .query_row(LAST_ID, [&upstream], |r| r.get::<_, Option<i64>>(0))
-                        .ok()
-                        .flatten()
-                        .unwrap_or(0);
-                    let _ = reply.send(last);
+                    let _ = reply.send(self.last_id(&upstream));
                     continue;
                 }
                 Some(Cmd::Depth { reply }) => {
@@ -240,13 +281,14 @@ impl Writer {
                     continue;
                 }
                 Some(Cmd::Sync { reply }) => {
-                    let result = if self.pending() {
-                        self.commit()
+                    let result = if self.has_work() {
+                        let all = self.plan(true);
+                        self.commit_parts(&all)
                     } else {
                         Ok(())
                     };
                     if result.is_ok() {
-                        last_commit = Instant::now();
+                        last_round = Instant::now();
                         retry_at = None;
                     }
                     let _ = reply.send(result.map_err(|e| e.to_string()));
@@ -254,17 +296,24 @@ impl Writer {
                 }
                 None => {}
             }
-            if !self.pending()
-                || Instant::now() < due && self.rows.len() < self.settings.commit_max_events
+            if self
+                .next_round(last_round, retry_at)
+                .is_none_or(|r| Instant::now() < r)
             {
                 continue; // woke for the sweep
             }
-            match self.commit() {
+            let spill = self.plan(false);
+            if spill.is_empty() && self.acks.is_empty() && self.evictions.is_empty() {
+                // Offline rows that may still be acknowledged from RAM.
+                last_round = Instant::now();
+                continue;
+            }
+            match self.commit_parts(&spill) {
                 Ok(()) => {
                     if retry_at.take().is_some() {
                         info!("queue commits work again");
                     }
-                    last_commit = Instant::now();
+                    last_round = Instant::now();
                     self.restore_reserve();
                 }
                 Err(e) => {
@@ -280,7 +329,7 @@ impl Writer {
                             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
                     }
                     let freed = (!self.acks.is_empty() || !self.evictions.is_empty())
-                        && self.commit_parts(false).is_ok();
+                        && self.commit_parts(&[]).is_ok();
                     // Keep what we hold and retry; warn at most every 30 s.
                     if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
                         error!(error = %e, pending = self.rows.len(), "queue commit failed (disk full or I/O error?); holding events in memory and retrying");
@@ -297,9 +346,13 @@ impl Writer {
                 }
             }
         }
-        // Every handle is gone: final commit, retried a few times.
+        // Every handle is gone: write everything, retried a few times.
         for _ in 0..5 {
-            if !self.pending() || self.commit().is_ok() {
+            if !self.has_work() {
+                break;
+            }
+            let all = self.plan(true);
+            if self.commit_parts(&all).is_ok() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(200));
@@ -313,13 +366,86 @@ impl Writer {
         info!("queue closed");
     }
 
+    /// The ids of the rows to write now: all of them with durability
+    /// "always" (or `all`); with "offline", those that waited `spill_after`,
+    /// those of an upstream that is not connected, and the oldest beyond
+    /// `memory_max`. Oldest first, so per upstream the written rows are
+    /// always a prefix of the held ones.
+    fn plan(&self, all: bool) -> Vec<i64> {
+        if all || self.settings.durability == Durability::Always {
+            return self.rows.keys().copied().collect();
+        }
+        let down: HashSet<&str> = self
+            .rows
+            .values()
+            .map(|h| &*h.row.upstream)
+            .filter(|u| !self.uplink(u).is_some_and(|m| m.connected.load(Relaxed)))
+            .collect();
+        let now = Instant::now();
+        let mut over = self.ram_bytes.saturating_sub(self.settings.memory_max);
+        let mut ids = Vec::new();
+        for (&id, held) in &self.rows {
+            let old = now >= held.at + self.settings.spill_after;
+            if over > 0 || old || down.contains(&*held.row.upstream) {
+                over = over.saturating_sub(held.row.size());
+                ids.push(id);
+            } else if down.is_empty() {
+                // Younger rows follow; none of them is due.
+                break;
+            }
+        }
+        ids
+    }
+
+    /// An upstream acknowledged row `id`: forget it if it is still only in
+    /// RAM, else delete it at the next commit.
+    fn ack(&mut self, id: i64) {
+        if let Some(held) = self.rows.remove(&id) {
+            let size = held.row.size();
+            self.ram_bytes -= size;
+            self.release(&held.row.upstream, held.row.priority, size);
+            self.metrics.acked_in_memory.fetch_add(1, Relaxed);
+        } else if self.scheduled.insert(id) {
+            self.acks.push(id);
+        }
+    }
+
+    /// Subtract a row that left the queue from the in-memory totals.
+    fn release(&mut self, upstream: &str, priority: Priority, size: u64) {
+        if let Some(b) = self.bytes.get_mut(upstream) {
+            *b = b.saturating_sub(size);
+        }
+        self.count(upstream, priority, -1, -(size as i64));
+    }
+
+    /// The highest id of `upstream` an uplink can read now (0 if none).
+    fn last_id(&self, upstream: &str) -> i64 {
+        let committed = self
+            .conn
+            .query_row(LAST_ID, [upstream], |r| r.get::<_, Option<i64>>(0))
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        if self.settings.durability == Durability::Always {
+            return committed;
+        }
+        let held = self
+            .rows
+            .iter()
+            .rev()
+            .find(|(_, h)| &*h.row.upstream == upstream)
+            .map_or(0, |(&id, _)| id);
+        committed.max(held)
+    }
+
     fn uplink(&self, upstream: &str) -> Option<&Arc<UplinkMetrics>> {
         self.metrics.uplinks.get(upstream)
     }
 
     /// Accept a new row if it fits its upstream's cap (and the disk's
-    /// watermark), applying the route's overflow policy if not.
-    fn admit(&mut self, row: NewRow) {
+    /// watermark), applying the route's overflow policy if not. Returns
+    /// whether it was accepted.
+    fn admit(&mut self, row: NewRow) -> bool {
         let size = row.size();
         let used = self.bytes.get(&*row.upstream).copied().unwrap_or(0);
         let max = self
@@ -355,13 +481,23 @@ impl Writer {
                 if let Some(u) = self.uplink(&row.upstream) {
                     u.rejected[row.priority.index()].fetch_add(1, Relaxed);
                 }
-                return;
+                return false;
             }
         }
         *self.bytes.entry(row.upstream.to_string()).or_insert(0) += size;
         self.count(&row.upstream, row.priority, 1, size as i64);
         self.admitted_since_check += size;
-        self.rows.push(row);
+        self.ram_bytes += size;
+        let id = self.next_id;
+        self.next_id += 1;
+        self.rows.insert(
+            id,
+            Held {
+                row,
+                at: Instant::now(),
+            },
+        );
+        true
     }
 
     /// Make room for `need` bytes in `upstream`'s queue by evicting its
@@ -369,9 +505,9 @@ impl Writer {
     /// to `headroom` more from the priority where `need` was met. Evicts
     /// nothing and returns false if `need` cannot be met.
     fn evict(&mut self, upstream: &str, max: Priority, need: u64, headroom: u64) -> bool {
-        // Plan first: committed rows (id, size) and pending rows (index).
+        // Plan first: committed rows (id, size) and held rows (id).
         let mut committed: Vec<(i64, u64, Priority)> = Vec::new();
-        let mut pending: Vec<usize> = Vec::new();
+        let mut held: Vec<i64> = Vec::new();
         let mut freed = 0;
         let target = |freed: u64| if freed >= need { need + headroom } else { need };
         for priority in [Priority::Low, Priority::Normal, Priority::High] {
@@ -410,13 +546,13 @@ impl Writer {
                     }
                 }
             }
-            for (i, r) in self.rows.iter().enumerate() {
+            for (&id, h) in &self.rows {
                 if freed >= target(freed) {
                     break;
                 }
-                if &*r.upstream == upstream && r.priority == priority {
-                    pending.push(i);
-                    freed += r.size();
+                if &*h.row.upstream == upstream && h.row.priority == priority {
+                    held.push(id);
+                    freed += h.row.size();
                 }
             }
         }
@@ -428,18 +564,17 @@ impl Writer {
             self.evictions.push(id);
             self.count_evicted(upstream, priority, size);
         }
-        for i in pending.into_iter().rev() {
-            let r = self.rows.remove(i);
-            self.count_evicted(upstream, r.priority, r.size());
+        for id in held {
+            if let Some(h) = self.rows.remove(&id) {
+                self.ram_bytes -= h.row.size();
+                self.count_evicted(upstream, h.row.priority, h.row.size());
+            }
         }
         true
     }
 
     fn count_evicted(&mut self, upstream: &str, priority: Priority, size: u64) {
-        if let Some(b) = self.bytes.get_mut(upstream) {
-            *b = b.saturating_sub(size);
-        }
-        self.count(upstream, priority, -1, -(size as i64));
+        self.release(upstream, priority, size);
         if let Some(u) = self.uplink(upstream) {
             u.evicted[priority.index()].fetch_add(1, Relaxed);
         }
@@ -513,23 +648,22 @@ impl Writer {
         low
     }
 
-    /// Apply pending appends, evictions and acks in one transaction. On
+    /// Write the held rows `spill` and apply pending evictions and acks,
+    /// in one transaction. With `spill` empty, deletes alone: what a full
+    /// disk still allows, and they free the pages the appends need. On
     /// failure nothing is lost: the work stays pending.
-    fn commit(&mut self) -> rusqlite::Result<()> {
-        self.commit_parts(true)
-    }
-
-    /// Commit deletes (acks, evictions) and, with `with_rows`, appends.
-    /// Deletes alone are what a full disk still allows: they free the pages
-    /// that let the appends in afterwards.
-    fn commit_parts(&mut self, with_rows: bool) -> rusqlite::Result<()> {
+    fn commit_parts(&mut self, spill: &[i64]) -> rusqlite::Result<()> {
         let started = std::time::Instant::now();
         let tx = self.conn.transaction()?;
         let mut released: Vec<(String, u64, Priority)> = Vec::new();
         {
             let mut insert = tx.prepare_cached(INSERT_ROW)?;
-            for r in self.rows.iter().filter(|_| with_rows) {
+            for (id, r) in spill
+                .iter()
+                .filter_map(|id| Some((id, &self.rows.get(id)?.row)))
+            {
                 insert.execute(params![
+                    id,
                     &*r.upstream,
                     r.event_id,
                     r.topic,
@@ -563,26 +697,26 @@ impl Writer {
         tx.commit()?;
         self.metrics.commit_seconds.observe(started.elapsed());
         for (upstream, size, priority) in released {
-            if let Some(b) = self.bytes.get_mut(&upstream) {
-                *b = b.saturating_sub(size);
-            }
-            self.count(&upstream, priority, -1, -(size as i64));
+            self.release(&upstream, priority, size);
         }
         self.metrics.commits.fetch_add(1, Relaxed);
-        if with_rows {
-            self.metrics
-                .queued
-                .fetch_add(self.rows.len() as u64, Relaxed);
-            let mut woke: HashSet<&str> = HashSet::new();
-            for r in &self.rows {
-                if woke.insert(&r.upstream)
-                    && let Some(n) = self.notify.get(&*r.upstream)
-                {
-                    n.notify_one();
-                }
+        let mut woke: HashSet<Arc<str>> = HashSet::new();
+        let mut written = 0;
+        for id in spill {
+            let Some(h) = self.rows.remove(id) else {
+                continue;
+            };
+            written += 1;
+            self.ram_bytes -= h.row.size();
+            // With "always", committed rows are what uplinks read.
+            if self.settings.durability == Durability::Always
+                && woke.insert(h.row.upstream.clone())
+                && let Some(n) = self.notify.get(&*h.row.upstream)
+            {
+                n.notify_one();
             }
-            self.rows.clear();
         }
+        self.metrics.queued.fetch_add(written, Relaxed);
         self.acks.clear();
         self.evictions.clear();
         self.scheduled.clear();
@@ -610,14 +744,29 @@ impl Writer {
                 return;
             }
         };
+        // Held rows expire too; they were never written.
+        let now = now_ms();
+        let held: Vec<i64> = self
+            .rows
+            .iter()
+            .filter(|(_, h)| h.row.expires_ms.is_some_and(|e| e <= now))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in held {
+            if let Some(h) = self.rows.remove(&id) {
+                let (size, priority) = (h.row.size(), h.row.priority);
+                self.ram_bytes -= size;
+                self.release(&h.row.upstream, priority, size);
+                if let Some(u) = self.uplink(&h.row.upstream) {
+                    u.expired[priority.index()].fetch_add(1, Relaxed);
+                }
+            }
+        }
         for (id, upstream, priority, size) in expired {
             if self.evictions.contains(&id) {
                 continue; // already counted and subtracted as evicted
             }
-            if let Some(b) = self.bytes.get_mut(&upstream) {
-                *b = b.saturating_sub(size as u64);
-            }
-            self.count(&upstream, Priority::from_i64(priority), -1, -size);
+            self.release(&upstream, Priority::from_i64(priority), size as u64);
             if !self.acks.contains(&id)
                 && let Some(u) = self.uplink(&upstream)
             {
@@ -673,6 +822,31 @@ impl Writer {
                     break;
                 }
             }
+            // Offline: then the rows still only in RAM, all younger.
+            if self.settings.durability == Durability::Offline && out.len() < limit {
+                let from = cursor.saturating_add(1);
+                if from <= until {
+                    let held = self
+                        .rows
+                        .range(from..=until)
+                        .filter(|(_, h)| {
+                            &*h.row.upstream == upstream
+                                && h.row.priority == priority
+                                && h.row.expires_ms.is_none_or(|e| e as i64 > now)
+                        })
+                        .take(limit - out.len())
+                        .map(|(&id, h)| Row {
+                            id,
+                            event_id: h.row.event_id.clone(),
+                            topic: h.row.topic.clone(),
+                            qos: h.row.qos,
+                            priority,
+                            received_ms: h.row.received_ms,
+                            payload: h.row.payload.to_vec(),
+                        });
+                    out.extend(held);
+                }
+            }
         }
         Ok(out)
     }
@@ -702,9 +876,9 @@ impl Writer {
                 .ok();
             let pending = self
                 .rows
-                .iter()
-                .filter(|r| *r.upstream == **upstream && r.priority == *priority)
-                .map(|r| r.received_ms)
+                .values()
+                .filter(|h| *h.row.upstream == **upstream && h.row.priority == *priority)
+                .map(|h| h.row.received_ms)
                 .min();
             let oldest = match (committed, pending) {
                 (Some(c), Some(p)) => (c as u64).min(p),
@@ -733,6 +907,12 @@ impl Writer {
         c.events = c.events.saturating_add_signed(events);
         c.bytes = c.bytes.saturating_add_signed(bytes);
     }
+}
+
+/// A row appended and not yet written, and when it arrived.
+struct Held {
+    row: NewRow,
+    at: Instant,
 }
 
 /// Events and bytes of one upstream and priority.

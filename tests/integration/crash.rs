@@ -91,13 +91,17 @@ struct World {
     db: PathBuf,
 }
 
+/// `[queue]` keys for RAM-first durability.
+const OFFLINE: &str = "durability = \"offline\"";
+
 impl World {
-    async fn new() -> World {
+    /// With `queue` keys added to `[queue]` ("" for the defaults).
+    async fn new(queue: &str) -> World {
         let dir = tempfile::tempdir().unwrap();
         let upstream = upstream_broker();
         let sub = Subscriber::start(upstream, "plant/#").await;
         let proxy = Proxy::start(upstream, false).await;
-        let (config, port) = write_config(dir.path(), proxy.port);
+        let (config, port) = write_config(dir.path(), proxy.port, queue);
         let db = dir.path().join("queue.db");
         World {
             dir,
@@ -110,9 +114,10 @@ impl World {
     }
 }
 
-fn write_config(dir: &Path, upstream_port: u16) -> (PathBuf, u16) {
+fn write_config(dir: &Path, upstream_port: u16, queue: &str) -> (PathBuf, u16) {
     let port = free_port();
     let text = listen_on(&config_text(dir, upstream_port, ""), port);
+    let text = queue_at(&text, &dir.join("queue.db"), queue);
     let path = dir.join("edgeferry.toml");
     std::fs::write(&path, text).unwrap();
     (path, port)
@@ -163,6 +168,16 @@ fn steady_publisher(sensor: &Sensor) -> (tokio::task::JoinHandle<()>, Arc<Atomic
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_with_the_upstream_down_keeps_every_committed_event() {
+    sigkill_with_the_upstream_down("").await;
+}
+
+/// RAM first: with the upstream down, events are written at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_sigkill_with_the_upstream_down_keeps_every_written_event() {
+    sigkill_with_the_upstream_down(OFFLINE).await;
+}
+
+async fn sigkill_with_the_upstream_down(queue: &str) {
     let World {
         dir,
         sub,
@@ -170,7 +185,7 @@ async fn sigkill_with_the_upstream_down_keeps_every_committed_event() {
         config,
         port,
         db,
-    } = World::new().await;
+    } = World::new(queue).await;
     let mut daemon = Daemon::start(dir.path(), &config, port).await;
     let sensor = Sensor::connect(daemon.addr()).await;
     let (publisher, _) = steady_publisher(&sensor);
@@ -207,7 +222,7 @@ async fn sigkill_while_forwarding_loses_no_committed_event() {
         config,
         port,
         db,
-    } = World::new().await;
+    } = World::new("").await;
     proxy.set_up(true);
     let mut daemon = Daemon::start(dir.path(), &config, port).await;
     let sensor = Sensor::connect(daemon.addr()).await;
@@ -265,6 +280,13 @@ async fn sigkill_while_forwarding_loses_no_committed_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_with_the_upstream_down_loses_nothing() {
+    sigterm_under_load_with_the_upstream_down("").await;
+}
+
+/// RAM first: with the upstream connected but not acknowledging (a stalled
+/// link), events wait in RAM; a clean stop writes every one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_sigterm_with_a_stalled_upstream_writes_what_ram_held() {
     let World {
         dir,
         sub,
@@ -272,7 +294,46 @@ async fn sigterm_under_load_with_the_upstream_down_loses_nothing() {
         config,
         port,
         db,
-    } = World::new().await;
+    } = World::new(&format!("{OFFLINE}\nspill_after = \"60s\"")).await;
+    proxy.set_up(true);
+    let mut daemon = Daemon::start(dir.path(), &config, port).await;
+    let sensor = Sensor::connect(daemon.addr()).await;
+    // Connected and forwarding.
+    sensor
+        .publish("sensors/crash/s/temperature", reading("s", 0))
+        .await;
+    sub.wait_for(1).await;
+    proxy.set_stalled(true);
+    const N: usize = 2000;
+    for seq in 1..N {
+        sensor
+            .publish("sensors/crash/s/temperature", reading("s", seq))
+            .await;
+    }
+    sensor.wait_acked(N).await;
+    assert!(daemon.signal("-TERM").success());
+    assert_sequence(&queued_seqs(&db), 1..N as u64);
+
+    proxy.set_stalled(false);
+    let _daemon = Daemon::start(dir.path(), &config, port).await;
+    let messages = sub.messages.clone();
+    wait_until("every event upstream", || {
+        let got = messages.lock().unwrap();
+        let seen: BTreeSet<u64> = got.iter().map(|m| seq_of(&m.payload)).collect();
+        seen.len() == N
+    })
+    .await;
+}
+
+async fn sigterm_under_load_with_the_upstream_down(queue: &str) {
+    let World {
+        dir,
+        sub,
+        proxy,
+        config,
+        port,
+        db,
+    } = World::new(queue).await;
     let mut daemon = Daemon::start(dir.path(), &config, port).await;
     let sensor = Sensor::connect(daemon.addr()).await;
     const N: usize = 3000;
@@ -292,4 +353,49 @@ async fn sigterm_under_load_with_the_upstream_down_loses_nothing() {
     let got = sub.wait_for(N).await;
     let seqs: Vec<u64> = got.iter().map(|m| seq_of(&m.payload)).collect();
     assert_sequence(&seqs, 0..N as u64);
+}
+
+/// A clean stop while forwarding loses nothing in either mode: what the
+/// broker acknowledged to the sensor arrives upstream, after a restart if
+/// not before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_forwarding_loses_nothing() {
+    sigterm_while_forwarding("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_sigterm_while_forwarding_loses_nothing() {
+    sigterm_while_forwarding(OFFLINE).await;
+}
+
+async fn sigterm_while_forwarding(queue: &str) {
+    let World {
+        dir,
+        sub,
+        proxy,
+        config,
+        port,
+        ..
+    } = World::new(queue).await;
+    proxy.set_up(true);
+    let mut daemon = Daemon::start(dir.path(), &config, port).await;
+    let sensor = Sensor::connect(daemon.addr()).await;
+    const N: usize = 5000;
+    for seq in 0..N {
+        sensor
+            .publish("sensors/crash/f/temperature", reading("f", seq))
+            .await;
+    }
+    sensor.wait_acked(N).await;
+    assert!(daemon.signal("-TERM").success());
+    let _daemon = Daemon::start(dir.path(), &config, port).await;
+    let messages = sub.messages.clone();
+    wait_until("every acknowledged event upstream", || {
+        let got = messages.lock().unwrap();
+        let seen: BTreeSet<u64> = got.iter().map(|m| seq_of(&m.payload)).collect();
+        seen.len() == N
+    })
+    .await;
+    let seen: BTreeSet<u64> = sub.take().iter().map(|m| seq_of(&m.payload)).collect();
+    assert_eq!(seen, (0..N as u64).collect::<BTreeSet<_>>());
 }

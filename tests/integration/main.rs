@@ -5,6 +5,7 @@ mod cli;
 mod crash;
 mod damage;
 mod disk;
+mod durability;
 mod metrics;
 mod offline;
 mod pipeline;

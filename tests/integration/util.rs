@@ -376,10 +376,13 @@ impl Drop for Sensor {
 }
 
 /// A TCP proxy in front of the upstream broker: `set_up(false)` cuts every
-/// connection and refuses new ones, like an uplink outage.
+/// connection and refuses new ones, like an uplink outage; `set_stalled(true)`
+/// keeps connections open but forwards nothing (a half-open link) until it
+/// is undone, when what was held back goes through.
 pub struct Proxy {
     pub port: u16,
     up: Arc<AtomicBool>,
+    stalled: tokio::sync::watch::Sender<bool>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     task: JoinHandle<()>,
 }
@@ -391,21 +394,29 @@ impl Proxy {
         let state = Arc::new(AtomicBool::new(up));
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let (s, c) = (state.clone(), conns.clone());
+        let stalled = tokio::sync::watch::Sender::new(false);
+        let stall = stalled.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
+                let Ok((inbound, _)) = listener.accept().await else {
                     continue;
                 };
                 if !s.load(Ordering::SeqCst) {
                     drop(inbound);
                     continue;
                 }
+                let stall = stall.clone();
                 let conn = tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(target).await {
+                    if let Ok(outbound) = TcpStream::connect(target).await {
                         // No Nagle: a proxy must not add its own delays.
                         let _ = inbound.set_nodelay(true);
                         let _ = outbound.set_nodelay(true);
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        let (ri, wi) = inbound.into_split();
+                        let (ro, wo) = outbound.into_split();
+                        tokio::select! {
+                            _ = pipe(ri, wo, stall.subscribe()) => {}
+                            _ = pipe(ro, wi, stall.subscribe()) => {}
+                        }
                     }
                 });
                 c.lock().unwrap().push(conn);
@@ -414,9 +425,14 @@ impl Proxy {
         Proxy {
             port,
             up: state,
+            stalled,
             conns,
             task,
         }
+    }
+
+    pub fn set_stalled(&self, stalled: bool) {
+        self.stalled.send_replace(stalled);
     }
 
     pub fn set_up(&self, up: bool) {
@@ -425,6 +441,25 @@ impl Proxy {
             for c in self.conns.lock().unwrap().drain(..) {
                 c.abort();
             }
+        }
+    }
+}
+
+/// Copy `from` to `to`, holding each chunk while the link is stalled.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut stalled: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if stalled.wait_for(|s| !*s).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
         }
     }
 }
