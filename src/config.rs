@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::credentials::Secret;
 use crate::diagnostic::{Diagnostic, Diagnostics};
 use crate::rules::RuleSet;
 use crate::units::{ByteSize, HumanDuration};
@@ -205,10 +206,31 @@ impl Default for PipelineConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
+    /// `mqtt://host[:1883]` or `mqtts://host[:8883]` (TLS).
     pub url: UpstreamUrl,
     pub client_id: Option<String>,
     pub username: Option<String>,
-    pub password: Option<String>,
+    /// The password in the config itself: prefer `password_file` or
+    /// `password_env`, which keep it out of a file operators share.
+    pub password: Option<Secret>,
+    /// A file holding the password (one line; a trailing newline is ignored).
+    pub password_file: Option<PathBuf>,
+    /// An environment variable holding the password (systemd `Environment=`
+    /// or `LoadCredential=`-style setups).
+    pub password_env: Option<String>,
+    /// TLS: PEM file of the CA certificates that may sign the server's
+    /// certificate; the system roots when unset.
+    pub ca_file: Option<PathBuf>,
+    /// TLS client certificate (PEM chain) and its private key, for mutual
+    /// TLS (AWS IoT Core, EMQX with client certificates).
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// TLS ALPN protocols to offer, e.g. ["x-amzn-mqtt-ca"] for AWS IoT on port 443.
+    #[serde(default)]
+    pub alpn: Vec<String>,
+    /// MQTT version spoken to the upstream: "3.1.1" (default) or "5".
+    #[serde(default)]
+    pub protocol: Protocol,
     #[serde(default = "defaults::keep_alive")]
     pub keep_alive: HumanDuration,
     /// QoS 1 publishes in flight (sent, not yet acknowledged).
@@ -274,19 +296,39 @@ pub enum DrainOrder {
     LiveFirst,
 }
 
-/// `mqtt://host[:port]`. (`mqtts://` arrives with upstream TLS.)
+/// The MQTT version of an upstream session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum Protocol {
+    #[default]
+    #[serde(rename = "3.1.1")]
+    V311,
+    /// Event ids as user properties, message expiry from the route's TTL,
+    /// the server's Receive Maximum, PUBACK reason codes.
+    #[serde(rename = "5")]
+    V5,
+}
+
+/// `mqtt://host[:port]` (default port 1883) or `mqtts://host[:port]` (TLS,
+/// default port 8883).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamUrl {
     pub host: String,
     pub port: u16,
+    pub tls: bool,
 }
 
 impl FromStr for UpstreamUrl {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let rest = s
-            .strip_prefix("mqtt://")
-            .ok_or_else(|| format!("unsupported upstream url {s:?}: write mqtt://host:port"))?;
+        let (rest, tls) = if let Some(rest) = s.strip_prefix("mqtt://") {
+            (rest, false)
+        } else if let Some(rest) = s.strip_prefix("mqtts://") {
+            (rest, true)
+        } else {
+            return Err(format!(
+                "unsupported upstream url {s:?}: write mqtt://host:port, or mqtts://host:port for TLS"
+            ));
+        };
         let rest = rest.trim_end_matches('/');
         let (host, port) = match rest.rsplit_once(':') {
             Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
@@ -295,7 +337,7 @@ impl FromStr for UpstreamUrl {
                     .map_err(|_| format!("invalid port {p:?} in upstream url {s:?}"))?;
                 (h, port)
             }
-            _ => (rest, 1883),
+            _ => (rest, if tls { 8883 } else { 1883 }),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
@@ -304,13 +346,15 @@ impl FromStr for UpstreamUrl {
         Ok(UpstreamUrl {
             host: host.to_string(),
             port,
+            tls,
         })
     }
 }
 
 impl std::fmt::Display for UpstreamUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "mqtt://{}:{}", self.host, self.port)
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        write!(f, "{scheme}://{}:{}", self.host, self.port)
     }
 }
 
@@ -372,6 +416,19 @@ impl ConfigFile {
             .map_err(|e| Diagnostics(vec![Diagnostic::from_toml(name, text, &e)]))?;
         file.rules.dir = base.join(&file.rules.dir);
         file.queue.path = base.join(&file.queue.path);
+        for up in file.upstream.values_mut() {
+            for path in [
+                &mut up.password_file,
+                &mut up.ca_file,
+                &mut up.cert_file,
+                &mut up.key_file,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                *path = base.join(&*path);
+            }
+        }
         Ok(file)
     }
 
@@ -711,6 +768,90 @@ fn validate(file: &ConfigFile, name: &Path, text: &str) -> Vec<Diagnostic> {
         }
     }
     for (up_name, up) in &file.upstream {
+        let table = format!("upstream.{up_name}");
+        let at_up = |key: &str| find_key_in(text, &table, key);
+        let mut fail = |key: &str, what: String| {
+            errors.push(Diagnostic::at(name, text, at_up(key), what));
+        };
+        let sources = [
+            up.password.is_some(),
+            up.password_file.is_some(),
+            up.password_env.is_some(),
+        ];
+        if sources.iter().filter(|s| **s).count() > 1 {
+            fail(
+                "password",
+                format!(
+                    "upstream.{up_name}: set only one of password, password_file and password_env"
+                ),
+            );
+        } else if sources.iter().any(|s| *s) && up.username.is_none() {
+            fail(
+                "password",
+                format!(
+                    "upstream.{up_name}: a password needs a username (MQTT sends none without one)"
+                ),
+            );
+        }
+        if let Some(path) = &up.password_file
+            && let Err(e) = std::fs::File::open(path)
+        {
+            fail(
+                "password_file",
+                format!(
+                    "upstream.{up_name}.password_file {}: cannot read: {e}",
+                    path.display()
+                ),
+            );
+        }
+        if up.cert_file.is_some() != up.key_file.is_some() {
+            fail(
+                if up.cert_file.is_some() {
+                    "cert_file"
+                } else {
+                    "key_file"
+                },
+                format!("upstream.{up_name}: mutual TLS needs both cert_file and key_file"),
+            );
+        }
+        let tls_keys = [
+            ("ca_file", up.ca_file.is_some()),
+            ("cert_file", up.cert_file.is_some()),
+            ("key_file", up.key_file.is_some()),
+            ("alpn", !up.alpn.is_empty()),
+        ];
+        if !up.url.tls {
+            for (key, set) in tls_keys {
+                if set {
+                    fail(
+                        key,
+                        format!(
+                            "upstream.{up_name}.{key} needs TLS: write the url as mqtts://{}:{}",
+                            up.url.host, up.url.port
+                        ),
+                    );
+                }
+            }
+        } else if up.cert_file.is_some() == up.key_file.is_some()
+            && let Err(e) = crate::tls::client_config(up)
+        {
+            let key = match &e {
+                crate::tls::TlsError::Read { path, .. }
+                | crate::tls::TlsError::Bad { path, .. }
+                    if Some(path) == up.key_file.as_ref() =>
+                {
+                    "key_file"
+                }
+                crate::tls::TlsError::Read { path, .. }
+                | crate::tls::TlsError::Bad { path, .. }
+                    if Some(path) == up.cert_file.as_ref() =>
+                {
+                    "cert_file"
+                }
+                _ => "ca_file",
+            };
+            fail(key, format!("upstream.{up_name}: {e}"));
+        }
         if up.inflight == 0 {
             errors.push(Diagnostic::at(
                 name,
@@ -765,6 +906,23 @@ fn validate(file: &ConfigFile, name: &Path, text: &str) -> Vec<Diagnostic> {
 }
 
 /// Byte span of the first line that assigns `key`, for locating semantic errors.
+/// Where `key` is set inside the table `[table]` (else anywhere).
+fn find_key_in(text: &str, table: &str, key: &str) -> Option<std::ops::Range<usize>> {
+    let header = format!("[{table}]");
+    let mut offset = 0;
+    let mut inside = false;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim();
+        if trimmed.starts_with('[') {
+            inside = trimmed == header;
+        } else if inside && let Some(found) = find_key(line, key) {
+            return Some(offset + found.start..offset + found.end);
+        }
+        offset += line.len();
+    }
+    find_key(text, key)
+}
+
 fn find_key(text: &str, key: &str) -> Option<std::ops::Range<usize>> {
     let mut offset = 0;
     for line in text.split_inclusive('\n') {

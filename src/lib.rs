@@ -7,6 +7,7 @@
 pub mod broker;
 pub mod codec;
 pub mod config;
+pub mod credentials;
 pub mod diagnostic;
 pub mod event;
 pub mod ingest;
@@ -20,6 +21,7 @@ pub mod republish;
 pub mod router;
 pub mod rules;
 pub mod status;
+pub mod tls;
 pub mod units;
 pub mod uplink;
 
@@ -43,6 +45,13 @@ pub enum RunError {
     Queue(#[from] queue::QueueError),
     #[error(transparent)]
     Metrics(#[from] ops::http::HttpError),
+    /// An upstream's credentials or TLS files are unusable: fix the file
+    /// named in the message; nothing was started.
+    #[error("upstream {name}: {source}")]
+    Upstream {
+        name: String,
+        source: uplink::SetupError,
+    },
     #[error("embedded broker stopped unexpectedly (all its listeners failed); see the log above")]
     BrokerStopped,
     /// A stage ended before shutdown: a bug or an unrecoverable condition
@@ -152,6 +161,18 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         .store(event::now_ms(), std::sync::atomic::Ordering::Relaxed);
     // Starts the monotonic clock of /health.
     metrics.uptime_ms();
+    // Credentials and TLS files first: a bad one stops the start before
+    // anything listens.
+    let mut uplinks = Vec::new();
+    for name in &upstream_names {
+        let settings =
+            uplink::UplinkSettings::new(name, config.client_id(name), &file.upstream[name])
+                .map_err(|source| RunError::Upstream {
+                    name: name.clone(),
+                    source,
+                })?;
+        uplinks.push(settings);
+    }
     let settings = queue::QueueSettings {
         commit_interval: file.queue.commit_interval.0,
         commit_max_events: file.queue.commit_max_events,
@@ -219,18 +240,9 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         reloader.await;
         ("reload", Ok(()))
     });
-    for name in &upstream_names {
-        let settings = uplink::UplinkSettings {
-            name: name.clone(),
-            client_id: config.client_id(name),
-            upstream: file.upstream[name].clone(),
-        };
-        let uplink = uplink::run(
-            settings,
-            queue.clone(),
-            metrics.uplinks[name].clone(),
-            shutdown_rx.clone(),
-        );
+    for settings in uplinks {
+        let uplink_metrics = metrics.uplinks[&settings.name].clone();
+        let uplink = uplink::run(settings, queue.clone(), uplink_metrics, shutdown_rx.clone());
         stages.spawn(async move {
             uplink.await;
             ("uplink", Ok(()))

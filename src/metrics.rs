@@ -121,6 +121,60 @@ pub struct UplinkMetrics {
     pub rejected: [AtomicU64; 3],
     /// Per priority: events deleted unsent because their TTL passed.
     pub expired: [AtomicU64; 3],
+    /// Failed connection attempts and dropped sessions, by
+    /// [`FailureKind`] (index).
+    pub failures: [AtomicU64; FailureKind::ALL.len()],
+    /// Why the last attempt failed or the last session ended, with a hint
+    /// for TLS trouble; cleared when a session comes up. For `status` and
+    /// tests; the log has the same line.
+    pub last_error: std::sync::Mutex<Option<String>>,
+    /// MQTT 5 PUBACKs with a failure reason code, by reason.
+    pub refusals: std::sync::Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl UplinkMetrics {
+    pub fn count_refusal(&self, reason: &'static str) {
+        *self
+            .refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(reason)
+            .or_default() += 1;
+    }
+}
+
+/// What kind of trouble an uplink had: the label of
+/// `edgeferry_uplink_failures_total`, for alerts that tell a certificate
+/// problem from a network one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// TLS handshake or certificate verification.
+    Tls,
+    /// The broker refused the CONNECT (bad credentials, not authorised,
+    /// client id rejected).
+    Refused,
+    /// TCP could not connect, or name resolution failed.
+    Unreachable,
+    /// The link went quiet (keep-alive) or was reset after connecting.
+    Lost,
+}
+
+impl FailureKind {
+    pub const ALL: [FailureKind; 4] = [
+        FailureKind::Tls,
+        FailureKind::Refused,
+        FailureKind::Unreachable,
+        FailureKind::Lost,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FailureKind::Tls => "tls",
+            FailureKind::Refused => "refused",
+            FailureKind::Unreachable => "unreachable",
+            FailureKind::Lost => "lost",
+        }
+    }
 }
 
 impl Metrics {

@@ -298,6 +298,33 @@ impl Collector for Scrape {
                 }
             }
         }
+        let mut e = enc.encode_descriptor(
+            "uplink_failures",
+            "Failed connection attempts and lost sessions, by kind (tls, refused, unreachable, lost)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (upstream, u) in &self.metrics.uplinks {
+            for (i, kind) in crate::metrics::FailureKind::ALL.iter().enumerate() {
+                ConstCounter::new(u.failures[i].load(Relaxed)).encode(
+                    e.encode_family(&[("upstream", upstream.as_str()), ("kind", kind.name())])?,
+                )?;
+            }
+        }
+        let mut e = enc.encode_descriptor(
+            "uplink_refused",
+            "Events the upstream refused with an MQTT 5 PUBACK reason code, by reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for (upstream, u) in &self.metrics.uplinks {
+            let refusals = u.refusals.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            for (reason, n) in refusals {
+                ConstCounter::new(n).encode(
+                    e.encode_family(&[("upstream", upstream.as_str()), ("reason", reason)])?,
+                )?;
+            }
+        }
         type PerPriority = fn(&crate::metrics::UplinkMetrics) -> &[std::sync::atomic::AtomicU64; 3];
         let by_priority: [(&str, &str, PerPriority); 3] = [
             (

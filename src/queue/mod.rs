@@ -89,6 +89,8 @@ pub struct Row {
     pub qos: u8,
     pub priority: Priority,
     pub received_ms: u64,
+    /// Not to be sent after this (ms since the Unix epoch).
+    pub expires_ms: Option<u64>,
     pub payload: Vec<u8>,
 }
 

@@ -29,7 +29,7 @@ const INSERT_ROW: &str = "INSERT INTO queue (id, upstream, event_id, topic, qos,
 const NEXT_ID: &str = "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'queue'), 0), \
      COALESCE((SELECT MAX(id) FROM queue), 0)) + 1";
 const DELETE_ROW: &str = "DELETE FROM queue WHERE id = ?1 RETURNING upstream, size, priority";
-const SELECT_SEND_ORDER: &str = "SELECT id, event_id, topic, qos, priority, received_ms, payload FROM queue \
+const SELECT_SEND_ORDER: &str = "SELECT id, event_id, topic, qos, priority, received_ms, payload, expires_ms FROM queue \
      WHERE upstream = ?1 AND priority = ?2 AND id > ?3 AND id <= ?6 AND (expires_ms IS NULL OR expires_ms > ?4) \
      ORDER BY id LIMIT ?5";
 const LAST_ID: &str = "SELECT MAX(id) FROM queue WHERE upstream = ?1";
@@ -804,6 +804,7 @@ impl Writer {
                                 priority: Priority::from_i64(r.get(4)?),
                                 received_ms: r.get::<_, i64>(5)? as u64,
                                 payload: r.get(6)?,
+                                expires_ms: r.get::<_, Option<i64>>(7)?.map(|e| e as u64),
                             })
                         },
                     )
@@ -842,6 +843,7 @@ impl Writer {
                             qos: h.row.qos,
                             priority,
                             received_ms: h.row.received_ms,
+                            expires_ms: h.row.expires_ms,
                             payload: h.row.payload.to_vec(),
                         });
                     out.extend(held);

@@ -517,3 +517,87 @@ fn under_journald_log_lines_carry_their_priority_and_no_time_or_colour() {
         "no timestamps: {stderr}"
     );
 }
+
+#[test]
+fn check_names_unusable_certificates_keys_and_password_files_at_their_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(&d.join("rules/ok.toml"), "");
+    let ca = crate::pki::Ca::new("test CA");
+    ca.write(d, "ca");
+    ca.issue(d, "expired", &["gw"], true);
+    ca.issue(d, "client", &["gw"], false);
+    ca.issue(d, "other", &["gw"], false);
+    let config = |cloud: &str| {
+        write(
+            &d.join("edgeferry.toml"),
+            &format!(
+                "[upstream.local]\nurl = \"mqtt://127.0.0.1:1884\"\n\n[upstream.cloud]\nurl = \"mqtts://localhost\"\n{cloud}\n"
+            ),
+        )
+    };
+    let expect = |cloud: &str, line: usize, words: &[&str]| {
+        config(cloud);
+        let stderr = check_fails(d, "edgeferry.toml", 2);
+        assert!(
+            stderr.contains(&format!("edgeferry.toml:{line}:1:")),
+            "line {line}: {stderr}"
+        );
+        for w in words {
+            assert!(stderr.contains(w), "{w:?}: {stderr}");
+        }
+    };
+    expect(
+        "ca_file = \"ca.pem\"\ncert_file = \"expired.pem\"\nkey_file = \"expired.key\"",
+        7,
+        &["expired.pem", "expired on"],
+    );
+    expect(
+        "ca_file = \"ca.pem\"\ncert_file = \"client.pem\"\nkey_file = \"other.key\"",
+        8,
+        &["other.key", "does not go with", "client.pem"],
+    );
+    expect(
+        "ca_file = \"missing.pem\"",
+        6,
+        &["missing.pem", "cannot read"],
+    );
+    expect(
+        "ca_file = \"client.key\"",
+        6,
+        &["client.key", "contains no certificate"],
+    );
+    expect(
+        "cert_file = \"client.pem\"",
+        6,
+        &["needs both cert_file and key_file"],
+    );
+    expect(
+        "username = \"gw\"\npassword = \"x\"\npassword_file = \"pw\"",
+        7,
+        &["only one of password, password_file and password_env"],
+    );
+    expect(
+        "username = \"gw\"\npassword_file = \"pw\"",
+        7,
+        &["password_file", "pw: cannot read"],
+    );
+    // TLS keys on a plain mqtt:// upstream are a mistake, not ignored.
+    write(
+        &d.join("edgeferry.toml"),
+        "[upstream.cloud]\nurl = \"mqtt://h:1883\"\nca_file = \"ca.pem\"\n",
+    );
+    let stderr = check_fails(d, "edgeferry.toml", 2);
+    assert!(
+        stderr.contains("edgeferry.toml:3:1:") && stderr.contains("mqtts://h:1883"),
+        "{stderr}"
+    );
+    // And a good one passes.
+    config("ca_file = \"ca.pem\"\ncert_file = \"client.pem\"\nkey_file = \"client.key\"");
+    let out = edgeferry(&["check", "-c", "edgeferry.toml"], d);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

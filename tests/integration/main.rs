@@ -9,6 +9,8 @@ mod durability;
 mod metrics;
 mod offline;
 mod pipeline;
+mod pki;
 mod rules;
 mod systemd;
+mod tls;
 mod util;

@@ -630,3 +630,90 @@ pub fn sample(scrape: &str, series: &str) -> f64 {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or_else(|| panic!("no {series} in:\n{scrape}"))
 }
+
+/// A real Mosquitto broker (Debian's `mosquitto`) as a child process on
+/// free loopback ports: the upstream in interop and TLS tests. Each entry of
+/// `listeners` is a listener's extra config lines ("" for plain MQTT).
+pub struct Mosquitto {
+    pub ports: Vec<u16>,
+    pub dir: PathBuf,
+    child: std::process::Child,
+}
+
+impl Mosquitto {
+    pub async fn start(dir: &Path, listeners: &[&str]) -> Mosquitto {
+        let ports: Vec<u16> = listeners.iter().map(|_| free_port()).collect();
+        Self::start_on(dir, listeners, ports).await
+    }
+
+    /// Like [`start`](Self::start), on known ports (a restart keeps them),
+    /// with persistence in `dir` (sessions survive a clean restart).
+    pub async fn start_on(dir: &Path, listeners: &[&str], ports: Vec<u16>) -> Mosquitto {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut conf = format!(
+            "allow_anonymous true\npersistence true\npersistence_location {}/\nlog_dest file {}\nlog_type all\n",
+            dir.display(),
+            dir.join("mosquitto.log").display()
+        );
+        // As root, mosquitto would switch to the `mosquitto` user, which
+        // cannot read the test's temp dir.
+        if unsafe { libc::geteuid() } == 0 {
+            conf.push_str("user root\n");
+        }
+        for (port, extra) in ports.iter().zip(listeners) {
+            conf.push_str(&format!("listener {port} 127.0.0.1\n{extra}\n"));
+        }
+        let path = dir.join("mosquitto.conf");
+        std::fs::write(&path, conf).unwrap();
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start mosquitto ({e}): install it (apt install mosquitto); .ci/run does"
+                )
+            });
+        let mut m = Mosquitto {
+            ports,
+            dir: dir.to_path_buf(),
+            child,
+        };
+        for port in m.ports.clone() {
+            let start = std::time::Instant::now();
+            while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+                if let Some(status) = m.child.try_wait().unwrap() {
+                    panic!("mosquitto exited: {status}: {}", m.log());
+                }
+                assert!(start.elapsed() < DEADLINE, "mosquitto did not listen");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        m
+    }
+
+    pub fn addr(&self, i: usize) -> SocketAddr {
+        ([127, 0, 0, 1], self.ports[i]).into()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
+    }
+
+    /// SIGTERM (mosquitto saves its persistence file) and wait.
+    pub fn stop(mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

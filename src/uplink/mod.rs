@@ -2,6 +2,8 @@
 //! upstream's queued rows in order, keeps a window of QoS 1 publishes in
 //! flight, and deletes a row only when its PUBACK arrives.
 //!
+//! The connection itself (MQTT 3.1.1 or 5, TLS) is in `link`.
+//!
 //! rumqttc 0.25 behaviours handled here:
 //! - pkids are assigned in the event loop, in `publish()` order, and reported
 //!   as `Outgoing::Publish(pkid)`: a FIFO of row ids maps rows to pkids.
@@ -12,7 +14,7 @@
 //!   rumqttc itself drop the connection (`Unsolicited`); the session ends
 //!   and the next one resends every unacknowledged row. One rumqttc did
 //!   accept but that maps to no row is ignored.
-//! - `EventLoop::poll` is not cancel-safe, so it runs in its own task.
+//! - `EventLoop::poll` is not cancel-safe, so it runs in its own task (`link`).
 //! - It has no reconnect backoff: capped exponential backoff with jitter here.
 //! - Its default max packet size is 10 KiB: set from config.
 
@@ -21,16 +23,21 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS};
-use tokio::sync::{mpsc, watch};
+mod link;
+
+use rumqttc::QoS;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::codec;
-use crate::config::{DrainOrder, UpstreamConfig};
-use crate::metrics::UplinkMetrics;
+use crate::config::{DrainOrder, Protocol, UpstreamConfig};
+use crate::credentials::{self, CredentialError, Secret};
+use crate::metrics::{FailureKind, UplinkMetrics};
 use crate::pacing::Pacer;
 use crate::queue::{Cursor, QueueError, QueueHandle};
+use crate::tls::{self, TlsError};
+use link::{Extras, Link, LinkEvent};
 
 /// How long acknowledged ids may wait before their delete is handed to the
 /// queue writer (which then commits them with its next group commit).
@@ -45,6 +52,43 @@ pub struct UplinkSettings {
     pub name: String,
     pub client_id: String,
     pub upstream: UpstreamConfig,
+    /// Resolved from the config, `password_file` or `password_env`.
+    pub password: Option<Secret>,
+    /// For `mqtts://` upstreams.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// Why an upstream cannot be set up; the message names the file or
+/// variable to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Credentials(#[from] CredentialError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+impl UplinkSettings {
+    /// Read the upstream's password and TLS files now, so a bad one fails
+    /// the start with a message instead of every connection attempt.
+    pub fn new(
+        name: &str,
+        client_id: String,
+        upstream: &UpstreamConfig,
+    ) -> Result<UplinkSettings, SetupError> {
+        let tls = if upstream.url.tls {
+            Some(tls::client_config(upstream)?)
+        } else {
+            None
+        };
+        Ok(UplinkSettings {
+            name: name.to_string(),
+            client_id,
+            upstream: upstream.clone(),
+            password: credentials::password(upstream)?,
+            tls,
+        })
+    }
 }
 
 /// How a session ended.
@@ -56,6 +100,7 @@ enum Ended {
         /// up longer than the longest backoff); only then is backoff reset,
         /// so a broker that accepts and then drops us is not hammered.
         healthy: bool,
+        kind: FailureKind,
         /// Why, for the log.
         reason: String,
     },
@@ -81,10 +126,22 @@ pub async fn run(
     loop {
         match session(&settings, &queue, &metrics, &mut shutdown, &mut unacked).await {
             Ended::Shutdown | Ended::QueueClosed => return,
-            Ended::Lost { healthy, reason } => {
+            Ended::Lost {
+                healthy,
+                kind,
+                reason,
+            } => {
                 if healthy {
                     backoff.reset();
                 }
+                let reason = tls::explain(&reason);
+                metrics.failures[FailureKind::ALL
+                    .iter()
+                    .position(|k| *k == kind)
+                    .unwrap_or(0)]
+                .fetch_add(1, Relaxed);
+                *metrics.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(reason.clone());
                 let delay = backoff.next_delay();
                 // WARN on a new reason, at most every 30 s; DEBUG otherwise.
                 if reason != last_reason && last_warned.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
@@ -103,28 +160,6 @@ pub async fn run(
     }
 }
 
-/// Poll the event loop in its own task. rumqttc's `poll()` is not
-/// cancel-safe: dropped mid-write (as a `select!` branch would), it loses
-/// the packet it was writing, after assigning its pkid. Here it is never
-/// cancelled; events reach the session over a channel. The task ends after
-/// forwarding an error, or when the session drops the receiver.
-fn spawn_poller(
-    mut eventloop: EventLoop,
-    capacity: usize,
-) -> mpsc::Receiver<Result<Event, String>> {
-    let (tx, rx) = mpsc::channel(capacity);
-    tokio::spawn(async move {
-        loop {
-            let polled = eventloop.poll().await.map_err(|e| e.to_string());
-            let failed = polled.is_err();
-            if tx.send(polled).await.is_err() || failed {
-                return;
-            }
-        }
-    });
-    rx
-}
-
 async fn session(
     settings: &UplinkSettings,
     queue: &QueueHandle,
@@ -134,51 +169,52 @@ async fn session(
 ) -> Ended {
     let up = &settings.upstream;
     let name = settings.name.as_str();
-    let window = usize::from(up.inflight);
-    let refill = (window / 4).max(1);
+    let mut window = usize::from(up.inflight);
     let mut pacer = Pacer::new(up.send_rate, up.send_bytes_rate.0);
     let max_packet = up.max_packet_size.as_usize();
-    let mut opts = MqttOptions::new(&settings.client_id, &up.url.host, up.url.port);
-    opts.set_clean_session(false)
-        .set_keep_alive(up.keep_alive.0)
-        .set_inflight(up.inflight)
-        .set_max_packet_size(max_packet, max_packet)
-        .set_request_channel_capacity(window + 16);
-    if let Some(user) = &up.username {
-        opts.set_credentials(user, up.password.clone().unwrap_or_default());
-    }
-    let (client, eventloop) = AsyncClient::new(opts, window + 16);
-    let mut events = spawn_poller(eventloop, window + 16);
+    let mut link = Link::open(settings, window + 16);
 
     // Connect.
-    let session_present = loop {
+    let (session_present, receive_max) = loop {
         let polled = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return Ended::Shutdown,
-            p = events.recv() => p,
+            p = link.events.recv() => p,
         };
         match polled {
-            Some(Ok(Event::Incoming(Incoming::ConnAck(ack)))) => break ack.session_present,
+            Some(Ok(LinkEvent::Connected {
+                session_present,
+                receive_max,
+            })) => break (session_present, receive_max),
             Some(Ok(_)) => {}
             Some(Err(e)) => {
                 return Ended::Lost {
                     healthy: false,
-                    reason: e,
+                    kind: e.kind.unwrap_or(FailureKind::Unreachable),
+                    reason: e.reason,
                 };
             }
             None => {
                 return Ended::Lost {
                     healthy: false,
+                    kind: FailureKind::Unreachable,
                     reason: "event loop ended".into(),
                 };
             }
         }
     };
+    // An MQTT 5 server's Receive Maximum caps the window (rumqttc holds
+    // back publishes beyond it; counting them as in flight would be wrong).
+    if let Some(max) = receive_max {
+        window = window.min(usize::from(max).max(1));
+    }
+    let refill = (window / 4).max(1);
     let connected_at = Instant::now();
     // Rows received before this moment are the backlog (for the replay marker).
     let connected_ms = crate::event::now_ms();
     metrics.connected.store(true, Relaxed);
     metrics.connects.fetch_add(1, Relaxed);
-    info!(upstream = %name, url = %up.url, session_present, "uplink connected");
+    *metrics.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    info!(upstream = %name, url = %up.url, protocol = ?up.protocol, session_present, window, "uplink connected");
 
     let notify = queue.notified(name);
     // Resend everything not yet acknowledged: start from the beginning.
@@ -204,6 +240,7 @@ async fn session(
     // True when the last fetch found no more rows: wait for a commit.
     let mut drained = false;
     let mut acked_any = false;
+    let v5 = up.protocol == Protocol::V5;
 
     let ended = loop {
         let outstanding = awaiting.len() + inflight.len();
@@ -241,6 +278,7 @@ async fn session(
             drained = rows.len() < allowed;
             let mut refused = None;
             let (mut handled, mut published) = (0usize, 0usize);
+            let now_ms = crate::event::now_ms();
             for (i, row) in rows.into_iter().enumerate() {
                 // A byte-rate limit is checked per event: stop at the first
                 // that must wait (it is fetched again, the cursor stays).
@@ -259,15 +297,28 @@ async fn session(
                 } else {
                     QoS::AtLeastOnce
                 };
-                let payload = match &up.replay_marker {
-                    Some(field) if row.received_ms < connected_ms => {
+                let replayed = row.received_ms < connected_ms;
+                let marker = up.replay_marker.as_deref().filter(|_| replayed);
+                let extras = Extras {
+                    event_id: &row.event_id,
+                    // MQTT 5 message expiry: what is left of the TTL, at
+                    // least a second (an expired row is never fetched).
+                    expiry_secs: row
+                        .expires_ms
+                        .map(|e| e.saturating_sub(now_ms).div_ceil(1000).max(1) as u32),
+                    // MQTT 5 marks with a user property, 3.1.1 in the payload.
+                    replay_marker: marker.filter(|_| v5),
+                };
+                let payload = match marker {
+                    Some(field) if !v5 => {
                         with_replay_marker(row.payload, field, &row.topic, qos, max_packet)
                     }
                     _ => row.payload,
                 };
                 // A row the upstream can never take must not block the ones
                 // behind it: dead-letter it (counted, logged, deleted).
-                if let Err(why) = sendable(&row.topic, payload.len(), qos, max_packet) {
+                let extra = link.extras_len(&extras);
+                if let Err(why) = sendable(&row.topic, payload.len() + extra, qos, max_packet) {
                     warn!(upstream = %name, row = row.id, event_id = %row.event_id, topic = %row.topic, %why, "dead-lettered: cannot be sent upstream");
                     metrics.dead_lettered.fetch_add(1, Relaxed);
                     acks.push(row.id);
@@ -276,8 +327,8 @@ async fn session(
                 // Capacity is window + 16 and at most `window` are outstanding,
                 // so this only fails if the event loop is gone.
                 let size = payload.len() + row.topic.len();
-                if let Err(e) = client.try_publish(row.topic, qos, false, payload) {
-                    refused = Some(e.to_string());
+                if let Err(e) = link.try_publish(row.topic, qos, payload, &extras) {
+                    refused = Some(e);
                     break;
                 }
                 pacer.spend(size);
@@ -296,6 +347,7 @@ async fn session(
             if let Some(reason) = refused {
                 break Ended::Lost {
                     healthy: acked_any,
+                    kind: FailureKind::Lost,
                     reason,
                 };
             }
@@ -320,10 +372,10 @@ async fn session(
             _ = sleep_until_opt(ack_deadline) => continue,
             // Paced: more may be sent once the bucket has refilled.
             _ = sleep_until_opt(pacer.ready_at()), if !drained && paced => continue,
-            p = events.recv() => p,
+            p = link.events.recv() => p,
         };
         match polled {
-            Some(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
+            Some(Ok(LinkEvent::Written(pkid))) => {
                 let Some((id, qos)) = awaiting.pop_front() else {
                     continue;
                 };
@@ -335,25 +387,55 @@ async fn session(
                     inflight.insert(pkid, id);
                 }
             }
-            Some(Ok(Event::Incoming(Incoming::PubAck(ack)))) => match inflight.remove(&ack.pkid) {
-                Some(id) => {
-                    acks.push(id);
-                    metrics.acked.fetch_add(1, Relaxed);
-                    acked_any = true;
+            Some(Ok(LinkEvent::Acked { pkid, refused })) => {
+                let Some(id) = inflight.remove(&pkid) else {
+                    debug!(upstream = %name, pkid, "ignoring PUBACK for unknown packet id");
+                    continue;
+                };
+                match refused {
+                    None => {
+                        acks.push(id);
+                        metrics.acked.fetch_add(1, Relaxed);
+                        acked_any = true;
+                    }
+                    Some(r) => {
+                        metrics.count_refusal(r.reason);
+                        if r.permanent {
+                            // The broker will never take it: do not block
+                            // the queue behind it.
+                            warn!(upstream = %name, row = id, reason = r.reason, "dead-lettered: the upstream refused the event");
+                            metrics.dead_lettered.fetch_add(1, Relaxed);
+                            acks.push(id);
+                        } else {
+                            // Kept; end the session so it is sent again after
+                            // the backoff (a broker over quota gets a pause).
+                            unacked.insert(id);
+                            break Ended::Lost {
+                                healthy: acked_any,
+                                kind: FailureKind::Refused,
+                                reason: format!(
+                                    "the upstream refused an event ({}); sending again after a pause",
+                                    r.reason
+                                ),
+                            };
+                        }
+                    }
                 }
-                None => {
-                    debug!(upstream = %name, pkid = ack.pkid, "ignoring PUBACK for unknown packet id")
-                }
-            },
+            }
             Some(Ok(_)) => continue,
-            Some(Err(reason)) => {
+            Some(Err(e)) => {
                 let healthy = acked_any || connected_at.elapsed() >= up.reconnect_max.0;
-                warn!(upstream = %name, url = %up.url, %reason, unacked = awaiting.len() + inflight.len(), "uplink lost; unacknowledged events will be resent");
-                break Ended::Lost { healthy, reason };
+                warn!(upstream = %name, url = %up.url, reason = %e.reason, unacked = awaiting.len() + inflight.len(), "uplink lost; unacknowledged events will be resent");
+                break Ended::Lost {
+                    healthy,
+                    kind: e.kind.unwrap_or(FailureKind::Lost),
+                    reason: e.reason,
+                };
             }
             None => {
                 break Ended::Lost {
                     healthy: acked_any,
+                    kind: FailureKind::Lost,
                     reason: "event loop ended".into(),
                 };
             }
@@ -368,15 +450,8 @@ async fn session(
     let _ = flush_acks(queue, &mut acks).await;
     if matches!(ended, Ended::Shutdown) {
         // Polite DISCONNECT; unacknowledged rows stay queued for next time.
-        let _ = client.try_disconnect();
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            while let Some(Ok(ev)) = events.recv().await {
-                if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
-                    break;
-                }
-            }
-        })
-        .await;
+        link.try_disconnect();
+        link.closed(Duration::from_secs(1)).await;
         info!(upstream = %name, "uplink closed");
     }
     ended

@@ -1,0 +1,93 @@
+//! Upstream credentials: the password from the config, a file or an
+//! environment variable, held in a type that never prints it.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::config::UpstreamConfig;
+
+/// A password. `Debug` and `Display` print `***`, so a config or settings
+/// struct that reaches a log line cannot leak it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    /// The password itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    /// Fix the file or its permissions (the service user must read it).
+    #[error("password_file {path}: cannot read: {source}")]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Set the variable in the service's environment.
+    #[error("password_env {name}: the environment variable is not set")]
+    Env { name: String },
+    /// Neither may be empty: an empty password is almost always a mistake.
+    #[error("{0}: the password is empty")]
+    Empty(String),
+}
+
+/// The upstream's password: inline, from `password_file` (first line), or
+/// from `password_env`; `None` if none is configured. Config validation
+/// allows at most one of the three.
+pub fn password(up: &UpstreamConfig) -> Result<Option<Secret>, CredentialError> {
+    if let Some(path) = &up.password_file {
+        let text = std::fs::read_to_string(path).map_err(|source| CredentialError::File {
+            path: path.clone(),
+            source,
+        })?;
+        let line = text.lines().next().unwrap_or("").to_string();
+        if line.is_empty() {
+            return Err(CredentialError::Empty(format!(
+                "password_file {}",
+                path.display()
+            )));
+        }
+        return Ok(Some(Secret(line)));
+    }
+    if let Some(name) = &up.password_env {
+        let value = std::env::var(name).map_err(|_| CredentialError::Env { name: name.clone() })?;
+        if value.is_empty() {
+            return Err(CredentialError::Empty(format!("password_env {name}")));
+        }
+        return Ok(Some(Secret(value)));
+    }
+    Ok(up.password.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_never_prints() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s} {s:?} {:?}", Some(&s)), "*** *** Some(***)");
+        assert_eq!(s.expose(), "hunter2");
+    }
+}

@@ -1,0 +1,303 @@
+//! One MQTT connection to an upstream, over MQTT 3.1.1 or 5 (rumqttc's two
+//! clients), reduced to what a session needs: connected, publish written
+//! (its packet id), publish acknowledged (with MQTT 5's reason), failed.
+//!
+//! `EventLoop::poll` is not cancel-safe: dropped mid-write (as a `select!`
+//! branch would), it loses the packet it was writing after assigning its
+//! pkid. So it runs in its own task, never cancelled, and events reach the
+//! session over a channel. The task ends after forwarding an error, or when
+//! the session drops the receiver.
+
+use std::time::Duration;
+
+use rumqttc::QoS;
+use tokio::sync::mpsc;
+
+use super::UplinkSettings;
+use crate::config::Protocol;
+use crate::metrics::FailureKind;
+
+/// How long an MQTT 5 session is kept by the broker after a disconnect.
+/// edgeferry only publishes, so the session holds little; keeping it
+/// lets a broker that supports it report `session_present` on return.
+const SESSION_EXPIRY_SECS: u32 = 24 * 3600;
+
+/// What happened on the connection.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// CONNACK accepted; `receive_max` is the MQTT 5 server's limit on
+    /// unacknowledged QoS 1 publishes, if it set one.
+    Connected {
+        session_present: bool,
+        receive_max: Option<u16>,
+    },
+    /// A publish went out with this packet id (0 for QoS 0).
+    Written(u16),
+    /// A PUBACK. `refused`: an MQTT 5 reason code other than success.
+    Acked { pkid: u16, refused: Option<Refusal> },
+    /// Our DISCONNECT went out.
+    Disconnected,
+    /// Anything else (pings, ...).
+    Other,
+}
+
+/// An MQTT 5 PUBACK reason code that is not a success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: &'static str,
+    /// The broker will never take this event (not authorised, bad topic or
+    /// payload): dead-letter it. Otherwise (quota, unspecified) try again
+    /// later.
+    pub permanent: bool,
+}
+
+/// Why the connection failed: a kind when the error itself says (TLS, a
+/// refused CONNECT); else the session decides from whether it had connected.
+#[derive(Debug)]
+pub struct LinkError {
+    pub kind: Option<FailureKind>,
+    pub reason: String,
+}
+
+enum Client {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+/// A connection attempt in progress or a live connection.
+pub struct Link {
+    client: Client,
+    pub events: mpsc::Receiver<Result<LinkEvent, LinkError>>,
+}
+
+/// What goes with one publish beyond topic and payload.
+pub struct Extras<'a> {
+    /// MQTT 5: sent as the `event_id` user property.
+    pub event_id: &'a str,
+    /// MQTT 5: message expiry, from the route's TTL.
+    pub expiry_secs: Option<u32>,
+    /// MQTT 5: a user property `<name>` = "true" marking a replayed event.
+    pub replay_marker: Option<&'a str>,
+}
+
+impl Link {
+    /// Start connecting; the first event is `Connected` or an error.
+    pub fn open(settings: &UplinkSettings, capacity: usize) -> Link {
+        let up = &settings.upstream;
+        let max_packet = up.max_packet_size.as_usize();
+        let password = settings.password.as_ref().map_or("", |p| p.expose());
+        let transport = settings.tls.as_ref().map(|tls| {
+            rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.clone()))
+        });
+        let (tx, rx) = mpsc::channel(capacity);
+        let client = match up.protocol {
+            Protocol::V311 => {
+                let mut opts =
+                    rumqttc::MqttOptions::new(&settings.client_id, &up.url.host, up.url.port);
+                opts.set_clean_session(false)
+                    .set_keep_alive(up.keep_alive.0)
+                    .set_inflight(up.inflight)
+                    .set_max_packet_size(max_packet, max_packet)
+                    .set_request_channel_capacity(capacity);
+                if let Some(user) = &up.username {
+                    opts.set_credentials(user, password);
+                }
+                if let Some(t) = transport {
+                    opts.set_transport(t);
+                }
+                let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, capacity);
+                tokio::spawn(async move {
+                    loop {
+                        let polled = eventloop.poll().await.map(v4_event).map_err(v4_error);
+                        let failed = polled.is_err();
+                        if tx.send(polled).await.is_err() || failed {
+                            return;
+                        }
+                    }
+                });
+                Client::V4(client)
+            }
+            Protocol::V5 => {
+                use rumqttc::v5;
+                let mut opts = v5::MqttOptions::new(&settings.client_id, &up.url.host, up.url.port);
+                opts.set_clean_start(false)
+                    .set_keep_alive(up.keep_alive.0)
+                    .set_session_expiry_interval(Some(SESSION_EXPIRY_SECS))
+                    .set_outgoing_inflight_upper_limit(up.inflight)
+                    .set_max_packet_size(Some(max_packet as u32))
+                    .set_request_channel_capacity(capacity);
+                if let Some(user) = &up.username {
+                    opts.set_credentials(user, password);
+                }
+                if let Some(t) = transport {
+                    opts.set_transport(t);
+                }
+                let (client, mut eventloop) = v5::AsyncClient::new(opts, capacity);
+                tokio::spawn(async move {
+                    loop {
+                        let polled = eventloop.poll().await.map(v5_event).map_err(v5_error);
+                        let failed = polled.is_err();
+                        if tx.send(polled).await.is_err() || failed {
+                            return;
+                        }
+                    }
+                });
+                Client::V5(client)
+            }
+        };
+        Link { client, events: rx }
+    }
+
+    /// Hand a publish to the event loop (never waits: the channel has room
+    /// for the whole window).
+    pub fn try_publish(
+        &self,
+        topic: String,
+        qos: QoS,
+        payload: Vec<u8>,
+        extras: &Extras<'_>,
+    ) -> Result<(), String> {
+        match &self.client {
+            Client::V4(c) => c
+                .try_publish(topic, qos, false, payload)
+                .map_err(|e| e.to_string()),
+            Client::V5(c) => {
+                let mut user_properties =
+                    vec![("event_id".to_string(), extras.event_id.to_string())];
+                if let Some(name) = extras.replay_marker {
+                    user_properties.push((name.to_string(), "true".to_string()));
+                }
+                let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+                    message_expiry_interval: extras.expiry_secs,
+                    user_properties,
+                    ..Default::default()
+                };
+                let qos = match qos {
+                    QoS::AtMostOnce => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+                    _ => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                };
+                c.try_publish_with_properties(topic, qos, false, payload, props)
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// Bytes an MQTT 5 publish adds for its properties (for the size check).
+    pub fn extras_len(&self, extras: &Extras<'_>) -> usize {
+        match &self.client {
+            Client::V4(_) => 0,
+            Client::V5(_) => {
+                // Properties length varint, user property (id, 2+8 + 2+len),
+                // expiry (1+4), marker (1 + 2+len + 2+4).
+                4 + 1
+                    + 2
+                    + "event_id".len()
+                    + 2
+                    + extras.event_id.len()
+                    + extras.expiry_secs.map_or(0, |_| 5)
+                    + extras.replay_marker.map_or(0, |m| 1 + 2 + m.len() + 2 + 4)
+            }
+        }
+    }
+
+    pub fn try_disconnect(&self) {
+        // Fails only if the event loop is gone: nothing to close then.
+        match &self.client {
+            Client::V4(c) => drop(c.try_disconnect()),
+            Client::V5(c) => drop(c.try_disconnect()),
+        }
+    }
+
+    /// Wait (at most `limit`) until the DISCONNECT is written.
+    pub async fn closed(&mut self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            while let Some(Ok(ev)) = self.events.recv().await {
+                if matches!(ev, LinkEvent::Disconnected) {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+}
+
+fn v4_event(ev: rumqttc::Event) -> LinkEvent {
+    use rumqttc::{Event, Incoming, Outgoing};
+    match ev {
+        Event::Incoming(Incoming::ConnAck(ack)) => LinkEvent::Connected {
+            session_present: ack.session_present,
+            receive_max: None,
+        },
+        Event::Outgoing(Outgoing::Publish(pkid)) => LinkEvent::Written(pkid),
+        Event::Incoming(Incoming::PubAck(ack)) => LinkEvent::Acked {
+            pkid: ack.pkid,
+            refused: None,
+        },
+        Event::Outgoing(Outgoing::Disconnect) => LinkEvent::Disconnected,
+        _ => LinkEvent::Other,
+    }
+}
+
+fn v4_error(e: rumqttc::ConnectionError) -> LinkError {
+    use rumqttc::ConnectionError as E;
+    let reason = e.to_string();
+    let kind = match &e {
+        E::Tls(_) => Some(FailureKind::Tls),
+        E::ConnectionRefused(_) => Some(FailureKind::Refused),
+        _ => tls_alert(&reason),
+    };
+    LinkError { kind, reason }
+}
+
+fn v5_event(ev: rumqttc::v5::Event) -> LinkEvent {
+    use rumqttc::Outgoing;
+    use rumqttc::v5::Event;
+    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+    match ev {
+        Event::Incoming(Packet::ConnAck(ack)) => LinkEvent::Connected {
+            session_present: ack.session_present,
+            receive_max: ack.properties.and_then(|p| p.receive_max),
+        },
+        Event::Outgoing(Outgoing::Publish(pkid)) => LinkEvent::Written(pkid),
+        Event::Incoming(Packet::PubAck(ack)) => {
+            let refused = match ack.reason {
+                PubAckReason::Success | PubAckReason::NoMatchingSubscribers => None,
+                PubAckReason::NotAuthorized => Some(("not_authorized", true)),
+                PubAckReason::TopicNameInvalid => Some(("topic_name_invalid", true)),
+                PubAckReason::PayloadFormatInvalid => Some(("payload_format_invalid", true)),
+                PubAckReason::QuotaExceeded => Some(("quota_exceeded", false)),
+                PubAckReason::PacketIdentifierInUse => Some(("packet_identifier_in_use", false)),
+                PubAckReason::ImplementationSpecificError => {
+                    Some(("implementation_specific_error", false))
+                }
+                PubAckReason::UnspecifiedError => Some(("unspecified_error", false)),
+            };
+            LinkEvent::Acked {
+                pkid: ack.pkid,
+                refused: refused.map(|(reason, permanent)| Refusal { reason, permanent }),
+            }
+        }
+        Event::Outgoing(Outgoing::Disconnect) => LinkEvent::Disconnected,
+        _ => LinkEvent::Other,
+    }
+}
+
+fn v5_error(e: rumqttc::v5::ConnectionError) -> LinkError {
+    use rumqttc::v5::ConnectionError as E;
+    let reason = e.to_string();
+    let kind = match &e {
+        E::Tls(_) => Some(FailureKind::Tls),
+        E::ConnectionRefused(_) => Some(FailureKind::Refused),
+        _ => tls_alert(&reason),
+    };
+    LinkError { kind, reason }
+}
+
+/// A TLS alert that surfaces after the handshake (TLS 1.3 servers refuse a
+/// missing client certificate on the first read), which rumqttc reports as
+/// a read error.
+fn tls_alert(reason: &str) -> Option<FailureKind> {
+    reason
+        .contains("received fatal alert")
+        .then_some(FailureKind::Tls)
+}
