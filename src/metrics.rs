@@ -102,6 +102,11 @@ pub struct UplinkMetrics {
     /// 1 while the MQTT session is up.
     pub connected: AtomicBool,
     pub connects: AtomicU64,
+    /// Whether the broker resumed the session at the last CONNACK.
+    pub session_present: AtomicBool,
+    /// QoS 1 publishes allowed in flight on the current session: `inflight`,
+    /// or an MQTT 5 server's smaller Receive Maximum.
+    pub window: AtomicU64,
     /// Publishes sent and not yet acknowledged (a gauge).
     pub inflight: AtomicU64,
     /// Publishes handed to the network (re-sends included).

@@ -242,7 +242,7 @@ impl Collector for Scrape {
             }
         }
         type Get = fn(&crate::metrics::UplinkMetrics) -> u64;
-        let per_uplink: [(&str, &str, MetricType, Get); 7] = [
+        let per_uplink: [(&str, &str, MetricType, Get); 9] = [
             (
                 "uplink_connected",
                 "1 while the upstream session is up",
@@ -254,6 +254,18 @@ impl Collector for Scrape {
                 "Upstream sessions established",
                 MetricType::Counter,
                 |u| u.connects.load(Relaxed),
+            ),
+            (
+                "uplink_session_present",
+                "1 if the broker resumed the session at the last connect",
+                MetricType::Gauge,
+                |u| u.session_present.load(Relaxed) as u64,
+            ),
+            (
+                "uplink_window",
+                "QoS 1 publishes allowed in flight (inflight, or the server's smaller Receive Maximum)",
+                MetricType::Gauge,
+                |u| u.window.load(Relaxed),
             ),
             (
                 "uplink_inflight",

@@ -213,6 +213,8 @@ async fn session(
     let connected_ms = crate::event::now_ms();
     metrics.connected.store(true, Relaxed);
     metrics.connects.fetch_add(1, Relaxed);
+    metrics.session_present.store(session_present, Relaxed);
+    metrics.window.store(window as u64, Relaxed);
     *metrics.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
     info!(upstream = %name, url = %up.url, protocol = ?up.protocol, session_present, window, "uplink connected");
 

@@ -6,6 +6,7 @@ mod crash;
 mod damage;
 mod disk;
 mod durability;
+mod interop;
 mod metrics;
 mod offline;
 mod pipeline;

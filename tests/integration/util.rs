@@ -230,30 +230,53 @@ pub struct Message {
 /// An MQTT subscriber recording everything it receives.
 pub struct Subscriber {
     pub messages: Arc<Mutex<Vec<Message>>>,
+    subacks: Arc<std::sync::atomic::AtomicUsize>,
     task: JoinHandle<()>,
 }
 
 impl Subscriber {
     /// Connect to `addr`, subscribe to `filter` at QoS 1, and return once SUBACKed.
     pub async fn start(addr: SocketAddr, filter: &str) -> Subscriber {
-        let mut opts = MqttOptions::new(
-            format!("sub-{}", uuid::Uuid::new_v4().simple()),
-            "127.0.0.1",
-            addr.port(),
+        Self::start_with(addr, filter, None).await
+    }
+
+    /// With `persistent`, a session the broker keeps (clean session off, this
+    /// client id): messages wait for it across its reconnects. Whenever the
+    /// broker has no session for it, it subscribes again.
+    pub async fn start_with(
+        addr: SocketAddr,
+        filter: &str,
+        persistent: Option<&str>,
+    ) -> Subscriber {
+        let id = persistent.map_or_else(
+            || format!("sub-{}", uuid::Uuid::new_v4().simple()),
+            str::to_string,
         );
+        let mut opts = MqttOptions::new(id, "127.0.0.1", addr.port());
         opts.set_keep_alive(Duration::from_secs(5))
+            .set_clean_session(persistent.is_none())
             .set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut el) = AsyncClient::new(opts, 100);
-        client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+        let filter = filter.to_string();
+        let subacks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let acked = subacks.clone();
         let messages: Arc<Mutex<Vec<Message>>> = Arc::default();
         let (subacked_tx, subacked) = tokio::sync::oneshot::channel();
         let sink = messages.clone();
         let task = tokio::spawn(async move {
-            let _client = client;
             let mut subacked_tx = Some(subacked_tx);
             loop {
                 match el.poll().await {
+                    Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
+                        if !ack.session_present {
+                            let _ = client.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                        } else if let Some(tx) = subacked_tx.take() {
+                            // The broker kept the subscription.
+                            let _ = tx.send(());
+                        }
+                    }
                     Ok(Event::Incoming(Incoming::SubAck(_))) => {
+                        acked.fetch_add(1, Ordering::SeqCst);
                         if let Some(tx) = subacked_tx.take() {
                             let _ = tx.send(());
                         }
@@ -276,7 +299,16 @@ impl Subscriber {
             .await
             .expect("subscribed")
             .unwrap();
-        Subscriber { messages, task }
+        Subscriber {
+            messages,
+            subacks,
+            task,
+        }
+    }
+
+    /// SUBACKs received so far (one per (re)subscription).
+    pub fn subscriptions(&self) -> usize {
+        self.subacks.load(Ordering::SeqCst)
     }
 
     pub fn count(&self) -> usize {

@@ -1,0 +1,375 @@
+//! Against a real Mosquitto as the upstream broker, over MQTT 3.1.1 and 5:
+//! forwarding, an outage, and a reconnect to a broker that kept the session
+//! (`session_present`) or lost it, with no event lost either way; MQTT 5
+//! event ids, message expiry, Receive Maximum and PUBACK reason codes.
+//! And local clients of another implementation (mosquitto_pub/_sub) through
+//! the embedded broker.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use crate::util::*;
+
+/// A gateway forwarding to `upstream_port` (a proxy in front of Mosquitto)
+/// with `cloud_keys` in `[upstream.cloud]`.
+async fn gateway(dir: &Path, upstream_port: u16, cloud_keys: &str) -> Gateway {
+    Gateway::start_with(dir, &config_text(dir, upstream_port, cloud_keys)).await
+}
+
+async fn publish_readings(gw: &Gateway, device: &str, seqs: std::ops::Range<usize>) {
+    let sensor = Sensor::connect(gw.addr).await;
+    let n = seqs.len();
+    for seq in seqs {
+        sensor
+            .publish(
+                &format!("sensors/yard/{device}/temperature"),
+                reading(device, seq),
+            )
+            .await;
+    }
+    sensor.wait_acked(n).await;
+}
+
+fn distinct(sub: &Subscriber) -> BTreeSet<u64> {
+    sub.take().iter().map(|m| seq_of(&m.payload)).collect()
+}
+
+/// Forward, cut the uplink, queue more, restart Mosquitto (with its
+/// persistence file if `keep_session`, else fresh), reconnect: every event
+/// arrives, and the gateway saw the session as the broker reports it.
+async fn outage_and_restart(protocol: &str, keep_session: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mosq_dir = d.join("mosquitto");
+    let mosq = Mosquitto::start(&mosq_dir, &[""]).await;
+    let ports = mosq.ports.clone();
+    let sub_id = format!("sub-{}", uuid::Uuid::new_v4().simple());
+    let sub = Subscriber::start_with(mosq.addr(0), "plant/#", Some(&sub_id)).await;
+    let proxy = Proxy::start(mosq.addr(0), true).await;
+    let gw = gateway(d, proxy.port, &format!("protocol = \"{protocol}\"")).await;
+    let up = gw.running.metrics.uplinks["cloud"].clone();
+
+    const N1: usize = 100;
+    const N2: usize = 300;
+    publish_readings(&gw, "d1", 0..N1).await;
+    wait_until("first events upstream", || distinct(&sub).len() == N1).await;
+    assert!(
+        !up.session_present.load(Relaxed),
+        "a fresh broker has no session"
+    );
+
+    // Outage: the uplink is cut, events queue on disk.
+    proxy.set_up(false);
+    publish_readings(&gw, "d1", N1..N1 + N2).await;
+    wait_until("queued during the outage", || {
+        gw.queued("cloud") >= N2 as u64
+    })
+    .await;
+
+    // The broker restarts, with or without the sessions it had.
+    mosq.stop();
+    let mosq_dir = if keep_session {
+        mosq_dir
+    } else {
+        d.join("mosquitto-fresh")
+    };
+    let mosq = Mosquitto::start_on(&mosq_dir, &[""], ports).await;
+    // The subscriber is back (and subscribed again if its session was lost)
+    // before the uplink is let in.
+    let expected_subs = if keep_session { 1 } else { 2 };
+    wait_until("subscriber back", || sub.subscriptions() >= expected_subs).await;
+    let connects = up.connects.load(Relaxed);
+    proxy.set_up(true);
+    wait_until("every event upstream", || distinct(&sub).len() == N1 + N2).await;
+    assert_eq!(
+        distinct(&sub),
+        (0..(N1 + N2) as u64).collect::<BTreeSet<_>>()
+    );
+    wait_until("queue drained", || gw.queued("cloud") == 0).await;
+    assert!(up.connects.load(Relaxed) > connects);
+    assert_eq!(
+        up.session_present.load(Relaxed),
+        keep_session,
+        "session_present as the broker reported it"
+    );
+    gw.stop().await;
+    drop(mosq);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt311_session_kept_across_a_broker_restart_loses_nothing() {
+    outage_and_restart("3.1.1", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt311_session_lost_by_the_broker_loses_nothing() {
+    outage_and_restart("3.1.1", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_session_kept_across_a_broker_restart_loses_nothing() {
+    outage_and_restart("5", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_session_lost_by_the_broker_loses_nothing() {
+    outage_and_restart("5", false).await;
+}
+
+/// A publish as an MQTT 5 subscriber sees it.
+#[derive(Debug, Clone)]
+struct V5Message {
+    topic: String,
+    payload: Vec<u8>,
+    user_properties: Vec<(String, String)>,
+    expiry: Option<u32>,
+}
+
+/// An MQTT 5 subscriber (rumqttc v5) on `addr`, collecting what arrives.
+async fn v5_subscriber(
+    addr: std::net::SocketAddr,
+    filter: &str,
+) -> std::sync::Arc<std::sync::Mutex<Vec<V5Message>>> {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let mut opts = MqttOptions::new(
+        format!("v5sub-{}", uuid::Uuid::new_v4().simple()),
+        "127.0.0.1",
+        addr.port(),
+    );
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut el) = AsyncClient::new(opts, 100);
+    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    let got: std::sync::Arc<std::sync::Mutex<Vec<V5Message>>> = Default::default();
+    let sink = got.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let _client = client;
+        let mut tx = Some(tx);
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let props = p.properties.unwrap_or_default();
+                    sink.lock().unwrap().push(V5Message {
+                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                        payload: p.payload.to_vec(),
+                        user_properties: props.user_properties,
+                        expiry: props.message_expiry_interval,
+                    });
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    tokio::time::timeout(DEADLINE, rx).await.unwrap().unwrap();
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_upstream_sends_ids_and_expiry_honours_receive_maximum_and_counts_refusals() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Receive Maximum 5; anonymous clients may write under plant/ only, so
+    // the diagnostics route (fleet/...) is refused with "not authorized".
+    let acl = d.join("acl");
+    std::fs::write(&acl, "topic readwrite plant/#\n").unwrap();
+    let mosq = Mosquitto::start(
+        &d.join("mosquitto"),
+        &[&format!(
+            "max_inflight_messages 5\nacl_file {}",
+            acl.display()
+        )],
+    )
+    .await;
+    // Mosquitto applies max_inflight_messages and the ACL globally.
+    let got = v5_subscriber(mosq.addr(0), "plant/#").await;
+    let gw = gateway(
+        d,
+        mosq.ports[0],
+        "protocol = \"5\"\nreplay_marker = \"replayed\"",
+    )
+    .await;
+    let up = gw.running.metrics.uplinks["cloud"].clone();
+    wait_until("connected", || up.connected.load(Relaxed)).await;
+    assert_eq!(up.window.load(Relaxed), 5, "the server's Receive Maximum");
+
+    let sensor = Sensor::connect(gw.addr).await;
+    const N: usize = 200;
+    for seq in 0..N {
+        sensor
+            .publish("sensors/yard/d1/temperature", reading("d1", seq))
+            .await;
+    }
+    sensor.publish("alarms/yard/door", reading("door", 0)).await;
+    for seq in 0..3 {
+        sensor.publish("diag/pump", reading("pump", seq)).await;
+    }
+    sensor.wait_acked(N + 4).await;
+    let g = got.clone();
+    wait_until("every plant event", || g.lock().unwrap().len() == N + 1).await;
+    wait_until("refused diagnostics dead-lettered", || {
+        up.dead_lettered.load(Relaxed) == 3
+    })
+    .await;
+    wait_until("queue empty", || gw.queued("cloud") == 0).await;
+    assert_eq!(
+        up.refusals.lock().unwrap().get("not_authorized").copied(),
+        Some(3)
+    );
+
+    let got = got.lock().unwrap().clone();
+    let temps: Vec<u64> = got
+        .iter()
+        .filter(|m| m.topic == "plant/yard/d1/temp")
+        .map(|m| seq_of(&m.payload))
+        .collect();
+    assert_eq!(temps, (0..N as u64).collect::<Vec<_>>(), "in order, once");
+    let mut ids = BTreeSet::new();
+    for m in &got {
+        let id = m
+            .user_properties
+            .iter()
+            .find(|(k, _)| k == "event_id")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("no event_id on {m:?}"));
+        assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+        ids.insert(id);
+        // Live events: no replay marker.
+        assert!(!m.user_properties.iter().any(|(k, _)| k == "replayed"));
+    }
+    assert_eq!(ids.len(), N + 1, "one id per event");
+    // The alarm route's ttl (24h) is the message expiry; readings have none.
+    let alarm = got.iter().find(|m| m.topic.ends_with("/alarm")).unwrap();
+    let expiry = alarm.expiry.expect("expiry on the alarm");
+    assert!((86_000..=86_400).contains(&expiry), "{expiry}");
+    assert!(
+        got.iter()
+            .filter(|m| m.topic.ends_with("/temp"))
+            .all(|m| m.expiry.is_none())
+    );
+    gw.stop().await;
+}
+
+/// A `mosquitto_sub` child that exits after one message.
+struct MosquittoSub {
+    child: tokio::process::Child,
+    /// What it printed after subscribing, once it has exited.
+    rest: tokio::sync::oneshot::Receiver<Vec<String>>,
+}
+
+impl MosquittoSub {
+    /// Subscribe on `port` with `version` ("mqttv311" or "mqttv5"); returns
+    /// once the subscription is acknowledged.
+    async fn start(port: u16, version: &str, filter: &str) -> MosquittoSub {
+        use tokio::io::AsyncBufReadExt;
+        // Line-buffered, or its debug lines wait in stdio's buffer.
+        let mut child = tokio::process::Command::new("stdbuf")
+            .args(["-oL", "mosquitto_sub"])
+            .args(["-d", "-v", "-V", version, "-q", "1", "-C", "1", "-W", "60"])
+            .args(["-p", &port.to_string(), "-t", filter])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("mosquitto_sub (apt install mosquitto-clients)");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        tokio::time::timeout(DEADLINE, async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if line.contains("SUBACK") {
+                    break;
+                }
+            }
+        })
+        .await
+        .expect("mosquitto_sub subscribed");
+        let (tx, rest) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            while let Ok(Some(line)) = lines.next_line().await {
+                out.push(line);
+            }
+            let _ = tx.send(out);
+        });
+        MosquittoSub { child, rest }
+    }
+
+    /// Wait for it to exit (after its one message); its output lines.
+    async fn output(mut self) -> Vec<String> {
+        let status = tokio::time::timeout(DEADLINE, self.child.wait())
+            .await
+            .expect("mosquitto_sub exits after one message")
+            .unwrap();
+        assert!(status.success(), "mosquitto_sub: {status}");
+        self.rest.await.unwrap()
+    }
+}
+
+fn mosquitto_pub(port: u16, version: &str, topic: &str, payload: &str) {
+    let status = std::process::Command::new("mosquitto_pub")
+        .args(["-V", version, "-q", "1", "-p", &port.to_string()])
+        .args(["-t", topic, "-m", payload])
+        .status()
+        .expect("mosquitto_pub (apt install mosquitto-clients)");
+    assert!(status.success(), "mosquitto_pub {version}: {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_clients_publish_and_subscribe_through_the_embedded_broker_v311_and_v5() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = upstream_broker();
+    let sub = Subscriber::start(upstream, "plant/#").await;
+    let text = config_text(dir.path(), upstream.port(), "").replacen(
+        "listen = \"127.0.0.1:0\"",
+        "listen = \"127.0.0.1:0\"\nlisten_v5 = \"127.0.0.1:0\"",
+        1,
+    );
+    let gw = Gateway::start_with(dir.path(), &text).await;
+    let v3 = gw.addr.port();
+    let v5 = gw.running.broker_addr_v5.unwrap().port();
+
+    // Subscribers of both versions on a local alert topic.
+    let sub_v3 = MosquittoSub::start(v3, "mqttv311", "alerts/#").await;
+    let sub_v5 = MosquittoSub::start(v5, "mqttv5", "alerts/#").await;
+    // A hot reading published with MQTT 3.1.1 raises the local alert
+    // (republished to both) and goes upstream.
+    mosquitto_pub(
+        v3,
+        "mqttv311",
+        "sensors/yard/t9/temperature",
+        r#"{"value": 35.0, "unit": "C"}"#,
+    );
+    for out in [sub_v3.output().await, sub_v5.output().await] {
+        let line = out
+            .iter()
+            .find(|l| l.starts_with("alerts/yard/t9 "))
+            .cloned();
+        let line = line.unwrap_or_else(|| panic!("no alert in {out:?}"));
+        assert!(line.contains("high-temperature"), "{line}");
+    }
+    // One published with MQTT 5 goes upstream too.
+    mosquitto_pub(
+        v5,
+        "mqttv5",
+        "sensors/yard/t8/temperature",
+        r#"{"value": 21.0, "unit": "C"}"#,
+    );
+    let got = sub.wait_for(2).await;
+    let topics: BTreeSet<String> = got.iter().map(|m| m.topic.clone()).collect();
+    assert_eq!(
+        topics,
+        BTreeSet::from([
+            "plant/yard/t9/temp".to_string(),
+            "plant/yard/t8/temp".to_string()
+        ])
+    );
+    gw.stop().await;
+}
