@@ -12,17 +12,28 @@
 //! - A client connecting with the link's client id kicks the link off. The
 //!   link's id is random per start, so no sensor can guess it; if it happens
 //!   anyway, ingest reports it and the daemon stops with an error (the queue
-//!   is intact) rather than run on deaf.
+//!   is intact) rather than run on deaf. With a password file, ids starting
+//!   with `edgeferry-ingest-` or `edgeferry-probe-` are refused outright.
+//! - Its only authentication hook is one call per CONNECT (client id, user,
+//!   password): there is no per-publish or per-subscribe hook, so per-user
+//!   topic permissions cannot be enforced (README, "Local broker security").
+//! - With an auth hook set, a CONNECT without credentials is refused, so the
+//!   start-up probe logs in with a one-time secret of its own.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
-use std::time::Duration;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use rumqttd::local::{LinkRx, LinkTx};
 use tokio::sync::oneshot;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::config::BrokerConfig;
+use crate::metrics::Metrics;
+use crate::passwd::Passwords;
 
 /// How many forwards rumqttd queues to one connection (the link included)
 /// before it unschedules it until it drains.
@@ -52,6 +63,9 @@ pub enum BrokerError {
     ExitedWhileStarting { addr: SocketAddr },
     #[error("embedded broker does not answer MQTT on {addr} after {waited:?}")]
     NotListening { addr: SocketAddr, waited: Duration },
+    /// The password file is unusable: fix it (the message names file and line).
+    #[error("broker.password_file: {0}")]
+    Passwords(#[from] crate::passwd::PasswdError),
 }
 
 /// A running embedded broker and the link ingest reads from.
@@ -60,6 +74,8 @@ pub struct EmbeddedBroker {
     pub v4: SocketAddr,
     /// Where MQTT 5 clients connect, if enabled.
     pub v5: Option<SocketAddr>,
+    /// Where MQTT 3.1.1 clients connect over TLS, if enabled.
+    pub tls: Option<SocketAddr>,
     /// The link's random client id (see module docs).
     pub link_id: String,
     /// Ingest's end of the link.
@@ -72,11 +88,30 @@ pub struct EmbeddedBroker {
 
 /// Start rumqttd with a link subscribed to `cfg.ingest`, and wait until each
 /// listener answers MQTT.
-pub async fn start(cfg: &BrokerConfig) -> Result<EmbeddedBroker, BrokerError> {
+pub async fn start(
+    cfg: &BrokerConfig,
+    metrics: Arc<Metrics>,
+) -> Result<EmbeddedBroker, BrokerError> {
     let v4 = reserve(cfg.listen, "listen")?;
     let v5 = cfg.listen_v5.map(|a| reserve(a, "listen_v5")).transpose()?;
+    let tls = cfg
+        .tls_listen
+        .map(|a| reserve(a, "tls_listen"))
+        .transpose()?;
+    let probe_login = Login {
+        id: format!("{PROBE_PREFIX}{}", uuid::Uuid::new_v4().simple()),
+        secret: uuid::Uuid::new_v4().simple().to_string(),
+    };
+    let auth = match &cfg.password_file {
+        Some(path) => Some(Arc::new(LocalAuth::load(
+            path.clone(),
+            probe_login.clone(),
+            metrics,
+        )?)),
+        None => None,
+    };
 
-    let mut broker = rumqttd::Broker::new(rumqttd_config(cfg, v4, v5));
+    let mut broker = rumqttd::Broker::new(rumqttd_config(cfg, v4, v5, tls, auth.clone()));
     let link_id = format!("edgeferry-ingest-{}", uuid::Uuid::new_v4().simple());
     let (mut link_tx, link_rx) = broker
         .link(&link_id)
@@ -100,10 +135,16 @@ pub async fn start(cfg: &BrokerConfig) -> Result<EmbeddedBroker, BrokerError> {
 
     let waited = Duration::from_secs(10);
     let mut exited = exited;
+    let login = auth.as_ref().map(|_| &probe_login);
     let probes = async {
-        probe(v4, false, waited).await?;
+        probe(v4, false, login, waited).await?;
         if let Some(v5) = v5 {
-            probe(v5, true, waited).await?;
+            probe(v5, true, login, waited).await?;
+        }
+        if let Some(tls) = tls {
+            // A TLS handshake needs a client that trusts the certificate;
+            // that the port accepts is enough here.
+            tcp_probe(tls, waited).await?;
         }
         Ok::<(), BrokerError>(())
     };
@@ -112,10 +153,11 @@ pub async fn start(cfg: &BrokerConfig) -> Result<EmbeddedBroker, BrokerError> {
         // rumqttd's start() returns only when every listener has failed.
         _ = &mut exited => return Err(BrokerError::ExitedWhileStarting { addr: v4 }),
     }
-    info!(listen = %v4, listen_v5 = ?v5, "embedded broker listening");
+    info!(listen = %v4, listen_v5 = ?v5, tls_listen = ?tls, auth = auth.is_some(), "embedded broker listening");
     Ok(EmbeddedBroker {
         v4,
         v5,
+        tls,
         link_id,
         link_rx,
         link_tx,
@@ -138,8 +180,14 @@ fn reserve(addr: SocketAddr, key: &'static str) -> Result<SocketAddr, BrokerErro
     }
 }
 
-fn rumqttd_config(cfg: &BrokerConfig, v4: SocketAddr, v5: Option<SocketAddr>) -> rumqttd::Config {
-    let connections = rumqttd::ConnectionSettings {
+fn rumqttd_config(
+    cfg: &BrokerConfig,
+    v4: SocketAddr,
+    v5: Option<SocketAddr>,
+    tls: Option<SocketAddr>,
+    auth: Option<Arc<LocalAuth>>,
+) -> rumqttd::Config {
+    let mut connections = rumqttd::ConnectionSettings {
         connection_timeout_ms: 10_000,
         max_payload_size: cfg.max_payload.as_usize(),
         max_inflight_count: 100,
@@ -147,13 +195,36 @@ fn rumqttd_config(cfg: &BrokerConfig, v4: SocketAddr, v5: Option<SocketAddr>) ->
         external_auth: None,
         dynamic_filters: true,
     };
-    let server = |name: &str, listen| rumqttd::ServerSettings {
+    if let Some(auth) = auth {
+        connections.set_auth_handler(move |client_id, user, password| {
+            let auth = auth.clone();
+            async move { auth.check(client_id, user, password).await }
+        });
+    }
+    let server = |name: &str, listen, tls| rumqttd::ServerSettings {
         name: name.to_string(),
         listen,
-        tls: None,
+        tls,
         next_connection_delay_ms: 1,
         connections: connections.clone(),
     };
+    let path = |p: &Option<PathBuf>| {
+        p.as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    };
+    let mut v4_servers = HashMap::from([("v4".to_string(), server("edgeferry-v4", v4, None))]);
+    if let Some(addr) = tls {
+        let tls = rumqttd::TlsConfig::Rustls {
+            capath: None,
+            certpath: path(&cfg.tls_cert),
+            keypath: path(&cfg.tls_key),
+        };
+        v4_servers.insert(
+            "v4-tls".to_string(),
+            server("edgeferry-tls", addr, Some(tls)),
+        );
+    }
     rumqttd::Config {
         id: 0,
         router: rumqttd::RouterConfig {
@@ -165,11 +236,8 @@ fn rumqttd_config(cfg: &BrokerConfig, v4: SocketAddr, v5: Option<SocketAddr>) ->
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
         },
-        v4: Some(HashMap::from([(
-            "v4".to_string(),
-            server("edgeferry-v4", v4),
-        )])),
-        v5: v5.map(|a| HashMap::from([("v5".to_string(), server("edgeferry-v5", a))])),
+        v4: Some(v4_servers),
+        v5: v5.map(|a| HashMap::from([("v5".to_string(), server("edgeferry-v5", a, None))])),
         ..Default::default()
     }
 }
@@ -177,10 +245,13 @@ fn rumqttd_config(cfg: &BrokerConfig, v4: SocketAddr, v5: Option<SocketAddr>) ->
 /// One MQTT connect attempt with rumqttc's v4 or v5 client (the same code,
 /// different types): true once CONNACK arrives, then a polite DISCONNECT.
 macro_rules! connect_once {
-    ($mqtt:path, $id:expr, $host:expr, $port:expr) => {{
+    ($mqtt:path, $id:expr, $host:expr, $port:expr, $login:expr) => {{
         use $mqtt as mqtt;
         let mut o = mqtt::MqttOptions::new($id, $host, $port);
         o.set_keep_alive(Duration::from_secs(5));
+        if let Some(login) = $login {
+            o.set_credentials("edgeferry-probe", login.secret.clone());
+        }
         let (client, mut el) = mqtt::AsyncClient::new(o, 2);
         let ok = loop {
             match el.poll().await {
@@ -199,15 +270,23 @@ macro_rules! connect_once {
 
 /// Connect as an MQTT client and wait for CONNACK: proves the listener is
 /// rumqttd's and not someone else's that grabbed the port since `reserve`.
-async fn probe(addr: SocketAddr, v5: bool, waited: Duration) -> Result<(), BrokerError> {
-    let id = format!("edgeferry-probe-{}", uuid::Uuid::new_v4().simple());
+async fn probe(
+    addr: SocketAddr,
+    v5: bool,
+    login: Option<&Login>,
+    waited: Duration,
+) -> Result<(), BrokerError> {
+    let id = login.map_or_else(
+        || format!("{PROBE_PREFIX}{}", uuid::Uuid::new_v4().simple()),
+        |l| l.id.clone(),
+    );
     let host = addr.ip().to_string();
     let attempt = async {
         loop {
             let ok = if v5 {
-                connect_once!(rumqttc::v5, &id, &host, addr.port())
+                connect_once!(rumqttc::v5, &id, &host, addr.port(), login)
             } else {
-                connect_once!(rumqttc, &id, &host, addr.port())
+                connect_once!(rumqttc, &id, &host, addr.port(), login)
             };
             if ok {
                 return;
@@ -219,4 +298,110 @@ async fn probe(addr: SocketAddr, v5: bool, waited: Duration) -> Result<(), Broke
     tokio::time::timeout(waited, attempt)
         .await
         .map_err(|_| BrokerError::NotListening { addr, waited })
+}
+
+/// Wait until `addr` accepts TCP connections.
+async fn tcp_probe(addr: SocketAddr, waited: Duration) -> Result<(), BrokerError> {
+    let attempt = async {
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(waited, attempt)
+        .await
+        .map_err(|_| BrokerError::NotListening { addr, waited })
+}
+
+/// Client ids of our own connections; refused to sensors when auth is on.
+const INGEST_PREFIX: &str = "edgeferry-ingest-";
+const PROBE_PREFIX: &str = "edgeferry-probe-";
+
+/// The start-up probe's one-time login.
+#[derive(Clone)]
+struct Login {
+    id: String,
+    secret: String,
+}
+
+/// Checks each CONNECT against the password file, re-read when it changes
+/// (so `edgeferry passwd` takes effect without a restart).
+struct LocalAuth {
+    path: PathBuf,
+    /// The file's identity when loaded, and its users.
+    loaded: Mutex<(Option<FileStamp>, Arc<Passwords>)>,
+    probe: Login,
+    metrics: Arc<Metrics>,
+    last_warning: Mutex<Option<std::time::Instant>>,
+}
+
+impl LocalAuth {
+    fn load(path: PathBuf, probe: Login, metrics: Arc<Metrics>) -> Result<LocalAuth, BrokerError> {
+        let mtime = FileStamp::of(&path);
+        let users = Passwords::load(&path)?;
+        info!(path = %path.display(), users = users.len(), "local clients must log in");
+        Ok(LocalAuth {
+            path,
+            loaded: Mutex::new((mtime, Arc::new(users))),
+            probe,
+            metrics,
+            last_warning: Mutex::new(None),
+        })
+    }
+
+    /// The current users: re-read if the file changed; a broken edit keeps
+    /// the previous users (and says so).
+    fn users(&self) -> Arc<Passwords> {
+        let mtime = FileStamp::of(&self.path);
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if mtime.is_some() && mtime != loaded.0 {
+            loaded.0 = mtime;
+            match Passwords::load(&self.path) {
+                Ok(users) => {
+                    info!(path = %self.path.display(), users = users.len(), "password file reloaded");
+                    loaded.1 = Arc::new(users);
+                }
+                Err(e) => {
+                    warn!(error = %e, "password file not reloaded; the previous users stay valid")
+                }
+            }
+        }
+        loaded.1.clone()
+    }
+
+    async fn check(&self, client_id: String, user: String, password: String) -> bool {
+        if client_id == self.probe.id {
+            return crate::passwd::ct_eq(password.as_bytes(), self.probe.secret.as_bytes());
+        }
+        let ok = if client_id.starts_with(INGEST_PREFIX) || client_id.starts_with(PROBE_PREFIX) {
+            false
+        } else {
+            let users = self.users();
+            // PBKDF2 takes milliseconds: off rumqttd's network threads.
+            tokio::task::spawn_blocking(move || users.verify(&user, &password))
+                .await
+                .unwrap_or(false)
+        };
+        if !ok {
+            self.metrics.broker_auth_failures.fetch_add(1, Relaxed);
+            let mut last = self.last_warning.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                *last = Some(std::time::Instant::now());
+                warn!(%client_id, "local client refused: unknown user, wrong password or reserved client id (logged at most every 10 s; see broker_auth_failures)");
+            }
+        }
+        ok
+    }
+}
+
+/// What tells that a file changed: modification time, size and inode (an
+/// atomic rewrite is a new inode, even within one timestamp tick).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp(SystemTime, u64, u64);
+
+impl FileStamp {
+    fn of(path: &std::path::Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileStamp(m.modified().ok()?, m.len(), m.ino()))
+    }
 }

@@ -65,6 +65,15 @@ pub struct BrokerConfig {
     pub segment_count: usize,
     /// Filters the embedded link subscribes to before the broker starts.
     pub ingest: Vec<String>,
+    /// MQTT 3.1.1 over TLS, with `tls_cert` and `tls_key`; off unless set.
+    pub tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain and private key of the TLS listener.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Mosquitto-format password file (`edgeferry passwd` or
+    /// `mosquitto_passwd` write it). When set, every client on every
+    /// listener must log in; anonymous clients are refused.
+    pub password_file: Option<PathBuf>,
 }
 
 impl Default for BrokerConfig {
@@ -77,6 +86,10 @@ impl Default for BrokerConfig {
             segment_size: ByteSize(1 << 20),
             segment_count: 4,
             ingest: vec!["#".to_string()],
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            password_file: None,
         }
     }
 }
@@ -416,6 +429,16 @@ impl ConfigFile {
             .map_err(|e| Diagnostics(vec![Diagnostic::from_toml(name, text, &e)]))?;
         file.rules.dir = base.join(&file.rules.dir);
         file.queue.path = base.join(&file.queue.path);
+        for path in [
+            &mut file.broker.tls_cert,
+            &mut file.broker.tls_key,
+            &mut file.broker.password_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *path = base.join(&*path);
+        }
         for up in file.upstream.values_mut() {
             for path in [
                 &mut up.password_file,
@@ -731,6 +754,53 @@ fn validate(file: &ConfigFile, name: &Path, text: &str) -> Vec<Diagnostic> {
                     ),
                 ));
             }
+        }
+    }
+    let b = &file.broker;
+    let mut broker_error = |key: &str, what: String| {
+        errors.push(Diagnostic::at(
+            name,
+            text,
+            find_key_in(text, "broker", key),
+            what,
+        ));
+    };
+    match (&b.tls_listen, &b.tls_cert, &b.tls_key) {
+        (Some(_), Some(cert), Some(key)) => {
+            if let Err(e) = crate::tls::check_server_files(cert, key) {
+                let at = match &e {
+                    crate::tls::TlsError::Read { path, .. } | crate::tls::TlsError::Bad { path, .. }
+                        if path == key =>
+                    {
+                        "tls_key"
+                    }
+                    _ => "tls_cert",
+                };
+                broker_error(at, format!("broker.{at}: {e}"));
+            }
+        }
+        (Some(_), _, _) => broker_error(
+            "tls_listen",
+            "broker.tls_listen needs tls_cert and tls_key (PEM files)".into(),
+        ),
+        (None, Some(_), _) | (None, _, Some(_)) => broker_error(
+            "tls_cert",
+            "broker.tls_cert and tls_key are used only with tls_listen; set it, e.g. \"0.0.0.0:8883\"".into(),
+        ),
+        (None, None, None) => {}
+    }
+    if let Some(path) = &b.password_file {
+        match crate::passwd::Passwords::load(path) {
+            Err(e) => broker_error("password_file", format!("broker.password_file: {e}")),
+            Ok(p) if p.is_empty() => broker_error(
+                "password_file",
+                format!(
+                    "broker.password_file {}: has no users, so no client could connect; add one with `edgeferry passwd {} <user>`",
+                    path.display(),
+                    path.display()
+                ),
+            ),
+            Ok(_) => {}
         }
     }
     if file.broker.ingest.is_empty() {

@@ -15,6 +15,7 @@ pub mod inspect;
 pub mod metrics;
 pub mod ops;
 pub mod pacing;
+pub mod passwd;
 pub mod queue;
 pub mod reload;
 pub mod republish;
@@ -66,6 +67,8 @@ pub struct Running {
     pub broker_addr: SocketAddr,
     /// The MQTT 5 listener, if enabled.
     pub broker_addr_v5: Option<SocketAddr>,
+    /// The MQTT 3.1.1 TLS listener, if enabled.
+    pub broker_addr_tls: Option<SocketAddr>,
     /// The ingest link's client id (random per start).
     pub link_id: String,
     /// The metrics endpoint (port 0 resolved), if enabled.
@@ -196,7 +199,7 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         false => None,
     };
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
-    let broker = broker::start(&file.broker).await?;
+    let broker = broker::start(&file.broker, metrics.clone()).await?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let (events_tx, events_rx) = mpsc::channel(file.pipeline.buffer);
@@ -326,6 +329,7 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
     Ok(Running {
         broker_addr: broker.v4,
         broker_addr_v5: broker.v5,
+        broker_addr_tls: broker.tls,
         link_id: broker.link_id,
         metrics_addr,
         metrics,

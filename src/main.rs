@@ -46,6 +46,17 @@ enum Command {
     },
     /// Print the embedded default config (a starting point for your own).
     PrintDefaultConfig,
+    /// Add or change a local broker user in a password file (Mosquitto's
+    /// format); the password is read from standard input (asked twice, not
+    /// echoed, on a terminal). The running daemon picks the change up.
+    Passwd {
+        /// The password file (broker.password_file); created if missing.
+        file: PathBuf,
+        user: String,
+        /// Remove the user instead.
+        #[arg(short = 'D', long)]
+        delete: bool,
+    },
     /// Inspect the queue file (read-only; safe while the daemon runs).
     Queue {
         #[command(subcommand)]
@@ -150,6 +161,36 @@ fn main() -> ExitCode {
         Command::Status { config } => status(config),
         Command::Run { config } => run(config),
         Command::Queue { command } => queue_command(command),
+        Command::Passwd { file, user, delete } => passwd(&file, &user, delete),
+    }
+}
+
+fn passwd(file: &std::path::Path, user: &str, delete: bool) -> ExitCode {
+    use edgeferry::passwd::{Passwords, read_password};
+    let result = (|| {
+        let mut users = Passwords::load_or_empty(file)?;
+        if delete {
+            if !users.remove(user) {
+                return Err(edgeferry::passwd::PasswdError::Invalid(format!(
+                    "{}: no user {user:?}",
+                    file.display()
+                )));
+            }
+        } else {
+            users.set(user, &read_password()?)?;
+        }
+        users.save(file)
+    })();
+    match result {
+        Ok(()) => {
+            let did = if delete { "removed" } else { "set" };
+            println!("{}: {did} {user}", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("edgeferry passwd: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
     }
 }
 

@@ -92,6 +92,8 @@ pub struct Metrics {
     pub dropped_queue_unavailable: AtomicU64,
     /// Damaged queue databases moved aside at start.
     pub queue_recovered: AtomicU64,
+    /// Local CONNECTs refused by the password file (or a reserved client id).
+    pub broker_auth_failures: AtomicU64,
     /// Per upstream, keyed by name.
     pub uplinks: BTreeMap<String, Arc<UplinkMetrics>>,
 }

@@ -85,6 +85,23 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
+/// Check the embedded broker's TLS certificate chain and key: readable,
+/// PEM, within their validity, and belonging together (rumqttd would
+/// otherwise fail its listener at start with a vaguer message).
+pub fn check_server_files(cert: &Path, key: &Path) -> Result<(), TlsError> {
+    let chain = certificates(cert)?;
+    let der = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|e| {
+        bad(
+            key,
+            format!("not a PEM private key (PKCS#8, PKCS#1 or SEC1): {e}"),
+        )
+    })?;
+    let provider = rustls::crypto::ring::default_provider();
+    rustls::sign::CertifiedKey::from_der(chain, der, &provider)
+        .map_err(|e| bad(key, format!("does not go with {}: {e}", cert.display())))?;
+    Ok(())
+}
+
 /// The rustls configuration for an `mqtts://` upstream: the server's
 /// certificate verified against `ca_file` or the system roots, the client
 /// certificate for mutual TLS when configured, ALPN when configured.

@@ -185,6 +185,12 @@ impl Collector for Scrape {
         )?;
         counter(
             &mut enc,
+            "broker_auth_failures",
+            "Local clients refused at CONNECT (unknown user, wrong password, reserved client id)",
+            m.broker_auth_failures.load(Relaxed),
+        )?;
+        counter(
+            &mut enc,
             "queue_recovered",
             "Damaged queue files moved aside at start",
             m.queue_recovered.load(Relaxed),

@@ -111,7 +111,9 @@ async fn messages_the_broker_skips_when_ingest_lags_are_counted() {
         "[broker]\nlisten = \"127.0.0.1:0\"\nmax_payload = 512\nsegment_size = \"2KiB\"\nsegment_count = 2\n",
     )
     .unwrap();
-    let broker = edgeferry::broker::start(&cfg.broker).await.unwrap();
+    let broker = edgeferry::broker::start(&cfg.broker, Default::default())
+        .await
+        .unwrap();
     let sensor = Sensor::connect(broker.v4).await;
     const N: usize = 500;
     for seq in 0..N {

@@ -601,3 +601,38 @@ fn check_names_unusable_certificates_keys_and_password_files_at_their_key() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn check_reports_broker_tls_and_password_file_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(&d.join("rules/ok.toml"), "");
+    write(&d.join("passwd"), "ok:$7$101$AAAA$AAAA\nbroken line\n");
+    write(
+        &d.join("edgeferry.toml"),
+        "[broker]\ntls_listen = \"127.0.0.1:8883\"\npassword_file = \"passwd\"\n",
+    );
+    let stderr = check_fails(d, "edgeferry.toml", 2);
+    assert!(
+        stderr.contains("edgeferry.toml:2:1:") && stderr.contains("needs tls_cert and tls_key"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("edgeferry.toml:3:1:") && stderr.contains("passwd:2: expected user:hash"),
+        "{stderr}"
+    );
+    let ca = crate::pki::Ca::new("test CA");
+    ca.issue(d, "a", &["gw"], false);
+    ca.issue(d, "b", &["gw"], false);
+    write(&d.join("passwd"), "");
+    write(
+        &d.join("edgeferry.toml"),
+        "[broker]\ntls_listen = \"127.0.0.1:8883\"\ntls_cert = \"a.pem\"\ntls_key = \"b.key\"\npassword_file = \"passwd\"\n",
+    );
+    let stderr = check_fails(d, "edgeferry.toml", 2);
+    assert!(
+        stderr.contains("edgeferry.toml:4:1:") && stderr.contains("does not go with"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("has no users"), "{stderr}");
+}

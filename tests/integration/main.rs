@@ -1,6 +1,7 @@
 //! Integration tests: the real pipeline with real parts (see util.rs).
 
 mod broker;
+mod broker_security;
 mod cli;
 mod crash;
 mod damage;

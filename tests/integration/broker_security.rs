@@ -1,0 +1,137 @@
+//! Local broker security with real clients (mosquitto_pub): a password file
+//! written by `edgeferry passwd` or `mosquitto_passwd`, anonymous clients,
+//! wrong passwords and reserved client ids refused, changes picked up while
+//! running; a TLS listener.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use crate::pki::Ca;
+use crate::util::*;
+
+/// `edgeferry passwd <file> <user>` with `password` on stdin.
+fn edgeferry_passwd(file: &Path, user: &str, password: &str) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgeferry"))
+        .arg("passwd")
+        .arg(file)
+        .arg(user)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+/// mosquitto_pub of one QoS 1 reading; whether the broker took it.
+fn publish(port: u16, args: &[&str], device: &str) -> bool {
+    Command::new("mosquitto_pub")
+        .args(["-q", "1", "-p", &port.to_string()])
+        .args(args)
+        .args(["-t", &format!("sensors/yard/{device}/temperature")])
+        .args(["-m", r#"{"value": 21.0, "unit": "C"}"#])
+        .stderr(Stdio::null())
+        .status()
+        .expect("mosquitto_pub (apt install mosquitto-clients)")
+        .success()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_password_file_only_known_users_get_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let file = d.join("passwd");
+    edgeferry_passwd(&file, "sensor-1", "s3cret");
+    assert!(!std::fs::read_to_string(&file).unwrap().contains("s3cret"));
+    let upstream = upstream_broker();
+    let sub = Subscriber::start(upstream, "plant/#").await;
+    let text = config_text(d, upstream.port(), "").replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!(
+            "listen = \"127.0.0.1:0\"\npassword_file = \"{}\"",
+            file.display()
+        ),
+        1,
+    );
+    let gw = Gateway::start_with(d, &text).await;
+    let port = gw.addr.port();
+
+    assert!(publish(port, &["-u", "sensor-1", "-P", "s3cret"], "ok1"));
+    assert!(!publish(port, &["-u", "sensor-1", "-P", "wrong"], "bad1"));
+    assert!(!publish(port, &[], "anon"));
+    assert!(!publish(port, &["-u", "nobody", "-P", "s3cret"], "bad2"));
+    // The ingest link's id prefix is reserved even with a good login.
+    assert!(!publish(
+        port,
+        &["-u", "sensor-1", "-P", "s3cret", "-i", "edgeferry-ingest-x"],
+        "bad3"
+    ));
+    // rumqttd refuses a CONNECT without credentials before asking edgeferry,
+    // so the anonymous attempt is not among those counted.
+    assert_eq!(gw.count(|m| &m.broker_auth_failures), 3);
+
+    // Users added while it runs can log in at once: by edgeferry passwd,
+    // and by mosquitto_passwd (the same file format).
+    edgeferry_passwd(&file, "sensor-2", "other");
+    assert!(publish(port, &["-u", "sensor-2", "-P", "other"], "ok2"));
+    let status = Command::new("mosquitto_passwd")
+        .args(["-b"])
+        .arg(&file)
+        .args(["sensor-3", "third"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(publish(port, &["-u", "sensor-3", "-P", "third"], "ok3"));
+
+    let got = sub.wait_for(3).await;
+    let mut topics: Vec<String> = got.iter().map(|m| m.topic.clone()).collect();
+    topics.sort();
+    assert_eq!(
+        topics,
+        [
+            "plant/yard/ok1/temp",
+            "plant/yard/ok2/temp",
+            "plant/yard/ok3/temp"
+        ]
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tls_listener_serves_mqtt_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = Ca::new("gateway CA");
+    let ca_file = ca.write(d, "ca");
+    let server = ca.issue(d, "gateway", &["localhost"], false);
+    let upstream = upstream_broker();
+    let sub = Subscriber::start(upstream, "plant/#").await;
+    let text = config_text(d, upstream.port(), "").replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!(
+            "listen = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"{}\"\ntls_key = \"{}\"",
+            server.cert.display(),
+            server.key.display()
+        ),
+        1,
+    );
+    let gw = Gateway::start_with(d, &text).await;
+    let tls = gw.running.broker_addr_tls.expect("tls listener").port();
+    let ca_arg = ca_file.display().to_string();
+    assert!(publish(
+        tls,
+        &["-h", "localhost", "--cafile", &ca_arg],
+        "overtls"
+    ));
+    // A client that does not trust the gateway's CA is refused.
+    let other = Ca::new("other").write(d, "other");
+    assert!(!publish(
+        tls,
+        &["-h", "localhost", "--cafile", &other.display().to_string()],
+        "untrusting"
+    ));
+    let got = sub.wait_for(1).await;
+    assert_eq!(got[0].topic, "plant/yard/overtls/temp");
+    gw.stop().await;
+}
