@@ -373,3 +373,59 @@ async fn mosquitto_clients_publish_and_subscribe_through_the_embedded_broker_v31
     );
     gw.stop().await;
 }
+
+/// Two named upstreams, each with its own session, queue partition and
+/// state: an outage of one does not hold up the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_upstream_has_its_own_session_and_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let rules = d.join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::write(
+        rules.join("fan-out.toml"),
+        r#"
+[[rule]]
+name = "to both"
+match = "sensors/{site}/{device}/temperature"
+to = [
+  { upstream = "cloud", topic = "plant/{site}/{device}/temp" },
+  { upstream = "archive", topic = "archive/{site}/{device}", priority = "low" },
+]
+"#,
+    )
+    .unwrap();
+    let cloud = upstream_broker();
+    let cloud_sub = Subscriber::start(cloud, "plant/#").await;
+    let proxy = Proxy::start(cloud, false).await;
+    let mosq = Mosquitto::start(&d.join("mosquitto"), &[""]).await;
+    let archive_sub = Subscriber::start(mosq.addr(0), "archive/#").await;
+    let text = rules_at(&config_text(d, proxy.port, ""), &rules, "")
+        + &format!(
+            "\n[upstream.archive]\nurl = \"mqtt://127.0.0.1:{}\"\nprotocol = \"5\"\ninflight = 8\n",
+            mosq.ports[0]
+        );
+    let gw = Gateway::start_with(d, &text).await;
+    let m = gw.running.metrics.clone();
+
+    const N: usize = 200;
+    publish_readings(&gw, "d1", 0..N).await;
+    // The archive gets everything while the cloud is down...
+    let got = archive_sub.wait_for(N).await;
+    let seqs: Vec<u64> = got.iter().map(|m| seq_of(&m.payload)).collect();
+    assert_eq!(seqs, (0..N as u64).collect::<Vec<_>>());
+    // ...and the cloud's events wait in its own partition of the queue.
+    wait_until("cloud's events queued", || gw.queued("cloud") == N as u64).await;
+    wait_until("archive's queue empty", || gw.queued("archive") == 0).await;
+    assert!(!m.uplinks["cloud"].connected.load(Relaxed));
+    assert!(m.uplinks["archive"].connected.load(Relaxed));
+    assert_eq!(m.uplinks["archive"].window.load(Relaxed), 8);
+    assert_eq!(cloud_sub.count(), 0);
+
+    proxy.set_up(true);
+    let got = cloud_sub.wait_for(N).await;
+    let seqs: Vec<u64> = got.iter().map(|m| seq_of(&m.payload)).collect();
+    assert_eq!(seqs, (0..N as u64).collect::<Vec<_>>());
+    assert_eq!(m.uplinks["archive"].acked.load(Relaxed), N as u64);
+    gw.stop().await;
+}
