@@ -131,6 +131,9 @@ pub struct UplinkMetrics {
     /// Failed connection attempts and dropped sessions, by
     /// [`FailureKind`] (index).
     pub failures: [AtomicU64; FailureKind::ALL.len()],
+    /// While down: what ended the last attempt (1 + index in
+    /// [`FailureKind::ALL`]); 0 while connected or before any attempt.
+    pub down_because: AtomicU64,
     /// Why the last attempt failed or the last session ended, with a hint
     /// for TLS trouble; cleared when a session comes up. For `status` and
     /// tests; the log has the same line.

@@ -124,6 +124,13 @@ impl Scrape {
     }
 
     /// Sum over the priorities of a per-upstream-and-priority series.
+    /// `{upstream, kind}` series: the kind whose value is 1.
+    fn kind_set(&self, name: &str, upstream: &str) -> Option<&str> {
+        ["tls", "refused", "unreachable", "lost"]
+            .into_iter()
+            .find(|k| self.get(&format!("{name}{{upstream=\"{upstream}\",kind=\"{k}\"}}")) == 1.0)
+    }
+
     fn by_priority(&self, name: &str, upstream: &str) -> f64 {
         ["low", "normal", "high"]
             .iter()
@@ -147,6 +154,14 @@ const DROPS: [&str; 9] = [
     "loop",
     "broker_lost",
 ];
+
+/// "DOWN", with what ended the last attempt when known ("DOWN (tls)").
+fn down_state(b: &Scrape, upstream: &str) -> String {
+    match b.kind_set("edgeferry_uplink_down_because", upstream) {
+        Some(kind) => format!("DOWN ({kind})"),
+        None => "DOWN".into(),
+    }
+}
 
 /// The screen, from two scrapes `secs` apart.
 pub fn render(
@@ -218,7 +233,7 @@ pub fn render(
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<12} {:<5} {:>9} {:>10} {:>9} {:>9} {:>8} {:>10} {:>7} {:>13}",
+        "{:<12} {:<16} {:>9} {:>10} {:>9} {:>9} {:>8} {:>10} {:>7} {:>13}",
         "UPSTREAM",
         "STATE",
         "QUEUED",
@@ -235,12 +250,12 @@ pub fn render(
         let acked = format!("edgeferry_uplink_acked_total{{upstream=\"{u}\"}}");
         let _ = writeln!(
             out,
-            "{:<12} {:<5} {:>9} {:>10} {:>9} {:>9} {:>8.0} {:>10} {:>7} {:>13}",
+            "{:<12} {:<16} {:>9} {:>10} {:>9} {:>9} {:>8.0} {:>10} {:>7} {:>13}",
             u,
             if b.up("edgeferry_uplink_connected", &u) == 1.0 {
-                "up"
+                "up".to_string()
             } else {
-                "DOWN"
+                down_state(b, &u)
             },
             b.by_priority("edgeferry_queue_events", &u),
             ByteSize(b.by_priority("edgeferry_queue_bytes", &u) as u64).to_string(),

@@ -330,6 +330,20 @@ impl Collector for Scrape {
             }
         }
         let mut e = enc.encode_descriptor(
+            "uplink_down_because",
+            "1 for the kind of failure that ended the last attempt while the uplink is down",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (upstream, u) in &self.metrics.uplinks {
+            let because = u.down_because.load(Relaxed);
+            for (i, kind) in crate::metrics::FailureKind::ALL.iter().enumerate() {
+                ConstGauge::new((because == i as u64 + 1) as i64).encode(
+                    e.encode_family(&[("upstream", upstream.as_str()), ("kind", kind.name())])?,
+                )?;
+            }
+        }
+        let mut e = enc.encode_descriptor(
             "uplink_refused",
             "Events the upstream refused with an MQTT 5 PUBACK reason code, by reason",
             None,

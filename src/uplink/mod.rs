@@ -135,11 +135,12 @@ pub async fn run(
                     backoff.reset();
                 }
                 let reason = tls::explain(&reason);
-                metrics.failures[FailureKind::ALL
+                let kind = FailureKind::ALL
                     .iter()
                     .position(|k| *k == kind)
-                    .unwrap_or(0)]
-                .fetch_add(1, Relaxed);
+                    .unwrap_or(0);
+                metrics.failures[kind].fetch_add(1, Relaxed);
+                metrics.down_because.store(kind as u64 + 1, Relaxed);
                 *metrics.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some(reason.clone());
                 let delay = backoff.next_delay();
@@ -214,6 +215,7 @@ async fn session(
     metrics.connected.store(true, Relaxed);
     metrics.connects.fetch_add(1, Relaxed);
     metrics.session_present.store(session_present, Relaxed);
+    metrics.down_because.store(0, Relaxed);
     metrics.window.store(window as u64, Relaxed);
     *metrics.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
     info!(upstream = %name, url = %up.url, protocol = ?up.protocol, session_present, window, "uplink connected");

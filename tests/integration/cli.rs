@@ -454,7 +454,12 @@ async fn status_reads_the_running_daemon_and_falls_back_to_the_queue_file() {
         .unwrap_or_else(|| panic!("{stdout}"))
         .split_whitespace()
         .collect();
-    assert_eq!(&cloud[..3], ["cloud", "DOWN", "3"], "{stdout}");
+    // Nothing listens upstream: down, and why.
+    assert_eq!(
+        &cloud[..4],
+        ["cloud", "DOWN", "(unreachable)", "3"],
+        "{stdout}"
+    );
 
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -104,9 +104,24 @@ async fn server_certificates_are_verified_and_failures_say_why() {
     assert!(e.contains("expired"), "{e}");
     let e = refused(&gw, "elsewhere").await;
     assert!(e.contains("not for this host name"), "{e}");
-    // Counted as TLS failures, for alerts.
+    // Counted as TLS failures, for alerts, and shown as the reason it is down.
     let tls = gw.running.metrics.uplinks["expired"].failures[0].load(Relaxed);
     assert!(tls >= 2);
+    let (_, scrape) = http_get(gw.running.metrics_addr.unwrap(), "/metrics").await;
+    assert_eq!(
+        sample(
+            &scrape,
+            "edgeferry_uplink_down_because{upstream=\"expired\",kind=\"tls\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &scrape,
+            "edgeferry_uplink_down_because{upstream=\"cloud\",kind=\"tls\"}"
+        ),
+        0.0
+    );
     gw.stop().await;
 }
 
