@@ -87,7 +87,12 @@ async fn server_certificates_are_verified_and_failures_say_why() {
             ca_file.display()
         )
     })
-    .collect();
+    .collect::<String>()
+        // Without ca_file: the system's roots, which do not know our CA.
+        + &format!(
+            "\n[upstream.systemroots]\nurl = \"mqtts://localhost:{}\"\nreconnect_min = \"50ms\"\nreconnect_max = \"200ms\"\n",
+            mosq.ports[1]
+        );
     let text = tls_config(
         d,
         mosq.ports[1],
@@ -98,6 +103,8 @@ async fn server_certificates_are_verified_and_failures_say_why() {
 
     forwards(&gw, &sub, 50).await;
 
+    let e = refused(&gw, "systemroots").await;
+    assert!(e.contains("not signed by a trusted CA"), "{e}");
     let e = refused(&gw, "untrusted").await;
     assert!(e.contains("not signed by a trusted CA"), "{e}");
     let e = refused(&gw, "expired").await;
