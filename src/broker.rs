@@ -213,7 +213,12 @@ fn rumqttd_config(
             .map(|p| p.display().to_string())
             .unwrap_or_default()
     };
+    #[cfg_attr(not(feature = "tls"), allow(unused_mut))]
     let mut v4_servers = HashMap::from([("v4".to_string(), server("edgeferry-v4", v4, None))]);
+    // Without the `tls` feature `check` refuses tls_listen before this.
+    #[cfg(not(feature = "tls"))]
+    let _ = (tls, path);
+    #[cfg(feature = "tls")]
     if let Some(addr) = tls {
         let tls = rumqttd::TlsConfig::Rustls {
             capath: None,

@@ -774,6 +774,7 @@ fn validate(file: &ConfigFile, name: &Path, text: &str) -> Vec<Diagnostic> {
                     {
                         "tls_key"
                     }
+                    crate::tls::TlsError::NotBuilt => "tls_listen",
                     _ => "tls_cert",
                 };
                 broker_error(at, format!("broker.{at}: {e}"));
@@ -918,7 +919,9 @@ fn validate(file: &ConfigFile, name: &Path, text: &str) -> Vec<Diagnostic> {
                 {
                     "cert_file"
                 }
-                _ => "ca_file",
+                crate::tls::TlsError::Read { .. } | crate::tls::TlsError::Bad { .. } => "ca_file",
+                // No system roots, or a build without TLS: the url asked for it.
+                _ => "url",
             };
             fail(key, format!("upstream.{up_name}: {e}"));
         }

@@ -6,11 +6,32 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+#[cfg(feature = "tls")]
+pub use rustls::ClientConfig;
+#[cfg(feature = "tls")]
+use rustls::RootCertStore;
+#[cfg(feature = "tls")]
 use rustls::pki_types::pem::PemObject;
+#[cfg(feature = "tls")]
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::{ClientConfig, RootCertStore};
 
 use crate::config::UpstreamConfig;
+
+/// A build without the `tls` feature has no TLS configuration to hold.
+#[cfg(not(feature = "tls"))]
+#[derive(Debug)]
+pub enum ClientConfig {}
+
+/// Without the `tls` feature: every TLS setting is refused, by `check` too.
+#[cfg(not(feature = "tls"))]
+pub fn client_config(_: &UpstreamConfig) -> Result<Arc<ClientConfig>, TlsError> {
+    Err(TlsError::NotBuilt)
+}
+
+#[cfg(not(feature = "tls"))]
+pub fn check_server_files(_: &Path, _: &Path) -> Result<(), TlsError> {
+    Err(TlsError::NotBuilt)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -28,8 +49,15 @@ pub enum TlsError {
     /// ca-certificates package or set `ca_file`.
     #[error("no system CA certificates found ({0}); install ca-certificates or set ca_file")]
     NoRoots(String),
+    /// This binary was built without TLS (the `small` build): use the
+    /// standard build.
+    #[error(
+        "this edgeferry was built without TLS (cargo feature \"tls\", left out of the small build); use the standard build"
+    )]
+    NotBuilt,
 }
 
+#[cfg(feature = "tls")]
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read {
         path: path.to_path_buf(),
@@ -37,6 +65,7 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
+#[cfg(feature = "tls")]
 fn bad(path: &Path, what: impl Into<String>) -> TlsError {
     TlsError::Bad {
         path: path.to_path_buf(),
@@ -44,6 +73,7 @@ fn bad(path: &Path, what: impl Into<String>) -> TlsError {
     }
 }
 
+#[cfg(feature = "tls")]
 /// The certificates of a PEM file, each checked to be within its validity
 /// period now.
 fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -85,6 +115,7 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
+#[cfg(feature = "tls")]
 /// Check the embedded broker's TLS certificate chain and key: readable,
 /// PEM, within their validity, and belonging together (rumqttd would
 /// otherwise fail its listener at start with a vaguer message).
@@ -102,6 +133,7 @@ pub fn check_server_files(cert: &Path, key: &Path) -> Result<(), TlsError> {
     Ok(())
 }
 
+#[cfg(feature = "tls")]
 /// The rustls configuration for an `mqtts://` upstream: the server's
 /// certificate verified against `ca_file` or the system roots, the client
 /// certificate for mutual TLS when configured, ALPN when configured.

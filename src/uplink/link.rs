@@ -86,9 +86,7 @@ impl Link {
         let up = &settings.upstream;
         let max_packet = up.max_packet_size.as_usize();
         let password = settings.password.as_ref().map_or("", |p| p.expose());
-        let transport = settings.tls.as_ref().map(|tls| {
-            rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.clone()))
-        });
+        let transport = settings.tls.as_ref().map(transport);
         let (tx, rx) = mpsc::channel(capacity);
         let client = match up.protocol {
             Protocol::V311 => {
@@ -242,6 +240,7 @@ fn v4_error(e: rumqttc::ConnectionError) -> LinkError {
     use rumqttc::ConnectionError as E;
     let reason = e.to_string();
     let kind = match &e {
+        #[cfg(feature = "tls")]
         E::Tls(_) => Some(FailureKind::Tls),
         E::ConnectionRefused(_) => Some(FailureKind::Refused),
         _ => tls_alert(&reason),
@@ -286,6 +285,7 @@ fn v5_error(e: rumqttc::v5::ConnectionError) -> LinkError {
     use rumqttc::v5::ConnectionError as E;
     let reason = e.to_string();
     let kind = match &e {
+        #[cfg(feature = "tls")]
         E::Tls(_) => Some(FailureKind::Tls),
         E::ConnectionRefused(_) => Some(FailureKind::Refused),
         _ => tls_alert(&reason),
@@ -300,4 +300,14 @@ fn tls_alert(reason: &str) -> Option<FailureKind> {
     reason
         .contains("received fatal alert")
         .then_some(FailureKind::Tls)
+}
+
+#[cfg(feature = "tls")]
+fn transport(tls: &std::sync::Arc<crate::tls::ClientConfig>) -> rumqttc::Transport {
+    rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.clone()))
+}
+
+#[cfg(not(feature = "tls"))]
+fn transport(tls: &std::sync::Arc<crate::tls::ClientConfig>) -> rumqttc::Transport {
+    match **tls {}
 }

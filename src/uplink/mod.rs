@@ -55,7 +55,7 @@ pub struct UplinkSettings {
     /// Resolved from the config, `password_file` or `password_env`.
     pub password: Option<Secret>,
     /// For `mqtts://` upstreams.
-    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub tls: Option<Arc<tls::ClientConfig>>,
 }
 
 /// Why an upstream cannot be set up; the message names the file or
