@@ -43,6 +43,9 @@ const COUNTS: &str =
 const OLDEST: &str =
     "SELECT received_ms FROM queue WHERE upstream = ?1 AND priority = ?2 ORDER BY id LIMIT 1";
 
+/// Rows per transaction while recovering from failed commits.
+const STEP: usize = 250;
+
 /// Size of the reserve file (see `Writer::reserve`).
 const RESERVE_BYTES: u64 = 2 << 20;
 
@@ -308,7 +311,14 @@ impl Writer {
                 last_round = Instant::now();
                 continue;
             }
-            match self.commit_parts(&spill) {
+            // After a failure, small steps: one big transaction may need
+            // more WAL than the disk has left.
+            let committed = if retry_at.is_some() {
+                self.commit_in_steps(&spill)
+            } else {
+                self.commit_parts(&spill)
+            };
+            match committed {
                 Ok(()) => {
                     if retry_at.take().is_some() {
                         info!("queue commits work again");
@@ -324,12 +334,10 @@ impl Writer {
                         self.release_reserve();
                         // Fold the WAL into the database and truncate it, so
                         // the next transactions reuse its space.
-                        let _ = self
-                            .conn
-                            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+                        self.truncate_wal();
                     }
                     let freed = (!self.acks.is_empty() || !self.evictions.is_empty())
-                        && self.commit_parts(&[]).is_ok();
+                        && self.delete_in_chunks().is_ok();
                     // Keep what we hold and retry; warn at most every 30 s.
                     if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
                         error!(error = %e, pending = self.rows.len(), "queue commit failed (disk full or I/O error?); holding events in memory and retrying");
@@ -649,14 +657,12 @@ impl Writer {
     }
 
     /// Write the held rows `spill` and apply pending evictions and acks,
-    /// in one transaction. With `spill` empty, deletes alone: what a full
-    /// disk still allows, and they free the pages the appends need. On
-    /// failure nothing is lost: the work stays pending.
+    /// in one transaction. On failure nothing is lost: the work stays
+    /// pending.
     fn commit_parts(&mut self, spill: &[i64]) -> rusqlite::Result<()> {
         let started = std::time::Instant::now();
         let tx = self.conn.transaction()?;
-        let mut released: Vec<(String, u64, Priority)> = Vec::new();
-        {
+        let released = {
             let mut insert = tx.prepare_cached(INSERT_ROW)?;
             for (id, r) in spill
                 .iter()
@@ -675,25 +681,8 @@ impl Writer {
                     &r.payload[..]
                 ])?;
             }
-            let mut delete = tx.prepare_cached(DELETE_ROW)?;
-            for id in &self.evictions {
-                // Bytes were subtracted when the row was chosen.
-                let _ = delete.query_map([id], |_| Ok(()))?.count();
-            }
-            for id in &self.acks {
-                let rows = delete.query_map([id], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, i64>(2)?,
-                    ))
-                })?;
-                for row in rows {
-                    let (upstream, size, priority) = row?;
-                    released.push((upstream, size as u64, Priority::from_i64(priority)));
-                }
-            }
-        }
+            delete_rows(&tx, &self.evictions, &self.acks)?
+        };
         tx.commit()?;
         self.metrics.commit_seconds.observe(started.elapsed());
         for (upstream, size, priority) in released {
@@ -720,6 +709,56 @@ impl Writer {
         self.acks.clear();
         self.evictions.clear();
         self.scheduled.clear();
+        Ok(())
+    }
+
+    /// While commits fail (a full disk): the deletes first, then `spill`, in
+    /// small transactions with the WAL truncated after each, so every step
+    /// needs little space and the pages the deletes free are reused.
+    fn commit_in_steps(&mut self, spill: &[i64]) -> rusqlite::Result<()> {
+        self.delete_in_chunks()?;
+        for chunk in spill.chunks(STEP) {
+            self.commit_parts(chunk)?;
+            self.truncate_wal();
+        }
+        Ok(())
+    }
+
+    /// Fold the WAL into the database and truncate it to zero bytes, giving
+    /// its space back to the filesystem (no-op while a reader holds it).
+    fn truncate_wal(&self) {
+        let _ = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+    }
+
+    /// On a full disk: commit the pending deletes a chunk at a time and
+    /// truncate the WAL after each. One transaction with all of them may
+    /// need more WAL than the disk has left, and would then never commit;
+    /// chunks make progress, and the pages they free are reused by the
+    /// appends.
+    fn delete_in_chunks(&mut self) -> rusqlite::Result<()> {
+        const CHUNK: usize = STEP;
+        while !self.acks.is_empty() || !self.evictions.is_empty() {
+            let ev = self.evictions.len().min(CHUNK);
+            let ack = self.acks.len().min(CHUNK - ev);
+            let started = std::time::Instant::now();
+            let done = self.conn.transaction().and_then(|tx| {
+                let released = delete_rows(&tx, &self.evictions[..ev], &self.acks[..ack])?;
+                tx.commit()?;
+                Ok(released)
+            });
+            let released = done?;
+            self.metrics.commit_seconds.observe(started.elapsed());
+            self.metrics.commits.fetch_add(1, Relaxed);
+            for (upstream, size, priority) in released {
+                self.release(&upstream, priority, size);
+            }
+            for id in self.evictions.drain(..ev).chain(self.acks.drain(..ack)) {
+                self.scheduled.remove(&id);
+            }
+            self.truncate_wal();
+        }
         Ok(())
     }
 
@@ -909,6 +948,35 @@ impl Writer {
         c.events = c.events.saturating_add_signed(events);
         c.bytes = c.bytes.saturating_add_signed(bytes);
     }
+}
+
+/// Delete evicted and acknowledged rows in `tx`. Returns what the acks
+/// released (upstream, bytes, priority); evicted rows were subtracted when
+/// they were chosen.
+fn delete_rows(
+    tx: &rusqlite::Transaction<'_>,
+    evictions: &[i64],
+    acks: &[i64],
+) -> rusqlite::Result<Vec<(String, u64, Priority)>> {
+    let mut delete = tx.prepare_cached(DELETE_ROW)?;
+    for id in evictions {
+        let _ = delete.query_map([id], |_| Ok(()))?.count();
+    }
+    let mut released = Vec::new();
+    for id in acks {
+        let rows = delete.query_map([id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        for row in rows {
+            let (upstream, size, priority) = row?;
+            released.push((upstream, size as u64, Priority::from_i64(priority)));
+        }
+    }
+    Ok(released)
 }
 
 /// A row appended and not yet written, and when it arrived.
