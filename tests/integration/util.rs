@@ -240,9 +240,10 @@ impl Subscriber {
         Self::start_with(addr, filter, None).await
     }
 
-    /// With `persistent`, a session the broker keeps (clean session off, this
-    /// client id): messages wait for it across its reconnects. Whenever the
-    /// broker has no session for it, it subscribes again.
+    /// The session is one the broker keeps (clean session off): messages
+    /// wait for the subscriber across its reconnects. `persistent` fixes the
+    /// client id (else a random one). Whenever the broker has no session for
+    /// it, it subscribes again.
     pub async fn start_with(
         addr: SocketAddr,
         filter: &str,
@@ -253,8 +254,10 @@ impl Subscriber {
             str::to_string,
         );
         let mut opts = MqttOptions::new(id, "127.0.0.1", addr.port());
-        opts.set_keep_alive(Duration::from_secs(5))
-            .set_clean_session(persistent.is_none())
+        // A session the broker keeps, and a keep-alive a loaded CI machine
+        // cannot miss: a subscriber that reconnects must not lose messages.
+        opts.set_keep_alive(Duration::from_secs(30))
+            .set_clean_session(false)
             .set_max_packet_size(1 << 20, 1 << 20);
         let (client, mut el) = AsyncClient::new(opts, 100);
         let filter = filter.to_string();
