@@ -84,6 +84,43 @@ pub fn password(up: &UpstreamConfig) -> Result<Option<Secret>, CredentialError> 
 mod tests {
     use super::*;
 
+    fn upstream(extra: &str) -> UpstreamConfig {
+        let text = format!("url = \"mqtt://h\"\nusername = \"gw\"\n{extra}");
+        toml::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn the_password_comes_from_the_config_a_file_or_the_environment() {
+        assert_eq!(password(&upstream("")).unwrap(), None);
+        assert_eq!(
+            password(&upstream("password = \"inline\"")).unwrap(),
+            Some(Secret::new("inline"))
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "from-file\nignored\n").unwrap();
+        let up = upstream(&format!("password_file = \"{}\"", file.display()));
+        assert_eq!(password(&up).unwrap(), Some(Secret::new("from-file")));
+        // An existing variable (not set here: tests run in parallel threads).
+        let path = std::env::var("PATH").unwrap();
+        assert_eq!(
+            password(&upstream("password_env = \"PATH\"")).unwrap(),
+            Some(Secret::new(path))
+        );
+        let e = password(&upstream("password_env = \"EDGEFERRY_TEST_UNSET_42\"")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "password_env EDGEFERRY_TEST_UNSET_42: the environment variable is not set"
+        );
+        std::fs::write(&file, "\n").unwrap();
+        assert!(
+            password(&up)
+                .unwrap_err()
+                .to_string()
+                .ends_with("the password is empty")
+        );
+    }
+
     #[test]
     fn a_secret_never_prints() {
         let s = Secret::new("hunter2");

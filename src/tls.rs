@@ -219,6 +219,30 @@ pub fn explain(reason: &str) -> String {
 mod tests {
     use super::*;
 
+    #[cfg(feature = "tls")]
+    #[test]
+    fn alpn_is_offered_and_an_expired_ca_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, params.clone().self_signed(&key).unwrap().pem()).unwrap();
+        let text = format!(
+            "url = \"mqtts://h\"\nca_file = \"{}\"\nalpn = [\"x-amzn-mqtt-ca\"]",
+            ca.display()
+        );
+        let up: UpstreamConfig = toml::from_str(&text).unwrap();
+        let config = client_config(&up).unwrap();
+        assert_eq!(config.alpn_protocols, [b"x-amzn-mqtt-ca".to_vec()]);
+
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        std::fs::write(&ca, params.self_signed(&key).unwrap().pem()).unwrap();
+        let e = client_config(&up).unwrap_err().to_string();
+        assert!(e.contains("ca.pem") && e.contains("expired on"), "{e}");
+    }
+
     #[test]
     fn tls_failures_get_a_hint_and_others_stay_as_they_are() {
         for (reason, hint) in [

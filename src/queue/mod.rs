@@ -308,12 +308,37 @@ pub fn open_read_only(path: &Path) -> Result<rusqlite::Connection, QueueError> {
         path: path.to_path_buf(),
         source,
     };
-    let conn =
-        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .map_err(err)?;
+    use rusqlite::OpenFlags;
+    let conn = match rusqlite::Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .and_then(|c| {
+            // Opening is lazy: this read is what needs the WAL's -shm file.
+            c.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))?;
+            Ok(c)
+        }) {
+        Ok(c) => c,
+        // A read-only filesystem (or directory) where the -shm file cannot
+        // be created: with no -wal file the database file is complete and
+        // nobody can be writing it, so read it as immutable.
+        Err(e) if path.exists() && !wal_of(path).exists() => {
+            let uri = format!("file:{}?immutable=1", path.display());
+            rusqlite::Connection::open_with_flags(
+                uri,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI,
+            )
+            .map_err(|_| err(e))?
+        }
+        Err(e) => return Err(err(e)),
+    };
     conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
     schema::check_version(&conn, path)?;
     Ok(conn)
+}
+
+/// `<db>-wal`, SQLite's write-ahead log beside the database.
+fn wal_of(db: &Path) -> PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push("-wal");
+    PathBuf::from(p)
 }
 
 /// Stats of the queue file at `path`, read directly (for `edgeferry queue

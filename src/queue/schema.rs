@@ -125,6 +125,7 @@ pub fn open_db(path: &Path) -> Result<Connection, QueueError> {
             source,
         })?;
     }
+    check_writable(path)?;
     let conn = Connection::open(path).map_err(err)?;
     // WAL: readers never block the writer; synchronous=FULL syncs the WAL at
     // every commit, so a committed row survives a power cut. Group commit
@@ -136,6 +137,35 @@ pub fn open_db(path: &Path) -> Result<Connection, QueueError> {
     conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
     migrate(&conn, path)?;
     Ok(conn)
+}
+
+/// The queue writes the database, its `-wal` and its `-shm` beside it: a
+/// directory it cannot write (a filesystem remounted read-only after SD
+/// card errors, wrong ownership) is named as such, rather than as SQLite's
+/// "unable to open database file".
+fn check_writable(path: &Path) -> Result<(), QueueError> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return Ok(());
+    };
+    // SAFETY: `c` is a valid NUL-terminated path.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0 {
+        return Ok(());
+    }
+    let source = std::io::Error::last_os_error();
+    Err(QueueError::Io {
+        path: path.to_path_buf(),
+        action: match source.raw_os_error() {
+            Some(libc::EROFS) => {
+                "write its directory: the filesystem is read-only (remounted after disk errors?)"
+            }
+            _ => "write its directory (it holds the database, its -wal and -shm files)",
+        },
+        source,
+    })
 }
 
 /// The file's schema version; an error if it is newer than this edgeferry.

@@ -93,3 +93,72 @@ async fn an_impossible_queue_path_is_a_clear_start_error_not_a_move_aside() {
     );
     assert_eq!(std::fs::read(dir.path().join("file")).unwrap(), b"keep me");
 }
+
+/// A queue on a filesystem that became read-only (an SD card the kernel
+/// remounted after errors): a clear start error naming the file, and the
+/// file is neither moved aside nor touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_on_a_read_only_filesystem_is_a_clear_start_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let at = dir.path().join("ro");
+    std::fs::create_dir_all(&at).unwrap();
+    let mount = |opts: &str| {
+        std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+            .arg(&at)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !mount("size=8m") {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (not root?); CI runs this test as root");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(at.clone());
+    let db = at.join("queue.db");
+    // (The free-disk watermark would refuse everything on 8 MiB.)
+    let text = queue_at(
+        &config_text(dir.path(), free_port(), ""),
+        &db,
+        "min_free_disk = 0",
+    );
+    // Some events queued (the upstream is unreachable), then a clean stop.
+    let gw = Gateway::start_with(dir.path(), &text).await;
+    let sensor = Sensor::connect(gw.addr).await;
+    for seq in 0..10 {
+        sensor
+            .publish("sensors/ro/d/temperature", reading("d", seq))
+            .await;
+    }
+    sensor.wait_acked(10).await;
+    wait_until("queued", || queued_in(&db, "cloud") == 10).await;
+    gw.stop().await;
+    let before = std::fs::read(&db).unwrap();
+
+    let remounted = std::process::Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(&at)
+        .status()
+        .unwrap();
+    assert!(remounted.success());
+    let err = match edgeferry::start(load_config(dir.path(), &text)).await {
+        Ok(_) => panic!("started on a read-only queue"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains(&db.display().to_string()) && err.contains("read-only"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&db).unwrap(), before, "untouched");
+    assert!(damaged_files(&at).is_empty(), "not moved aside");
+    // Still readable for an operator (edgeferry queue stats works on it).
+    assert_eq!(queued_in(&db, "cloud"), 10);
+}
