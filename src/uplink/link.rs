@@ -8,6 +8,8 @@
 //! session over a channel. The task ends after forwarding an error, or when
 //! the session drops the receiver.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use rumqttc::QoS;
@@ -37,7 +39,9 @@ pub enum LinkEvent {
     Acked { pkid: u16, refused: Option<Refusal> },
     /// Our DISCONNECT went out.
     Disconnected,
-    /// Anything else (pings, ...).
+    /// Any other packet from the broker (PINGRESP, ...): the link is alive.
+    Heard,
+    /// Anything else we sent.
     Other,
 }
 
@@ -68,6 +72,12 @@ enum Client {
 pub struct Link {
     client: Client,
     pub events: mpsc::Receiver<Result<LinkEvent, LinkError>>,
+    /// When the link was opened, and ms after that when the poller last
+    /// read a packet from the broker: stamped as it arrives, not when the
+    /// session gets round to the event, so a busy session does not mistake
+    /// a live link for a dead one.
+    opened: tokio::time::Instant,
+    heard_ms: Arc<AtomicU64>,
 }
 
 /// What goes with one publish beyond topic and payload.
@@ -88,6 +98,10 @@ impl Link {
         let password = settings.password.as_ref().map_or("", |p| p.expose());
         let transport = settings.tls.as_ref().map(transport);
         let (tx, rx) = mpsc::channel(capacity);
+        let opened = tokio::time::Instant::now();
+        let heard_ms = Arc::new(AtomicU64::new(0));
+        let heard = heard_ms.clone();
+        let stamp = move || heard.store(opened.elapsed().as_millis() as u64, Relaxed);
         let client = match up.protocol {
             Protocol::V311 => {
                 let mut opts =
@@ -106,7 +120,11 @@ impl Link {
                 let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, capacity);
                 tokio::spawn(async move {
                     loop {
-                        let polled = eventloop.poll().await.map(v4_event).map_err(v4_error);
+                        let polled = eventloop.poll().await;
+                        if matches!(polled, Ok(rumqttc::Event::Incoming(_))) {
+                            stamp();
+                        }
+                        let polled = polled.map(v4_event).map_err(v4_error);
                         let failed = polled.is_err();
                         if tx.send(polled).await.is_err() || failed {
                             return;
@@ -133,7 +151,11 @@ impl Link {
                 let (client, mut eventloop) = v5::AsyncClient::new(opts, capacity);
                 tokio::spawn(async move {
                     loop {
-                        let polled = eventloop.poll().await.map(v5_event).map_err(v5_error);
+                        let polled = eventloop.poll().await;
+                        if matches!(polled, Ok(v5::Event::Incoming(_))) {
+                            stamp();
+                        }
+                        let polled = polled.map(v5_event).map_err(v5_error);
                         let failed = polled.is_err();
                         if tx.send(polled).await.is_err() || failed {
                             return;
@@ -143,7 +165,17 @@ impl Link {
                 Client::V5(client)
             }
         };
-        Link { client, events: rx }
+        Link {
+            client,
+            events: rx,
+            opened,
+            heard_ms,
+        }
+    }
+
+    /// When a packet from the broker last arrived (the open, before any).
+    pub fn last_heard(&self) -> tokio::time::Instant {
+        self.opened + Duration::from_millis(self.heard_ms.load(Relaxed))
     }
 
     /// Hand a publish to the event loop (never waits: the channel has room
@@ -232,6 +264,7 @@ fn v4_event(ev: rumqttc::Event) -> LinkEvent {
             refused: None,
         },
         Event::Outgoing(Outgoing::Disconnect) => LinkEvent::Disconnected,
+        Event::Incoming(_) => LinkEvent::Heard,
         _ => LinkEvent::Other,
     }
 }
@@ -277,6 +310,7 @@ fn v5_event(ev: rumqttc::v5::Event) -> LinkEvent {
             }
         }
         Event::Outgoing(Outgoing::Disconnect) => LinkEvent::Disconnected,
+        Event::Incoming(_) => LinkEvent::Heard,
         _ => LinkEvent::Other,
     }
 }

@@ -245,6 +245,11 @@ async fn session(
     let mut drained = false;
     let mut acked_any = false;
     let v5 = up.protocol == Protocol::V5;
+    // A half-open link (a NAT or a cellular modem that dropped the path
+    // without a reset) sends nothing back. rumqttc pings only after a quiet
+    // keep-alive and gives up one keep-alive later; a live broker answers
+    // every ping, so silence for 1.5 keep-alives is a dead link.
+    let silence_limit = up.keep_alive.0.mul_f64(1.5);
 
     let ended = loop {
         let outstanding = awaiting.len() + inflight.len();
@@ -376,6 +381,21 @@ async fn session(
             _ = sleep_until_opt(ack_deadline) => continue,
             // Paced: more may be sent once the bucket has refilled.
             _ = sleep_until_opt(pacer.ready_at()), if !drained && paced => continue,
+            _ = tokio::time::sleep_until(link.last_heard() + silence_limit) => {
+                if link.last_heard() + silence_limit > Instant::now() {
+                    continue; // heard meanwhile
+                }
+                let reason = format!(
+                    "nothing heard from the upstream for {:?} (1.5 x keep_alive): the link is dead or half-open",
+                    silence_limit
+                );
+                warn!(upstream = %name, url = %up.url, %reason, unacked = awaiting.len() + inflight.len(), "uplink lost; unacknowledged events will be resent");
+                break Ended::Lost {
+                    healthy: acked_any,
+                    kind: FailureKind::Lost,
+                    reason,
+                };
+            }
             p = link.events.recv() => p,
         };
         match polled {

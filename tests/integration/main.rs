@@ -7,6 +7,7 @@ mod crash;
 mod damage;
 mod disk;
 mod durability;
+mod faults;
 mod interop;
 mod metrics;
 mod offline;

@@ -1,0 +1,101 @@
+//! Fault injection on the uplink: a half-open link (the path drops without
+//! a reset) and an upstream that flaps under load. Nothing is lost.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+fn distinct(sub: &Subscriber) -> BTreeSet<u64> {
+    sub.take().iter().map(|m| seq_of(&m.payload)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_uplink_is_detected_within_one_and_a_half_keep_alives() {
+    let World {
+        sub,
+        proxy,
+        gw,
+        sensor,
+    } = World::offline_with("", |t| {
+        t.replace("keep_alive = \"5s\"", "keep_alive = \"2s\"")
+    })
+    .await;
+    proxy.set_up(true);
+    let up = gw.running.metrics.uplinks["cloud"].clone();
+    const N: usize = 300;
+    for seq in 0..100 {
+        sensor
+            .publish("sensors/yard/d1/temperature", reading("d1", seq))
+            .await;
+    }
+    wait_until("first events upstream", || distinct(&sub).len() == 100).await;
+
+    // The path goes silent: the TCP connection stays open, nothing passes.
+    proxy.set_stalled(true);
+    let stalled = Instant::now();
+    for seq in 100..N {
+        sensor
+            .publish("sensors/yard/d1/temperature", reading("d1", seq))
+            .await;
+    }
+    wait_until("the dead link noticed", || !up.connected.load(Relaxed)).await;
+    let detected = stalled.elapsed();
+    eprintln!("half-open link detected after {detected:?} (keep_alive 2s)");
+    let error = up.last_error.lock().unwrap().clone().unwrap_or_default();
+    assert!(error.contains("half-open"), "{error}");
+    // 1.5 keep-alives after the last packet heard (at most the stall), plus
+    // room for a loaded machine; a missed detection would take minutes.
+    assert!(detected < Duration::from_secs(6), "{detected:?}");
+
+    proxy.set_stalled(false);
+    wait_until("every event upstream", || distinct(&sub).len() == N).await;
+    assert_eq!(distinct(&sub), (0..N as u64).collect::<BTreeSet<_>>());
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_flapping_under_load_loses_nothing() {
+    let World {
+        sub,
+        proxy,
+        gw,
+        sensor,
+    } = World::offline("").await;
+    proxy.set_up(true);
+    let up = gw.running.metrics.uplinks["cloud"].clone();
+    // Down and up every 500 ms while about 2,000 events/s arrive.
+    const N: usize = 8_000;
+    let start = Instant::now();
+    let mut next_flip = start + Duration::from_millis(500);
+    let mut is_up = true;
+    let mut flips = 0;
+    for seq in 0..N {
+        sensor
+            .publish("sensors/yard/d1/temperature", reading("d1", seq))
+            .await;
+        if seq % 20 == 19 {
+            // Pace the sensor at about 2,000 events/s.
+            tokio::time::sleep_until((start + Duration::from_micros(500 * seq as u64)).into())
+                .await;
+        }
+        if Instant::now() >= next_flip {
+            is_up = !is_up;
+            proxy.set_up(is_up);
+            flips += 1;
+            next_flip += Duration::from_millis(500);
+        }
+    }
+    proxy.set_up(true);
+    sensor.wait_acked(N).await;
+    assert!(flips >= 4, "the link flapped {flips} times");
+    wait_until("every event upstream", || distinct(&sub).len() == N).await;
+    assert_eq!(distinct(&sub), (0..N as u64).collect::<BTreeSet<_>>());
+    wait_until("queue drained", || gw.queued("cloud") == 0).await;
+    assert!(
+        up.connects.load(Relaxed) >= 3,
+        "reconnected after each outage"
+    );
+    gw.stop().await;
+}
