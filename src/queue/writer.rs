@@ -199,10 +199,16 @@ impl Writer {
     /// still served meanwhile, so the uplinks keep draining and shutdown
     /// never hangs on a full disk.
     fn holding_full(&self, failing: bool) -> bool {
-        match self.settings.durability {
-            Durability::Always => self.rows.len() >= self.settings.commit_max_events.max(1000) * 4,
-            Durability::Offline => failing && self.ram_bytes >= self.settings.memory_max,
-        }
+        // While commits work, rows are committed as fast as they come and
+        // the bounded command channel is the backpressure; dropping here
+        // would blame the queue for a burst it can take.
+        failing
+            && match self.settings.durability {
+                Durability::Always => {
+                    self.rows.len() >= self.settings.commit_max_events.max(1000) * 4
+                }
+                Durability::Offline => self.ram_bytes >= self.settings.memory_max,
+            }
     }
 
     pub(super) fn run(mut self, rx: flume::Receiver<Cmd>) {
