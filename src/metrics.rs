@@ -177,6 +177,11 @@ impl FailureKind {
         FailureKind::Lost,
     ];
 
+    /// Its place in [`FailureKind::ALL`] (and in `failures`).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             FailureKind::Tls => "tls",

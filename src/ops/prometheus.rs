@@ -316,31 +316,33 @@ impl Collector for Scrape {
                 }
             }
         }
-        let mut e = enc.encode_descriptor(
-            "uplink_failures",
-            "Failed connection attempts and lost sessions, by kind (tls, refused, unreachable, lost)",
-            None,
-            MetricType::Counter,
-        )?;
-        for (upstream, u) in &self.metrics.uplinks {
-            for (i, kind) in crate::metrics::FailureKind::ALL.iter().enumerate() {
-                ConstCounter::new(u.failures[i].load(Relaxed)).encode(
-                    e.encode_family(&[("upstream", upstream.as_str()), ("kind", kind.name())])?,
-                )?;
-            }
-        }
-        let mut e = enc.encode_descriptor(
-            "uplink_down_because",
-            "1 for the kind of failure that ended the last attempt while the uplink is down",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (upstream, u) in &self.metrics.uplinks {
-            let because = u.down_because.load(Relaxed);
-            for (i, kind) in crate::metrics::FailureKind::ALL.iter().enumerate() {
-                ConstGauge::new((because == i as u64 + 1) as i64).encode(
-                    e.encode_family(&[("upstream", upstream.as_str()), ("kind", kind.name())])?,
-                )?;
+        type PerKind = fn(&crate::metrics::UplinkMetrics, usize) -> u64;
+        let per_kind: [(&str, &str, MetricType, PerKind); 2] = [
+            (
+                "uplink_failures",
+                "Failed connection attempts and lost sessions, by kind (tls, refused, unreachable, lost)",
+                MetricType::Counter,
+                |u, i| u.failures[i].load(Relaxed),
+            ),
+            (
+                "uplink_down_because",
+                "1 for the kind of failure that ended the last attempt while the uplink is down",
+                MetricType::Gauge,
+                |u, i| (u.down_because.load(Relaxed) == i as u64 + 1) as u64,
+            ),
+        ];
+        for (name, help, kind_of_metric, get) in per_kind {
+            let mut e = enc.encode_descriptor(name, help, None, kind_of_metric)?;
+            for (upstream, u) in &self.metrics.uplinks {
+                for (i, kind) in crate::metrics::FailureKind::ALL.iter().enumerate() {
+                    let labels = [("upstream", upstream.as_str()), ("kind", kind.name())];
+                    match kind_of_metric {
+                        MetricType::Gauge => {
+                            ConstGauge::new(get(u, i) as i64).encode(e.encode_family(&labels)?)?
+                        }
+                        _ => ConstCounter::new(get(u, i)).encode(e.encode_family(&labels)?)?,
+                    }
+                }
             }
         }
         let mut e = enc.encode_descriptor(

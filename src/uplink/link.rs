@@ -19,6 +19,29 @@ use super::UplinkSettings;
 use crate::config::Protocol;
 use crate::metrics::FailureKind;
 
+/// The poller task for either rumqttc event loop (same code, different
+/// types, no shared trait): stamp each packet from the broker as it is
+/// read, forward the mapped event, end after forwarding an error or when
+/// the session drops the receiver.
+macro_rules! spawn_poller {
+    ($eventloop:expr, $incoming:expr, $map:expr, $map_err:expr, $tx:expr, $stamp:expr) => {{
+        let (mut eventloop, tx, stamp) = ($eventloop, $tx, $stamp);
+        tokio::spawn(async move {
+            loop {
+                let polled = eventloop.poll().await;
+                if polled.as_ref().is_ok_and($incoming) {
+                    stamp();
+                }
+                let polled = polled.map($map).map_err($map_err);
+                let failed = polled.is_err();
+                if tx.send(polled).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+    }};
+}
+
 /// How long an MQTT 5 session is kept by the broker after a disconnect.
 /// edgeferry only publishes, so the session holds little; keeping it
 /// lets a broker that supports it report `session_present` on return.
@@ -39,9 +62,7 @@ pub enum LinkEvent {
     Acked { pkid: u16, refused: Option<Refusal> },
     /// Our DISCONNECT went out.
     Disconnected,
-    /// Any other packet from the broker (PINGRESP, ...): the link is alive.
-    Heard,
-    /// Anything else we sent.
+    /// Anything else (pings, ...); liveness is stamped by the poller.
     Other,
 }
 
@@ -117,20 +138,9 @@ impl Link {
                 if let Some(t) = transport {
                     opts.set_transport(t);
                 }
-                let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, capacity);
-                tokio::spawn(async move {
-                    loop {
-                        let polled = eventloop.poll().await;
-                        if matches!(polled, Ok(rumqttc::Event::Incoming(_))) {
-                            stamp();
-                        }
-                        let polled = polled.map(v4_event).map_err(v4_error);
-                        let failed = polled.is_err();
-                        if tx.send(polled).await.is_err() || failed {
-                            return;
-                        }
-                    }
-                });
+                let (client, eventloop) = rumqttc::AsyncClient::new(opts, capacity);
+                let incoming = |e: &rumqttc::Event| matches!(e, rumqttc::Event::Incoming(_));
+                spawn_poller!(eventloop, incoming, v4_event, v4_error, tx, stamp);
                 Client::V4(client)
             }
             Protocol::V5 => {
@@ -148,20 +158,9 @@ impl Link {
                 if let Some(t) = transport {
                     opts.set_transport(t);
                 }
-                let (client, mut eventloop) = v5::AsyncClient::new(opts, capacity);
-                tokio::spawn(async move {
-                    loop {
-                        let polled = eventloop.poll().await;
-                        if matches!(polled, Ok(v5::Event::Incoming(_))) {
-                            stamp();
-                        }
-                        let polled = polled.map(v5_event).map_err(v5_error);
-                        let failed = polled.is_err();
-                        if tx.send(polled).await.is_err() || failed {
-                            return;
-                        }
-                    }
-                });
+                let (client, eventloop) = v5::AsyncClient::new(opts, capacity);
+                let incoming = |e: &v5::Event| matches!(e, v5::Event::Incoming(_));
+                spawn_poller!(eventloop, incoming, v5_event, v5_error, tx, stamp);
                 Client::V5(client)
             }
         };
@@ -264,7 +263,6 @@ fn v4_event(ev: rumqttc::Event) -> LinkEvent {
             refused: None,
         },
         Event::Outgoing(Outgoing::Disconnect) => LinkEvent::Disconnected,
-        Event::Incoming(_) => LinkEvent::Heard,
         _ => LinkEvent::Other,
     }
 }
@@ -310,7 +308,6 @@ fn v5_event(ev: rumqttc::v5::Event) -> LinkEvent {
             }
         }
         Event::Outgoing(Outgoing::Disconnect) => LinkEvent::Disconnected,
-        Event::Incoming(_) => LinkEvent::Heard,
         _ => LinkEvent::Other,
     }
 }

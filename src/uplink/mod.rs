@@ -135,10 +135,7 @@ pub async fn run(
                     backoff.reset();
                 }
                 let reason = tls::explain(&reason);
-                let kind = FailureKind::ALL
-                    .iter()
-                    .position(|k| *k == kind)
-                    .unwrap_or(0);
+                let kind = kind.index();
                 metrics.failures[kind].fetch_add(1, Relaxed);
                 metrics.down_because.store(kind as u64 + 1, Relaxed);
                 *metrics.last_error.lock().unwrap_or_else(|p| p.into_inner()) =

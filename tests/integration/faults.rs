@@ -7,10 +7,6 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
-fn distinct(sub: &Subscriber) -> BTreeSet<u64> {
-    sub.take().iter().map(|m| seq_of(&m.payload)).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_open_uplink_is_detected_within_one_and_a_half_keep_alives() {
     let World {
@@ -30,7 +26,7 @@ async fn a_half_open_uplink_is_detected_within_one_and_a_half_keep_alives() {
             .publish("sensors/yard/d1/temperature", reading("d1", seq))
             .await;
     }
-    wait_until("first events upstream", || distinct(&sub).len() == 100).await;
+    wait_until("first events upstream", || sub.distinct_seqs().len() == 100).await;
 
     // The path goes silent: the TCP connection stays open, nothing passes.
     proxy.set_stalled(true);
@@ -50,8 +46,8 @@ async fn a_half_open_uplink_is_detected_within_one_and_a_half_keep_alives() {
     assert!(detected < Duration::from_secs(6), "{detected:?}");
 
     proxy.set_stalled(false);
-    wait_until("every event upstream", || distinct(&sub).len() == N).await;
-    assert_eq!(distinct(&sub), (0..N as u64).collect::<BTreeSet<_>>());
+    wait_until("every event upstream", || sub.distinct_seqs().len() == N).await;
+    assert_eq!(sub.distinct_seqs(), (0..N as u64).collect::<BTreeSet<_>>());
     gw.stop().await;
 }
 
@@ -90,8 +86,8 @@ async fn an_upstream_flapping_under_load_loses_nothing() {
     proxy.set_up(true);
     sensor.wait_acked(N).await;
     assert!(flips >= 4, "the link flapped {flips} times");
-    wait_until("every event upstream", || distinct(&sub).len() == N).await;
-    assert_eq!(distinct(&sub), (0..N as u64).collect::<BTreeSet<_>>());
+    wait_until("every event upstream", || sub.distinct_seqs().len() == N).await;
+    assert_eq!(sub.distinct_seqs(), (0..N as u64).collect::<BTreeSet<_>>());
     wait_until("queue drained", || gw.queued("cloud") == 0).await;
     assert!(
         up.connects.load(Relaxed) >= 3,

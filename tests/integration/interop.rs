@@ -32,10 +32,6 @@ async fn publish_readings(gw: &Gateway, device: &str, seqs: std::ops::Range<usiz
     sensor.wait_acked(n).await;
 }
 
-fn distinct(sub: &Subscriber) -> BTreeSet<u64> {
-    sub.take().iter().map(|m| seq_of(&m.payload)).collect()
-}
-
 /// Forward, cut the uplink, queue more, restart Mosquitto (with its
 /// persistence file if `keep_session`, else fresh), reconnect: every event
 /// arrives, and the gateway saw the session as the broker reports it.
@@ -54,7 +50,7 @@ async fn outage_and_restart(protocol: &str, keep_session: bool) {
     const N1: usize = 100;
     const N2: usize = 300;
     publish_readings(&gw, "d1", 0..N1).await;
-    wait_until("first events upstream", || distinct(&sub).len() == N1).await;
+    wait_until("first events upstream", || sub.distinct_seqs().len() == N1).await;
     assert!(
         !up.session_present.load(Relaxed),
         "a fresh broker has no session"
@@ -82,9 +78,12 @@ async fn outage_and_restart(protocol: &str, keep_session: bool) {
     wait_until("subscriber back", || sub.subscriptions() >= expected_subs).await;
     let connects = up.connects.load(Relaxed);
     proxy.set_up(true);
-    wait_until("every event upstream", || distinct(&sub).len() == N1 + N2).await;
+    wait_until("every event upstream", || {
+        sub.distinct_seqs().len() == N1 + N2
+    })
+    .await;
     assert_eq!(
-        distinct(&sub),
+        sub.distinct_seqs(),
         (0..(N1 + N2) as u64).collect::<BTreeSet<_>>()
     );
     wait_until("queue drained", || gw.queued("cloud") == 0).await;

@@ -309,6 +309,11 @@ impl Subscriber {
         }
     }
 
+    /// The sequence numbers received so far, each once.
+    pub fn distinct_seqs(&self) -> std::collections::BTreeSet<u64> {
+        self.take().iter().map(|m| seq_of(&m.payload)).collect()
+    }
+
     /// SUBACKs received so far (one per (re)subscription).
     pub fn subscriptions(&self) -> usize {
         self.subacks.load(Ordering::SeqCst)
