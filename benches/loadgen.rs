@@ -7,7 +7,9 @@
 //!       counts what arrives: distinct, duplicate and out-of-order events
 //!       per device, and latency from the timestamp in each payload. It
 //!       prints a line per second, and exits with a summary once `--expect`
-//!       distinct events have arrived (or on Ctrl-C).
+//!       distinct events have arrived (or on Ctrl-C). With `--down-file F`
+//!       it plays an outage while F exists: it closes its connections and
+//!       drops new ones at once, and keeps its counts across the outage.
 //!
 //!   cargo bench --bench loadgen -- publish --to 127.0.0.1:1883 --events N \
 //!       [--devices 10] [--size 200] [--rate 0] [--qos 1] [--first 0]
@@ -47,6 +49,9 @@ enum Command {
         /// Exit once this many distinct events arrived (0: run until killed).
         #[arg(long, default_value_t = 0)]
         expect: u64,
+        /// While this file exists the sink is "down" (an upstream outage).
+        #[arg(long)]
+        down_file: Option<std::path::PathBuf>,
     },
     Publish {
         #[arg(long, default_value = "127.0.0.1:1883")]
@@ -81,7 +86,11 @@ fn now_us() -> u64 {
 async fn main() {
     let cli = Cli::parse();
     match cli.command {
-        Command::Sink { listen, expect } => sink(listen, expect).await,
+        Command::Sink {
+            listen,
+            expect,
+            down_file,
+        } => sink(listen, expect, down_file).await,
         Command::Publish {
             to,
             events,
@@ -249,21 +258,43 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
-async fn sink(listen: SocketAddr, expect: u64) {
+/// Watches `--down-file`: true while it exists (checked every 100 ms).
+fn outage(down_file: Option<std::path::PathBuf>) -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(down_file.as_ref().is_some_and(|f| f.exists()));
+    if let Some(f) = down_file {
+        tokio::spawn(async move {
+            loop {
+                let down = f.exists();
+                tx.send_if_modified(|d| std::mem::replace(d, down) != down);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    }
+    rx
+}
+
+async fn sink(listen: SocketAddr, expect: u64, down_file: Option<std::path::PathBuf>) {
     let listener = TcpListener::bind(listen).await.expect("sink listens");
     println!("sink listening on {}", listener.local_addr().unwrap());
     let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
     let s = seen.clone();
+    let down = outage(down_file);
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
+            if *down.borrow() {
+                continue; // dropped: the client sees the connection reset
+            }
             let _ = stream.set_nodelay(true);
-            let s = s.clone();
+            let (s, mut down) = (s.clone(), down.clone());
             tokio::spawn(async move {
-                if let Err(e) = serve(stream, s).await {
-                    eprintln!("sink: connection ended: {e}");
+                tokio::select! {
+                    r = serve(stream, s) => if let Err(e) = r {
+                        eprintln!("sink: connection ended: {e}");
+                    },
+                    _ = down.wait_for(|d| *d) => {}
                 }
             });
         }
