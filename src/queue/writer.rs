@@ -317,6 +317,9 @@ impl Writer {
                 last_round = Instant::now();
                 continue;
             }
+            // Commits are spaced start to start, so an event waits at most
+            // one interval plus one commit, not an interval plus two.
+            let started = Instant::now();
             // After a failure, small steps: one big transaction may need
             // more WAL than the disk has left.
             let committed = if retry_at.is_some() {
@@ -329,7 +332,7 @@ impl Writer {
                     if retry_at.take().is_some() {
                         info!("queue commits work again");
                     }
-                    last_round = Instant::now();
+                    last_round = started;
                     self.restore_reserve();
                 }
                 Err(e) => {
