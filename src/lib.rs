@@ -272,6 +272,11 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         summary.await;
         ("summary", Ok(()))
     });
+    let trim = ops::memory::trim_periodically(shutdown_rx.clone());
+    stages.spawn(async move {
+        trim.await;
+        ("memory", Ok(()))
+    });
     // The health stage holds the last queue handle here: when every stage
     // has ended, the writer commits and exits.
     let health = health(queue, metrics.clone(), shutdown_rx.clone());

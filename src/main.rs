@@ -317,20 +317,8 @@ fn queue_command(command: QueueCommand) -> ExitCode {
     }
 }
 
-/// glibc gives each thread that allocates its own heap arena (up to eight
-/// per core), and memory freed into one is not returned for another's use:
-/// on a daemon with a dozen threads that is RSS for nothing. Two arenas
-/// are plenty for its contention.
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only tunes the allocator; called before any thread starts.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
-}
-
 fn run(path: Option<PathBuf>) -> ExitCode {
-    limit_malloc_arenas();
+    edgeferry::ops::memory::limit_arenas();
     let config = match Config::load(installed_or(path).as_deref()) {
         Ok(c) => c,
         Err(errors) => {

@@ -3,5 +3,6 @@
 
 pub mod http;
 pub mod logging;
+pub mod memory;
 pub mod prometheus;
 pub mod systemd;
