@@ -261,15 +261,18 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 /// Watches `--down-file`: true while it exists (checked every 100 ms).
 fn outage(down_file: Option<std::path::PathBuf>) -> tokio::sync::watch::Receiver<bool> {
     let (tx, rx) = tokio::sync::watch::channel(down_file.as_ref().is_some_and(|f| f.exists()));
-    if let Some(f) = down_file {
-        tokio::spawn(async move {
-            loop {
-                let down = f.exists();
-                tx.send_if_modified(|d| std::mem::replace(d, down) != down);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        });
-    }
+    // The sender lives as long as the sink: a closed channel would end
+    // every connection's wait for an outage at once.
+    tokio::spawn(async move {
+        let Some(f) = down_file else {
+            return std::future::pending::<()>().await;
+        };
+        loop {
+            let down = f.exists();
+            tx.send_if_modified(|d| std::mem::replace(d, down) != down);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
     rx
 }
 
