@@ -83,7 +83,7 @@ impl Default for BrokerConfig {
             listen_v5: None,
             max_payload: ByteSize(256 << 10),
             max_connections: 1000,
-            segment_size: ByteSize(1 << 20),
+            segment_size: ByteSize(256 << 10),
             segment_count: 4,
             ingest: vec!["#".to_string()],
             tls_listen: None,
