@@ -318,7 +318,8 @@ impl Writer {
                 continue;
             }
             // Commits are spaced start to start, so an event waits at most
-            // one interval plus one commit, not an interval plus two.
+            // one interval plus one commit, not an interval plus two (unless
+            // commits take most of the interval, see below).
             let started = Instant::now();
             // After a failure, small steps: one big transaction may need
             // more WAL than the disk has left.
@@ -332,7 +333,12 @@ impl Writer {
                     if retry_at.take().is_some() {
                         info!("queue commits work again");
                     }
-                    last_round = started;
+                    // A commit as long as the interval (a slow SD card, a
+                    // retry in steps) would leave no time to gather the next
+                    // batch: commits of a few rows each, back to back. Keep
+                    // at least a quarter interval of gathering after each.
+                    let gather_from = Instant::now().checked_sub(interval - interval / 4);
+                    last_round = gather_from.map_or(started, |g| started.max(g));
                     self.restore_reserve();
                 }
                 Err(e) => {
