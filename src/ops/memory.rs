@@ -8,17 +8,13 @@
 //!   burst (a backlog arriving, a drain) RSS would stay at its peak although
 //!   the events are long on disk or upstream; on a gateway RSS is what the
 //!   operator watches and what the OOM killer counts. `malloc_trim(0)`
-//!   returns every whole free page of every arena to the kernel; run every
-//!   few seconds it costs well under a millisecond.
+//!   returns every whole free page of every arena to the kernel. It holds
+//!   each arena's lock while it walks it, so it runs only every few seconds;
+//!   each call's duration is logged at debug level.
 //!
-//! Elsewhere (musl, other systems) both are no-ops.
-
-use std::time::Duration;
+//! Elsewhere (musl, other systems) neither exists and nothing runs.
 
 use tokio::sync::watch;
-
-/// How often freed heap pages are given back.
-const TRIM_EVERY: Duration = Duration::from_secs(5);
 
 /// Limits glibc to two malloc arenas. Call before any thread starts.
 pub fn limit_arenas() {
@@ -29,24 +25,30 @@ pub fn limit_arenas() {
     }
 }
 
-/// Gives freed heap pages back to the kernel every few seconds until shutdown.
+/// Gives freed heap pages back to the kernel every few seconds until
+/// shutdown (on glibc; elsewhere it only waits for shutdown).
 pub async fn trim_periodically(mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(TRIM_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.wait_for(|s| *s) => return,
-        }
-        // It walks the arenas' free lists under their locks: off the workers.
-        let _ = tokio::task::spawn_blocking(trim).await;
-    }
-}
-
-fn trim() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free memory; it is thread-safe.
-    unsafe {
-        libc::malloc_trim(0);
+    {
+        /// How often freed heap pages are given back.
+        const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+        let mut tick = tokio::time::interval(TRIM_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            // Not on a runtime worker: it can wait on an arena's lock.
+            let _ = tokio::task::spawn_blocking(|| {
+                let started = std::time::Instant::now();
+                // SAFETY: malloc_trim only releases free memory; it is thread-safe.
+                let released = unsafe { libc::malloc_trim(0) };
+                tracing::debug!(elapsed = ?started.elapsed(), released, "heap trimmed");
+            })
+            .await;
+        }
     }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = shutdown.wait_for(|s| *s).await;
 }
