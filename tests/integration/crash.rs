@@ -116,7 +116,14 @@ impl World {
 
 fn write_config(dir: &Path, upstream_port: u16, queue: &str) -> (PathBuf, u16) {
     let port = free_port();
-    let text = listen_on(&config_text(dir, upstream_port, ""), port);
+    // The sensors here publish as fast as PUBACKs return; 4 MiB of broker
+    // segments keep a loaded CI machine's ingest lag from skipping events
+    // (these tests are about the queue, and reason from gap-free input).
+    let text = config_text(dir, upstream_port, "").replace(
+        "[broker]\n",
+        "[broker]\nsegment_size = \"1MiB\"\nsegment_count = 4\n",
+    );
+    let text = listen_on(&text, port);
     let text = queue_at(&text, &dir.join("queue.db"), queue);
     let path = dir.join("edgeferry.toml");
     std::fs::write(&path, text).unwrap();

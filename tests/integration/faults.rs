@@ -129,6 +129,14 @@ async fn a_stalled_local_link_makes_rumqttd_drop_and_every_drop_is_counted() {
         Arc::new(AtomicUsize::new(0)),
         Arc::new(AtomicBool::new(false)),
     );
+    /// Releases the workers however the test ends (a failed assertion too).
+    struct Release(Arc<AtomicBool>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.store(true, Relaxed);
+        }
+    }
+    let _release = Release(release.clone());
     for _ in 0..2 {
         let (blocked, release) = (blocked.clone(), release.clone());
         tokio::spawn(async move {
