@@ -54,6 +54,24 @@ fn written_bytes(pid: u32) -> u64 {
 }
 
 /// Counters from the daemon's "status" summary line, logged every second.
+/// The counter from the next summary line that lands in `log`, and when it
+/// was seen (polled every 5 ms).
+async fn next_counter(log: &Path, key: &str) -> (u64, Instant) {
+    let lines = |log: &Path| {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .matches(&format!(" {key}="))
+            .count()
+    };
+    let seen = lines(log);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lines(log) == seen {
+        assert!(Instant::now() < deadline, "no summary line in 10 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (last_counter(log, key), Instant::now())
+}
+
 fn last_counter(log: &Path, key: &str) -> u64 {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     text.lines()
@@ -204,20 +222,23 @@ async fn main() {
     let counter = Counter::start(upstream, "plant/#", (events + steady) as usize).await;
     let rss_idle = rss_kib(pid);
     tokio::time::sleep(Duration::from_millis(1500)).await; // let the first summary line land
-    let commits_before = last_counter(&log, "commits");
-    // Commits per second over the whole window between the two counter
-    // reads (both from a summary line at most 1 s old), the tail of acks
-    // included: dividing by the publishing time alone overstated the rate.
-    let window = Instant::now();
+    // Commits per second between two summary lines, each read as it lands
+    // (one a second), around the publishing: exact counts over an exact
+    // window (dividing a longer window's count by the publishing time
+    // alone overstated the rate; dividing by the whole window, acks' tail
+    // included, understated it).
+    let (commits_before, window) = next_counter(&log, "commits").await;
     let written_before = written_bytes(pid);
     let start = Instant::now();
     publish(addr, events..events + steady, STEADY_RATE).await;
     let d = counter.distinct.clone();
     wait_until("steady events upstream", || d.load(Relaxed) >= steady).await;
     let secs = start.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_millis(1500)).await; // the next summary line
-    let commits = last_counter(&log, "commits") - commits_before;
-    let window = window.elapsed().as_secs_f64();
+    let (commits_after, window_end) = next_counter(&log, "commits").await;
+    let commits = commits_after - commits_before;
+    let window = (window_end - window).as_secs_f64();
+    // The deletes of the last acknowledged events, for the bytes written.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let rss_steady = rss_kib(pid);
     let written = written_bytes(pid) - written_before;
     println!(
