@@ -495,7 +495,12 @@ async fn pipe(
     let mut buf = vec![0u8; 64 << 10];
     loop {
         let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => {
+                // A dead path delivers no close either: while stalled, hold
+                // it (the far end may time the silent client out first).
+                let _ = stalled.wait_for(|s| !*s).await;
+                return;
+            }
             Ok(n) => n,
         };
         if stalled.wait_for(|s| !*s).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
