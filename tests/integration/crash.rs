@@ -258,21 +258,29 @@ async fn sigkill_while_forwarding_loses_no_committed_event() {
     wait_until("queue drained", || queued_in(&db, "cloud") == 0).await;
     // Deleted means acknowledged by the upstream broker; its delivery to the
     // subscriber may still be on the way.
+    wait_delivered(&sub, &(0..=last).collect()).await;
+    assert_at_least_once(&sub, &queued.into_iter().collect(), 2);
+}
+
+/// Waits until every one of `must` has reached the subscriber.
+async fn wait_delivered(sub: &Subscriber, must: &BTreeSet<u64>) {
     let messages = sub.messages.clone();
     wait_until("every committed event delivered", || {
         let got = messages.lock().unwrap();
         let seen: BTreeSet<u64> = got.iter().map(|m| seq_of(&m.payload)).collect();
-        (0..=last).all(|s| seen.contains(&s))
+        must.is_subset(&seen)
     })
     .await;
-    let got = sub.take();
-    // At least once: an event arrives twice only if its row was still in the
-    // queue at the kill (in flight, or acknowledged but its delete not yet
-    // committed); nothing already deleted is sent again.
-    let queued: BTreeSet<u64> = queued.into_iter().collect();
+}
+
+/// At least once: an event arrives twice only if its row was still in the
+/// queue at a kill (in flight, or acknowledged but its delete not yet
+/// committed); nothing already deleted is sent again, and nothing arrives
+/// more than `max` times. Returns how many events arrived more than once.
+fn assert_at_least_once(sub: &Subscriber, queued_at_kills: &BTreeSet<u64>, max: usize) -> usize {
     let mut counts = std::collections::BTreeMap::new();
-    for m in &got {
-        *counts.entry(seq_of(&m.payload)).or_insert(0) += 1;
+    for m in sub.take() {
+        *counts.entry(seq_of(&m.payload)).or_insert(0usize) += 1;
     }
     let dups: Vec<u64> = counts
         .iter()
@@ -280,13 +288,14 @@ async fn sigkill_while_forwarding_loses_no_committed_event() {
         .map(|(s, _)| *s)
         .collect();
     assert!(
-        dups.iter().all(|s| queued.contains(s)),
+        dups.iter().all(|s| queued_at_kills.contains(s)),
         "duplicates of deleted rows: {dups:?}"
     );
     assert!(
-        counts.values().all(|n| *n <= 2),
-        "an event arrived more than twice"
+        counts.values().all(|n| *n <= max),
+        "an event arrived more than {max} times"
     );
+    dups.len()
 }
 
 /// SIGKILL in a loop under load, the upstream alternately up (the kill
@@ -348,32 +357,12 @@ async fn sigkill_loop_under_load_loses_no_committed_event() {
     proxy.set_up(true);
     let _daemon = Daemon::start(dir.path(), &config, port).await;
     wait_until("queue drained", || queued_in(&db, "cloud") == 0).await;
-    let messages = sub.messages.clone();
-    wait_until("every committed event delivered", || {
-        let got = messages.lock().unwrap();
-        let seen: BTreeSet<u64> = got.iter().map(|m| seq_of(&m.payload)).collect();
-        must.is_subset(&seen)
-    })
-    .await;
-    let mut counts = std::collections::BTreeMap::new();
-    for m in sub.take() {
-        *counts.entry(seq_of(&m.payload)).or_insert(0usize) += 1;
-    }
-    let dups: Vec<u64> = counts
-        .iter()
-        .filter(|(_, n)| **n > 1)
-        .map(|(s, _)| *s)
-        .collect();
+    wait_delivered(&sub, &must).await;
+    let dups = assert_at_least_once(&sub, &queued_at_kills, ROUNDS + 1);
     eprintln!(
-        "{ROUNDS} kills: {} events committed, all delivered; {} delivered twice or more",
+        "{ROUNDS} kills: {} events committed, all delivered; {dups} delivered twice or more",
         must.len(),
-        dups.len()
     );
-    assert!(
-        dups.iter().all(|s| queued_at_kills.contains(s)),
-        "duplicates of rows deleted before a kill"
-    );
-    assert!(counts.values().all(|n| *n <= ROUNDS + 1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
