@@ -13,14 +13,14 @@ mod policy;
 mod schema;
 mod writer;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use rusqlite::OptionalExtension;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::oneshot;
 use tracing::info;
 
 use crate::metrics::Metrics;
@@ -114,6 +114,12 @@ enum Cmd {
         limit: usize,
         reply: oneshot::Sender<Result<Vec<Row>, QueueError>>,
     },
+    Wait {
+        upstream: String,
+        after: Cursor,
+        limit: usize,
+        reply: oneshot::Sender<Result<Vec<Row>, QueueError>>,
+    },
     Depth {
         reply: oneshot::Sender<BTreeMap<String, u64>>,
     },
@@ -134,8 +140,10 @@ enum Cmd {
 #[derive(Clone)]
 pub struct QueueHandle {
     tx: flume::Sender<Cmd>,
-    notify: Arc<HashMap<String, Arc<Notify>>>,
 }
+
+/// The answer to [`QueueHandle::wait`]: the rows, once there are any.
+pub type Waiting = oneshot::Receiver<Result<Vec<Row>, QueueError>>;
 
 /// How the writer commits and bounds the queue.
 #[derive(Debug, Clone)]
@@ -200,6 +208,32 @@ impl QueueHandle {
         rx.await.map_err(|_| QueueError::Closed)?
     }
 
+    /// Like `fetch` (with no upper id), but if nothing is readable yet the
+    /// writer keeps the request and answers it as soon as rows of
+    /// `upstream` become readable: appended with "offline", committed with
+    /// "always". The rows go straight from the writer to the uplink, so a
+    /// live event costs no wake-up and round trip in between. One request
+    /// waits per upstream; a newer one replaces it, and a dropped receiver
+    /// only cancels it (nothing is taken from the queue by answering).
+    pub async fn wait(
+        &self,
+        upstream: &str,
+        after: Cursor,
+        limit: usize,
+    ) -> Result<Waiting, QueueError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send_async(Cmd::Wait {
+                upstream: upstream.to_string(),
+                after,
+                limit,
+                reply,
+            })
+            .await
+            .map_err(|_| QueueError::Closed)?;
+        Ok(rx)
+    }
+
     /// Per upstream and priority: events, bytes, oldest receive time; from
     /// the writer's memory (no table scan), pending appends included.
     pub async fn stats(&self) -> Result<Vec<Stats>, QueueError> {
@@ -247,11 +281,6 @@ impl QueueHandle {
             .map_err(|_| QueueError::Closed)?;
         rx.await.map_err(|_| QueueError::Closed)
     }
-
-    /// Signalled after each commit that added rows for `upstream`.
-    pub fn notified(&self, upstream: &str) -> Arc<Notify> {
-        self.notify.get(upstream).cloned().unwrap_or_default()
-    }
 }
 
 /// Open (creating, migrating or recovering) the database at `path` and start
@@ -263,18 +292,10 @@ pub fn open(
     metrics: Arc<Metrics>,
 ) -> Result<(QueueHandle, std::thread::JoinHandle<()>), QueueError> {
     let conn = schema::open_or_recover(path, &metrics)?;
-    let notify: HashMap<String, Arc<Notify>> = settings
-        .max_size
-        .keys()
-        .map(|u| (u.clone(), Arc::default()))
-        .collect();
-    let notify = Arc::new(notify);
     let writer =
-        writer::Writer::new(conn, path, settings, metrics, notify.clone()).map_err(|source| {
-            QueueError::Open {
-                path: path.to_path_buf(),
-                source,
-            }
+        writer::Writer::new(conn, path, settings, metrics).map_err(|source| QueueError::Open {
+            path: path.to_path_buf(),
+            source,
         })?;
     info!(path = %path.display(), queued = writer.rows_total(), "queue opened");
     // Room for a few batches: the router blocks (backpressure) beyond that.
@@ -287,7 +308,7 @@ pub fn open(
             action: "start the writer thread",
             source,
         })?;
-    Ok((QueueHandle { tx, notify }, thread))
+    Ok((QueueHandle { tx }, thread))
 }
 
 /// Per upstream and priority: events, bytes, and the oldest receive time.

@@ -561,3 +561,41 @@ async fn offline_expired_rows_in_ram_are_never_read_and_counted() {
     .await;
     assert_eq!(q.depth().await.unwrap()["a"], 1);
 }
+
+/// A waiting request: answered at once when rows are there, else held and
+/// answered when rows of its upstream become readable (appended with
+/// "offline", committed with "always"), never by another upstream's rows.
+#[tokio::test]
+async fn a_waiting_read_is_answered_when_rows_become_readable() {
+    for (mode, s) in [
+        ("always", settings(u64::MAX)),
+        ("offline", offline(1 << 20, Duration::from_secs(3600))),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (q, _t) = open(&dir.path().join("q.db"), s, connected()).unwrap();
+        append(&q, vec![row("a", 1, Priority::Normal)]).await;
+        let now = q.wait("a", Cursor::default(), 10).await.unwrap();
+        let rows = now.await.unwrap().unwrap();
+        assert_eq!(payloads(&rows), [1], "{mode}: there already");
+
+        let mut after = Cursor::default();
+        after.advance(&rows[0]);
+        let mut later = q.wait("a", after, 2).await.unwrap();
+        append(&q, vec![row("b", 9, Priority::Normal)]).await;
+        q.depth().await.unwrap(); // the writer has handled both
+        assert!(later.try_recv().is_err(), "{mode}: not for b's rows");
+        q.append((2..5).map(|n| row("a", n, Priority::Normal)).collect())
+            .await
+            .unwrap();
+        let rows = later.await.unwrap().unwrap();
+        assert_eq!(payloads(&rows), [2, 3], "{mode}: up to the limit, in order");
+
+        // A receiver dropped before the rows come cancels nothing else.
+        let mut after = Cursor::default();
+        after.advance(&rows[1]);
+        drop(q.wait("a", after, 10).await.unwrap());
+        append(&q, vec![row("a", 5, Priority::Normal)]).await;
+        let rows = q.fetch("a", after, i64::MAX, 10).await.unwrap();
+        assert_eq!(payloads(&rows), [4, 5], "{mode}: still queued");
+    }
+}

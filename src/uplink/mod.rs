@@ -35,7 +35,7 @@ use crate::config::{DrainOrder, Protocol, UpstreamConfig};
 use crate::credentials::{self, CredentialError, Secret};
 use crate::metrics::{FailureKind, UplinkMetrics};
 use crate::pacing::Pacer;
-use crate::queue::{Cursor, QueueError, QueueHandle};
+use crate::queue::{Cursor, QueueError, QueueHandle, Row, Waiting};
 use crate::tls::{self, TlsError};
 use link::{Extras, Link, LinkEvent};
 
@@ -217,7 +217,6 @@ async fn session(
     *metrics.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
     info!(upstream = %name, url = %up.url, protocol = ?up.protocol, session_present, window, "uplink connected");
 
-    let notify = queue.notified(name);
     // Resend everything not yet acknowledged: start from the beginning.
     let mut after = Cursor::default();
     // With drain_order = "live_first", rows up to `boundary` are the backlog
@@ -238,8 +237,13 @@ async fn session(
     let mut inflight: HashMap<u16, i64> = HashMap::with_capacity(window);
     let mut acks: Vec<i64> = Vec::with_capacity(window);
     let mut ack_deadline: Option<Instant> = None;
-    // True when the last fetch found no more rows: wait for a commit.
+    // True when the last read found no more rows: wait for the queue to
+    // send some (`waiting`, a request for up to `wait_limit` rows).
     let mut drained = false;
+    let mut waiting: Option<Waiting> = None;
+    let mut wait_limit = 0;
+    // Rows the queue sent in answer to `waiting`.
+    let mut pushed: Option<Vec<Row>> = None;
     let mut acked_any = false;
     let v5 = up.protocol == Protocol::V5;
     // A half-open link (a NAT or a cellular modem that dropped the path
@@ -257,7 +261,10 @@ async fn session(
         let allowed = pacer.allowance(free);
         // Waiting on the pace, not on the window or the queue.
         let paced = free > 0 && allowed == 0;
-        if !drained && allowed > 0 && (free >= refill || outstanding == 0 || allowed < free) {
+        let refilling = allowed > 0 && (free >= refill || outstanding == 0 || allowed < free);
+        let read = if let Some(rows) = pushed.take() {
+            Some((rows, wait_limit))
+        } else if !drained && refilling {
             let fetched = async {
                 // Live rows (queued after this connection) first when asked.
                 let mut rows = Vec::new();
@@ -272,16 +279,20 @@ async fn session(
                 }
                 Ok::<_, QueueError>(rows)
             };
-            let rows = match fetched.await {
-                Ok(rows) => rows,
+            match fetched.await {
+                Ok(rows) => Some((rows, allowed)),
                 Err(QueueError::Closed) => break Ended::QueueClosed,
                 Err(e) => {
                     warn!(upstream = %name, error = %e, "cannot read queue; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 }
-            };
-            drained = rows.len() < allowed;
+            }
+        } else {
+            None
+        };
+        if let Some((rows, asked)) = read {
+            drained = rows.len() < asked;
             let mut refused = None;
             let (mut handled, mut published) = (0usize, 0usize);
             let now_ms = crate::event::now_ms();
@@ -368,11 +379,34 @@ async fn session(
         if ack_deadline.is_none() && !acks.is_empty() {
             ack_deadline = Some(Instant::now() + ACK_FLUSH);
         }
+        // Caught up: ask the queue for the next rows as soon as there is
+        // room for a batch, and have it send them when they come. After a
+        // backlog (`live_first`) every new row is a live one.
+        if drained && waiting.is_none() {
+            let free = window.saturating_sub(awaiting.len() + inflight.len());
+            let allowed = pacer.allowance(free);
+            if allowed > 0 && (free >= refill || free == window || allowed < free) {
+                let cursor = if live_first { live_after } else { after };
+                match queue.wait(name, cursor, allowed).await {
+                    Ok(w) => {
+                        waiting = Some(w);
+                        wait_limit = allowed;
+                    }
+                    Err(_) => break Ended::QueueClosed,
+                }
+            }
+        }
 
         let polled = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => break Ended::Shutdown,
-            _ = notify.notified(), if drained => {
-                drained = false;
+            answer = recv_opt(&mut waiting) => {
+                waiting = None;
+                match answer {
+                    Ok(Ok(rows)) => pushed = Some(rows),
+                    // Read again the usual way (which retries and warns).
+                    Ok(Err(_)) => drained = false,
+                    Err(_) => break Ended::QueueClosed,
+                }
                 continue;
             }
             _ = sleep_until_opt(ack_deadline) => continue,
@@ -532,6 +566,16 @@ async fn flush_acks(queue: &QueueHandle, acks: &mut Vec<i64>) -> Result<(), Queu
         return Ok(());
     }
     queue.ack(std::mem::take(acks)).await
+}
+
+/// The answer to a waiting request, if there is one (else never).
+async fn recv_opt(
+    waiting: &mut Option<Waiting>,
+) -> Result<Result<Vec<Row>, QueueError>, tokio::sync::oneshot::error::RecvError> {
+    match waiting {
+        Some(rx) => rx.await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
