@@ -193,7 +193,7 @@ impl Default for QueueConfig {
         QueueConfig {
             path: PathBuf::from("data/queue.db"),
             commit_interval: HumanDuration(Duration::from_millis(100)),
-            commit_max_events: 5000,
+            commit_max_events: 2000,
             min_free_disk: ByteSize(64 << 20),
             sweep_interval: HumanDuration(Duration::from_secs(10)),
             durability: crate::queue::Durability::Always,
