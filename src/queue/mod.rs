@@ -4,10 +4,12 @@
 //! it expired, or a full queue evicted it. Appends, acks and evictions are
 //! applied in group commits: at most one commit per `commit_interval` (so an
 //! SD card sees a bounded number of syncs per second), or sooner once
-//! `commit_max_events` rows wait. Uplinks read only committed rows, so
-//! nothing is sent that a power cut could still take back. All SQLite work
-//! happens on the writer thread; async callers talk to it over a bounded
-//! channel, which is also the pipeline's backpressure.
+//! `commit_max_events` rows wait. With durability "always" uplinks read only
+//! committed rows, so nothing is sent that a power cut could still take
+//! back; with "offline" they read rows from RAM and only what waits is
+//! written. All SQLite work happens on the writer thread; async callers
+//! talk to it over a bounded channel, which is also the pipeline's
+//! backpressure.
 
 mod policy;
 mod schema;

@@ -562,6 +562,15 @@ async fn offline_expired_rows_in_ram_are_never_read_and_counted() {
     assert_eq!(q.depth().await.unwrap()["a"], 1);
 }
 
+/// The answer to a waiting read, or a failure if it does not come.
+async fn answered(w: Waiting) -> Vec<Row> {
+    tokio::time::timeout(Duration::from_secs(60), w)
+        .await
+        .expect("a waiting read was never answered")
+        .expect("the writer dropped a waiting read")
+        .unwrap()
+}
+
 /// A waiting request: answered at once when rows are there, else held and
 /// answered when rows of its upstream become readable (appended with
 /// "offline", committed with "always"), never by another upstream's rows.
@@ -574,8 +583,7 @@ async fn a_waiting_read_is_answered_when_rows_become_readable() {
         let dir = tempfile::tempdir().unwrap();
         let (q, _t) = open(&dir.path().join("q.db"), s, connected()).unwrap();
         append(&q, vec![row("a", 1, Priority::Normal)]).await;
-        let now = q.wait("a", Cursor::default(), 10).await.unwrap();
-        let rows = now.await.unwrap().unwrap();
+        let rows = answered(q.wait("a", Cursor::default(), 10).await.unwrap()).await;
         assert_eq!(payloads(&rows), [1], "{mode}: there already");
 
         let mut after = Cursor::default();
@@ -587,15 +595,20 @@ async fn a_waiting_read_is_answered_when_rows_become_readable() {
         q.append((2..5).map(|n| row("a", n, Priority::Normal)).collect())
             .await
             .unwrap();
-        let rows = later.await.unwrap().unwrap();
+        let rows = answered(later).await;
         assert_eq!(payloads(&rows), [2, 3], "{mode}: up to the limit, in order");
 
-        // A receiver dropped before the rows come cancels nothing else.
+        // An uplink that went away (its receiver dropped) and came back:
+        // the new request is answered.
         let mut after = Cursor::default();
         after.advance(&rows[1]);
         drop(q.wait("a", after, 10).await.unwrap());
+        let rows = answered(q.wait("a", after, 10).await.unwrap()).await;
+        assert_eq!(payloads(&rows), [4], "{mode}: row 4 was there");
+        after.advance(&rows[0]);
+        drop(q.wait("a", after, 10).await.unwrap());
+        let again = q.wait("a", after, 10).await.unwrap();
         append(&q, vec![row("a", 5, Priority::Normal)]).await;
-        let rows = q.fetch("a", after, i64::MAX, 10).await.unwrap();
-        assert_eq!(payloads(&rows), [4, 5], "{mode}: still queued");
+        assert_eq!(payloads(&answered(again).await), [5], "{mode}: a new row");
     }
 }

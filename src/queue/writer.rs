@@ -83,6 +83,12 @@ pub(super) struct Writer {
     /// The same per upstream and priority, with the number of events: kept
     /// in memory (counted once at start) so depth and stats cost no scan.
     counts: HashMap<(String, Priority), Count>,
+    /// Per upstream and priority, at least the highest id in the file: a
+    /// fetch after it need not ask SQLite (ids only grow). That is most
+    /// fetches of a live uplink with "offline", and the queries cost a
+    /// third of its CPU per event. Raised before a commit, so a rolled-back
+    /// one leaves it too high (a wasted query), never too low.
+    written_max: HashMap<Arc<str>, [i64; 3]>,
     last_sweep: Instant,
     /// Free-space check: when last done, and whether space was below the watermark.
     disk_checked: Option<Instant>,
@@ -108,6 +114,7 @@ impl Writer {
     ) -> rusqlite::Result<Writer> {
         let mut bytes: HashMap<String, u64> = HashMap::new();
         let mut counts: HashMap<(String, Priority), Count> = HashMap::new();
+        let mut written_max: HashMap<Arc<str>, [i64; 3]> = HashMap::new();
         {
             let mut stmt = conn.prepare(COUNTS)?;
             let rows = stmt.query_map([], |r| {
@@ -121,18 +128,19 @@ impl Writer {
             })?;
             let mut unknown: HashMap<String, i64> = HashMap::new();
             for row in rows {
-                let (upstream, priority, count, size, written_max) = row?;
+                let (upstream, priority, count, size, max_id) = row?;
                 let size = size.unwrap_or(0) as u64;
+                let priority = Priority::from_i64(priority);
+                written_max.entry(upstream.as_str().into()).or_default()[priority.index()] = max_id;
                 if !settings.max_size.contains_key(&upstream) {
                     *unknown.entry(upstream.clone()).or_default() += count;
                 }
                 *bytes.entry(upstream.clone()).or_default() += size;
                 counts.insert(
-                    (upstream, Priority::from_i64(priority)),
+                    (upstream, priority),
                     Count {
                         events: count as u64,
                         bytes: size,
-                        written_max,
                     },
                 );
             }
@@ -155,6 +163,7 @@ impl Writer {
             scheduled: HashSet::new(),
             bytes,
             counts,
+            written_max,
             last_sweep: Instant::now(),
             disk_checked: None,
             disk_low: false,
@@ -706,11 +715,14 @@ impl Writer {
                 .iter()
                 .filter_map(|id| Some((id, &self.rows.get(id)?.row)))
             {
-                let c = self
-                    .counts
-                    .entry((r.upstream.to_string(), r.priority))
-                    .or_default();
-                c.written_max = c.written_max.max(*id);
+                match self.written_max.get_mut(&*r.upstream) {
+                    Some(m) => m[r.priority.index()] = m[r.priority.index()].max(*id),
+                    None => {
+                        let mut m = [0; 3];
+                        m[r.priority.index()] = *id;
+                        self.written_max.insert(r.upstream.clone(), m);
+                    }
+                }
                 insert.execute(params![
                     id,
                     &*r.upstream,
@@ -875,9 +887,9 @@ impl Writer {
         for priority in Priority::SEND_ORDER {
             let mut cursor = after.0[priority.index()];
             let on_disk = self
-                .counts
-                .get(&(upstream.to_string(), priority))
-                .is_some_and(|c| c.written_max > cursor);
+                .written_max
+                .get(upstream)
+                .is_some_and(|m| m[priority.index()] > cursor);
             while on_disk && out.len() < limit {
                 let want = limit - out.len();
                 let batch: Vec<Row> = stmt
@@ -1071,10 +1083,6 @@ struct Held {
 struct Count {
     events: u64,
     bytes: u64,
-    /// At least the highest id in the file: a fetch after it need not ask
-    /// SQLite (ids only grow). That is most fetches of a live uplink with
-    /// "offline", and the queries cost a third of its CPU per event.
-    written_max: i64,
 }
 
 /// `<db>.reserve`, beside the database.

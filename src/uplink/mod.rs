@@ -256,15 +256,12 @@ async fn session(
         let outstanding = awaiting.len() + inflight.len();
         metrics.inflight.store(outstanding as u64, Relaxed);
         let free = window.saturating_sub(outstanding);
-        // Refill in batches (a quarter window at least), not a row per PUBACK:
-        // each fetch is a round trip to the queue thread.
         let allowed = pacer.allowance(free);
         // Waiting on the pace, not on the window or the queue.
         let paced = free > 0 && allowed == 0;
-        let refilling = allowed > 0 && (free >= refill || outstanding == 0 || allowed < free);
         let read = if let Some(rows) = pushed.take() {
             Some((rows, wait_limit))
-        } else if !drained && refilling {
+        } else if !drained && read_now(free, allowed, window, refill) {
             let fetched = async {
                 // Live rows (queued after this connection) first when asked.
                 let mut rows = Vec::new();
@@ -381,11 +378,14 @@ async fn session(
         }
         // Caught up: ask the queue for the next rows as soon as there is
         // room for a batch, and have it send them when they come. After a
-        // backlog (`live_first`) every new row is a live one.
+        // backlog (`live_first`) every new row is a live one. Until the pace
+        // allows a row, wait on the pace instead.
+        let mut paced = !drained && paced;
         if drained && waiting.is_none() {
             let free = window.saturating_sub(awaiting.len() + inflight.len());
             let allowed = pacer.allowance(free);
-            if allowed > 0 && (free >= refill || free == window || allowed < free) {
+            paced = free > 0 && allowed == 0;
+            if read_now(free, allowed, window, refill) {
                 let cursor = if live_first { live_after } else { after };
                 match queue.wait(name, cursor, allowed).await {
                     Ok(w) => {
@@ -403,15 +403,15 @@ async fn session(
                 waiting = None;
                 match answer {
                     Ok(Ok(rows)) => pushed = Some(rows),
-                    // Read again the usual way (which retries and warns).
-                    Ok(Err(_)) => drained = false,
-                    Err(_) => break Ended::QueueClosed,
+                    // Read again the usual way (which retries and warns, or
+                    // ends the session if the queue has stopped).
+                    Ok(Err(_)) | Err(_) => drained = false,
                 }
                 continue;
             }
             _ = sleep_until_opt(ack_deadline) => continue,
             // Paced: more may be sent once the bucket has refilled.
-            _ = sleep_until_opt(pacer.ready_at()), if !drained && paced => continue,
+            _ = sleep_until_opt(pacer.ready_at()), if paced => continue,
             _ = tokio::time::sleep_until(link.last_heard() + silence_limit) => {
                 if link.last_heard() + silence_limit > Instant::now() {
                     continue; // heard meanwhile
@@ -566,6 +566,13 @@ async fn flush_acks(queue: &QueueHandle, acks: &mut Vec<i64>) -> Result<(), Queu
         return Ok(());
     }
     queue.ack(std::mem::take(acks)).await
+}
+
+/// Whether to read rows now: the pace allows some, and there is room for a
+/// batch (a quarter window), or nothing is out, or the pace is what limits.
+/// Not a row per PUBACK: each read is a round trip to the queue thread.
+fn read_now(free: usize, allowed: usize, window: usize, refill: usize) -> bool {
+    allowed > 0 && (free >= refill || free == window || allowed < free)
 }
 
 /// The answer to a waiting request, if there is one (else never).

@@ -238,6 +238,43 @@ async fn a_backlog_drains_at_the_configured_send_bytes_rate() {
     .await;
 }
 
+/// A caught-up uplink that owes its byte bucket after an event larger than
+/// the bucket still sends the next live event once the pace allows (half a
+/// second here), not when the next network traffic wakes it (a keep-alive
+/// ping, a minute here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caught_up_uplink_in_debt_to_its_byte_pace_sends_the_next_event_when_the_pace_allows() {
+    let size = (reading("q", 1).len() + "plant/p/q/temp".len()) as u64;
+    let World {
+        sub,
+        proxy,
+        gw,
+        sensor,
+    } = World::offline_with(&format!("send_bytes_rate = {}\n", size * 2), |t| {
+        t.replace("keep_alive = \"5s\"", "keep_alive = \"60s\"")
+    })
+    .await;
+    proxy.set_up(true);
+    let uplink = &gw.running.metrics.uplinks["cloud"];
+    wait_until("uplink connected", || uplink.connected.load(Relaxed)).await;
+    sensor
+        .publish("sensors/p/q/temperature", reading("q", 1))
+        .await;
+    sub.wait_for(1).await;
+    let sent = std::time::Instant::now();
+    sensor
+        .publish("sensors/p/q/temperature", reading("q", 2))
+        .await;
+    sub.wait_for(2).await;
+    let took = sent.elapsed();
+    println!("second event after {took:?} (the pace allows it after 0.5 s)");
+    assert!(
+        took < std::time::Duration::from_secs(20),
+        "the second event took {took:?}: the uplink waited for network traffic, not the pace"
+    );
+    gw.stop().await;
+}
+
 /// Store a backlog with the uplink down, let it drain, and check the rate
 /// measured over the drain is within 20% of `rate` events/s.
 async fn assert_paced_drain(upstream_settings: &str, rate: f64) {
