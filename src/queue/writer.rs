@@ -715,14 +715,9 @@ impl Writer {
                 .iter()
                 .filter_map(|id| Some((id, &self.rows.get(id)?.row)))
             {
-                match self.written_max.get_mut(&*r.upstream) {
-                    Some(m) => m[r.priority.index()] = m[r.priority.index()].max(*id),
-                    None => {
-                        let mut m = [0; 3];
-                        m[r.priority.index()] = *id;
-                        self.written_max.insert(r.upstream.clone(), m);
-                    }
-                }
+                let max = &mut self.written_max.entry(r.upstream.clone()).or_default()
+                    [r.priority.index()];
+                *max = (*max).max(*id);
                 insert.execute(params![
                     id,
                     &*r.upstream,
