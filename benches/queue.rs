@@ -262,7 +262,7 @@ async fn main() {
     let publish_secs = start.elapsed().as_secs_f64();
     // Every event is either committed or counted as dropped (the summary
     // line is a second behind).
-    let dropped = || last_counter(&log, "dropped_overflow") + last_counter(&log, "broker_lost");
+    let dropped = || last_counter(&log, "dropped_queue_unavailable");
     wait_until("backlog committed or counted", || {
         queued_in(&db, "cloud") + dropped() >= events
     })

@@ -89,7 +89,7 @@ async fn main() {
     );
     let (live_distinct, live_dups) = distinct(&sub);
     assert_eq!(live_distinct, n, "every event arrived");
-    let lost = gw.count(|m| &m.broker_lost) + gw.count(|m| &m.dropped_overflow);
+    let lost = gw.count(|m| &m.dropped_queue_unavailable);
     gw.stop().await;
     drop(sub);
 
@@ -118,7 +118,7 @@ async fn main() {
     );
     let (drain_distinct, drain_dups) = distinct(&sub);
     assert_eq!(drain_distinct, n, "every event arrived");
-    let lost = lost + gw.count(|m| &m.broker_lost) + gw.count(|m| &m.dropped_overflow);
+    let lost = lost + gw.count(|m| &m.dropped_queue_unavailable);
     gw.stop().await;
     println!(
         "every event arrived upstream (checked by device and sequence number); duplicates: live {live_dups}, drain {drain_dups}; lost or dropped in edgeferry: {lost}"

@@ -52,10 +52,20 @@ pub struct GatewayConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
-    /// MQTT 3.1.1 listener.
+    /// The front door's listener (MQTT 3.1.1 and 5, told apart by CONNECT).
     pub listen: SocketAddr,
-    /// MQTT 5 listener; rumqttd serves each protocol version on its own port.
+    /// A second plain listener, serving both protocols like `listen` (kept
+    /// for configs from when MQTT 5 needed a port of its own).
     pub listen_v5: Option<SocketAddr>,
+    /// When a sensor's QoS 1/2 publish is acknowledged: once its event is
+    /// safe (committed, or acknowledged by every upstream it goes to), or
+    /// as soon as it is read.
+    pub ack: AckMode,
+    /// Publishes one connection may have unacknowledged before the front
+    /// door stops reading it (MQTT 5 clients get it as Receive Maximum).
+    pub max_inflight: u16,
+    /// Mosquitto-format ACL file: who may publish and subscribe where.
+    pub acl_file: Option<PathBuf>,
     /// Largest publish a client may send.
     pub max_payload: ByteSize,
     pub max_connections: usize,
@@ -81,6 +91,9 @@ impl Default for BrokerConfig {
         BrokerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             listen_v5: None,
+            ack: AckMode::Stored,
+            max_inflight: 100,
+            acl_file: None,
             max_payload: ByteSize(256 << 10),
             max_connections: 1000,
             segment_size: ByteSize(256 << 10),
@@ -92,6 +105,17 @@ impl Default for BrokerConfig {
             password_file: None,
         }
     }
+}
+
+/// `broker.ack`: when the front door acknowledges a QoS 1/2 publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckMode {
+    /// Once the event is committed to the queue or acknowledged upstream:
+    /// nothing a sensor was told was received can be lost.
+    Stored,
+    /// At once: the lowest latency; a crash loses what waits in RAM.
+    Received,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -433,6 +457,7 @@ impl ConfigFile {
             &mut file.broker.tls_cert,
             &mut file.broker.tls_key,
             &mut file.broker.password_file,
+            &mut file.broker.acl_file,
         ]
         .into_iter()
         .flatten()
@@ -803,6 +828,17 @@ fn validate(file: &ConfigFile, name: &Path, text: &str) -> Vec<Diagnostic> {
             ),
             Ok(_) => {}
         }
+    }
+    if b.max_inflight == 0 {
+        broker_error(
+            "max_inflight",
+            "broker.max_inflight must be at least 1 (100 is a good start)".into(),
+        );
+    }
+    if let Some(path) = &b.acl_file
+        && let Err(found) = crate::acl::Acl::load(path)
+    {
+        errors.extend(found);
     }
     if file.broker.ingest.is_empty() {
         errors.push(Diagnostic::at(

@@ -1,5 +1,6 @@
-//! The event: one publish received from the embedded broker, decoded once.
+//! The event: one publish received by the front door, decoded once.
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -24,6 +25,10 @@ pub struct Event {
     /// Set when edgeferry itself republished this event into the embedded
     /// broker (a rule's `local` destination), so rules do not loop on it.
     pub origin: Option<Origin>,
+    /// Who published it (`meta.client_id`, `meta.username`): empty for
+    /// edgeferry's own events; shared by every event of one connection.
+    pub client_id: Arc<str>,
+    pub username: Option<Arc<str>>,
 }
 
 /// Which rule republished an event locally, and how many republishes deep it is.
@@ -45,6 +50,8 @@ impl Event {
             raw,
             payload,
             origin: None,
+            client_id: Arc::from(""),
+            username: None,
         }
     }
 

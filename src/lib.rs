@@ -4,19 +4,21 @@
 //! `run` is `start` plus waiting for a shutdown signal, which is what the
 //! binary does. Tests drive the same `start`.
 
+pub mod acl;
 pub mod broker;
 pub mod codec;
 pub mod config;
 pub mod credentials;
 pub mod diagnostic;
 pub mod event;
-pub mod ingest;
+pub mod frontdoor;
 pub mod inspect;
 pub mod metrics;
 pub mod ops;
 pub mod pacing;
 pub mod passwd;
 pub mod queue;
+pub mod receipt;
 pub mod reload;
 pub mod republish;
 pub mod router;
@@ -63,13 +65,13 @@ pub enum RunError {
 
 /// A running pipeline.
 pub struct Running {
-    /// The MQTT 3.1.1 listener (port 0 resolved).
+    /// The front door's listener, MQTT 3.1.1 and 5 (port 0 resolved).
     pub broker_addr: SocketAddr,
-    /// The MQTT 5 listener, if enabled.
+    /// The second plain listener (`listen_v5`), if enabled.
     pub broker_addr_v5: Option<SocketAddr>,
-    /// The MQTT 3.1.1 TLS listener, if enabled.
+    /// The TLS listener, if enabled.
     pub broker_addr_tls: Option<SocketAddr>,
-    /// The ingest link's client id (random per start).
+    /// The embedded broker's link client id (random per start).
     pub link_id: String,
     /// The metrics endpoint (port 0 resolved), if enabled.
     pub metrics_addr: Option<SocketAddr>,
@@ -92,7 +94,7 @@ impl Running {
         let _ = self.shutdown.send(true);
     }
 
-    /// Wait until the pipeline has stopped: ingest drained, queue committed.
+    /// Wait until the pipeline has stopped: front door drained, queue committed.
     pub async fn wait(self) -> Result<(), RunError> {
         match self.supervisor.await {
             Ok(r) => r,
@@ -153,7 +155,7 @@ async fn recv_hangup(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> 
     }
 }
 
-/// Start every stage: queue, broker (+ link), ingest, router, one uplink per
+/// Start every stage: queue, front door, broker (+ link), router, one uplink per
 /// upstream, and the periodic summary.
 pub async fn start(config: Config) -> Result<Running, RunError> {
     let file = &config.file;
@@ -199,7 +201,21 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         false => None,
     };
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
-    let broker = broker::start(&file.broker, metrics.clone()).await?;
+    let auth = match &file.broker.password_file {
+        Some(path) => Some(Arc::new(
+            frontdoor::auth::LocalAuth::load(path.clone(), metrics.clone())
+                .map_err(broker::BrokerError::from)?,
+        )),
+        None => None,
+    };
+    let acl = match &file.broker.acl_file {
+        Some(path) => Some(Arc::new(
+            frontdoor::auth::AclFile::load(path.clone()).map_err(broker::BrokerError::Acl)?,
+        )),
+        None => None,
+    };
+    let listeners = frontdoor::bind(&file.broker).await?;
+    let broker = broker::start(&file.broker).await?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let (events_tx, events_rx) = mpsc::channel(file.pipeline.buffer);
@@ -207,27 +223,40 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
     // before shutdown (error or panic) as fatal, so the process exits
     // non-zero and systemd restarts it instead of running on half-dead.
     let mut stages: JoinSet<(&'static str, Result<(), String>)> = JoinSet::new();
-    let ours = Arc::new(republish::Tracker::new(&file.broker.ingest));
-    let ingest = ingest::run(
-        broker.link_rx,
-        file.broker.ingest.clone(),
-        events_tx,
-        ours.clone(),
+    let door = Arc::new(frontdoor::Door::new(
+        &file.broker,
+        broker.internal.clone(),
+        auth,
+        acl,
         metrics.clone(),
+    ));
+    let (listen, listen_v5, tls_listen) =
+        (listeners.listen, listeners.listen_v5, listeners.tls_listen);
+    let front = frontdoor::run(
+        listeners,
+        door.clone(),
+        events_tx,
+        file.broker.max_connections,
         shutdown_rx.clone(),
     );
-    stages.spawn(async move { ("ingest", ingest.await.map_err(|e| e.to_string())) });
-    let (republisher, republish_thread) = republish::spawn(broker.link_tx, ours, metrics.clone())
-        .map_err(|e| RunError::StageFailed {
-        stage: "republish",
-        reason: e.to_string(),
-    })?;
+    stages.spawn(async move {
+        front.await;
+        ("front door", Ok(()))
+    });
+    let (republisher, republish_thread) =
+        republish::spawn(broker.link_tx, broker.link_rx, metrics.clone()).map_err(|e| {
+            RunError::StageFailed {
+                stage: "republish",
+                reason: e.to_string(),
+            }
+        })?;
     let (rules_tx, rules_rx) = watch::channel(Arc::new(config.rules.clone()));
     let router = router::run(
         events_rx,
         rules_rx,
         queue.clone(),
         republisher,
+        door.ingest.clone(),
         metrics.clone(),
     );
     stages.spawn(async move { ("router", router.await.map_err(|e| e.to_string())) });
@@ -312,8 +341,9 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         }
         ops::systemd::stopping();
         let _ = stop.send(true);
-        // Stop order follows ownership: ingest drains the link and drops its
-        // sender, the router drains into the queue and drops its handle,
+        // Stop order follows ownership: the front door's sessions hand what
+        // they read to the pipeline and drop their senders, the router
+        // drains into the queue and drops its handle,
         // uplinks close; the queue thread commits once the last handle is gone.
         while let Some(done) = stages.join_next().await {
             if let Ok((stage, Err(e))) = &done {
@@ -332,9 +362,9 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
     });
 
     Ok(Running {
-        broker_addr: broker.v4,
-        broker_addr_v5: broker.v5,
-        broker_addr_tls: broker.tls,
+        broker_addr: listen,
+        broker_addr_v5: listen_v5,
+        broker_addr_tls: tls_listen,
         link_id: broker.link_id,
         metrics_addr,
         metrics,

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 /// Pipeline-wide counters. Each is monotonic unless noted.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    /// Publishes ingest received from the broker link (edgeferry's own local
-    /// republishes and dead letters included).
+    /// Publishes the front door took into the pipeline (on an ingested
+    /// topic; wills included).
     pub received: AtomicU64,
     /// By decoded format.
     pub decoded_json: AtomicU64,
@@ -17,16 +17,11 @@ pub struct Metrics {
     pub decoded_raw: AtomicU64,
     /// Payloads that start like JSON but do not parse (dead-lettered).
     pub decoded_malformed: AtomicU64,
-    /// Publishes rumqttd discarded because ingest fell behind its segments
-    /// (detected from gaps in the link's log offsets).
-    pub broker_lost: AtomicU64,
-    /// Events ingest handed to the router, and events the router finished:
+    /// Events the front door handed to the router, and events the router finished:
     /// the difference is what waits in the pipeline buffer (the health
     /// probe's "is the router moving" check).
     pub handed: AtomicU64,
     pub routed: AtomicU64,
-    /// Events dropped because the pipeline buffer was full.
-    pub dropped_overflow: AtomicU64,
     /// Events no rule matched (unmatched policy "drop").
     pub dropped_unmatched: AtomicU64,
     /// Events a `drop = true` rule dropped.
@@ -94,6 +89,25 @@ pub struct Metrics {
     pub queue_recovered: AtomicU64,
     /// Local CONNECTs refused by the password file (or a reserved client id).
     pub broker_auth_failures: AtomicU64,
+    /// Local client connections open now (a gauge).
+    pub door_connections: AtomicU64,
+    /// Connections closed at once because `max_connections` were open.
+    pub door_refused_busy: AtomicU64,
+    /// PUBLISH packets the front door accepted from clients (any topic).
+    pub door_publishes: AtomicU64,
+    /// Milliseconds publishers were held because the pipeline was full
+    /// (summed over connections).
+    pub door_held_ms: AtomicU64,
+    /// Publishes refused for their topic (control characters,
+    /// non-characters, wildcards).
+    pub door_rejected_topic: AtomicU64,
+    /// Publishes and subscriptions the ACL (or a malformed filter)
+    /// refused, and deliveries the ACL kept from a subscriber.
+    pub door_denied_publish: AtomicU64,
+    pub door_denied_subscribe: AtomicU64,
+    pub door_denied_delivery: AtomicU64,
+    /// Connections closed for malformed packets or protocol violations.
+    pub door_protocol_errors: AtomicU64,
     /// Per upstream, keyed by name.
     pub uplinks: BTreeMap<String, Arc<UplinkMetrics>>,
 }
@@ -213,7 +227,7 @@ impl Metrics {
     /// One line for the periodic summary log.
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "received={} matched={} queued={} commits={} rule_errors={} dead_letters={} shaped={} windows={} republished={} dropped_unmatched={} dropped_rule={} dropped_overflow={} dropped_queue_unavailable={} broker_lost={}",
+            "received={} matched={} queued={} commits={} rule_errors={} dead_letters={} shaped={} windows={} republished={} dropped_unmatched={} dropped_rule={} dropped_queue_unavailable={} connections={} held_ms={} denied={}",
             self.received.load(Relaxed),
             self.matched.load(Relaxed),
             self.queued.load(Relaxed),
@@ -227,9 +241,10 @@ impl Metrics {
             self.republished.load(Relaxed),
             self.dropped_unmatched.load(Relaxed),
             self.dropped_rule.load(Relaxed),
-            self.dropped_overflow.load(Relaxed),
             self.dropped_queue_unavailable.load(Relaxed),
-            self.broker_lost.load(Relaxed),
+            self.door_connections.load(Relaxed),
+            self.door_held_ms.load(Relaxed),
+            self.door_denied_publish.load(Relaxed) + self.door_denied_subscribe.load(Relaxed),
         );
         for (name, u) in &self.uplinks {
             s.push_str(&format!(

@@ -3,9 +3,19 @@
 //! to the republisher, and closes due windows. Events are taken in batches
 //! so the queue writer receives few, large appends.
 //!
+//! An event's receipt (the front door waits on it to acknowledge the
+//! sensor) is copied onto each of its queue rows, and the router's own
+//! copy is settled once the rows are handed to the queue writer: an event
+//! no rule sends upstream is safe once routed.
+//!
+//! A rule's `local` republish on a topic edgeferry ingests is routed again
+//! here, marked with its origin so the rules skip the rule that made it and
+//! stop loops (`rules::MAX_HOPS`); the front door never sees it.
+//!
 //! A reloaded rule set arrives on a watch channel and is swapped in between
 //! batches; the shaping state of every unchanged rule is carried over.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -17,12 +27,25 @@ use tracing::{info, warn};
 use crate::event::{Event, now_ms};
 use crate::metrics::Metrics;
 use crate::queue::{NewRow, QueueError, QueueHandle};
+use crate::receipt::Receipt;
 use crate::republish::{Local, Republisher};
 use crate::rules::shaping::DropReason;
 use crate::rules::{RuleSet, State, Verdict};
 
 /// Largest batch handed to the queue writer at once.
 const BATCH: usize = 512;
+
+/// Republished events waiting to be routed again, at most: a rule set
+/// that fans out at every hop is cut here (counted as `dropped_loop`).
+const LOOPBACK_MAX: usize = 10_000;
+
+/// An event as the front door hands it over.
+#[derive(Debug)]
+pub struct Inbound {
+    pub event: Event,
+    /// `None` for QoS 0, `ack = "received"`, wills.
+    pub receipt: Option<Receipt>,
+}
 
 /// Rule errors are logged at most this often (they are always counted).
 const WARN_EVERY: Duration = Duration::from_secs(10);
@@ -31,10 +54,11 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 /// has been handed to the queue (open windows are closed and sent), and
 /// dropping `queue` lets it commit and close.
 pub async fn run(
-    mut events: mpsc::Receiver<Event>,
+    mut events: mpsc::Receiver<Inbound>,
     mut rules: watch::Receiver<Arc<RuleSet>>,
     queue: QueueHandle,
     local: Republisher,
+    ingest: Vec<crate::rules::topic::Pattern>,
     metrics: Arc<Metrics>,
 ) -> Result<(), QueueError> {
     let mut set = rules.borrow_and_update().clone();
@@ -45,6 +69,8 @@ pub async fn run(
         metrics,
         dead_letter_topic: set.dead_letter_topic().map(str::to_string),
         warns: WarnLimit::default(),
+        ingest,
+        loopback: VecDeque::new(),
     };
     let mut batch = Vec::with_capacity(BATCH);
     let mut rules_open = true;
@@ -70,7 +96,7 @@ pub async fn run(
                 router.dead_letter_topic = new.dead_letter_topic().map(str::to_string);
                 router.metrics.rules.store(new.len() as u64, Relaxed);
                 set = new;
-                router.send(None, flushed, &queue).await?;
+                router.send(&set, flushed, &queue).await?;
             }
             _ = sleep_until(wake), if wake.is_some() => {
                 // An event received before a window's end belongs in it.
@@ -82,13 +108,13 @@ pub async fn run(
                 }
                 router.route(&set, &mut batch, &queue).await?;
                 let verdict = set.tick(now_ms().saturating_sub(WINDOW_GRACE_MS), &mut router.state);
-                router.send(None, verdict, &queue).await?;
+                router.send(&set, verdict, &queue).await?;
             }
             n = events.recv_many(&mut batch, BATCH) => {
                 if n == 0 {
                     // Shutting down: open windows are sent as they are.
                     let verdict = set.tick(u64::MAX, &mut router.state);
-                    router.send(None, verdict, &queue).await?;
+                    router.send(&set, verdict, &queue).await?;
                     info!("router drained");
                     return Ok(());
                 }
@@ -133,6 +159,10 @@ struct Router {
     dead_letter_topic: Option<String>,
     /// Rate limit of dead-letter and window warnings.
     warns: WarnLimit,
+    /// Topics edgeferry ingests: a republish on one is routed again.
+    ingest: Vec<crate::rules::topic::Pattern>,
+    /// Republished events to route again after the current ones.
+    loopback: VecDeque<Event>,
 }
 
 /// One WARN per `WARN_EVERY` at most, saying how many were held back.
@@ -156,35 +186,49 @@ impl WarnLimit {
 }
 
 impl Router {
-    /// Route a batch of events (emptying it) and queue the rows.
+    /// Route a batch of events (emptying it) and queue the rows; then the
+    /// events' receipts are settled (the rows carry their own copies).
     async fn route(
         &mut self,
         set: &RuleSet,
-        batch: &mut Vec<Event>,
+        batch: &mut Vec<Inbound>,
         queue: &QueueHandle,
     ) -> Result<(), QueueError> {
         let mut rows = Vec::with_capacity(batch.len());
-        for event in batch.drain(..) {
+        let mut receipts = Vec::new();
+        for Inbound { event, receipt } in batch.drain(..) {
             let verdict = route_guarded(set, &event, &mut self.state);
-            self.apply(Some(&event), verdict, &mut rows);
+            self.apply(Some(&event), verdict, &mut rows, receipt.as_ref());
             self.metrics.routed.fetch_add(1, Relaxed);
+            receipts.extend(receipt);
         }
+        self.route_loopback(set, &mut rows);
         if !rows.is_empty() {
             queue.append(rows).await?;
         }
+        receipts.into_iter().for_each(Receipt::settle);
         Ok(())
     }
 
-    /// Apply one verdict (`event` is `None` for windows closed by the clock
-    /// or a reload) and queue its rows.
+    /// Route the republished events (and what they republish in turn).
+    fn route_loopback(&mut self, set: &RuleSet, rows: &mut Vec<NewRow>) {
+        while let Some(event) = self.loopback.pop_front() {
+            let verdict = route_guarded(set, &event, &mut self.state);
+            self.apply(Some(&event), verdict, rows, None);
+        }
+    }
+
+    /// Apply a verdict of no event (windows closed by the clock or a
+    /// reload) and queue its rows.
     async fn send(
         &mut self,
-        event: Option<&Event>,
+        set: &RuleSet,
         verdict: Verdict,
         queue: &QueueHandle,
     ) -> Result<(), QueueError> {
         let mut rows = Vec::new();
-        self.apply(event, verdict, &mut rows);
+        self.apply(None, verdict, &mut rows, None);
+        self.route_loopback(set, &mut rows);
         if !rows.is_empty() {
             queue.append(rows).await?;
         }
@@ -193,7 +237,13 @@ impl Router {
 
     /// Count a verdict, queue its routes and publish its local outputs.
     /// `event` is `None` for windows closed by the clock.
-    fn apply(&mut self, event: Option<&Event>, verdict: Verdict, rows: &mut Vec<NewRow>) {
+    fn apply(
+        &mut self,
+        event: Option<&Event>,
+        verdict: Verdict,
+        rows: &mut Vec<NewRow>,
+        receipt: Option<&Receipt>,
+    ) {
         let m = &*self.metrics;
         if let Some(event) = event {
             if verdict.matched > 0 {
@@ -249,6 +299,15 @@ impl Router {
         m.dropped_loop
             .fetch_add(verdict.loop_dropped as u64, Relaxed);
         for r in verdict.republish {
+            if self.ingest.iter().any(|f| f.captures(&r.topic).is_some()) {
+                if self.loopback.len() < LOOPBACK_MAX {
+                    let mut again = Event::from_publish(r.topic.clone(), r.payload.clone());
+                    again.origin = Some(r.origin.clone());
+                    self.loopback.push_back(again);
+                } else {
+                    m.dropped_loop.fetch_add(1, Relaxed);
+                }
+            }
             self.local.send(Local {
                 topic: r.topic,
                 payload: r.payload,
@@ -266,6 +325,7 @@ impl Router {
                 overflow: route.overflow,
                 received_ms: route.received_ms,
                 payload: route.payload,
+                receipt: receipt.cloned(),
             });
         }
     }

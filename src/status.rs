@@ -143,16 +143,14 @@ impl Scrape {
     }
 }
 
-const DROPS: [&str; 9] = [
+const DROPS: [&str; 7] = [
     "unmatched",
     "rule",
     "throttled",
     "duplicate",
     "deadband",
-    "pipeline_full",
     "queue_unavailable",
     "loop",
-    "broker_lost",
 ];
 
 /// "DOWN", with what ended the last attempt when known ("DOWN (tls)").

@@ -134,6 +134,26 @@ pub fn check_server_files(cert: &Path, key: &Path) -> Result<(), TlsError> {
 }
 
 #[cfg(feature = "tls")]
+/// The front door's TLS listener: its certificate chain and key.
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let chain = certificates(cert)?;
+    let der = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|e| {
+        bad(
+            key,
+            format!("not a PEM private key (PKCS#8, PKCS#1 or SEC1): {e}"),
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(cert, e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, der)
+        .map_err(|e| bad(key, format!("does not go with {}: {e}", cert.display())))?;
+    Ok(Arc::new(config))
+}
+
+#[cfg(feature = "tls")]
 /// The rustls configuration for an `mqtts://` upstream: the server's
 /// certificate verified against `ca_file` or the system roots, the client
 /// certificate for mutual TLS when configured, ALPN when configured.

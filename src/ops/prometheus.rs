@@ -69,9 +69,56 @@ impl Collector for Scrape {
         counter(
             &mut enc,
             "events_received",
-            "Publishes taken from the embedded broker (edgeferry's own republishes and dead letters included)",
+            "Publishes the front door took into the pipeline (ingested topics; wills included)",
             m.received.load(Relaxed),
         )?;
+        gauge(
+            &mut enc,
+            "local_connections",
+            "Local MQTT client connections open now",
+            m.door_connections.load(Relaxed) as i64,
+        )?;
+        counter(
+            &mut enc,
+            "local_connections_refused_busy",
+            "Local connections closed at once because max_connections were open",
+            m.door_refused_busy.load(Relaxed),
+        )?;
+        counter(
+            &mut enc,
+            "local_publishes",
+            "PUBLISH packets accepted from local clients (every topic)",
+            m.door_publishes.load(Relaxed),
+        )?;
+        counter(
+            &mut enc,
+            "local_publishers_held_seconds",
+            "Time publishers were not read because the pipeline was full (summed over connections)",
+            m.door_held_ms.load(Relaxed) / 1000,
+        )?;
+        counter(
+            &mut enc,
+            "local_protocol_errors",
+            "Local connections closed for malformed packets or protocol violations",
+            m.door_protocol_errors.load(Relaxed),
+        )?;
+        {
+            let mut e = enc.encode_descriptor(
+                "local_refused",
+                "Local publishes, subscriptions and deliveries refused, by reason",
+                None,
+                MetricType::Counter,
+            )?;
+            for (reason, c) in [
+                ("publish_denied", &m.door_denied_publish),
+                ("subscribe_denied", &m.door_denied_subscribe),
+                ("delivery_denied", &m.door_denied_delivery),
+                ("topic_invalid", &m.door_rejected_topic),
+            ] {
+                ConstCounter::new(c.load(Relaxed))
+                    .encode(e.encode_family(&[("reason", reason)])?)?;
+            }
+        }
         {
             let mut e = enc.encode_descriptor(
                 "events_decoded",
@@ -108,10 +155,8 @@ impl Collector for Scrape {
                 ("throttled", &m.dropped_throttled),
                 ("duplicate", &m.dropped_duplicate),
                 ("deadband", &m.dropped_deadband),
-                ("pipeline_full", &m.dropped_overflow),
                 ("queue_unavailable", &m.dropped_queue_unavailable),
                 ("loop", &m.dropped_loop),
-                ("broker_lost", &m.broker_lost),
             ] {
                 ConstCounter::new(c.load(Relaxed))
                     .encode(e.encode_family(&[("reason", reason)])?)?;

@@ -73,9 +73,20 @@ pub struct NewRow {
     pub overflow: Overflow,
     pub received_ms: u64,
     pub payload: Bytes,
+    /// The front door waits on this to acknowledge the sensor: settled when
+    /// the row is committed, acknowledged from RAM, or disposed of by a
+    /// policy (overflow, TTL); dropped unsettled if the row is lost.
+    pub receipt: Option<crate::receipt::Receipt>,
 }
 
 impl NewRow {
+    /// The row is safe or was disposed of by policy: tell the front door.
+    pub fn settle(&mut self) {
+        if let Some(r) = self.receipt.take() {
+            r.settle();
+        }
+    }
+
     /// Bytes counted against the upstream's `max_size`: payload and topic.
     pub fn size(&self) -> u64 {
         (self.payload.len() + self.topic.len()) as u64

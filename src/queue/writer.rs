@@ -455,7 +455,8 @@ impl Writer {
     /// An upstream acknowledged row `id`: forget it if it is still only in
     /// RAM, else delete it at the next commit.
     fn ack(&mut self, id: i64) {
-        if let Some(held) = self.rows.remove(&id) {
+        if let Some(mut held) = self.rows.remove(&id) {
+            held.row.settle();
             let size = held.row.size();
             self.ram_bytes -= size;
             self.release(&held.row.upstream, held.row.priority, size);
@@ -500,7 +501,7 @@ impl Writer {
     /// Accept a new row if it fits its upstream's cap (and the disk's
     /// watermark), applying the route's overflow policy if not. Returns
     /// whether it was accepted.
-    fn admit(&mut self, row: NewRow) -> bool {
+    fn admit(&mut self, mut row: NewRow) -> bool {
         let size = row.size();
         let used = self.bytes.get(&*row.upstream).copied().unwrap_or(0);
         let max = self
@@ -536,6 +537,9 @@ impl Writer {
                 if let Some(u) = self.uplink(&row.upstream) {
                     u.rejected[row.priority.index()].fetch_add(1, Relaxed);
                 }
+                // Refused by the route's overflow policy: counted, and the
+                // sensor is not asked to send it again.
+                row.settle();
                 return false;
             }
         }
@@ -620,7 +624,8 @@ impl Writer {
             self.count_evicted(upstream, priority, size);
         }
         for id in held {
-            if let Some(h) = self.rows.remove(&id) {
+            if let Some(mut h) = self.rows.remove(&id) {
+                h.row.settle();
                 self.ram_bytes -= h.row.size();
                 self.count_evicted(upstream, h.row.priority, h.row.size());
             }
@@ -742,9 +747,10 @@ impl Writer {
         let mut added: Vec<Arc<str>> = Vec::new();
         let mut written = 0;
         for id in spill {
-            let Some(h) = self.rows.remove(id) else {
+            let Some(mut h) = self.rows.remove(id) else {
                 continue;
             };
+            h.row.settle();
             written += 1;
             self.ram_bytes -= h.row.size();
             if !added.contains(&h.row.upstream) {
@@ -844,7 +850,8 @@ impl Writer {
             .map(|(&id, _)| id)
             .collect();
         for id in held {
-            if let Some(h) = self.rows.remove(&id) {
+            if let Some(mut h) = self.rows.remove(&id) {
+                h.row.settle();
                 let (size, priority) = (h.row.size(), h.row.priority);
                 self.ram_bytes -= size;
                 self.release(&h.row.upstream, priority, size);

@@ -208,6 +208,11 @@ impl<'e> EventVars<'e> {
         put("gateway", Box::new(CelString::from(gateway)));
         put("format", Box::new(CelString::from(event.payload.format())));
         put("size", Box::new(CelInt::from(event.raw.len() as i64)));
+        put("client_id", Box::new(CelString::from(&*event.client_id)));
+        put(
+            "username",
+            Box::new(CelString::from(event.username.as_deref().unwrap_or(""))),
+        );
         EventVars {
             topic: CelString::from(event.topic.as_str()),
             payload,

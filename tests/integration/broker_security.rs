@@ -61,15 +61,14 @@ async fn with_a_password_file_only_known_users_get_in() {
     assert!(!publish(port, &["-u", "sensor-1", "-P", "wrong"], "bad1"));
     assert!(!publish(port, &[], "anon"));
     assert!(!publish(port, &["-u", "nobody", "-P", "s3cret"], "bad2"));
-    // The ingest link's id prefix is reserved even with a good login.
+    // The embedded broker link's id prefix is reserved even with a good login.
     assert!(!publish(
         port,
-        &["-u", "sensor-1", "-P", "s3cret", "-i", "edgeferry-ingest-x"],
+        &["-u", "sensor-1", "-P", "s3cret", "-i", "edgeferry-link-x"],
         "bad3"
     ));
-    // rumqttd refuses a CONNECT without credentials before asking edgeferry,
-    // so the anonymous attempt is not among those counted.
-    assert_eq!(gw.count(|m| &m.broker_auth_failures), 3);
+    // The front door checks every CONNECT, the anonymous one too.
+    assert_eq!(gw.count(|m| &m.broker_auth_failures), 4);
 
     // Users added while it runs can log in at once: by edgeferry passwd,
     // and by mosquitto_passwd (the same file format).

@@ -65,9 +65,10 @@ fn fill(dir: &std::path::Path) -> PathBuf {
 
 /// The fallback below the watermark (here turned off): the filesystem is
 /// filled by someone else while events arrive. What was committed stays;
-/// new events are held in memory up to a bound, then dropped and counted;
-/// when the space returns the writer commits what it holds by itself, and
-/// every event is delivered or counted.
+/// new events wait in memory and, since the front door acknowledges only
+/// what is stored, the sensor is held (its window full) instead of events
+/// being dropped. When the space returns the writer commits what it holds
+/// by itself, and every event is delivered, in order, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_keeps_committed_events_counts_drops_and_recovers_when_space_returns() {
     let Some((fs, db, world)) =
@@ -97,49 +98,44 @@ async fn a_full_disk_keeps_committed_events_counts_drops_and_recovers_when_space
     .await;
 
     // Someone fills the disk; then more events than the 2 MiB reserve and
-    // the in-memory allowance can take.
+    // the in-memory allowance can take. The sensor is held meanwhile (no
+    // PUBACK for what is not stored), so it publishes from a task.
     let filler = fill(&fs.at);
     const N: usize = 40_000;
-    for seq in BEFORE..N {
-        sensor
-            .publish("sensors/full/d/temperature", reading("d", seq))
-            .await;
-    }
-    sensor.wait_acked(N - BEFORE).await;
-    wait_until("every event ingested", || {
-        m.received.load(Relaxed) == N as u64
-    })
-    .await;
-    wait_until("commits failed and drops were counted", || {
-        m.commit_failures.load(Relaxed) > 0 && m.dropped_queue_unavailable.load(Relaxed) > 0
-    })
-    .await;
-    // Nothing committed was lost.
+    let sensor = std::sync::Arc::new(sensor);
+    let publisher = {
+        let sensor = sensor.clone();
+        tokio::spawn(async move {
+            for seq in BEFORE..N {
+                sensor
+                    .publish("sensors/full/d/temperature", reading("d", seq))
+                    .await;
+            }
+        })
+    };
+    wait_until("commits failed", || m.commit_failures.load(Relaxed) > 0).await;
+    // Nothing committed was lost, and what is not stored is not acknowledged.
     assert!(queued_in(&db, "cloud") >= BEFORE as u64);
+    assert!(sensor.acked() < N);
 
-    // The space returns; the writer commits what it held, by itself.
+    // The space returns; the writer commits what it holds, by itself, and
+    // the sensor's resends are stored too.
     std::fs::remove_file(&filler).unwrap();
-    let db2 = db.clone();
-    let m2 = m.clone();
-    wait_until("held events committed once there is room", || {
-        queued_in(&db2, "cloud") + m2.dropped_queue_unavailable.load(Relaxed) == N as u64
-    })
-    .await;
+    publisher.await.unwrap();
+    sensor.wait_acked(N).await;
 
     proxy.set_up(true);
-    let dropped = m.dropped_queue_unavailable.load(Relaxed);
-    let got = sub.wait_for(N - dropped as usize).await;
+    let got = sub.wait_for(N).await;
     let seqs: Vec<u64> = got.iter().map(|m| seq_of(&m.payload)).collect();
-    assert_eq!(seqs.len() as u64 + dropped, N as u64);
-    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order, each once");
     assert_eq!(
-        &seqs[..BEFORE],
-        (0..BEFORE as u64).collect::<Vec<_>>(),
-        "every event committed before the disk filled"
+        seqs,
+        (0..N as u64).collect::<Vec<_>>(),
+        "all, in order, once"
     );
     assert_eq!(
-        m.broker_lost.load(Relaxed) + m.dropped_overflow.load(Relaxed),
-        0
+        m.dropped_queue_unavailable.load(Relaxed),
+        0,
+        "held, not dropped"
     );
     wait_until("queue drained", || gw.queued("cloud") == 0).await;
     gw.stop().await;
@@ -169,9 +165,9 @@ async fn below_the_free_disk_watermark_the_queue_stops_growing_and_keeps_the_new
     let evicted = || up.evicted.iter().map(|c| c.load(Relaxed)).sum::<u64>();
     let db2 = db.clone();
     let start = std::time::Instant::now();
-    // Every event is queued, evicted, or (in this burst) dropped at ingest;
-    // all counted.
-    let accounted = || queued_in(&db2, "cloud") + evicted() + m.dropped_overflow.load(Relaxed);
+    // Every event is queued or evicted, counted (the front door holds a
+    // burst instead of dropping it).
+    let accounted = || queued_in(&db2, "cloud") + evicted();
     while !(m.received.load(Relaxed) == N as u64 && accounted() == N as u64) {
         if start.elapsed() > DEADLINE {
             panic!(
@@ -198,13 +194,11 @@ async fn below_the_free_disk_watermark_the_queue_stops_growing_and_keeps_the_new
     assert_eq!(seqs.len() as u64, kept);
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order, each once");
     assert_eq!(seqs.last(), Some(&(N as u64 - 1)));
-    // Kept are the newest that reached the queue (a burst may also drop
-    // some at ingest, counted).
-    let overflow = m.dropped_overflow.load(Relaxed);
-    assert!(
-        seqs[0] >= N as u64 - kept - overflow,
-        "the oldest were evicted, not the newest: first kept {}, kept {kept}, overflow {overflow}",
-        seqs[0]
+    // Kept are exactly the newest.
+    assert_eq!(
+        seqs[0],
+        N as u64 - kept,
+        "the oldest were evicted, not the newest"
     );
     gw.stop().await;
 }

@@ -399,6 +399,11 @@ impl Sensor {
             .unwrap();
     }
 
+    /// QoS 1 publishes acknowledged by the gateway so far.
+    pub fn acked(&self) -> usize {
+        self.acked.load(Ordering::Relaxed)
+    }
+
     /// Wait until `n` QoS 1 publishes have been acknowledged by the gateway.
     pub async fn wait_acked(&self, n: usize) {
         let a = self.acked.clone();
