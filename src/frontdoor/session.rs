@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::debug;
 
 use super::Door;
-use super::wire::{self, Packet, Refusal, Version, View, WireError};
+use super::wire::{self, ConnectRefusal, Packet, Refusal, Version, View, WireError};
 use crate::codec::Payload;
 use crate::event::Event;
 use crate::receipt::{Outcome, Receipt};
@@ -92,6 +92,14 @@ where
     let Some(info) = connect.connect_info() else {
         return Err(SessionError::Protocol("first packet is not CONNECT"));
     };
+    // rumqttd refuses these ids by closing, without a CONNACK; and a
+    // wildcard or a level separator in an id must never reach an ACL
+    // pattern's %c.
+    if "+#/$".chars().any(|c| info.client_id.contains(c)) {
+        refuse(&mut client, version, ConnectRefusal::ClientId).await?;
+        door.metrics.door_protocol_errors.fetch_add(1, Relaxed);
+        return Err(SessionError::Refused);
+    }
     let reserved = info.client_id.starts_with(super::auth::RESERVED_ID_PREFIX);
     let allowed = match &door.auth {
         Some(auth) if !reserved => {
@@ -109,9 +117,11 @@ where
         None => !reserved,
     };
     if !allowed {
-        let mut out = BytesMut::new();
-        version.connack_refused().write(&mut out)?;
-        client.write_all(&out).await?;
+        let why = match reserved {
+            true => ConnectRefusal::ClientId,
+            false => ConnectRefusal::Login,
+        };
+        refuse(&mut client, version, why).await?;
         return Err(SessionError::Refused);
     }
 
@@ -127,9 +137,10 @@ where
     connect.write(&mut out)?;
     broker.write_all(&out).await?;
     let mut bbuf = BytesMut::with_capacity(4096);
-    let mut connack = read_packet(&mut broker, &mut bbuf, version, usize::MAX)
-        .await?
-        .ok_or(SessionError::BrokerGone)?;
+    let Some(mut connack) = read_packet(&mut broker, &mut bbuf, version, usize::MAX).await? else {
+        refuse(&mut client, version, ConnectRefusal::Unavailable).await?;
+        return Err(SessionError::BrokerGone);
+    };
     let View::ConnAck(accepted) = connack.view() else {
         return Err(SessionError::BrokerGone);
     };
@@ -172,6 +183,18 @@ where
         session.route_will().await;
     }
     result
+}
+
+/// Answer a CONNECT with a refusal.
+async fn refuse<S: AsyncWrite + Unpin>(
+    client: &mut S,
+    version: Version,
+    why: ConnectRefusal,
+) -> Result<(), SessionError> {
+    let mut out = BytesMut::new();
+    version.connack_refused(why).write(&mut out)?;
+    client.write_all(&out).await?;
+    Ok(())
 }
 
 /// Read until a whole CONNECT is there.

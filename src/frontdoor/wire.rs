@@ -234,20 +234,41 @@ impl Version {
         }
     }
 
-    /// A CONNACK refusing a login.
-    pub fn connack_refused(self) -> Packet {
+    /// A CONNACK refusing the connection.
+    pub fn connack_refused(self, why: ConnectRefusal) -> Packet {
+        use ConnectRefusal::*;
         match self {
             Version::V4 => Packet::V4(v4::Packet::ConnAck(v4::ConnAck {
                 session_present: false,
-                code: v4::ConnectReturnCode::BadUserNamePassword,
+                code: match why {
+                    Login => v4::ConnectReturnCode::BadUserNamePassword,
+                    ClientId => v4::ConnectReturnCode::BadClientId,
+                    Unavailable => v4::ConnectReturnCode::ServiceUnavailable,
+                },
             })),
             Version::V5 => Packet::V5(v5::Packet::ConnAck(v5::ConnAck {
                 session_present: false,
-                code: v5::ConnectReturnCode::BadUserNamePassword,
+                code: match why {
+                    Login => v5::ConnectReturnCode::BadUserNamePassword,
+                    ClientId => v5::ConnectReturnCode::ClientIdentifierNotValid,
+                    Unavailable => v5::ConnectReturnCode::ServerUnavailable,
+                },
                 properties: None,
             })),
         }
     }
+}
+
+/// Why the front door refused a CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectRefusal {
+    /// Unknown user or wrong password.
+    Login,
+    /// A client id the embedded broker cannot take (`+ # / $`) or one of
+    /// edgeferry's own.
+    ClientId,
+    /// The embedded broker did not answer.
+    Unavailable,
 }
 
 /// Why the front door refused a publish (MQTT 5 says so in the PUBACK).

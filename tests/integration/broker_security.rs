@@ -10,7 +10,7 @@ use crate::pki::Ca;
 use crate::util::*;
 
 /// `edgeferry passwd <file> <user>` with `password` on stdin.
-fn edgeferry_passwd(file: &Path, user: &str, password: &str) {
+pub fn edgeferry_passwd(file: &Path, user: &str, password: &str) {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_edgeferry"))
         .arg("passwd")

@@ -259,7 +259,7 @@ async fn mqtt5_upstream_sends_ids_and_expiry_honours_receive_maximum_and_counts_
 }
 
 /// A `mosquitto_sub` child that exits after one message.
-struct MosquittoSub {
+pub struct MosquittoSub {
     child: tokio::process::Child,
     /// What it printed after subscribing, once it has exited.
     rest: tokio::sync::oneshot::Receiver<Vec<String>>,
@@ -268,7 +268,7 @@ struct MosquittoSub {
 impl MosquittoSub {
     /// Subscribe on `port` with `version` ("mqttv311" or "mqttv5"); returns
     /// once the subscription is acknowledged.
-    async fn start(port: u16, version: &str, filter: &str) -> MosquittoSub {
+    pub async fn start(port: u16, version: &str, filter: &str) -> MosquittoSub {
         use tokio::io::AsyncBufReadExt;
         // Line-buffered, or its debug lines wait in stdio's buffer.
         let mut child = tokio::process::Command::new("stdbuf")
@@ -302,7 +302,7 @@ impl MosquittoSub {
     }
 
     /// Wait for it to exit (after its one message); its output lines.
-    async fn output(mut self) -> Vec<String> {
+    pub async fn output(mut self) -> Vec<String> {
         let status = tokio::time::timeout(DEADLINE, self.child.wait())
             .await
             .expect("mosquitto_sub exits after one message")
@@ -312,7 +312,7 @@ impl MosquittoSub {
     }
 }
 
-fn mosquitto_pub(port: u16, version: &str, topic: &str, payload: &str) {
+pub fn mosquitto_pub(port: u16, version: &str, topic: &str, payload: &str) {
     let status = std::process::Command::new("mosquitto_pub")
         .args(["-V", version, "-q", "1", "-p", &port.to_string()])
         .args(["-t", topic, "-m", payload])

@@ -8,6 +8,7 @@ mod damage;
 mod disk;
 mod durability;
 mod faults;
+mod frontdoor;
 mod interop;
 mod metrics;
 mod offline;

@@ -1,0 +1,365 @@
+//! The front door: ack after store under a flood, MQTT 3.1.1 and 5 on one
+//! port, MQTT 5 properties never reaching rumqttd's 3.1.1 encoder, the ACL
+//! file (publish, subscribe, delivery, `%c` patterns, wildcard-looking ids,
+//! reload), and the publishing client's id in a rule.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use crate::broker_security::edgeferry_passwd;
+use crate::interop::{MosquittoSub, mosquitto_pub};
+use crate::util::*;
+
+/// Several publishers at full speed (QoS 1, 100 in flight each) through a
+/// pipeline buffer of 64 events, far longer than any buffer lasts: every
+/// acknowledged event arrives upstream, none is dropped for overload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_from_several_publishers_loses_no_acknowledged_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = upstream_broker();
+    let sub = Subscriber::start(upstream, "plant/#").await;
+    let text = config_text(dir.path(), upstream.port(), "")
+        .replace("[queue]\n", "[pipeline]\nbuffer = 64\n\n[queue]\n");
+    let gw = Gateway::start_with(dir.path(), &text).await;
+    const SENSORS: usize = 4;
+    const EACH: usize = 5_000;
+    let mut tasks = Vec::new();
+    for i in 0..SENSORS {
+        let addr = gw.addr;
+        tasks.push(tokio::spawn(async move {
+            let sensor = Sensor::connect(addr).await;
+            let device = format!("f{i}");
+            for seq in 0..EACH {
+                sensor
+                    .publish(
+                        &format!("sensors/flood/{device}/temperature"),
+                        reading(&device, seq),
+                    )
+                    .await;
+            }
+            sensor.wait_acked(EACH).await;
+            sensor.acked()
+        }));
+    }
+    let mut acked = 0;
+    for t in tasks {
+        acked += t.await.unwrap();
+    }
+    assert_eq!(acked, SENSORS * EACH);
+    let got = sub.wait_for(SENSORS * EACH).await;
+    for i in 0..SENSORS {
+        let device = format!("f{i}");
+        let seqs: Vec<u64> = got
+            .iter()
+            .filter(|m| m.topic == format!("plant/flood/{device}/temp"))
+            .map(|m| seq_of(&m.payload))
+            .collect();
+        assert_eq!(seqs, (0..EACH as u64).collect::<Vec<_>>(), "{device}");
+    }
+    let m = &gw.running.metrics;
+    assert_eq!(m.received.load(Relaxed), (SENSORS * EACH) as u64);
+    assert_eq!(m.dropped_queue_unavailable.load(Relaxed), 0);
+    gw.stop().await;
+}
+
+/// One port serves both protocols, and an MQTT 5 publish with properties
+/// (user property, content type, expiry) reaches a 3.1.1 subscriber without
+/// harm: rumqttd panicked forwarding such a publish to a 3.1.1 subscriber
+/// and then refused every 3.1.1 client; the front door strips properties
+/// before rumqttd sees them. Afterwards 3.1.1 clients still get in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_and_311_share_one_port_and_v5_properties_do_not_break_311_subscribers() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = upstream_broker();
+    let gw = Gateway::start(dir.path(), upstream.port()).await;
+    let port = gw.addr.port();
+    for round in 0..2 {
+        let sub_v3 = MosquittoSub::start(port, "mqttv311", "local/props").await;
+        let sub_v5 = MosquittoSub::start(port, "mqttv5", "local/props").await;
+        let status = std::process::Command::new("mosquitto_pub")
+            .args(["-V", "mqttv5", "-q", "1", "-p", &port.to_string()])
+            .args(["-D", "publish", "user-property", "k", "v"])
+            .args(["-D", "publish", "content-type", "text/plain"])
+            .args(["-D", "publish", "message-expiry-interval", "60"])
+            .args(["-t", "local/props", "-m", &format!("hello {round}")])
+            .status()
+            .expect("mosquitto_pub");
+        assert!(status.success());
+        for out in [sub_v3.output().await, sub_v5.output().await] {
+            assert!(
+                out.iter()
+                    .any(|l| l == &format!("local/props hello {round}")),
+                "{out:?}"
+            );
+        }
+    }
+    // A 3.1.1 publish on the same port goes through too.
+    mosquitto_pub(
+        port,
+        "mqttv311",
+        "sensors/yard/t7/temperature",
+        r#"{"value": 20.0, "unit": "C"}"#,
+    );
+    wait_until("both publishes taken in", || gw.count(|m| &m.received) == 3).await;
+    gw.stop().await;
+}
+
+/// An MQTT client that logs in and reports its CONNACK.
+async fn login(
+    port: u16,
+    id: &str,
+    user: &str,
+) -> (
+    rumqttc::AsyncClient,
+    tokio::sync::mpsc::Receiver<rumqttc::Event>,
+) {
+    let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5))
+        .set_credentials(user, "pw");
+    let (client, mut el) = rumqttc::AsyncClient::new(opts, 100);
+    let (tx, rx) = tokio::sync::mpsc::channel(1000);
+    tokio::spawn(async move {
+        while let Ok(ev) = el.poll().await {
+            if tx.send(ev).await.is_err() {
+                break;
+            }
+        }
+    });
+    (client, rx)
+}
+
+/// The next incoming packet matching `f`.
+async fn next_incoming<T>(
+    rx: &mut tokio::sync::mpsc::Receiver<rumqttc::Event>,
+    mut f: impl FnMut(&rumqttc::Incoming) -> Option<T>,
+) -> T {
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let Some(rumqttc::Event::Incoming(i)) = rx.recv().await
+                && let Some(t) = f(&i)
+            {
+                return t;
+            }
+        }
+    })
+    .await
+    .expect("the packet came")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_acl_file_limits_publishes_subscriptions_and_deliveries_and_is_reloaded() {
+    use rumqttc::{Incoming, QoS, SubscribeReasonCode};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let passwd = d.join("passwd");
+    for user in ["alice", "bob"] {
+        edgeferry_passwd(&passwd, user, "pw");
+    }
+    let acl = d.join("acl");
+    std::fs::write(
+        &acl,
+        "# alice has her own sensors\nuser alice\ntopic write sensors/alice/#\ntopic read alerts/alice/#\n\n\
+         user bob\ntopic readwrite sensors/bob/#\n\n\
+         # every device its own commands\npattern read devices/%c/cmd\n",
+    )
+    .unwrap();
+    let upstream = upstream_broker();
+    let sub = Subscriber::start(upstream, "plant/#").await;
+    let text = config_text(d, upstream.port(), "").replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!(
+            "listen = \"127.0.0.1:0\"\npassword_file = \"{}\"\nacl_file = \"{}\"",
+            passwd.display(),
+            acl.display()
+        ),
+        1,
+    );
+    let gw = Gateway::start_with(d, &text).await;
+    let port = gw.addr.port();
+    let m = gw.running.metrics.clone();
+
+    // Publish: her own topic goes upstream, bob's is dropped (3.1.1: acked).
+    let (alice, mut alice_rx) = login(port, "alice-1", "alice").await;
+    for (topic, seq) in [
+        ("sensors/alice/a1/temperature", 1),
+        ("sensors/bob/b1/temperature", 2),
+    ] {
+        alice
+            .publish(topic, QoS::AtLeastOnce, false, reading("x", seq))
+            .await
+            .unwrap();
+    }
+    for _ in 0..2 {
+        next_incoming(&mut alice_rx, |i| {
+            matches!(i, Incoming::PubAck(_)).then_some(())
+        })
+        .await;
+    }
+    let got = sub.wait_for(1).await;
+    assert_eq!(got[0].topic, "plant/alice/a1/temp");
+    assert_eq!(m.door_denied_publish.load(Relaxed), 1);
+
+    // Subscribe: a filter she may read is granted, a wider one refused.
+    alice
+        .subscribe_many([
+            rumqttc::SubscribeFilter::new("alerts/alice/#".into(), QoS::AtLeastOnce),
+            rumqttc::SubscribeFilter::new("alerts/#".into(), QoS::AtLeastOnce),
+            rumqttc::SubscribeFilter::new("#".into(), QoS::AtLeastOnce),
+        ])
+        .await
+        .unwrap();
+    let codes = next_incoming(&mut alice_rx, |i| match i {
+        Incoming::SubAck(a) => Some(a.return_codes.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        codes,
+        vec![
+            SubscribeReasonCode::Success(QoS::AtLeastOnce),
+            SubscribeReasonCode::Failure,
+            SubscribeReasonCode::Failure
+        ]
+    );
+
+    // %c: a device reads its own commands. An id that looks like a path or
+    // a wildcard cannot widen the pattern: it is refused at CONNECT.
+    let (dev, mut dev_rx) = login(port, "dev7", "bob").await;
+    dev.subscribe("devices/dev7/cmd", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let granted = next_incoming(&mut dev_rx, |i| match i {
+        Incoming::SubAck(a) => Some(a.return_codes.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        granted,
+        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    dev.subscribe("devices/+/cmd", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let wider = next_incoming(&mut dev_rx, |i| match i {
+        Incoming::SubAck(a) => Some(a.return_codes.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(wider, vec![SubscribeReasonCode::Failure]);
+    for id in ["dev7/cmd/x", "+", "#", "$dev"] {
+        let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_credentials("bob", "pw");
+        let (_c, mut el) = rumqttc::AsyncClient::new(opts, 10);
+        let refused = tokio::time::timeout(DEADLINE, el.poll())
+            .await
+            .expect("an answer");
+        assert!(
+            matches!(
+                refused,
+                Err(rumqttc::ConnectionError::ConnectionRefused(
+                    rumqttc::ConnectReturnCode::BadClientId
+                ))
+            ),
+            "client id {id:?}: {refused:?}"
+        );
+    }
+
+    // Reload: bob's sensors opened to alice while it runs.
+    let denied_before = m.door_denied_publish.load(Relaxed);
+    let text = std::fs::read_to_string(&acl).unwrap().replace(
+        "topic write sensors/alice/#",
+        "topic write sensors/alice/#\ntopic write sensors/bob/#",
+    );
+    std::fs::write(&acl, text).unwrap();
+    alice
+        .publish(
+            "sensors/bob/b1/temperature",
+            QoS::AtLeastOnce,
+            false,
+            reading("x", 3),
+        )
+        .await
+        .unwrap();
+    let got = sub.wait_for(2).await;
+    assert_eq!(got[1].topic, "plant/bob/b1/temp");
+    assert_eq!(m.door_denied_publish.load(Relaxed), denied_before);
+    gw.stop().await;
+}
+
+/// MQTT 5 gets the reason: a denied publish is answered "not authorized".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_mqtt5_publish_is_answered_not_authorized() {
+    use rumqttc::v5::mqttbytes::v5::PubAckReason;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let acl = d.join("acl");
+    std::fs::write(&acl, "topic write sensors/anon/#\n").unwrap();
+    let upstream = upstream_broker();
+    let text = config_text(d, upstream.port(), "").replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:0\"\nacl_file = \"{}\"", acl.display()),
+        1,
+    );
+    let gw = Gateway::start_with(d, &text).await;
+    let mut opts = rumqttc::v5::MqttOptions::new("anon-5", "127.0.0.1", gw.addr.port());
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut el) = rumqttc::v5::AsyncClient::new(opts, 10);
+    for topic in ["sensors/anon/a/temperature", "sensors/other/a/temperature"] {
+        client
+            .publish(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, "1")
+            .await
+            .unwrap();
+    }
+    let reasons = tokio::time::timeout(DEADLINE, async {
+        let mut reasons = Vec::new();
+        while reasons.len() < 2 {
+            if let Ok(rumqttc::v5::Event::Incoming(rumqttc::v5::Incoming::PubAck(a))) =
+                el.poll().await
+            {
+                reasons.push(a.reason);
+            }
+        }
+        reasons
+    })
+    .await
+    .expect("two PUBACKs");
+    assert_eq!(
+        reasons,
+        vec![PubAckReason::Success, PubAckReason::NotAuthorized]
+    );
+    gw.stop().await;
+}
+
+/// Rules see who published: `meta.client_id` (and `meta.username`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_can_route_by_the_publishing_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let rules = d.join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    std::fs::write(
+        rules.join("trusted.toml"),
+        "[[rule]]\nname = \"trusted-only\"\nmatch = \"readings/#\"\n\
+         when = \"meta.client_id == 'trusted-1' && meta.username == ''\"\n\
+         to = [{ upstream = \"cloud\", topic = \"from/{payload.device}\" }]\n",
+    )
+    .unwrap();
+    let upstream = upstream_broker();
+    let sub = Subscriber::start(upstream, "from/#").await;
+    let text = config_text(d, upstream.port(), "").replace(
+        &format!("dir = \"{}\"", repo_rules().display()),
+        &format!("dir = \"{}\"", rules.display()),
+    );
+    let gw = Gateway::start_with(d, &text).await;
+    let trusted = Sensor::connect_as(gw.addr, "trusted-1").await;
+    let other = Sensor::connect_as(gw.addr, "other-1").await;
+    other.publish("readings/x", reading("other", 1)).await;
+    trusted.publish("readings/x", reading("trusted", 2)).await;
+    other.wait_acked(1).await;
+    trusted.wait_acked(1).await;
+    let got = sub.wait_for(1).await;
+    assert_eq!(got[0].topic, "from/trusted");
+    wait_until("both routed", || gw.count(|m| &m.routed) == 2).await;
+    assert_eq!(sub.take().len(), 1, "the other client's reading stays");
+    gw.stop().await;
+}
