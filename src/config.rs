@@ -80,6 +80,10 @@ pub struct BrokerConfig {
     /// PEM certificate chain and private key of the TLS listener.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// CA (PEM) whose client certificates the TLS listener requires; a
+    /// verified certificate is the client's login, its common name the
+    /// user name (as Mosquitto's `use_identity_as_username`).
+    pub tls_client_ca: Option<PathBuf>,
     /// Mosquitto-format password file (`edgeferry passwd` or
     /// `mosquitto_passwd` write it). When set, every client on every
     /// listener must log in; anonymous clients are refused.
@@ -102,6 +106,7 @@ impl Default for BrokerConfig {
             tls_listen: None,
             tls_cert: None,
             tls_key: None,
+            tls_client_ca: None,
             password_file: None,
         }
     }
@@ -458,6 +463,7 @@ impl ConfigFile {
             &mut file.broker.tls_key,
             &mut file.broker.password_file,
             &mut file.broker.acl_file,
+            &mut file.broker.tls_client_ca,
         ]
         .into_iter()
         .flatten()
@@ -792,12 +798,17 @@ fn validate(file: &ConfigFile, name: &Path, text: &str) -> Vec<Diagnostic> {
     };
     match (&b.tls_listen, &b.tls_cert, &b.tls_key) {
         (Some(_), Some(cert), Some(key)) => {
-            if let Err(e) = crate::tls::check_server_files(cert, key) {
+            if let Err(e) = crate::tls::check_server_files(cert, key, b.tls_client_ca.as_deref()) {
                 let at = match &e {
                     crate::tls::TlsError::Read { path, .. } | crate::tls::TlsError::Bad { path, .. }
                         if path == key =>
                     {
                         "tls_key"
+                    }
+                    crate::tls::TlsError::Read { path, .. } | crate::tls::TlsError::Bad { path, .. }
+                        if Some(path.as_path()) == b.tls_client_ca.as_deref() =>
+                    {
+                        "tls_client_ca"
                     }
                     crate::tls::TlsError::NotBuilt => "tls_listen",
                     _ => "tls_cert",
@@ -808,6 +819,10 @@ fn validate(file: &ConfigFile, name: &Path, text: &str) -> Vec<Diagnostic> {
         (Some(_), _, _) => broker_error(
             "tls_listen",
             "broker.tls_listen needs tls_cert and tls_key (PEM files)".into(),
+        ),
+        (None, _, _) if b.tls_client_ca.is_some() => broker_error(
+            "tls_client_ca",
+            "broker.tls_client_ca is used only with tls_listen".into(),
         ),
         (None, Some(_), _) | (None, _, Some(_)) => broker_error(
             "tls_cert",

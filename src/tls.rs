@@ -29,7 +29,7 @@ pub fn client_config(_: &UpstreamConfig) -> Result<Arc<ClientConfig>, TlsError> 
 }
 
 #[cfg(not(feature = "tls"))]
-pub fn check_server_files(_: &Path, _: &Path) -> Result<(), TlsError> {
+pub fn check_server_files(_: &Path, _: &Path, _: Option<&Path>) -> Result<(), TlsError> {
     Err(TlsError::NotBuilt)
 }
 
@@ -116,26 +116,24 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 }
 
 #[cfg(feature = "tls")]
-/// Check the embedded broker's TLS certificate chain and key: readable,
-/// PEM, within their validity, and belonging together (rumqttd would
-/// otherwise fail its listener at start with a vaguer message).
-pub fn check_server_files(cert: &Path, key: &Path) -> Result<(), TlsError> {
-    let chain = certificates(cert)?;
-    let der = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|e| {
-        bad(
-            key,
-            format!("not a PEM private key (PKCS#8, PKCS#1 or SEC1): {e}"),
-        )
-    })?;
-    let provider = rustls::crypto::ring::default_provider();
-    rustls::sign::CertifiedKey::from_der(chain, der, &provider)
-        .map_err(|e| bad(key, format!("does not go with {}: {e}", cert.display())))?;
-    Ok(())
+/// Check the front door's TLS files: readable, PEM, within their validity,
+/// the key belonging to the chain, the client CA usable.
+pub fn check_server_files(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<(), TlsError> {
+    server_config(cert, key, client_ca).map(|_| ())
 }
 
 #[cfg(feature = "tls")]
-/// The front door's TLS listener: its certificate chain and key.
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+/// The front door's TLS listener: its certificate chain and key, and with
+/// `client_ca` a client certificate signed by it required of every client.
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let chain = certificates(cert)?;
     let der = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|e| {
         bad(
@@ -144,13 +142,40 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
         )
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| bad(cert, e.to_string()))?
-        .with_no_client_auth()
+        .map_err(|e| bad(cert, e.to_string()))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for c in certificates(ca)? {
+                roots
+                    .add(c)
+                    .map_err(|e| bad(ca, format!("not a usable CA certificate: {e}")))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| bad(ca, format!("cannot verify clients with it: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder
         .with_single_cert(chain, der)
         .map_err(|e| bad(key, format!("does not go with {}: {e}", cert.display())))?;
     Ok(Arc::new(config))
+}
+
+#[cfg(feature = "tls")]
+/// The common name of a (verified) client certificate: the user name of a
+/// client that logs in with its certificate.
+pub fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
 }
 
 #[cfg(feature = "tls")]

@@ -137,7 +137,7 @@ pub async fn bind(cfg: &BrokerConfig) -> Result<Listeners, BrokerError> {
                     ));
                 }
             };
-            let config = crate::tls::server_config(cert, key)
+            let config = crate::tls::server_config(cert, key, cfg.tls_client_ca.as_deref())
                 .map_err(|e| BrokerError::Tls(e.to_string()))?;
             Some((l, tokio_rustls::TlsAcceptor::from(config)))
         }
@@ -219,14 +219,24 @@ pub async fn run(
             let peer = accepted.peer;
             let result = match accepted.transport {
                 Transport::Plain => {
-                    session::serve(door.clone(), accepted.stream, events, shutdown).await
+                    session::serve(door.clone(), accepted.stream, events, shutdown, None).await
                 }
                 #[cfg(feature = "tls")]
                 Transport::Tls(acceptor) => {
                     match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(accepted.stream))
                         .await
                     {
-                        Ok(Ok(tls)) => session::serve(door.clone(), tls, events, shutdown).await,
+                        Ok(Ok(tls)) => {
+                            // Only a verified certificate is presented here
+                            // (tls_client_ca); its CN is the user name.
+                            let identity = tls
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .and_then(|c| crate::tls::common_name(c));
+                            session::serve(door.clone(), tls, events, shutdown, identity).await
+                        }
                         Ok(Err(e)) => Err(session::SessionError::Io(e)),
                         Err(_) => Err(session::SessionError::ConnectTimeout(TLS_HANDSHAKE)),
                     }

@@ -72,12 +72,15 @@ const BROKER_PING_EVERY: Duration = Duration::from_secs(20);
 /// into the pipeline, to acknowledge them before closing.
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
-/// Serve one client until it disconnects, the daemon stops or something fails.
+/// Serve one client until it disconnects, the daemon stops or something
+/// fails. `identity`: the common name of the client's verified TLS
+/// certificate, which is then its login and user name.
 pub async fn serve<S>(
     door: Arc<Door>,
     mut client: S,
     events: mpsc::Sender<Inbound>,
     shutdown: watch::Receiver<bool>,
+    identity: Option<String>,
 ) -> Result<(), SessionError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -89,9 +92,13 @@ where
     )
     .await
     .map_err(|_| SessionError::ConnectTimeout(CONNECT_TIMEOUT))??;
-    let Some(info) = connect.connect_info() else {
+    let Some(mut info) = connect.connect_info() else {
         return Err(SessionError::Protocol("first packet is not CONNECT"));
     };
+    let certified = identity.is_some();
+    if certified {
+        info.username = identity;
+    }
     // rumqttd refuses these ids by closing, without a CONNACK; and a
     // wildcard or a level separator in an id must never reach an ACL
     // pattern's %c.
@@ -102,6 +109,8 @@ where
     }
     let reserved = info.client_id.starts_with(super::auth::RESERVED_ID_PREFIX);
     let allowed = match &door.auth {
+        // A verified client certificate is the login.
+        _ if certified => !reserved,
         Some(auth) if !reserved => {
             auth.check(
                 &info.client_id,

@@ -61,6 +61,9 @@ pub struct InputSpec {
     pub cbor: bool,
     /// A payload sent as these exact bytes (text).
     pub raw: Option<String>,
+    /// Who published it (`meta.client_id`, `meta.username`).
+    pub client_id: Option<String>,
+    pub username: Option<String>,
 }
 
 /// One step of a sequence.
@@ -74,6 +77,9 @@ pub struct StepSpec {
     #[serde(default)]
     pub cbor: bool,
     pub raw: Option<String>,
+    /// Who published it (`meta.client_id`, `meta.username`).
+    pub client_id: Option<String>,
+    pub username: Option<String>,
     #[serde(default)]
     pub expect: Vec<ExpectSpec>,
     /// This step's input is expected to make a rule fail; otherwise a rule
@@ -163,6 +169,8 @@ fn run_one(set: &RuleSet, spec: &TestSpec) -> Result<(), String> {
             payload: i.payload.clone(),
             cbor: i.cbor,
             raw: i.raw.clone(),
+            client_id: i.client_id.clone(),
+            username: i.username.clone(),
             expect: e.clone(),
             errors: spec.errors,
         }],
@@ -190,6 +198,10 @@ fn run_one(set: &RuleSet, spec: &TestSpec) -> Result<(), String> {
             let raw = payload_bytes(step)?;
             let mut event = Event::from_publish(topic.clone(), raw);
             event.received_ms = now;
+            if let Some(id) = &step.client_id {
+                event.client_id = id.as_str().into();
+            }
+            event.username = step.username.as_deref().map(Into::into);
             let verdict = set.route(&event, &mut state);
             outputs.extend(collect(&verdict));
             let _ = write!(what, ", {topic}");
