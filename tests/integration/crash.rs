@@ -365,6 +365,50 @@ async fn sigkill_loop_under_load_loses_no_committed_event() {
     );
 }
 
+/// The front door's promise, from the sensor's side: the real binary is
+/// SIGKILLed repeatedly under a steady QoS 1 publish (upstream alternately
+/// up and down), and every event whose PUBACK the sensor received arrives
+/// upstream in the end. PUBACKs come in publish order, so `n` PUBACKs mean
+/// the round's first `n` events were acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_loop_loses_no_event_a_sensor_was_told_was_received() {
+    let World {
+        dir,
+        sub,
+        proxy,
+        config,
+        port,
+        db,
+    } = World::new("").await;
+    const ROUNDS: u64 = 6;
+    const SPAN: u64 = 1_000_000;
+    let mut acknowledged: BTreeSet<u64> = BTreeSet::new();
+    let mut queued_at_kills: BTreeSet<u64> = BTreeSet::new();
+    for round in 0..ROUNDS {
+        proxy.set_up(round % 2 == 0);
+        let mut daemon = Daemon::start(dir.path(), &config, port).await;
+        let sensor = Sensor::connect(daemon.addr()).await;
+        let (publisher, _) = steady_publisher(&sensor, (round * SPAN) as usize);
+        sensor.wait_acked(500).await;
+        assert!(!daemon.signal("-KILL").success());
+        // Read after the kill: no PUBACK can come any more.
+        let n = sensor.acked() as u64;
+        publisher.abort();
+        drop(sensor);
+        acknowledged.extend(round * SPAN..round * SPAN + n);
+        queued_at_kills.extend(queued_seqs(&db));
+    }
+    proxy.set_up(true);
+    let _daemon = Daemon::start(dir.path(), &config, port).await;
+    wait_until("queue drained", || queued_in(&db, "cloud") == 0).await;
+    wait_delivered(&sub, &acknowledged).await;
+    let dups = assert_at_least_once(&sub, &queued_at_kills, ROUNDS as usize + 1);
+    eprintln!(
+        "{ROUNDS} kills: {} events acknowledged to the sensor, all delivered; {dups} delivered twice or more",
+        acknowledged.len(),
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_with_the_upstream_down_loses_nothing() {
     sigterm_under_load_with_the_upstream_down("").await;
