@@ -16,7 +16,9 @@
 //!       One MQTT client per device publishes `sensors/<site>/d<k>/temperature`
 //!       events of `--size` bytes carrying a sequence number and a send time
 //!       (µs since the epoch), at full speed or `--rate` events/s in all, and
-//!       waits for every PUBACK.
+//!       waits for every PUBACK. It prints the PUBACK latency each sensor saw
+//!       (from a publish written to its PUBACK; acks come in publish order):
+//!       `puback_p50_ms=` and `puback_p99_ms=`.
 //!
 //! Payload: {"dev":"d3","seq":123,"ts":1795...,"value":21.5,"pad":"xx..."};
 //! a sink can tell events apart by (dev, seq).
@@ -28,7 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
-use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -136,10 +138,13 @@ async fn publish(
     };
     let start = Instant::now();
     let acked = Arc::new(AtomicU64::new(0));
+    // PUBACK latencies in µs, per device, merged at the end.
+    let waits: Arc<std::sync::Mutex<Vec<u32>>> = Arc::default();
     let mut tasks = Vec::new();
     for dev in 0..devices {
         let count = events / devices + u64::from(dev < events % devices);
         let acked = acked.clone();
+        let waits = waits.clone();
         let topic = format!("sensors/{site}/d{dev}/temperature");
         tasks.push(tokio::spawn(async move {
             let id = format!("loadgen-{}-d{dev}", std::process::id());
@@ -151,12 +156,19 @@ async fn publish(
             let done = acked.clone();
             let poller = tokio::spawn(async move {
                 let mut mine = 0u64;
+                let mut sent = std::collections::VecDeque::new();
+                let mut latencies = Vec::with_capacity(count as usize);
                 loop {
                     match el.poll().await {
+                        Ok(Event::Outgoing(Outgoing::Publish(_))) => sent.push_back(Instant::now()),
                         Ok(Event::Incoming(Incoming::PubAck(_))) => {
+                            if let Some(at) = sent.pop_front() {
+                                latencies.push(at.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                            }
                             mine += 1;
                             done.fetch_add(1, Relaxed);
                             if mine == count {
+                                waits.lock().unwrap().extend(latencies);
                                 return;
                             }
                         }
@@ -191,10 +203,19 @@ async fn publish(
         t.await.unwrap();
     }
     let secs = start.elapsed().as_secs_f64();
+    let mut waits = std::mem::take(&mut *waits.lock().unwrap());
+    waits.sort_unstable();
+    let pct = |p: f64| {
+        waits
+            .get(((waits.len() as f64 * p) as usize).min(waits.len().saturating_sub(1)))
+            .map_or(0.0, |us| *us as f64 / 1000.0)
+    };
     println!(
-        "published {events} events of {size} bytes from {devices} devices in {secs:.2}s: {:.0} events/s; PUBACKs: {}",
+        "published {events} events of {size} bytes from {devices} devices in {secs:.2}s: {:.0} events/s; PUBACKs: {} puback_p50_ms={:.2} puback_p99_ms={:.2}",
         events as f64 / secs,
-        acked.load(Relaxed)
+        acked.load(Relaxed),
+        pct(0.50),
+        pct(0.99),
     );
 }
 
