@@ -163,7 +163,8 @@ async fn publish(
                         Ok(Event::Outgoing(Outgoing::Publish(_))) => sent.push_back(Instant::now()),
                         Ok(Event::Incoming(Incoming::PubAck(_))) => {
                             if let Some(at) = sent.pop_front() {
-                                latencies.push(at.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                                latencies
+                                    .push(at.elapsed().as_micros().min(u32::MAX as u128) as u32);
                             }
                             mine += 1;
                             done.fetch_add(1, Relaxed);

@@ -327,8 +327,12 @@ fn run(path: Option<PathBuf>) -> ExitCode {
         }
     };
     edgeferry::ops::logging::init(&config.file.log);
+    // Rule expressions evaluate recursively on the workers; the size
+    // limits of `rules::expr` keep them well inside tokio's 2 MiB, and
+    // 8 MiB (address space; only the pages used count) is the margin.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .thread_stack_size(8 << 20)
         .build()
     {
         Ok(r) => r,

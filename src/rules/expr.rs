@@ -55,6 +55,92 @@ pub struct CompileError {
 #[error("{0}")]
 pub struct EvalError(pub String);
 
+/// An expression's size limits. CEL parses and evaluates recursively, one
+/// stack frame per level of the expression tree, and a binary operator
+/// chain (`1+1+…+1`) nests one level per operator; the parser's own
+/// recursion limit counts parentheses, not operators. 2,000 terms
+/// overflowed a tokio worker's stack at the first event, 30,000 the parser
+/// at start. Checked before parsing, so the same limits hold in `check`,
+/// reload and start, and whatever passes evaluates within a 2 MiB stack.
+pub const MAX_EXPR_BYTES: usize = 8 * 1024;
+/// Operators (arithmetic, comparison, logic, `!`, `?`, member access `.`).
+pub const MAX_OPERATORS: usize = 256;
+/// Parentheses, brackets and braces inside one another.
+pub const MAX_NESTING: usize = 32;
+
+/// Refuse an expression whose tree would be too deep (see the limits).
+fn check_size(source: &str) -> Result<(), CompileError> {
+    let too = |what: String, offset: Option<usize>| {
+        Err(CompileError {
+            message: format!(
+                "expression too large: {what} (split it over several rules, or use `x in [..]` for long alternatives)"
+            ),
+            offset,
+        })
+    };
+    if source.len() > MAX_EXPR_BYTES {
+        return too(
+            format!("{} bytes, the limit is {MAX_EXPR_BYTES}", source.len()),
+            None,
+        );
+    }
+    let bytes = source.as_bytes();
+    let (mut operators, mut depth) = (0usize, 0usize);
+    let mut quote: Option<u8> = None;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if let Some(q) = quote {
+            match b {
+                b'\\' => i += 1,
+                _ if b == q => quote = None,
+                _ => {}
+            }
+            i += 1;
+            continue;
+        }
+        let next = bytes.get(i + 1).copied();
+        let operator = match b {
+            b'\'' | b'"' => {
+                quote = Some(b);
+                false
+            }
+            b'(' | b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return too(format!("nested deeper than {MAX_NESTING}"), Some(i));
+                }
+                false
+            }
+            b')' | b']' | b'}' => {
+                depth = depth.saturating_sub(1);
+                false
+            }
+            // Two-character operators count once.
+            b'&' | b'|' | b'=' if next == Some(b) => {
+                i += 1;
+                true
+            }
+            b'!' | b'<' | b'>' if next == Some(b'=') => {
+                i += 1;
+                true
+            }
+            b'+' | b'-' | b'*' | b'/' | b'%' | b'!' | b'<' | b'>' | b'?' => true,
+            // Member access, not a decimal point.
+            b'.' => next.is_some_and(|c| c.is_ascii_alphabetic() || c == b'_'),
+            _ => false,
+        };
+        if operator {
+            operators += 1;
+            if operators > MAX_OPERATORS {
+                return too(format!("more than {MAX_OPERATORS} operators"), Some(i));
+            }
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
 impl Expr {
     pub fn compile(source: &str) -> Result<Expr, CompileError> {
         if source.trim().is_empty() {
@@ -63,6 +149,7 @@ impl Expr {
                 offset: None,
             });
         }
+        check_size(source)?;
         match Program::compile(source) {
             Ok(program)
                 if !cfg!(feature = "regex") && program.references().has_function("matches") =>
@@ -485,5 +572,104 @@ mod regex_tests {
             let e = compiled.unwrap_err();
             assert!(e.message.contains("without regex support"), "{e:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+    use bytes::Bytes;
+
+    /// `n` terms joined by `op`.
+    fn chain(op: &str, n: usize) -> String {
+        vec!["1"; n].join(op)
+    }
+
+    #[test]
+    fn every_operator_chain_over_the_limit_is_refused_with_where() {
+        for op in [
+            "+", "-", "*", "/", "%", "==", "!=", "<", "<=", ">", ">=", " && ", " || ",
+        ] {
+            let over = chain(op, MAX_OPERATORS + 2);
+            let e = Expr::compile(&over).unwrap_err();
+            assert!(e.message.contains("256 operators"), "{op}: {}", e.message);
+            assert!(e.offset.is_some(), "{op}: located");
+        }
+        // Member access chains and unary repetitions nest too.
+        for over in [
+            format!("payload{}", ".a".repeat(MAX_OPERATORS + 1)),
+            format!("{}true", "!".repeat(MAX_OPERATORS + 1)),
+            format!("{}1", "-".repeat(MAX_OPERATORS + 1)),
+            format!("{}1", "true ? 1 : ".repeat(MAX_OPERATORS + 1)),
+        ] {
+            assert!(Expr::compile(&over).is_err(), "{over:.20}…");
+        }
+        for open in ["(", "[", "{1:"] {
+            let close = match open {
+                "(" => ")",
+                "[" => "]",
+                _ => "}",
+            };
+            let over = format!(
+                "{}1{}",
+                open.repeat(MAX_NESTING + 1),
+                close.repeat(MAX_NESTING + 1)
+            );
+            let e = Expr::compile(&over).unwrap_err();
+            assert!(e.message.contains("nested deeper"), "{open}: {}", e.message);
+        }
+        let long = format!("'{}' == topic", "x".repeat(MAX_EXPR_BYTES));
+        assert!(Expr::compile(&long).unwrap_err().message.contains("bytes"));
+    }
+
+    #[test]
+    fn operators_inside_strings_and_decimal_points_do_not_count() {
+        let text = format!("topic == '{}' && value > 1.5", "+".repeat(1000));
+        assert!(Expr::compile(&text).is_ok());
+        let escaped = format!("topic == 'it\\'s {}'", "*".repeat(1000));
+        assert!(Expr::compile(&escaped).is_ok());
+    }
+
+    #[test]
+    fn whatever_passes_evaluates_within_a_small_stack() {
+        // The deepest expressions the limits allow, parsed and evaluated on
+        // a thread with half a tokio worker's 2 MiB stack. Measured in a
+        // release build: a 192-operator `&&` chain needs more than 256 KiB,
+        // 257 operators fit in 1 MiB. A debug build's frames are many times
+        // larger (a 32-term sum overflows 1 MiB), so there it gets 64 MiB.
+        let at_limit = [
+            chain("+", MAX_OPERATORS + 1),
+            chain(" && ", MAX_OPERATORS + 1).replace('1', "true"),
+            format!("{}1{}", "(".repeat(MAX_NESTING), ")".repeat(MAX_NESTING)),
+            format!(
+                "{}1{} + {}",
+                "[".repeat(MAX_NESTING),
+                "]".repeat(MAX_NESTING),
+                chain("+", MAX_OPERATORS - 1)
+            ),
+        ];
+        let stack = if cfg!(debug_assertions) {
+            64 << 20
+        } else {
+            1 << 20
+        };
+        std::thread::Builder::new()
+            .stack_size(stack)
+            .spawn(move || {
+                let env = Env::default();
+                let event = Event::from_publish("t".into(), Bytes::from_static(b"{}"));
+                let vars = EventVars::new(&event, "i", "g");
+                let rule = RuleVars {
+                    event: &vars,
+                    captures: &[],
+                };
+                for src in at_limit {
+                    let expr = Expr::compile(&src).unwrap_or_else(|e| panic!("{}", e.message));
+                    let _ = expr.eval(&env, &rule);
+                }
+            })
+            .unwrap()
+            .join()
+            .expect("no stack overflow");
     }
 }

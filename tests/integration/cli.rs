@@ -641,3 +641,44 @@ fn check_reports_broker_tls_and_password_file_problems() {
     );
     assert!(stderr.contains("has no users"), "{stderr}");
 }
+
+/// Hostile-run finding: `when = "1+1+…+1 > 0"` with 2,000 terms passed
+/// `check` and then overflowed a worker's stack at the first event (30,000
+/// aborted the daemon at start). Every chained operator class and deep
+/// nesting is now refused by `check` and by `run`, located, with the limit.
+#[test]
+fn expressions_too_deep_to_evaluate_are_refused_by_check_and_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(
+        &d.join("edgeferry.toml"),
+        &format!(
+            "[broker]\nlisten = \"127.0.0.1:{}\"\n[metrics]\nenabled = false\n[queue]\npath = \"q.db\"\n[upstream.cloud]\nurl = \"mqtt://127.0.0.1:1884\"\n",
+            free_port()
+        ),
+    );
+    for (name, when) in [
+        ("plus", format!("{} > 0", vec!["1"; 2000].join("+"))),
+        ("times", format!("{} > 0", vec!["1"; 2000].join("*"))),
+        ("equals", vec!["true"; 2000].join(" == ")),
+        ("and", vec!["true"; 30_000].join("&&")),
+        (
+            "parens",
+            format!("{}true{}", "(".repeat(200), ")".repeat(200)),
+        ),
+    ] {
+        write(
+            &d.join("rules/deep.toml"),
+            &format!(
+                "[[rule]]\nname = \"{name}\"\nmatch = \"a/#\"\nwhen = \"{when}\"\nto = [{{ upstream = \"cloud\" }}]\n"
+            ),
+        );
+        let stderr = check_fails(d, "edgeferry.toml", 2);
+        assert!(
+            stderr.contains("rules/deep.toml:4:") && stderr.contains("expression too large"),
+            "{name}: {stderr:.300}"
+        );
+        let out = edgeferry(&["run", "-c", "edgeferry.toml"], d);
+        assert_eq!(out.status.code(), Some(2), "{name}: run refuses it too");
+    }
+}
