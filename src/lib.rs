@@ -61,6 +61,10 @@ pub enum RunError {
     /// (see the stage's error); the queue is intact and a restart resumes.
     #[error("{stage} stopped unexpectedly: {reason}")]
     StageFailed { stage: &'static str, reason: String },
+    /// The final commit at shutdown failed (disk full, I/O error): these
+    /// events are gone. Free space before the next stop.
+    #[error("{lost} events could not be stored at shutdown (disk full or I/O error; see the log)")]
+    NotStored { lost: u64 },
 }
 
 /// A running pipeline.
@@ -323,6 +327,7 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
 
     let stop = shutdown_tx.clone();
     let mut broker_exited = broker.exited;
+    let metrics_at_stop = metrics.clone();
     let supervisor = tokio::spawn(async move {
         let mut failure = None;
         let mut stopping = stop.subscribe();
@@ -352,12 +357,18 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
                 error!(error = %e, "stage panicked while stopping");
             }
         }
-        let _ = tokio::task::spawn_blocking(move || {
+        let lost = tokio::task::spawn_blocking(move || {
             let _ = republish_thread.join();
             queue_thread.join()
         })
-        .await;
-        info!("edgeferry stopped");
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or(0);
+        info!(summary = %metrics_at_stop.summary(), "edgeferry stopped");
+        if lost > 0 && failure.is_none() {
+            failure = Some(RunError::NotStored { lost });
+        }
         failure.map_or(Ok(()), Err)
     });
 

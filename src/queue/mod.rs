@@ -303,7 +303,7 @@ pub fn open(
     path: &Path,
     settings: QueueSettings,
     metrics: Arc<Metrics>,
-) -> Result<(QueueHandle, std::thread::JoinHandle<()>), QueueError> {
+) -> Result<(QueueHandle, std::thread::JoinHandle<u64>), QueueError> {
     let conn = schema::open_or_recover(path, &metrics)?;
     let writer =
         writer::Writer::new(conn, path, settings, metrics).map_err(|source| QueueError::Open {

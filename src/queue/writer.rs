@@ -222,7 +222,9 @@ impl Writer {
             }
     }
 
-    pub(super) fn run(mut self, rx: flume::Receiver<Cmd>) {
+    /// Serve until every handle is gone, then write what is held. Returns
+    /// how many events could not be stored at that final commit.
+    pub(super) fn run(mut self, rx: flume::Receiver<Cmd>) -> u64 {
         let interval = self.settings.commit_interval;
         // The last commit, or the last look that found nothing to write.
         let mut last_round = Instant::now() - interval;
@@ -412,13 +414,19 @@ impl Writer {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        if !self.rows.is_empty() {
+        let lost = self.rows.len() as u64;
+        if lost > 0 {
+            // Counted with the other refusals, so the final counters say so.
+            self.metrics
+                .dropped_queue_unavailable
+                .fetch_add(lost, Relaxed);
             error!(
-                lost = self.rows.len(),
+                lost,
                 "queue: final commit failed; these events were not stored"
             );
         }
         info!("queue closed");
+        lost
     }
 
     /// The ids of the rows to write now: all of them with durability

@@ -202,3 +202,54 @@ async fn below_the_free_disk_watermark_the_queue_stops_growing_and_keeps_the_new
     );
     gw.stop().await;
 }
+
+/// Hostile-run finding 5: a clean stop that could not store what it held
+/// (the disk full) logged the loss and exited 0. Now the stop fails (the
+/// binary exits 1) and the final counters include those events. With
+/// `ack = "received"`, the only mode in which a sensor can have been told so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_that_cannot_store_what_it_holds_fails_and_counts_them() {
+    let Some(fs) = SmallFs::mount("16m") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (not root?); CI runs this test as root");
+        return;
+    };
+    let db = fs.at.join("queue.db");
+    let World {
+        sub: _sub,
+        proxy: _proxy,
+        gw,
+        sensor,
+    } = World::offline_with("", |text| {
+        queue_at(&text, &db, "min_free_disk = 0\ncommit_max_events = 100").replacen(
+            "[broker]\n",
+            "[broker]\nack = \"received\"\n",
+            1,
+        )
+    })
+    .await;
+    let m = gw.running.metrics.clone();
+    let _filler = fill(&fs.at);
+    const N: usize = 20_000;
+    for seq in 0..N {
+        sensor
+            .publish("sensors/stop/d/temperature", reading("d", seq))
+            .await;
+    }
+    sensor.wait_acked(N).await;
+    wait_until("commits fail", || m.commit_failures.load(Relaxed) > 0).await;
+    let refused_before = m.dropped_queue_unavailable.load(Relaxed);
+    let Gateway { running, .. } = gw;
+    let err = running
+        .stop()
+        .await
+        .expect_err("a stop that lost events fails");
+    let edgeferry::RunError::NotStored { lost } = err else {
+        panic!("{err}");
+    };
+    assert!(lost > 0);
+    assert_eq!(
+        m.dropped_queue_unavailable.load(Relaxed),
+        refused_before + lost,
+        "the final counters include them"
+    );
+}
