@@ -229,6 +229,64 @@ macro_rules! connect_once {
     }};
 }
 
+/// Whether both internal listeners accept an MQTT CONNECT now (the health
+/// probe); `Err` names the first that does not.
+pub async fn answers(internal: &Internal, within: Duration) -> Result<(), String> {
+    for (addr, v5) in [(internal.v4, false), (internal.v5, true)] {
+        let ok = tokio::time::timeout(within, connack(addr, v5, internal))
+            .await
+            .unwrap_or(false);
+        if !ok {
+            let version = if v5 { "MQTT 5" } else { "MQTT 3.1.1" };
+            return Err(format!("embedded broker {addr} ({version})"));
+        }
+    }
+    Ok(())
+}
+
+/// One CONNECT with the internal login; true on a successful CONNACK. Then
+/// a DISCONNECT, so the broker has nothing to clean up after.
+async fn connack(addr: SocketAddr, v5: bool, internal: &Internal) -> bool {
+    use rumqttc::mqttbytes::v4;
+    use rumqttc::v5::mqttbytes::v5 as m5;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let id = format!(
+        "{RESERVED_ID_PREFIX}probe-{}",
+        uuid::Uuid::new_v4().simple()
+    );
+    let mut out = bytes::BytesMut::new();
+    let written = if v5 {
+        let connect = m5::Connect {
+            keep_alive: 30,
+            client_id: id,
+            clean_start: true,
+            properties: None,
+        };
+        let login = m5::Login::new(&internal.user, &internal.secret);
+        m5::Packet::Connect(connect, None, Some(login))
+            .write(&mut out, None)
+            .is_ok()
+    } else {
+        let mut connect = v4::Connect::new(id);
+        connect.keep_alive = 30;
+        connect.set_login(&internal.user, &internal.secret);
+        v4::Packet::Connect(connect)
+            .write(&mut out, usize::MAX)
+            .is_ok()
+    };
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    if !written || s.write_all(&out).await.is_err() {
+        return false;
+    }
+    // CONNACK: type, length, flags, return code (0: accepted) both versions.
+    let mut ack = [0u8; 4];
+    let ok = s.read_exact(&mut ack).await.is_ok() && ack[0] == 0x20 && ack[3] == 0;
+    let _ = s.write_all(&[0xE0, 0x00]).await;
+    ok
+}
+
 /// Connect as an MQTT client and wait for CONNACK: proves the listener is
 /// rumqttd's and not someone else's that grabbed the port since `reserve`.
 async fn probe(
@@ -260,4 +318,44 @@ async fn probe(
     tokio::time::timeout(waited, attempt)
         .await
         .map_err(|_| BrokerError::NotListening { addr, waited })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The health probe's view of a listener that accepts but does not
+    /// speak MQTT (rumqttd's state after its 3.1.1 encoder panicked: new
+    /// connections were accepted and then dropped) and of one that is gone.
+    #[tokio::test]
+    async fn a_listener_that_does_not_answer_connect_is_reported() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closing = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (silent_addr, closing_addr) =
+            (silent.local_addr().unwrap(), closing.local_addr().unwrap());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = silent.accept().await {
+                held.push(s);
+            }
+        });
+        tokio::spawn(async move {
+            while let Ok((s, _)) = closing.accept().await {
+                drop(s);
+            }
+        });
+        let internal = |v4, v5| Internal {
+            v4,
+            v5,
+            user: INTERNAL_USER.into(),
+            secret: "s".into(),
+        };
+        let within = Duration::from_millis(300);
+        let err = answers(&internal(silent_addr, closing_addr), within).await;
+        assert!(err.unwrap_err().contains(&silent_addr.to_string()));
+        let err = answers(&internal(closing_addr, silent_addr), within).await;
+        assert!(err.unwrap_err().contains("3.1.1"));
+        assert!(!crate::frontdoor::answers(silent_addr, within).await);
+        assert!(!crate::frontdoor::answers(closing_addr, within).await);
+    }
 }

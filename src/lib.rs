@@ -312,7 +312,11 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
     });
     // The health stage holds the last queue handle here: when every stage
     // has ended, the writer commits and exits.
-    let health = health(queue, metrics.clone(), shutdown_rx.clone());
+    let listeners = Listening {
+        front: [Some(listen), listen_v5].into_iter().flatten().collect(),
+        internal: broker.internal.clone(),
+    };
+    let health = health(queue, listeners, metrics.clone(), shutdown_rx.clone());
     stages.spawn(async move {
         health.await;
         ("health", Ok(()))
@@ -409,6 +413,7 @@ fn stage_failure(
 /// restarted. STATUS= is refreshed at the same pace.
 async fn health(
     queue: queue::QueueHandle,
+    listeners: Listening,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -429,6 +434,13 @@ async fn health(
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
             _ = tick.tick() => {}
+        }
+        // Every listener must answer a real MQTT CONNECT: a broker that
+        // refuses one protocol's clients is not healthy (rumqttd once did,
+        // for good, after a panic), whatever the queue says.
+        if let Err(which) = listeners.answer(every).await {
+            error!(listener = %which, "a listener does not answer MQTT; withholding the watchdog ping");
+            continue;
         }
         let answer = tokio::time::timeout(every, queue.stats()).await;
         let router_stuck = router.stuck(metrics.handed.load(Relaxed), metrics.routed.load(Relaxed));
@@ -452,6 +464,27 @@ async fn health(
                 error!(waited = ?every, "queue writer did not answer; withholding the watchdog ping");
             }
         }
+    }
+}
+
+/// What the health probe connects to.
+struct Listening {
+    /// The front door's plain listeners (the TLS one would need a client
+    /// that trusts its certificate; it shares the sessions' code).
+    front: Vec<SocketAddr>,
+    /// The embedded broker's internal listeners.
+    internal: broker::Internal,
+}
+
+impl Listening {
+    /// `Err(which)` for the first listener that does not answer in time.
+    async fn answer(&self, within: std::time::Duration) -> Result<(), String> {
+        for addr in &self.front {
+            if !frontdoor::answers(*addr, within).await {
+                return Err(format!("front door {addr}"));
+            }
+        }
+        broker::answers(&self.internal, within).await
     }
 }
 

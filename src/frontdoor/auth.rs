@@ -18,6 +18,10 @@ use crate::passwd::{PasswdError, Passwords};
 /// one would kick edgeferry's own link off.
 pub const RESERVED_ID_PREFIX: &str = "edgeferry-link-";
 
+/// The health probe's client id: refused at the door like every reserved
+/// id, but not counted as a failed login.
+pub const HEALTH_PROBE_ID: &str = "edgeferry-link-health";
+
 /// A file's contents, parsed, and re-parsed when the file changes.
 struct Watched<T> {
     path: PathBuf,

@@ -258,6 +258,26 @@ pub async fn run(
     info!("front door closed");
 }
 
+/// Whether a front-door listener answers an MQTT CONNECT with a CONNACK
+/// (the probe's client id is reserved, so it is refused at the door and
+/// opens no session in the embedded broker).
+pub async fn answers(addr: SocketAddr, within: Duration) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let id = auth::HEALTH_PROBE_ID;
+        let mut connect = vec![0x10, (10 + 2 + id.len()) as u8, 0, 4];
+        connect.extend_from_slice(b"MQTT");
+        connect.extend_from_slice(&[4, 0x02, 0, 30, 0, id.len() as u8]);
+        connect.extend_from_slice(id.as_bytes());
+        s.write_all(&connect).await.ok()?;
+        let mut ack = [0u8; 4];
+        s.read_exact(&mut ack).await.ok()?;
+        (ack[0] == 0x20).then_some(())
+    };
+    matches!(tokio::time::timeout(within, attempt).await, Ok(Some(())))
+}
+
 /// A TLS handshake must finish this soon.
 #[cfg(feature = "tls")]
 const TLS_HANDSHAKE: Duration = Duration::from_secs(10);

@@ -107,6 +107,10 @@ where
         door.metrics.door_protocol_errors.fetch_add(1, Relaxed);
         return Err(SessionError::Refused);
     }
+    if info.client_id == super::auth::HEALTH_PROBE_ID {
+        refuse(&mut client, version, ConnectRefusal::ClientId).await?;
+        return Ok(());
+    }
     let reserved = info.client_id.starts_with(super::auth::RESERVED_ID_PREFIX);
     let allowed = match &door.auth {
         // A verified client certificate is the login.
