@@ -108,6 +108,60 @@ enum Ended {
     QueueClosed,
 }
 
+/// Sessions in a row that may end with the same row first in flight and
+/// nothing acknowledged before that row is dead-lettered.
+const POISON_AFTER: u32 = 3;
+
+/// One row the upstream cannot take would otherwise block its queue for
+/// good: an upstream that drops the connection on it (Mosquitto on a topic
+/// it calls malformed, a cloud broker's policy) gets it first again after
+/// every reconnect. A session that ends with rows on the wire and nothing
+/// acknowledged strikes the oldest of them; `POISON_AFTER` strikes in a row
+/// on the same row, and it goes. Any acknowledgement clears the count.
+#[derive(Debug, Default)]
+struct Suspect {
+    row: Option<i64>,
+    strikes: u32,
+}
+
+/// What a session's end says about its oldest unacknowledged row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Strike {
+    /// It acknowledged something: the upstream takes our events.
+    Cleared,
+    /// Lost with rows on the wire and nothing acknowledged: the oldest.
+    Against(i64),
+    /// No session, or nothing was on the wire: says nothing.
+    Unchanged,
+}
+
+impl Suspect {
+    /// A session ended. `Some(row)` when that row is to be dead-lettered.
+    fn strike(&mut self, strike: Strike) -> Option<i64> {
+        let head = match strike {
+            Strike::Cleared => {
+                *self = Suspect::default();
+                return None;
+            }
+            Strike::Unchanged => return None,
+            Strike::Against(row) => row,
+        };
+        if self.row == Some(head) {
+            self.strikes += 1;
+        } else {
+            *self = Suspect {
+                row: Some(head),
+                strikes: 1,
+            };
+        }
+        if self.strikes >= POISON_AFTER {
+            *self = Suspect::default();
+            return Some(head);
+        }
+        None
+    }
+}
+
 /// Run sessions until shutdown, reconnecting with capped exponential backoff.
 pub async fn run(
     settings: UplinkSettings,
@@ -123,8 +177,18 @@ pub async fn run(
     // The last failure logged at WARN; repeats of it go to DEBUG.
     let mut last_reason = String::new();
     let mut last_warned: Option<Instant> = None;
+    let mut suspect = Suspect::default();
     loop {
-        match session(&settings, &queue, &metrics, &mut shutdown, &mut unacked).await {
+        let (ended, head) = session(&settings, &queue, &metrics, &mut shutdown, &mut unacked).await;
+        if let Some(row) = suspect.strike(head) {
+            warn!(upstream = %settings.name, row, strikes = POISON_AFTER, "dead-lettered: the upstream dropped the connection this many times in a row with this event first in flight and acknowledged nothing (an event it cannot take; the events behind it go on)");
+            metrics.dead_lettered.fetch_add(1, Relaxed);
+            unacked.remove(&row);
+            if queue.ack(vec![row]).await.is_err() {
+                return;
+            }
+        }
+        match ended {
             Ended::Shutdown | Ended::QueueClosed => return,
             Ended::Lost {
                 healthy,
@@ -164,7 +228,7 @@ async fn session(
     metrics: &UplinkMetrics,
     shutdown: &mut watch::Receiver<bool>,
     unacked: &mut HashSet<i64>,
-) -> Ended {
+) -> (Ended, Strike) {
     let up = &settings.upstream;
     let name = settings.name.as_str();
     let mut window = usize::from(up.inflight);
@@ -175,7 +239,7 @@ async fn session(
     // Connect.
     let (session_present, receive_max) = loop {
         let polled = tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => return Ended::Shutdown,
+            _ = shutdown.wait_for(|s| *s) => return (Ended::Shutdown, Strike::Unchanged),
             p = link.events.recv() => p,
         };
         match polled {
@@ -185,18 +249,20 @@ async fn session(
             })) => break (session_present, receive_max),
             Some(Ok(_)) => {}
             Some(Err(e)) => {
-                return Ended::Lost {
+                let lost = Ended::Lost {
                     healthy: false,
                     kind: e.kind.unwrap_or(FailureKind::Unreachable),
                     reason: e.reason,
                 };
+                return (lost, Strike::Unchanged);
             }
             None => {
-                return Ended::Lost {
+                let lost = Ended::Lost {
                     healthy: false,
                     kind: FailureKind::Unreachable,
                     reason: "event loop ended".into(),
                 };
+                return (lost, Strike::Unchanged);
             }
         }
     };
@@ -225,7 +291,7 @@ async fn session(
     let boundary = if live_first {
         match queue.last_id(name).await {
             Ok(id) => id,
-            Err(_) => return Ended::QueueClosed,
+            Err(_) => return (Ended::QueueClosed, Strike::Unchanged),
         }
     } else {
         i64::MAX
@@ -503,13 +569,25 @@ async fn session(
     unacked.extend(awaiting.iter().map(|(id, _)| *id));
     unacked.extend(inflight.values().copied());
     let _ = flush_acks(queue, &mut acks).await;
+    // The upstream dropped us without acknowledging anything, though rows
+    // were on the wire: the oldest of them is a suspect (see `Suspect`).
+    let head = awaiting
+        .iter()
+        .map(|(id, _)| *id)
+        .chain(inflight.values().copied())
+        .min();
+    let suspect = match (&ended, head) {
+        _ if acked_any => Strike::Cleared,
+        (Ended::Lost { .. }, Some(row)) => Strike::Against(row),
+        _ => Strike::Unchanged,
+    };
     if matches!(ended, Ended::Shutdown) {
         // Polite DISCONNECT; unacknowledged rows stay queued for next time.
         link.try_disconnect();
         link.closed(Duration::from_secs(1)).await;
         info!(upstream = %name, "uplink closed");
     }
-    ended
+    (ended, suspect)
 }
 
 /// `payload` with `"<field>": true` if it is a JSON object, unless that would
@@ -636,6 +714,27 @@ mod tests {
         // 1 + 2 (remaining length 200) + 2 + 3 + 2 + 193 = 203 bytes.
         assert!(sendable("a/b", 193, QoS::AtLeastOnce, 203).is_ok());
         assert!(sendable("a/b", 194, QoS::AtLeastOnce, 203).is_err());
+    }
+
+    #[test]
+    fn a_row_first_in_flight_at_three_fruitless_sessions_in_a_row_is_dead_lettered() {
+        let mut s = Suspect::default();
+        assert_eq!(s.strike(Strike::Against(7)), None);
+        assert_eq!(
+            s.strike(Strike::Unchanged),
+            None,
+            "a failed connect says nothing"
+        );
+        assert_eq!(s.strike(Strike::Against(7)), None);
+        assert_eq!(s.strike(Strike::Against(7)), Some(7));
+        // Counting starts again; another row, or an ack, resets it.
+        assert_eq!(s.strike(Strike::Against(8)), None);
+        assert_eq!(s.strike(Strike::Against(9)), None);
+        assert_eq!(s.strike(Strike::Against(9)), None);
+        assert_eq!(s.strike(Strike::Cleared), None);
+        assert_eq!(s.strike(Strike::Against(9)), None);
+        assert_eq!(s.strike(Strike::Against(9)), None);
+        assert_eq!(s.strike(Strike::Against(9)), Some(9));
     }
 
     #[test]

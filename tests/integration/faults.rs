@@ -192,3 +192,91 @@ async fn a_stalled_daemon_holds_the_sensor_and_loses_nothing() {
     assert_eq!(m.received.load(Relaxed), N as u64);
     gw.stop().await;
 }
+
+/// An upstream that drops the connection whenever it gets a publish whose
+/// payload contains "poison" (as Mosquitto does on a topic it calls
+/// malformed), acknowledges everything else, and records what it took.
+async fn picky_upstream() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+    use bytes::BytesMut;
+    use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet, PubAck};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let took: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>> = Default::default();
+    let t = took.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let took = t.clone();
+            tokio::spawn(async move {
+                let mut buf = BytesMut::new();
+                loop {
+                    let packet = match Packet::read(&mut buf, 1 << 20) {
+                        Ok(p) => p,
+                        Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
+                            if s.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            continue;
+                        }
+                        Err(_) => return,
+                    };
+                    let mut out = BytesMut::new();
+                    match packet {
+                        Packet::Connect(_) => {
+                            Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))
+                                .write(&mut out, 1 << 20)
+                                .map(|_| ())
+                                .unwrap()
+                        }
+                        Packet::PingReq => {
+                            Packet::PingResp.write(&mut out, 16).map(|_| ()).unwrap()
+                        }
+                        Packet::Publish(p) => {
+                            if p.payload.windows(6).any(|w| w == b"poison") {
+                                return; // drop the connection
+                            }
+                            took.lock().unwrap().push(p.payload.to_vec());
+                            Packet::PubAck(PubAck::new(p.pkid))
+                                .write(&mut out, 16)
+                                .map(|_| ())
+                                .unwrap()
+                        }
+                        Packet::Disconnect => return,
+                        _ => {}
+                    }
+                    if s.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, took)
+}
+
+/// Hostile-run finding 3: one event the upstream drops the connection on
+/// was sent first after every reconnect, forever (0 of the events behind it
+/// delivered, /health 200). After three fruitless sessions in a row with it
+/// first in flight it is dead-lettered, and the rest are delivered in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_the_upstream_drops_the_connection_on_does_not_block_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, took) = picky_upstream().await;
+    let gw = Gateway::start(dir.path(), port).await;
+    let sensor = Sensor::connect(gw.addr).await;
+    sensor
+        .publish("sensors/yard/poison/temperature", reading("poison", 0))
+        .await;
+    for seq in 1..=20 {
+        sensor
+            .publish("sensors/yard/good/temperature", reading("good", seq))
+            .await;
+    }
+    let up = gw.running.metrics.uplinks["cloud"].clone();
+    wait_until("the rest delivered", || took.lock().unwrap().len() == 20).await;
+    let seqs: Vec<u64> = took.lock().unwrap().iter().map(|p| seq_of(p)).collect();
+    assert_eq!(seqs, (1..=20).collect::<Vec<u64>>());
+    assert_eq!(up.dead_lettered.load(Relaxed), 1);
+    wait_until("queue empty", || gw.queued("cloud") == 0).await;
+    gw.stop().await;
+}
