@@ -4,8 +4,10 @@
 //! A few dozen lines of HTTP/1.1 on a tokio listener rather than a web
 //! framework: two read-only GETs do not need routing or keep-alive, and the
 //! Pi binary stays small. Requests are bounded: 8 KiB of headers, 2 s to
-//! send them, 5 s per connection in all, 16 connections at once (the next
-//! one gets a 503 at once); anything else gets a 4xx and the connection is
+//! send them, 5 s per connection in all, 16 connections at once. Beyond
+//! those, `/health` is still answered and anything else gets a 503 that
+//! says "busy" (not "stuck"), so slow clients cannot make a supervisor read
+//! the gateway as down; anything malformed gets a 4xx and the connection is
 //! closed. The queue figures come from the writer's memory (no table scan),
 //! so a scrape stays cheap however large the backlog.
 
@@ -30,6 +32,8 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a scrape waits for the queue writer's figures.
 const QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_CONNECTIONS: usize = 16;
+/// Connections beyond those answered at once (`/health`, or "busy").
+const OVERFLOW_HANDLERS: usize = 64;
 
 /// Why the endpoint could not start.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +64,7 @@ pub async fn serve(
         info!(%addr, "metrics on http://{addr}/metrics, health on /health");
     }
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let overflow = Arc::new(Semaphore::new(OVERFLOW_HANDLERS));
     loop {
         let accepted = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
@@ -76,20 +81,36 @@ pub async fn serve(
             }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            // Over the limit: say so at once rather than queue work.
+            // Over the limit: /health is still answered (it costs nothing
+            // and a supervisor must not read "busy" as "down"); anything
+            // else is told at once that the endpoint is busy, not stuck.
+            // Past OVERFLOW_HANDLERS of those at once, the socket is closed.
+            let Ok(overflow) = overflow.clone().try_acquire_owned() else {
+                continue;
+            };
+            let metrics = metrics.clone();
             tokio::spawn(async move {
-                let busy = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 5\r\nConnection: close\r\n\r\nbusy\n";
                 let _ = tokio::time::timeout(READ_TIMEOUT, async {
-                    stream.write_all(busy).await?;
-                    stream.shutdown().await?;
-                    // Take in the unread request before closing: closing with
-                    // unread data resets the connection, and the client could
-                    // lose the answer.
+                    let head = read_head(&mut stream).await;
+                    let (status, content_type, body) = match &head {
+                        Some((_, path)) if path == "/health" => health(&metrics),
+                        _ => (
+                            503,
+                            "text/plain",
+                            format!("busy: all {MAX_CONNECTIONS} connections of the metrics endpoint are in use (not stuck; /health is answered regardless)\n"),
+                        ),
+                    };
+                    let head_only = head.as_ref().is_some_and(|(m, _)| m == "HEAD");
+                    respond(&mut stream, status, content_type, &body, head_only).await?;
+                    // Take in the rest before closing: closing with unread
+                    // data resets the connection, and the client could lose
+                    // the answer.
                     let mut sink = [0u8; 1024];
                     while stream.read(&mut sink).await? > 0 {}
                     Ok::<_, std::io::Error>(())
                 })
                 .await;
+                drop(overflow);
             });
             continue;
         };
@@ -107,39 +128,52 @@ pub async fn serve(
     }
 }
 
+/// The request line's method and path, once the head is complete; `None`
+/// for a head that is incomplete, too large or not a request.
+async fn read_head(stream: &mut TcpStream) -> Option<(String, String)> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") {
+            break;
+        }
+        if buf.len() > MAX_REQUEST {
+            return None;
+        }
+    }
+    let line = String::from_utf8_lossy(&buf);
+    let mut parts = line.lines().next().unwrap_or("").split_whitespace();
+    let method = parts.next().unwrap_or("").to_string();
+    let path = parts
+        .next()
+        .unwrap_or("")
+        .split('?')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    Some((method, path))
+}
+
 async fn handle(
     mut stream: TcpStream,
     metrics: &Arc<Metrics>,
     queue: &QueueHandle,
 ) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let head = tokio::time::timeout(READ_TIMEOUT, async {
-        let mut chunk = [0u8; 1024];
-        loop {
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok::<_, std::io::Error>(false);
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") {
-                return Ok(true);
-            }
-            if buf.len() > MAX_REQUEST {
-                return Ok(false);
-            }
+    let head = tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream))
+        .await
+        .ok()
+        .flatten();
+    let (status, content_type, body) = match &head {
+        None => (400, "text/plain", "bad request\n".to_string()),
+        Some((method, _)) if method != "GET" && method != "HEAD" => {
+            (405, "text/plain", "only GET\n".to_string())
         }
-    })
-    .await;
-    let complete = matches!(head, Ok(Ok(true)));
-    let line = String::from_utf8_lossy(&buf);
-    let mut parts = line.lines().next().unwrap_or("").split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, content_type, body) = if !complete {
-        (400, "text/plain", "bad request\n".to_string())
-    } else if method != "GET" && method != "HEAD" {
-        (405, "text/plain", "only GET\n".to_string())
-    } else {
-        match path.split('?').next().unwrap_or("") {
+        Some((_, path)) => match path.as_str() {
             "/metrics" => {
                 // A stuck writer leaves the queue series out rather than
                 // hanging the scrape (and /health says why).
@@ -164,8 +198,19 @@ async fn handle(
                 "text/plain",
                 "not found: try /metrics or /health\n".to_string(),
             ),
-        }
+        },
     };
+    let head_only = head.as_ref().is_some_and(|(m, _)| m == "HEAD");
+    respond(&mut stream, status, content_type, &body, head_only).await
+}
+
+async fn respond(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    body: &str,
+    head_only: bool,
+) -> std::io::Result<()> {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
@@ -178,7 +223,7 @@ async fn handle(
         body.len()
     )
     .into_bytes();
-    if method != "HEAD" {
+    if !head_only {
         response.extend_from_slice(body.as_bytes());
     }
     stream.write_all(&response).await?;
