@@ -181,14 +181,18 @@ pub enum FailureKind {
     Unreachable,
     /// The link went quiet (keep-alive) or was reset after connecting.
     Lost,
+    /// Connected and answering pings, but no PUBACK for a few keep-alives
+    /// while publishes were outstanding.
+    Stalled,
 }
 
 impl FailureKind {
-    pub const ALL: [FailureKind; 4] = [
+    pub const ALL: [FailureKind; 5] = [
         FailureKind::Tls,
         FailureKind::Refused,
         FailureKind::Unreachable,
         FailureKind::Lost,
+        FailureKind::Stalled,
     ];
 
     /// Its place in [`FailureKind::ALL`] (and in `failures`).
@@ -202,6 +206,7 @@ impl FailureKind {
             FailureKind::Refused => "refused",
             FailureKind::Unreachable => "unreachable",
             FailureKind::Lost => "lost",
+            FailureKind::Stalled => "stalled",
         }
     }
 }

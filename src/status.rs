@@ -126,7 +126,7 @@ impl Scrape {
     /// Sum over the priorities of a per-upstream-and-priority series.
     /// `{upstream, kind}` series: the kind whose value is 1.
     fn kind_set(&self, name: &str, upstream: &str) -> Option<&str> {
-        ["tls", "refused", "unreachable", "lost"]
+        ["tls", "refused", "unreachable", "lost", "stalled"]
             .into_iter()
             .find(|k| self.get(&format!("{name}{{upstream=\"{upstream}\",kind=\"{k}\"}}")) == 1.0)
     }

@@ -317,6 +317,12 @@ async fn session(
     // keep-alive and gives up one keep-alive later; a live broker answers
     // every ping, so silence for 1.5 keep-alives is a dead link.
     let silence_limit = up.keep_alive.0.mul_f64(1.5);
+    // An upstream can answer pings and never acknowledge a publish (PUBREC
+    // for QoS 1, or nothing): the window stays full for good. No PUBACK
+    // for three keep-alives while publishes are outstanding ends the
+    // session; the rows are sent again on the next one.
+    let ack_limit = up.keep_alive.0 * 3;
+    let mut last_progress = Instant::now();
 
     let ended = loop {
         let outstanding = awaiting.len() + inflight.len();
@@ -478,6 +484,22 @@ async fn session(
             _ = sleep_until_opt(ack_deadline) => continue,
             // Paced: more may be sent once the bucket has refilled.
             _ = sleep_until_opt(pacer.ready_at()), if paced => continue,
+            _ = sleep_until_opt((!inflight.is_empty()).then(|| last_progress + ack_limit)) => {
+                if inflight.is_empty() || last_progress + ack_limit > Instant::now() {
+                    continue;
+                }
+                let reason = format!(
+                    "{} publishes outstanding and no PUBACK for {:?} (3 x keep_alive), though the upstream answers pings",
+                    inflight.len(),
+                    ack_limit
+                );
+                warn!(upstream = %name, url = %up.url, %reason, "uplink stalled; reconnecting, unacknowledged events will be resent");
+                break Ended::Lost {
+                    healthy: acked_any,
+                    kind: FailureKind::Stalled,
+                    reason,
+                };
+            }
             _ = tokio::time::sleep_until(link.last_heard() + silence_limit) => {
                 if link.last_heard() + silence_limit > Instant::now() {
                     continue; // heard meanwhile
@@ -505,6 +527,10 @@ async fn session(
                     acks.push(id);
                     metrics.acked.fetch_add(1, Relaxed);
                 } else {
+                    if inflight.is_empty() {
+                        // The ack clock starts with the first outstanding one.
+                        last_progress = Instant::now();
+                    }
                     inflight.insert(pkid, id);
                 }
             }
@@ -513,6 +539,7 @@ async fn session(
                     debug!(upstream = %name, pkid, "ignoring PUBACK for unknown packet id");
                     continue;
                 };
+                last_progress = Instant::now();
                 match refused {
                     None => {
                         acks.push(id);
@@ -578,7 +605,15 @@ async fn session(
         .min();
     let suspect = match (&ended, head) {
         _ if acked_any => Strike::Cleared,
-        (Ended::Lost { .. }, Some(row)) => Strike::Against(row),
+        // Only a connection the upstream dropped (not our stall timeout,
+        // not a refusal with a reason) speaks against the row.
+        (
+            Ended::Lost {
+                kind: FailureKind::Lost,
+                ..
+            },
+            Some(row),
+        ) => Strike::Against(row),
         _ => Strike::Unchanged,
     };
     if matches!(ended, Ended::Shutdown) {

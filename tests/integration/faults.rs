@@ -197,6 +197,12 @@ async fn a_stalled_daemon_holds_the_sensor_and_loses_nothing() {
 /// payload contains "poison" (as Mosquitto does on a topic it calls
 /// malformed), acknowledges everything else, and records what it took.
 async fn picky_upstream() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+    fake_upstream(false).await
+}
+
+/// The same fake upstream; with `stall_first`, its first connection answers
+/// CONNECT and pings but never acknowledges a publish.
+async fn fake_upstream(stall_first: bool) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
     use bytes::BytesMut;
     use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet, PubAck};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -205,8 +211,10 @@ async fn picky_upstream() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>
     let took: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>> = Default::default();
     let t = took.clone();
     tokio::spawn(async move {
+        let mut first = stall_first;
         while let Ok((mut s, _)) = listener.accept().await {
             let took = t.clone();
+            let stall = std::mem::take(&mut first);
             tokio::spawn(async move {
                 let mut buf = BytesMut::new();
                 loop {
@@ -234,6 +242,9 @@ async fn picky_upstream() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>
                         Packet::Publish(p) => {
                             if p.payload.windows(6).any(|w| w == b"poison") {
                                 return; // drop the connection
+                            }
+                            if stall {
+                                continue; // take it, never acknowledge it
                             }
                             took.lock().unwrap().push(p.payload.to_vec());
                             Packet::PubAck(PubAck::new(p.pkid))
@@ -278,5 +289,36 @@ async fn an_event_the_upstream_drops_the_connection_on_does_not_block_the_queue(
     assert_eq!(seqs, (1..=20).collect::<Vec<u64>>());
     assert_eq!(up.dead_lettered.load(Relaxed), 1);
     wait_until("queue empty", || gw.queued("cloud") == 0).await;
+    gw.stop().await;
+}
+
+/// Hostile-run finding 6: an upstream that answers pings but acknowledges
+/// no publish kept the session "connected" with its window full for as long
+/// as it liked. Three keep-alives without a PUBACK while publishes are
+/// outstanding end the session (failure kind "stalled"); the next session
+/// sends them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_pings_but_never_acknowledges_is_left_and_the_events_resent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, took) = fake_upstream(true).await;
+    let text =
+        config_text(dir.path(), port, "").replace("keep_alive = \"5s\"", "keep_alive = \"1s\"");
+    let gw = Gateway::start_with(dir.path(), &text).await;
+    let sensor = Sensor::connect(gw.addr).await;
+    for seq in 0..10 {
+        sensor
+            .publish("sensors/yard/s/temperature", reading("s", seq))
+            .await;
+    }
+    let up = gw.running.metrics.uplinks["cloud"].clone();
+    wait_until("all acknowledged by the second session", || {
+        took.lock().unwrap().len() == 10
+    })
+    .await;
+    let seqs: Vec<u64> = took.lock().unwrap().iter().map(|p| seq_of(p)).collect();
+    assert_eq!(seqs, (0..10).collect::<Vec<u64>>());
+    let stalled = edgeferry::metrics::FailureKind::Stalled.index();
+    assert_eq!(up.failures[stalled].load(Relaxed), 1);
+    assert_eq!(up.resent.load(Relaxed), 10);
     gw.stop().await;
 }
