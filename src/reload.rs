@@ -17,7 +17,10 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::rules::RuleSet;
+use crate::rules::{Changes, RuleSet};
+
+/// Rule names a reload logs per list (added, removed, changed); the rest are counted.
+const LOGGED_NAMES: usize = 20;
 
 /// Quiet time after the last file change before reloading.
 const DEBOUNCE: Duration = Duration::from_millis(300);
@@ -76,9 +79,9 @@ pub async fn run(
                     info!(
                         ?trigger,
                         rules = new.len(),
-                        added = ?changes.added,
-                        removed = ?changes.removed,
-                        changed = ?changes.changed,
+                        added = %Changes::summary(&changes.added, LOGGED_NAMES),
+                        removed = %Changes::summary(&changes.removed, LOGGED_NAMES),
+                        changed = %Changes::summary(&changes.changed, LOGGED_NAMES),
                         "rules reloaded"
                     );
                     // Even an unchanged set is handed over: the unmatched

@@ -47,6 +47,7 @@ pub fn parse_file(
         errors.extend(syntax.iter().map(|e| Diagnostic::from_toml(file, text, e)));
         return out;
     }
+    let lines = crate::diagnostic::LineIndex::new(text);
     for (key, value) in root.get_ref().iter() {
         let kind = key.get_ref().as_ref();
         if kind != "rule" && kind != "test" {
@@ -68,7 +69,7 @@ pub fn parse_file(
             continue;
         };
         for item in items.iter() {
-            let line = Diagnostic::at(file, text, Some(item.span()), "").line;
+            let line = lines.line(item.span().start);
             if kind == "test" {
                 match TestSpec::deserialize(ValueDeserializer::from(item.clone())) {
                     Ok(t) => out.tests.push((t, line)),

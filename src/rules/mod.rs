@@ -178,6 +178,17 @@ pub struct Changes {
 }
 
 impl Changes {
+    /// One list for a log line: the count and at most `max` names, so a
+    /// reload of 40,000 rules is not a 400 KB line.
+    pub fn summary(names: &[String], max: usize) -> String {
+        let shown: Vec<&str> = names.iter().take(max).map(String::as_str).collect();
+        match names.len() {
+            0 => "none".into(),
+            n if n <= max => format!("{n}: {}", shown.join(", ")),
+            n => format!("{n}: {}, and {} more", shown.join(", "), n - max),
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
     }
