@@ -319,6 +319,7 @@ fn queue_command(command: QueueCommand) -> ExitCode {
 
 fn run(path: Option<PathBuf>) -> ExitCode {
     edgeferry::ops::memory::limit_arenas();
+    raise_open_files_limit();
     let config = match Config::load(installed_or(path).as_deref()) {
         Ok(c) => c,
         Err(errors) => {
@@ -379,4 +380,23 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
             _ = int.recv() => {}
         }
     })
+}
+
+/// Each local connection holds three file descriptors (the client's socket,
+/// the front door's connection to the embedded broker, and the broker's
+/// end of it), so `max_connections` = 1,000 needs more than the common soft
+/// limit of 1,024: raise the soft limit to the hard one, as servers do.
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid out-pointer for getrlimit and a valid input
+    // for setrlimit; both only read or write that struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
