@@ -40,8 +40,11 @@ use crate::tls::{self, TlsError};
 use link::{Extras, Link, LinkEvent};
 
 /// How long acknowledged ids may wait before their delete is handed to the
-/// queue writer (which then commits them with its next group commit).
-const ACK_FLUSH: Duration = Duration::from_millis(20);
+/// queue writer (which then commits them with its next group commit). With
+/// ack = "stored", a sensor's PUBACK for an event acknowledged from RAM
+/// waits for this too: 20 ms made it the p50 at 5,000 events/s. At high
+/// rates the count (a window of acks) hands them over sooner anyway.
+const ACK_FLUSH: Duration = Duration::from_millis(2);
 
 /// Connection failures are logged at WARN at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(30);
