@@ -383,7 +383,7 @@ fn sighup_reloads_the_rules_of_the_running_daemon() {
     };
     write(&rules.join("r.toml"), &rule("second"));
     hup();
-    wait_log("added=[\"second\"] removed=[\"first\"]");
+    wait_log("added=1: second removed=1: first");
     // A broken edit is refused and the daemon keeps running.
     write(&rules.join("r.toml"), "[[rule]]\nname = \"x\"\n");
     hup();
