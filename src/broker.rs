@@ -161,7 +161,7 @@ fn rumqttd_config(cfg: &BrokerConfig, internal: &Internal) -> rumqttd::Config {
     let mut connections = rumqttd::ConnectionSettings {
         connection_timeout_ms: 10_000,
         // The front door enforces the limit; this only has to be larger.
-        max_payload_size: cfg.max_payload.as_usize() + 64 * 1024,
+        max_payload_size: crate::frontdoor::max_packet(cfg),
         max_inflight_count: 100,
         auth: None,
         external_auth: None,
@@ -201,32 +201,6 @@ fn rumqttd_config(cfg: &BrokerConfig, internal: &Internal) -> rumqttd::Config {
         )])),
         ..Default::default()
     }
-}
-
-/// One MQTT connect attempt with rumqttc's v4 or v5 client (the same code,
-/// different types): true once CONNACK arrives, then a polite DISCONNECT.
-macro_rules! connect_once {
-    ($mqtt:path, $id:expr, $host:expr, $port:expr, $login:expr) => {{
-        use $mqtt as mqtt;
-        let mut o = mqtt::MqttOptions::new($id, $host, $port);
-        o.set_keep_alive(Duration::from_secs(5));
-        if let Some(login) = $login {
-            o.set_credentials(login.user.clone(), login.secret.clone());
-        }
-        let (client, mut el) = mqtt::AsyncClient::new(o, 2);
-        let ok = loop {
-            match el.poll().await {
-                Ok(mqtt::Event::Incoming(mqtt::Incoming::ConnAck(_))) => break true,
-                Ok(_) => {}
-                Err(_) => break false,
-            }
-        };
-        if ok {
-            let _ = client.try_disconnect();
-            let _ = tokio::time::timeout(Duration::from_secs(1), el.poll()).await;
-        }
-        ok
-    }};
 }
 
 /// Whether both internal listeners accept an MQTT CONNECT now (the health
@@ -295,22 +269,8 @@ async fn probe(
     internal: &Internal,
     waited: Duration,
 ) -> Result<(), BrokerError> {
-    let id = format!(
-        "{RESERVED_ID_PREFIX}probe-{}",
-        uuid::Uuid::new_v4().simple()
-    );
-    let host = addr.ip().to_string();
-    let login = Some(internal);
     let attempt = async {
-        loop {
-            let ok = if v5 {
-                connect_once!(rumqttc::v5, &id, &host, addr.port(), login)
-            } else {
-                connect_once!(rumqttc, &id, &host, addr.port(), login)
-            };
-            if ok {
-                return;
-            }
+        while !connack(addr, v5, internal).await {
             debug!(%addr, "broker not answering yet");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

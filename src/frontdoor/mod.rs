@@ -70,8 +70,7 @@ impl Door {
             auth,
             acl,
             broker,
-            // The limit is on the payload: room for the topic and headers.
-            max_packet: cfg.max_payload.as_usize() + 64 * 1024,
+            max_packet: max_packet(cfg),
             window: cfg.max_inflight,
             metrics,
             last_topic_warning: Mutex::new(None),
@@ -93,6 +92,12 @@ impl Door {
             warn!(%client_id, topic = %String::from_utf8_lossy(topic).escape_debug(), "publish refused: its topic has a character MQTT forbids or discourages (control character, non-character) or a wildcard (logged at most every 10 s; see door_rejected_topic)");
         }
     }
+}
+
+/// The largest packet a client may send: `max_payload` is on the payload,
+/// so there is room for the topic and headers.
+pub fn max_packet(cfg: &BrokerConfig) -> usize {
+    cfg.max_payload.as_usize() + 64 * 1024
 }
 
 /// The bound local listeners.

@@ -127,11 +127,8 @@ async fn a_full_disk_keeps_committed_events_counts_drops_and_recovers_when_space
     proxy.set_up(true);
     let got = sub.wait_for(N).await;
     let seqs: Vec<u64> = got.iter().map(|m| seq_of(&m.payload)).collect();
-    assert_eq!(
-        seqs,
-        (0..N as u64).collect::<Vec<_>>(),
-        "all, in order, once"
-    );
+    // All, in order, once.
+    assert_sequence(&seqs, 0..N as u64);
     assert_eq!(
         m.dropped_queue_unavailable.load(Relaxed),
         0,

@@ -183,11 +183,8 @@ async fn a_stalled_daemon_holds_the_sensor_and_loses_nothing() {
     );
     let got = sub.wait_for(N).await;
     let seqs: Vec<u64> = got.iter().map(|m| seq_of(&m.payload)).collect();
-    assert_eq!(
-        seqs,
-        (0..N as u64).collect::<Vec<_>>(),
-        "all, in order, once"
-    );
+    // All, in order, once.
+    assert_sequence(&seqs, 0..N as u64);
     let m = gw.running.metrics.clone();
     assert_eq!(m.received.load(Relaxed), N as u64);
     gw.stop().await;
