@@ -56,6 +56,13 @@ pub enum BrokerError {
         "embedded broker stopped while starting: its listener on {addr} failed (port taken since it was checked?)"
     )]
     ExitedWhileStarting { addr: SocketAddr },
+    /// Something else took the internal port before rumqttd could: it
+    /// admits a login that is not this start's secret. Starting again
+    /// picks other ports.
+    #[error(
+        "embedded broker: another MQTT server took its internal port {addr} while starting (it admits any login); start again"
+    )]
+    NotOurs { addr: SocketAddr },
     #[error("embedded broker does not answer MQTT on {addr} after {waited:?}")]
     NotListening { addr: SocketAddr, waited: Duration },
     /// The password file is unusable: fix it (the message names file and line).
@@ -94,9 +101,9 @@ pub struct EmbeddedBroker {
 
 /// Start rumqttd on two internal loopback ports and wait until both answer.
 pub async fn start(cfg: &BrokerConfig) -> Result<EmbeddedBroker, BrokerError> {
-    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-    let v4 = reserve(loopback, "listen")?;
-    let v5 = reserve(loopback, "listen_v5")?;
+    let host = internal_host();
+    let v4 = reserve(SocketAddr::new(host, 0), "listen")?;
+    let v5 = reserve(SocketAddr::new(host, 0), "listen_v5")?;
     let internal = Internal {
         v4,
         v5,
@@ -145,6 +152,20 @@ pub async fn start(cfg: &BrokerConfig) -> Result<EmbeddedBroker, BrokerError> {
 /// Bind `addr` to check it is free and resolve port 0, then release it for
 /// rumqttd. rumqttd (tokio) binds with SO_REUSEADDR, and a listener that
 /// never accepted leaves no TIME_WAIT, so the port is free again at once.
+/// The internal listeners' address. A loopback address of their own
+/// (Linux routes all of 127/8 to `lo`), so that nothing bound to 127.0.0.1
+/// can sit on their port: a port another program picked as "free" and binds
+/// a moment later (a test's upstream broker once took rumqttd's port that
+/// way, and every session was relayed to it). 127.0.0.1 where the system
+/// has only that one.
+fn internal_host() -> std::net::IpAddr {
+    let own = std::net::IpAddr::from([127, 0, 0, 2]);
+    match TcpListener::bind(SocketAddr::new(own, 0)) {
+        Ok(_) => own,
+        Err(_) => std::net::IpAddr::from([127, 0, 0, 1]),
+    }
+}
+
 fn reserve(addr: SocketAddr, key: &'static str) -> Result<SocketAddr, BrokerError> {
     match TcpListener::bind(addr) {
         Ok(l) => l
@@ -207,9 +228,8 @@ fn rumqttd_config(cfg: &BrokerConfig, internal: &Internal) -> rumqttd::Config {
 /// probe); `Err` names the first that does not.
 pub async fn answers(internal: &Internal, within: Duration) -> Result<(), String> {
     for (addr, v5) in [(internal.v4, false), (internal.v5, true)] {
-        let ok = tokio::time::timeout(within, connack(addr, v5, internal))
-            .await
-            .unwrap_or(false);
+        let code = connack(addr, v5, &internal.user, &internal.secret);
+        let ok = tokio::time::timeout(within, code).await == Ok(Some(0));
         if !ok {
             let version = if v5 { "MQTT 5" } else { "MQTT 3.1.1" };
             return Err(format!("embedded broker {addr} ({version})"));
@@ -218,9 +238,10 @@ pub async fn answers(internal: &Internal, within: Duration) -> Result<(), String
     Ok(())
 }
 
-/// One CONNECT with the internal login; true on a successful CONNACK. Then
-/// a DISCONNECT, so the broker has nothing to clean up after.
-async fn connack(addr: SocketAddr, v5: bool, internal: &Internal) -> bool {
+/// One CONNECT with this login: the CONNACK's return code (0: accepted),
+/// or `None` when nothing answers with a CONNACK. Then a DISCONNECT, so
+/// the broker has nothing to clean up after.
+async fn connack(addr: SocketAddr, v5: bool, user: &str, password: &str) -> Option<u8> {
     use rumqttc::mqttbytes::v4;
     use rumqttc::v5::mqttbytes::v5 as m5;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -229,40 +250,37 @@ async fn connack(addr: SocketAddr, v5: bool, internal: &Internal) -> bool {
         uuid::Uuid::new_v4().simple()
     );
     let mut out = bytes::BytesMut::new();
-    let written = if v5 {
+    if v5 {
         let connect = m5::Connect {
             keep_alive: 30,
             client_id: id,
             clean_start: true,
             properties: None,
         };
-        let login = m5::Login::new(&internal.user, &internal.secret);
+        let login = m5::Login::new(user, password);
         m5::Packet::Connect(connect, None, Some(login))
             .write(&mut out, None)
-            .is_ok()
+            .ok()?;
     } else {
         let mut connect = v4::Connect::new(id);
         connect.keep_alive = 30;
-        connect.set_login(&internal.user, &internal.secret);
+        connect.set_login(user, password);
         v4::Packet::Connect(connect)
             .write(&mut out, usize::MAX)
-            .is_ok()
-    };
-    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
-        return false;
-    };
-    if !written || s.write_all(&out).await.is_err() {
-        return false;
+            .ok()?;
     }
-    // CONNACK: type, length, flags, return code (0: accepted) both versions.
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(&out).await.ok()?;
+    // CONNACK: type, length, flags, return code, in both versions.
     let mut ack = [0u8; 4];
-    let ok = s.read_exact(&mut ack).await.is_ok() && ack[0] == 0x20 && ack[3] == 0;
+    s.read_exact(&mut ack).await.ok()?;
     let _ = s.write_all(&[0xE0, 0x00]).await;
-    ok
+    (ack[0] == 0x20).then_some(ack[3])
 }
 
-/// Connect as an MQTT client and wait for CONNACK: proves the listener is
-/// rumqttd's and not someone else's that grabbed the port since `reserve`.
+/// Connect as an MQTT client and wait for CONNACK, then check that a
+/// stranger's login is refused: proves the listener is rumqttd's and not
+/// someone else's that grabbed the port since `reserve`.
 async fn probe(
     addr: SocketAddr,
     v5: bool,
@@ -270,14 +288,20 @@ async fn probe(
     waited: Duration,
 ) -> Result<(), BrokerError> {
     let attempt = async {
-        while !connack(addr, v5, internal).await {
+        while connack(addr, v5, &internal.user, &internal.secret).await != Some(0) {
             debug!(%addr, "broker not answering yet");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
     tokio::time::timeout(waited, attempt)
         .await
-        .map_err(|_| BrokerError::NotListening { addr, waited })
+        .map_err(|_| BrokerError::NotListening { addr, waited })?;
+    // Ours checks the secret: a login without it must be refused.
+    let stranger = uuid::Uuid::new_v4().simple().to_string();
+    match connack(addr, v5, &internal.user, &stranger).await {
+        Some(0) => Err(BrokerError::NotOurs { addr }),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -317,5 +341,58 @@ mod tests {
         assert!(err.unwrap_err().contains("3.1.1"));
         assert!(!crate::frontdoor::answers(silent_addr, within).await);
         assert!(!crate::frontdoor::answers(closing_addr, within).await);
+    }
+
+    /// A port taken between the check and rumqttd's bind by an MQTT broker
+    /// that lets anyone in (a test's upstream on a "free port" once did):
+    /// the start-up probe must not take it for the embedded broker, or
+    /// every session would be relayed to a stranger.
+    #[tokio::test]
+    async fn a_broker_that_admits_anyone_is_not_taken_for_ours() {
+        let open = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = open.local_addr().unwrap();
+        drop(open);
+        let conn = rumqttd::ConnectionSettings {
+            connection_timeout_ms: 10_000,
+            max_payload_size: 1 << 20,
+            max_inflight_count: 100,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        };
+        let mut cfg = rumqttd_config(
+            &crate::config::BrokerConfig::default(),
+            &Internal {
+                v4: addr,
+                v5: addr,
+                user: INTERNAL_USER.into(),
+                secret: "unused".into(),
+            },
+        );
+        cfg.v5 = None;
+        for server in cfg.v4.as_mut().unwrap().values_mut() {
+            server.connections = conn.clone();
+        }
+        std::thread::spawn(move || {
+            let _ = rumqttd::Broker::new(cfg).start();
+        });
+        let internal = Internal {
+            v4: addr,
+            v5: addr,
+            user: INTERNAL_USER.into(),
+            secret: "ours".into(),
+        };
+        // It does speak MQTT: an open CONNECT is accepted.
+        let within = Duration::from_secs(30);
+        let accepted = async {
+            while connack(addr, false, &internal.user, "anything").await != Some(0) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(within, accepted)
+            .await
+            .expect("the open broker answers");
+        let err = probe(addr, false, &internal, Duration::from_secs(2)).await;
+        assert!(matches!(err, Err(BrokerError::NotOurs { .. })), "{err:?}");
     }
 }
