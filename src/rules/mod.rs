@@ -17,6 +17,7 @@
 
 mod compile;
 pub mod expr;
+mod pattern;
 pub mod shaping;
 mod spec;
 mod template;

@@ -682,3 +682,54 @@ fn expressions_too_deep_to_evaluate_are_refused_by_check_and_at_start() {
         assert_eq!(out.status.code(), Some(2), "{name}: run refuses it too");
     }
 }
+
+/// Hostile-run finding: `matches('(')` and an oversized repetition passed
+/// `check`, and every pattern was compiled again for every event. Patterns
+/// are now compiled once at load: invalid, oversized and computed ones are
+/// refused by `check` and by `run`, located at the pattern.
+#[cfg(feature = "regex")]
+#[test]
+fn patterns_that_cannot_be_compiled_once_are_refused_by_check_and_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(
+        &d.join("edgeferry.toml"),
+        &format!(
+            "[broker]\nlisten = \"127.0.0.1:{}\"\n[metrics]\nenabled = false\n[queue]\npath = \"q.db\"\n[upstream.cloud]\nurl = \"mqtt://127.0.0.1:1884\"\n",
+            free_port()
+        ),
+    );
+    for (when, says) in [
+        ("topic.matches('(')", "unclosed group"),
+        ("topic.matches('[z-a]')", "invalid character class range"),
+        ("topic.matches('x{2,1}')", "invalid repetition"),
+        (r"topic.matches('\\\\w{1000}')", "compiles to more than"),
+        ("topic.matches('(a{1,1000}){1,1000}')", "repetition"),
+        ("topic.matches(payload.pattern)", "literal pattern"),
+    ] {
+        write(
+            &d.join("rules/re.toml"),
+            &format!(
+                "[[rule]]\nname = \"re\"\nmatch = \"a/#\"\nwhen = \"{when}\"\nto = [{{ upstream = \"cloud\" }}]\n"
+            ),
+        );
+        let stderr = check_fails(d, "edgeferry.toml", 2);
+        assert!(
+            stderr.contains("rules/re.toml:4:") && stderr.contains(says),
+            "{when}: {stderr:.400}"
+        );
+        let out = edgeferry(&["run", "-c", "edgeferry.toml"], d);
+        assert_eq!(out.status.code(), Some(2), "{when}: run refuses it too");
+    }
+    // A valid pattern still loads.
+    write(
+        &d.join("rules/re.toml"),
+        "[[rule]]\nname = \"re\"\nmatch = \"a/#\"\nwhen = \"topic.matches('^a/[a-z]+$')\"\nto = [{ upstream = \"cloud\" }]\n",
+    );
+    let out = edgeferry(&["check", "-c", "edgeferry.toml"], d);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
