@@ -34,7 +34,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 pub use config::Config;
 use metrics::Metrics;
@@ -430,6 +430,7 @@ async fn health(
         .store(every.as_millis() as u64, Relaxed);
     let mut tick = tokio::time::interval(every);
     let mut router = RouterWatch::default();
+    let mut held = HeldWatch::default();
     loop {
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
@@ -441,6 +442,17 @@ async fn health(
         if let Err(which) = listeners.answer(every).await {
             error!(listener = %which, "a listener does not answer MQTT; withholding the watchdog ping");
             continue;
+        }
+        if let Some(ms) = held.check(
+            metrics.door_held_ms.load(Relaxed),
+            every,
+            std::time::Instant::now(),
+        ) {
+            warn!(
+                held_ms = ms,
+                period_ms = every.as_millis() as u64,
+                "local publishers are being held back: the pipeline is full, the rules or the queue are slower than they publish; their publishes wait unread (nothing is dropped), see local_publishers_held_seconds (logged at most every 60 s)"
+            );
         }
         let answer = tokio::time::timeout(every, queue.stats()).await;
         let router_stuck = router.stuck(metrics.handed.load(Relaxed), metrics.routed.load(Relaxed));
@@ -513,6 +525,43 @@ impl RouterWatch {
     }
 }
 
+/// Whether local publishers are held back for a sizeable part of the time:
+/// sessions waiting for room in the pipeline (summed over sessions) for a
+/// tenth of a probe period or more. Nothing is dropped then (a held session
+/// is not read), but an operator should know the gateway is at its limit.
+#[derive(Debug, Default)]
+struct HeldWatch {
+    last_ms: u64,
+    warned: Option<std::time::Instant>,
+}
+
+/// At most one WARN about held publishers this often.
+const HELD_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl HeldWatch {
+    /// `Some(ms held in this period)` when a WARN is due.
+    fn check(
+        &mut self,
+        held_ms: u64,
+        period: std::time::Duration,
+        now: std::time::Instant,
+    ) -> Option<u64> {
+        let delta = held_ms.saturating_sub(self.last_ms);
+        self.last_ms = held_ms;
+        if delta.saturating_mul(10) < period.as_millis() as u64 {
+            return None;
+        }
+        if self
+            .warned
+            .is_some_and(|t| now.duration_since(t) < HELD_WARN_EVERY)
+        {
+            return None;
+        }
+        self.warned = Some(now);
+        Some(delta)
+    }
+}
+
 /// How often the health stage probes the queue writer (at most).
 const HEALTH_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -570,6 +619,27 @@ async fn summarize(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn held_publishers_warn_when_sustained_and_at_most_once_a_minute() {
+        use std::time::{Duration, Instant};
+        let period = Duration::from_secs(5);
+        let t0 = Instant::now();
+        let mut w = HeldWatch::default();
+        // A short hold in a burst: under a tenth of the period.
+        assert_eq!(w.check(400, period, t0), None);
+        // Held 2 s of the next 5 s: warned, with the figure.
+        assert_eq!(w.check(2_400, period, t0 + period), Some(2_000));
+        // Still held: quiet for a minute, then again.
+        assert_eq!(w.check(5_000, period, t0 + period * 2), None);
+        assert_eq!(w.check(7_000, period, t0 + Duration::from_secs(64)), None);
+        assert_eq!(
+            w.check(9_000, period, t0 + Duration::from_secs(66)),
+            Some(2_000)
+        );
+        // Not held any more: nothing.
+        assert_eq!(w.check(9_000, period, t0 + Duration::from_secs(200)), None);
+    }
 
     #[test]
     fn a_router_is_stuck_only_when_events_wait_and_none_moves_for_three_probes() {
