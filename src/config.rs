@@ -574,6 +574,9 @@ pub struct Config {
     /// Where it came from, for messages; `None` for the embedded default.
     pub source: Option<PathBuf>,
     pub rules: RuleSet,
+    /// Valid settings that will not do what was meant on this machine:
+    /// `check` prints them, the start logs them.
+    pub warnings: Vec<Diagnostic>,
 }
 
 impl Config {
@@ -612,6 +615,7 @@ impl Config {
         };
         match rules {
             Some(rules) if errors.is_empty() => Ok(Config {
+                warnings: advise(&file, name, text),
                 file,
                 source: None,
                 rules,
@@ -668,6 +672,33 @@ fn rule_settings(file: &ConfigFile) -> crate::rules::Settings {
 }
 
 /// Checks serde cannot express; located at the key where possible.
+/// Settings that are valid but, on this machine, cannot do what they are
+/// for. Warnings, not errors: `check` may run on another machine than the
+/// gateway, and a filesystem may be resized.
+fn advise(file: &ConfigFile, name: &Path, text: &str) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    let min = file.queue.min_free_disk.0;
+    if min > 0
+        && let Some(space) = crate::ops::disk::space(&file.queue.path)
+        && min >= space.total
+    {
+        let mib = |b: u64| format!("{:.1} MiB", b as f64 / f64::from(1 << 20));
+        out.push(Diagnostic::at(
+            name,
+            text,
+            find_key_in(text, "queue", "min_free_disk"),
+            format!(
+                "queue.min_free_disk ({}) is not below the size of the filesystem holding {} ({}): free space is always under the watermark, so the queue can never store an event (while the upstream is connected they are forwarded from memory); set it to about a tenth of the filesystem, e.g. min_free_disk = \"{}\", or 0 to turn the watermark off",
+                mib(min),
+                file.queue.path.display(),
+                mib(space.total),
+                ByteSize((space.total / 10).max(1024) & !1023),
+            ),
+        ));
+    }
+    out
+}
+
 fn validate(file: &ConfigFile, name: &Path, text: &str) -> Vec<Diagnostic> {
     let mut errors = Vec::new();
     let at = |key: &str| find_key(text, key);

@@ -170,6 +170,9 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         .store(event::now_ms(), std::sync::atomic::Ordering::Relaxed);
     // Starts the monotonic clock of /health.
     metrics.uptime_ms();
+    for w in &config.warnings {
+        warn!("{w}");
+    }
     // Credentials and TLS files first: a bad one stops the start before
     // anything listens.
     let mut uplinks = Vec::new();

@@ -153,6 +153,9 @@ fn main() -> ExitCode {
                     cfg.rules.len(),
                     cfg.file.upstream.len()
                 );
+                for w in &cfg.warnings {
+                    eprintln!("warning: {w}");
+                }
                 ExitCode::SUCCESS
             }
             Err(errors) => config_errors(&errors),

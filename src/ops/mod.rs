@@ -1,6 +1,7 @@
 //! Operations: how the daemon talks to its service manager and to the
 //! people and tools watching it.
 
+pub mod disk;
 pub mod http;
 pub mod logging;
 pub mod memory;

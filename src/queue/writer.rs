@@ -8,7 +8,6 @@
 //! has a lower id than every row still only in RAM.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -180,6 +179,15 @@ impl Writer {
             .unwrap_or(0)
     }
 
+    /// Whether uplinks read rows not yet written, from RAM: always with
+    /// durability "offline"; with "always" while free space is below the
+    /// watermark (then rows are written only if they must wait). Held rows
+    /// are always younger than every written one, so reading them after
+    /// the written ones keeps each priority in order whenever this changes.
+    fn ram_readable(&self) -> bool {
+        self.settings.durability == Durability::Offline || self.disk_low
+    }
+
     /// Whether anything waits to be written or deleted.
     fn has_work(&self) -> bool {
         !self.rows.is_empty() || !self.acks.is_empty() || !self.evictions.is_empty()
@@ -194,9 +202,9 @@ impl Writer {
         if let Some(retry) = retry_at {
             return Some(retry);
         }
-        let full = match self.settings.durability {
-            Durability::Always => self.rows.len() >= self.settings.commit_max_events,
-            Durability::Offline => self.ram_bytes > self.settings.memory_max,
+        let full = match self.ram_readable() {
+            false => self.rows.len() >= self.settings.commit_max_events,
+            true => self.ram_bytes > self.settings.memory_max,
         };
         Some(if full {
             Instant::now()
@@ -262,9 +270,7 @@ impl Writer {
                         let mut added: Vec<Arc<str>> = Vec::new();
                         for row in rows {
                             let upstream = row.upstream.clone();
-                            if self.admit(row)
-                                && self.settings.durability == Durability::Offline
-                                && !added.contains(&upstream)
+                            if self.admit(row) && self.ram_readable() && !added.contains(&upstream)
                             {
                                 added.push(upstream);
                             }
@@ -435,7 +441,7 @@ impl Writer {
     /// `memory_max`. Oldest first, so per upstream the written rows are
     /// always a prefix of the held ones.
     fn plan(&self, all: bool) -> Vec<i64> {
-        if all || self.settings.durability == Durability::Always {
+        if all || !self.ram_readable() {
             return self.rows.keys().copied().collect();
         }
         let down: HashSet<&str> = self
@@ -448,7 +454,8 @@ impl Writer {
         let mut over = self.ram_bytes.saturating_sub(self.settings.memory_max);
         let mut ids = Vec::new();
         for (&id, held) in &self.rows {
-            let old = now >= held.at + self.settings.spill_after;
+            // Below the watermark, waiting is no reason to grow the file.
+            let old = !self.disk_low && now >= held.at + self.settings.spill_after;
             if over > 0 || old || down.contains(&*held.row.upstream) {
                 over = over.saturating_sub(held.row.size());
                 ids.push(id);
@@ -490,7 +497,7 @@ impl Writer {
             .ok()
             .flatten()
             .unwrap_or(0);
-        if self.settings.durability == Durability::Always {
+        if !self.ram_readable() {
             return committed;
         }
         let held = self
@@ -519,8 +526,16 @@ impl Writer {
             .copied()
             .unwrap_or(u64::MAX);
         // Below the free-space watermark the queue does not grow past what
-        // it held when the disk went low (SQLite reuses the freed pages).
-        let cap = if self.disk_low() {
+        // it held when the disk went low (SQLite reuses the freed pages);
+        // but while the upstream is connected an event may still go
+        // through memory, up to `memory_max`: forwarded, and written only
+        // if it must wait (the upstream goes, memory runs out).
+        let disk_low = self.disk_low();
+        let through_memory = self
+            .uplink(&row.upstream)
+            .is_some_and(|m| m.connected.load(Relaxed))
+            && self.ram_bytes + size <= self.settings.memory_max;
+        let cap = if disk_low && !through_memory {
             let frozen = *self
                 .frozen_cap
                 .entry(row.upstream.to_string())
@@ -666,7 +681,7 @@ impl Writer {
             return;
         }
         self.reserve_missing_since = Some(Instant::now());
-        if free_bytes(&self.path).is_some_and(|f| f < 2 * RESERVE_BYTES) {
+        if crate::ops::disk::space(&self.path).is_some_and(|s| s.free < 2 * RESERVE_BYTES) {
             return;
         }
         let made = std::fs::File::create(&self.reserve).and_then(|f| {
@@ -700,13 +715,13 @@ impl Writer {
         }
         self.disk_checked = Some(Instant::now());
         self.admitted_since_check = 0;
-        let low = match free_bytes(&self.path) {
-            Some(free) => free < self.settings.min_free_disk,
+        let low = match crate::ops::disk::space(&self.path) {
+            Some(space) => space.free < self.settings.min_free_disk,
             None => false,
         };
         if low != self.disk_low {
             if low {
-                warn!(path = %self.path.display(), min_free_disk = self.settings.min_free_disk, "free disk space below the watermark: the queue stops growing, overflow policies apply");
+                warn!(path = %self.path.display(), min_free_disk = self.settings.min_free_disk, "free disk space below the watermark: the queue stops growing; events are forwarded from memory while their upstream is connected, and overflow policies apply while it is not");
             } else {
                 info!(path = %self.path.display(), "free disk space above the watermark again");
                 self.frozen_cap.clear();
@@ -933,8 +948,8 @@ impl Writer {
                     break;
                 }
             }
-            // Offline: then the rows still only in RAM, all younger.
-            if self.settings.durability == Durability::Offline && out.len() < limit {
+            // Then the rows still only in RAM, all younger (see `ram_readable`).
+            if self.ram_readable() && out.len() < limit {
                 let from = cursor.saturating_add(1);
                 if from <= until {
                     let held = self
@@ -1100,17 +1115,4 @@ fn reserve_path(db: &Path) -> PathBuf {
     let mut p = db.as_os_str().to_owned();
     p.push(".reserve");
     PathBuf::from(p)
-}
-
-/// Free bytes for unprivileged writers on the filesystem holding `path`.
-fn free_bytes(path: &Path) -> Option<u64> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let c = CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid NUL-terminated path and `st` a valid out-pointer.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    (rc == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
 }

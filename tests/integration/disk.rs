@@ -249,3 +249,63 @@ async fn a_stop_that_cannot_store_what_it_holds_fails_and_counts_them() {
         N as u64
     );
 }
+
+/// Hostile-run finding 5: with the default watermark (64 MiB) on a smaller
+/// filesystem every event was refused, even while the upstream was
+/// connected, and `check` said ok. Now `check` warns, with the figures and
+/// a value to use, and events go through memory while the upstream is
+/// connected: forwarded, acknowledged from RAM, never written, none refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_the_watermark_events_still_go_through_memory_while_the_upstream_is_connected() {
+    let Some((fs, db, world)) = world_on_small_fs("16m", "").await else {
+        return;
+    };
+    // `check` on the same config says what is wrong, and still passes.
+    let text = queue_at(&config_text(&fs.at, 1884, ""), &db, "");
+    let config = fs.at.join("edgeferry.toml");
+    std::fs::write(&config, &text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_edgeferry"))
+        .args(["check", "-c"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning:")
+            && stderr
+                .contains("queue.min_free_disk (64.0 MiB) is not below the size of the filesystem")
+            && stderr.contains("min_free_disk = \""),
+        "{stderr}"
+    );
+
+    let World {
+        sub,
+        proxy,
+        gw,
+        sensor,
+    } = world;
+    let m = gw.running.metrics.clone();
+    let up = m.uplinks["cloud"].clone();
+    proxy.set_up(true);
+    wait_until("uplink connected", || up.connected.load(Relaxed)).await;
+    const N: usize = 3_000;
+    for seq in 0..N {
+        sensor
+            .publish("sensors/low/d/temperature", reading("d", seq))
+            .await;
+    }
+    sensor.wait_acked(N).await;
+    let got = sub.wait_for(N).await;
+    let seqs: Vec<u64> = got.iter().map(|m| seq_of(&m.payload)).collect();
+    assert_sequence(&seqs, 0..N as u64);
+    let rejected: u64 = up.rejected.iter().map(|c| c.load(Relaxed)).sum();
+    assert_eq!(rejected, 0, "none refused: {}", m.summary());
+    assert_eq!(m.dropped_queue_unavailable.load(Relaxed), 0);
+    wait_until("all acknowledged from memory", || {
+        m.acked_in_memory.load(Relaxed) == N as u64
+    })
+    .await;
+    assert_eq!(queued_in(&db, "cloud"), 0, "nothing was written");
+    gw.stop().await;
+}
