@@ -101,6 +101,8 @@ pub struct Metrics {
     /// Publishes refused for their topic (control characters,
     /// non-characters, wildcards).
     pub door_rejected_topic: AtomicU64,
+    /// Publishes refused for a payload over `broker.max_payload`.
+    pub door_rejected_payload: AtomicU64,
     /// Publishes and subscriptions the ACL (or a malformed filter)
     /// refused, and deliveries the ACL kept from a subscriber.
     pub door_denied_publish: AtomicU64,

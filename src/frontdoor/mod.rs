@@ -41,15 +41,19 @@ pub struct Door {
     pub acl: Option<Arc<AclFile>>,
     /// The embedded broker's internal listeners and the login they take.
     pub broker: Internal,
-    /// Largest packet a client may send (`broker.max_payload` plus headers).
+    /// Largest packet a client may send (`broker.max_payload` plus headers):
+    /// a larger one cannot be read and closes the connection.
     pub max_packet: usize,
+    /// Largest payload of a publish (`broker.max_payload`): a larger one is
+    /// refused, the connection stays.
+    pub max_payload: usize,
     /// Publishes a connection may have unacknowledged or waiting for the
     /// pipeline before the front door stops reading it; MQTT 5 clients are
     /// told it as their Receive Maximum.
     pub window: u16,
     pub metrics: Arc<Metrics>,
-    /// Rate limit of the warning about refused topics.
-    last_topic_warning: Mutex<Option<Instant>>,
+    /// Rate limit of the warning about refused publishes.
+    last_refusal_warning: Mutex<Option<Instant>>,
 }
 
 impl Door {
@@ -71,9 +75,10 @@ impl Door {
             acl,
             broker,
             max_packet: max_packet(cfg),
+            max_payload: cfg.max_payload.as_usize(),
             window: cfg.max_inflight,
             metrics,
-            last_topic_warning: Mutex::new(None),
+            last_refusal_warning: Mutex::new(None),
         }
     }
 
@@ -82,14 +87,16 @@ impl Door {
         self.ingest.iter().any(|f| f.captures(topic).is_some())
     }
 
-    fn warn_topic(&self, client_id: &str, topic: &[u8]) {
+    /// A publish refused for its topic or its size: logged at most every
+    /// 10 s (the counters have every one).
+    pub fn warn_refused(&self, client_id: &str, topic: &[u8], why: &str) {
         let mut last = self
-            .last_topic_warning
+            .last_refusal_warning
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
             *last = Some(Instant::now());
-            warn!(%client_id, topic = %String::from_utf8_lossy(topic).escape_debug(), "publish refused: its topic has a character MQTT forbids or discourages (control character, non-character) or a wildcard (logged at most every 10 s; see door_rejected_topic)");
+            warn!(%client_id, topic = %String::from_utf8_lossy(topic).escape_debug(), "publish refused: {why} (logged at most every 10 s; see local_refused_total)");
         }
     }
 }

@@ -435,10 +435,28 @@ impl Session {
         let m = &door.metrics;
         let Some(topic) = wire::valid_topic(v.topic) else {
             m.door_rejected_topic.fetch_add(1, Relaxed);
-            door.warn_topic(&self.client_id, v.topic);
+            door.warn_refused(
+                &self.client_id,
+                v.topic,
+                "its topic has a character MQTT forbids or discourages (control character, non-character) or a wildcard",
+            );
             self.answer(qos, pkid, State::Refused(Refusal::TopicInvalid));
             return Ok(());
         };
+        if payload.len() > door.max_payload {
+            m.door_rejected_payload.fetch_add(1, Relaxed);
+            door.warn_refused(
+                &self.client_id,
+                v.topic,
+                &format!(
+                    "its payload of {} bytes is over broker.max_payload ({} bytes)",
+                    payload.len(),
+                    door.max_payload
+                ),
+            );
+            self.answer(qos, pkid, State::Refused(Refusal::TooLarge));
+            return Ok(());
+        }
         if let Some(acl) = &door.acl
             && !acl
                 .current()

@@ -170,6 +170,7 @@ impl Version {
                     None => v5::PubAckReason::Success,
                     Some(Refusal::NotAuthorized) => v5::PubAckReason::NotAuthorized,
                     Some(Refusal::TopicInvalid) => v5::PubAckReason::TopicNameInvalid,
+                    Some(Refusal::TooLarge) => v5::PubAckReason::QuotaExceeded,
                 };
                 Packet::V5(v5::Packet::PubAck(ack))
             }
@@ -185,6 +186,7 @@ impl Version {
                     None => v5::PubRecReason::Success,
                     Some(Refusal::NotAuthorized) => v5::PubRecReason::NotAuthorized,
                     Some(Refusal::TopicInvalid) => v5::PubRecReason::TopicNameInvalid,
+                    Some(Refusal::TooLarge) => v5::PubRecReason::QuotaExceeded,
                 };
                 Packet::V5(v5::Packet::PubRec(rec))
             }
@@ -276,6 +278,9 @@ pub enum ConnectRefusal {
 pub enum Refusal {
     NotAuthorized,
     TopicInvalid,
+    /// The payload is over `broker.max_payload` (0x97 "quota exceeded":
+    /// Mosquitto answers 0x95, which MQTT 5 does not allow in a PUBACK).
+    TooLarge,
 }
 
 impl Packet {

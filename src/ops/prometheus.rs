@@ -114,6 +114,7 @@ impl Collector for Scrape {
                 ("subscribe_denied", &m.door_denied_subscribe),
                 ("delivery_denied", &m.door_denied_delivery),
                 ("topic_invalid", &m.door_rejected_topic),
+                ("payload_too_large", &m.door_rejected_payload),
             ] {
                 ConstCounter::new(c.load(Relaxed))
                     .encode(e.encode_family(&[("reason", reason)])?)?;

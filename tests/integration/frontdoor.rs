@@ -363,3 +363,78 @@ async fn a_rule_can_route_by_the_publishing_client() {
     assert_eq!(sub.take().len(), 1, "the other client's reading stays");
     gw.stop().await;
 }
+
+/// Hostile-run finding 10: `broker.max_payload` limited the packet, so a
+/// payload somewhat over it went through. A payload over the limit is now
+/// refused (counted; MQTT 5: PUBACK 0x97) and the connection stays; one of
+/// exactly the limit, with any topic, goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_over_max_payload_is_refused_and_one_at_the_limit_goes_through() {
+    use rumqttc::v5::mqttbytes::v5::PubAckReason;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let upstream = upstream_broker();
+    let sub = Subscriber::start(upstream, "#").await;
+    let text = config_text(d, upstream.port(), "").replacen(
+        "listen = \"127.0.0.1:0\"",
+        "listen = \"127.0.0.1:0\"\nmax_payload = \"1KiB\"",
+        1,
+    );
+    let gw = Gateway::start_with(d, &text).await;
+    let mut opts = rumqttc::v5::MqttOptions::new("big-5", "127.0.0.1", gw.addr.port());
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut el) = rumqttc::v5::AsyncClient::new(opts, 10);
+    let long_topic = format!("sensors/big/{}/temperature", "t".repeat(2000));
+    for (topic, size) in [
+        ("sensors/big/a/temperature", 1024),
+        ("sensors/big/b/temperature", 1025),
+        (long_topic.as_str(), 1024),
+        ("sensors/big/c/temperature", 60_000),
+    ] {
+        client
+            .publish(
+                topic,
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                false,
+                vec![b'x'; size],
+            )
+            .await
+            .unwrap();
+    }
+    let reasons = tokio::time::timeout(DEADLINE, async {
+        let mut reasons = Vec::new();
+        while reasons.len() < 4 {
+            if let Ok(rumqttc::v5::Event::Incoming(rumqttc::v5::Incoming::PubAck(a))) =
+                el.poll().await
+            {
+                reasons.push(a.reason);
+            }
+        }
+        reasons
+    })
+    .await
+    .expect("four PUBACKs on one connection");
+    assert_eq!(
+        reasons,
+        vec![
+            PubAckReason::Success,
+            PubAckReason::QuotaExceeded,
+            PubAckReason::Success,
+            PubAckReason::QuotaExceeded
+        ]
+    );
+    // MQTT 3.1.1 has no reason codes: acknowledged, refused all the same.
+    let sensor = Sensor::connect(gw.addr).await;
+    sensor
+        .publish("sensors/big/d/temperature", vec![b'x'; 1025])
+        .await;
+    sensor
+        .publish("sensors/big/e/temperature", vec![b'x'; 10])
+        .await;
+    sensor.wait_acked(2).await;
+    let got = sub.wait_for(3).await;
+    let sizes: Vec<usize> = got.iter().map(|m| m.payload.len()).collect();
+    assert_eq!(sizes, vec![1024, 1024, 10], "only those within the limit");
+    assert_eq!(gw.count(|m| &m.door_rejected_payload), 3);
+    gw.stop().await;
+}
