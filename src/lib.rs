@@ -446,6 +446,12 @@ async fn health(
             error!(listener = %which, "a listener does not answer MQTT; withholding the watchdog ping");
             continue;
         }
+        if metrics.queue_damaged.load(Relaxed) > 0 {
+            error!(
+                "the queue file was damaged while running (see queue_damaged_total); withholding the watchdog ping so the daemon is restarted"
+            );
+            continue;
+        }
         if let Some(ms) = held.check(
             metrics.door_held_ms.load(Relaxed),
             every,

@@ -87,6 +87,9 @@ pub struct Metrics {
     pub dropped_queue_unavailable: AtomicU64,
     /// Damaged queue databases moved aside at start.
     pub queue_recovered: AtomicU64,
+    /// Checkpoints that found the queue's WAL cut short while running
+    /// (another program truncated it): committed events were lost.
+    pub queue_damaged: AtomicU64,
     /// Local CONNECTs refused by the password file (or a reserved client id).
     pub broker_auth_failures: AtomicU64,
     /// Local client connections open now (a gauge).

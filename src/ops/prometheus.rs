@@ -241,6 +241,12 @@ impl Collector for Scrape {
             "Damaged queue files moved aside at start",
             m.queue_recovered.load(Relaxed),
         )?;
+        counter(
+            &mut enc,
+            "queue_damaged",
+            "Checkpoints that found the queue's WAL file cut short by another program while running",
+            m.queue_damaged.load(Relaxed),
+        )?;
         {
             let (sum, count, buckets) = m.commit_seconds.snapshot();
             let mut e = enc.encode_descriptor(

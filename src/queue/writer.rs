@@ -102,6 +102,11 @@ pub(super) struct Writer {
     reserve: PathBuf,
     /// When the reserve was last found missing and not yet recreated.
     reserve_missing_since: Option<Instant>,
+    /// `<db>-wal`, and its length after our last write (see `wal_intact`).
+    wal: PathBuf,
+    wal_len: u64,
+    /// The WAL was damaged by another program: nothing is written any more.
+    damaged: bool,
 }
 
 impl Writer {
@@ -148,6 +153,11 @@ impl Writer {
             }
         }
         let next_id = conn.query_row(NEXT_ID, [], |r| r.get(0))?;
+        let wal = {
+            let mut p = path.as_os_str().to_owned();
+            p.push("-wal");
+            PathBuf::from(p)
+        };
         Ok(Writer {
             conn,
             path: path.to_path_buf(),
@@ -170,6 +180,9 @@ impl Writer {
             frozen_cap: HashMap::new(),
             reserve: reserve_path(path),
             reserve_missing_since: Some(Instant::now() - Duration::from_secs(3600)),
+            wal_len: std::fs::metadata(&wal).map_or(0, |m| m.len()),
+            wal,
+            damaged: false,
         })
     }
 
@@ -735,6 +748,7 @@ impl Writer {
     /// in one transaction. On failure nothing is lost: the work stays
     /// pending.
     fn commit_parts(&mut self, spill: &[i64]) -> rusqlite::Result<()> {
+        self.wal_intact()?;
         let started = std::time::Instant::now();
         let tx = self.conn.transaction()?;
         let released = {
@@ -781,6 +795,7 @@ impl Writer {
             }
         }
         self.metrics.queued.fetch_add(written, Relaxed);
+        self.note_wal_len();
         self.acks.clear();
         self.evictions.clear();
         self.scheduled.clear();
@@ -807,10 +822,57 @@ impl Writer {
 
     /// Fold the WAL into the database and truncate it to zero bytes, giving
     /// its space back to the filesystem (no-op while a reader holds it).
-    fn truncate_wal(&self) {
+    /// The WAL must still hold everything SQLite wrote to it: SQLite never
+    /// shrinks it here (no size limit is set; only `truncate_wal` does, and
+    /// notes the new length), so a shorter or missing file was cut or
+    /// removed by another program. The events committed into the lost part
+    /// are gone, and every later commit would land behind a hole that the
+    /// next start's recovery stops at (a checkpoint copies the hole's zeros
+    /// into the database). So the queue stops writing: commits fail from
+    /// here on (events are held, so sensors are not acknowledged), it is
+    /// said at ERROR and counted, and the health probe withholds the
+    /// watchdog so systemd restarts edgeferry into what is intact. Checked
+    /// before every commit and at every sweep: one `stat`.
+    fn wal_intact(&mut self) -> rusqlite::Result<()> {
+        if !self.damaged {
+            let len = std::fs::metadata(&self.wal).map(|m| m.len());
+            let cut = match &len {
+                Ok(len) => *len < self.wal_len,
+                Err(e) => e.kind() == std::io::ErrorKind::NotFound && self.wal_len > 0,
+            };
+            if cut {
+                self.damaged = true;
+                self.metrics.queue_damaged.fetch_add(1, Relaxed);
+                error!(
+                    wal = %self.wal.display(),
+                    bytes = len.as_ref().ok(),
+                    expected_at_least = self.wal_len,
+                    "queue file damaged while running: its WAL was cut short or removed by another program, and the events committed into the lost part are gone; the queue stops writing (new events are held, not acknowledged) and the health probe fails so edgeferry is restarted into what is intact"
+                );
+            }
+        }
+        match self.damaged {
+            false => Ok(()),
+            true => Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR_SHORT_READ),
+                Some("the queue's WAL was damaged by another program; restart edgeferry".into()),
+            )),
+        }
+    }
+
+    /// After our own writes: the WAL's length as SQLite left it.
+    fn note_wal_len(&mut self) {
+        self.wal_len = std::fs::metadata(&self.wal).map_or(0, |m| m.len());
+    }
+
+    fn truncate_wal(&mut self) {
+        if self.damaged {
+            return;
+        }
         let _ = self
             .conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        self.note_wal_len();
     }
 
     /// On a full disk: commit the pending deletes a chunk at a time and
@@ -821,6 +883,7 @@ impl Writer {
     fn delete_in_chunks(&mut self) -> rusqlite::Result<()> {
         const CHUNK: usize = STEP;
         while !self.acks.is_empty() || !self.evictions.is_empty() {
+            self.wal_intact()?;
             let ev = self.evictions.len().min(CHUNK);
             let ack = self.acks.len().min(CHUNK - ev);
             let started = std::time::Instant::now();
@@ -838,6 +901,7 @@ impl Writer {
             for id in self.evictions.drain(..ev).chain(self.acks.drain(..ack)) {
                 self.scheduled.remove(&id);
             }
+            self.note_wal_len();
             self.truncate_wal();
         }
         Ok(())
@@ -846,6 +910,9 @@ impl Writer {
     /// Delete expired rows, counting them per upstream and priority.
     fn sweep(&mut self) {
         self.last_sweep = Instant::now();
+        if self.wal_intact().is_err() {
+            return;
+        }
         let result = self.conn.prepare_cached(SWEEP_EXPIRED).and_then(|mut s| {
             s.query_map([now_ms() as i64], |r| {
                 Ok((

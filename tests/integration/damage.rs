@@ -162,3 +162,70 @@ async fn a_queue_on_a_read_only_filesystem_is_a_clear_start_error() {
     // Still readable for an operator (edgeferry queue stats works on it).
     assert_eq!(queued_in(&db, "cloud"), 10);
 }
+
+/// Hostile-run finding 10: a WAL cut short by another program while the
+/// daemon ran made `queue stats` say "malformed" while the daemon logged
+/// nothing and went on committing behind the hole, where the next start's
+/// recovery stops. Now the next commit notices (the WAL never shrinks by
+/// itself), the queue stops writing, so what comes after is held and not
+/// acknowledged, the damage is counted and the stop fails; a restart runs
+/// on what is intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wal_cut_short_while_running_stops_the_writes_and_is_reported() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("queue.db");
+    let World {
+        sub: _sub,
+        proxy: _proxy,
+        gw,
+        sensor,
+    } = World::offline_with("", |text| queue_at(&text, &db, "")).await;
+    for seq in 0..300 {
+        sensor
+            .publish("sensors/wal/d/temperature", reading("d", seq))
+            .await;
+    }
+    sensor.wait_acked(300).await;
+    let mut wal = gw.db.as_os_str().to_owned();
+    wal.push("-wal");
+    let len = std::fs::metadata(&wal).unwrap().len();
+    assert!(len > 4096, "the events are in the WAL ({len} bytes)");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&wal)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    for seq in 300..310 {
+        sensor
+            .publish("sensors/wal/d/temperature", reading("d", seq))
+            .await;
+    }
+    let m = gw.running.metrics.clone();
+    wait_until("the damage is noticed", || {
+        m.queue_damaged.load(Relaxed) > 0
+    })
+    .await;
+    wait_until("commits fail", || m.commit_failures.load(Relaxed) > 0).await;
+    assert_eq!(
+        sensor.acked(),
+        300,
+        "nothing after the damage is acknowledged"
+    );
+    let err = gw
+        .running
+        .stop()
+        .await
+        .expect_err("a stop that could not store fails");
+    assert!(
+        matches!(err, edgeferry::RunError::NotStored { .. }),
+        "{err}"
+    );
+    drop(sensor);
+    // A restart runs on what is intact.
+    let text = queue_at(&config_text(dir.path(), free_port(), ""), &db, "");
+    let gw = Gateway::start_with(dir.path(), &text).await;
+    assert!(gw.queued("cloud") <= 300);
+    gw.stop().await;
+}
