@@ -190,6 +190,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let limit = Arc::new(Semaphore::new(max_connections));
+    let mut busy_warned: Option<Instant> = None;
     let (accepted_tx, mut accepted) = mpsc::channel::<Accepted>(64);
     let mut acceptors = tokio::task::JoinSet::new();
     for listener in listeners.plain {
@@ -224,6 +225,10 @@ pub async fn run(
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             door.metrics.door_refused_busy.fetch_add(1, Relaxed);
+            if busy_warned.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(30)) {
+                busy_warned = Some(Instant::now());
+                warn!(peer = %accepted.peer, max_connections, "a local connection was closed at once: max_connections are open (idle clients hold slots too, about 57 KiB each); raise broker.max_connections or find the clients (logged at most every 30 s; see local_connections_refused_busy_total)");
+            }
             continue; // dropping the socket closes it
         };
         let (door, events, shutdown) = (door.clone(), events.clone(), shutdown.clone());

@@ -68,6 +68,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The keep-alive the session asks of the broker, and how often it pings.
 const BROKER_KEEP_ALIVE: u16 = 60;
 const BROKER_PING_EVERY: Duration = Duration::from_secs(20);
+/// A connection's read buffers start this small (they grow for a large
+/// packet) and go back to it once empty when they grew past `TRIM_ABOVE`:
+/// thousands of idle sensors should not each keep a burst's worth of RAM.
+const READ_BUF: usize = 1024;
+const TRIM_ABOVE: usize = 16 * 1024;
 /// At shutdown, how long a session waits for the outcomes of what it sent
 /// into the pipeline, to acknowledge them before closing.
 const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -85,7 +90,7 @@ pub async fn serve<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut cbuf = BytesMut::with_capacity(4096);
+    let mut cbuf = BytesMut::with_capacity(READ_BUF);
     let (version, mut connect) = tokio::time::timeout(
         CONNECT_TIMEOUT,
         read_connect(&mut client, &mut cbuf, door.max_packet),
@@ -149,7 +154,7 @@ where
     let mut out = BytesMut::new();
     connect.write(&mut out)?;
     broker.write_all(&out).await?;
-    let mut bbuf = BytesMut::with_capacity(4096);
+    let mut bbuf = BytesMut::with_capacity(READ_BUF);
     let Some(mut connack) = read_packet(&mut broker, &mut bbuf, version, usize::MAX).await? else {
         refuse(&mut client, version, ConnectRefusal::Unavailable).await?;
         return Err(SessionError::BrokerGone);
@@ -380,6 +385,9 @@ impl Session {
             }
             self.flush_acks()?;
             self.flush(client, broker).await?;
+            for buf in [&mut cbuf, &mut bbuf, &mut self.cout, &mut self.bout] {
+                trim(buf);
+            }
         }
     }
 
@@ -752,6 +760,13 @@ impl Session {
     }
 }
 
+/// Give back what a burst or a large packet made a buffer grow to.
+fn trim(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > TRIM_ABOVE {
+        *buf = BytesMut::with_capacity(READ_BUF);
+    }
+}
+
 /// The daemon is stopping (the watch's guard is not held across awaits).
 async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
@@ -776,4 +791,25 @@ fn count_decoded(m: &crate::metrics::Metrics, event: &Event) {
         Payload::Malformed(_) => &m.decoded_malformed,
     }
     .fetch_add(1, Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An idle connection keeps 1 KiB per read buffer, not what its
+    /// largest packet needed; a buffer still holding data is left alone.
+    #[test]
+    fn buffers_grown_by_a_burst_are_given_back_once_empty() {
+        let mut buf = BytesMut::with_capacity(READ_BUF);
+        buf.extend_from_slice(&vec![0u8; 256 * 1024]);
+        trim(&mut buf);
+        assert!(buf.capacity() >= 256 * 1024, "not while it holds data");
+        buf.clear();
+        trim(&mut buf);
+        assert_eq!(buf.capacity(), READ_BUF);
+        let mut small = BytesMut::with_capacity(8 * 1024);
+        trim(&mut small);
+        assert_eq!(small.capacity(), 8 * 1024, "small ones are kept");
+    }
 }

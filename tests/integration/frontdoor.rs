@@ -438,3 +438,39 @@ async fn a_payload_over_max_payload_is_refused_and_one_at_the_limit_goes_through
     assert_eq!(gw.count(|m| &m.door_rejected_payload), 3);
     gw.stop().await;
 }
+
+/// Hostile-run finding 8: idle clients up to `max_connections` lock other
+/// sensors out. The limit holds (one more is closed at once, counted, and
+/// a WARN says which setting), and a slot freed is a slot a sensor gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_holds_and_a_freed_slot_serves_the_next_sensor() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = upstream_broker();
+    let text = config_text(dir.path(), upstream.port(), "").replacen(
+        "listen = \"127.0.0.1:0\"",
+        "listen = \"127.0.0.1:0\"\nmax_connections = 5",
+        1,
+    );
+    let gw = Gateway::start_with(dir.path(), &text).await;
+    let mut idle = Vec::new();
+    for _ in 0..5 {
+        idle.push(Sensor::connect(gw.addr).await);
+    }
+    wait_until("five sessions", || gw.count(|m| &m.door_connections) == 5).await;
+    let mut extra = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(DEADLINE, extra.read(&mut byte))
+        .await
+        .expect("closed, not left hanging");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert_eq!(gw.count(|m| &m.door_refused_busy), 1);
+    drop(idle.pop());
+    wait_until("a slot free", || gw.count(|m| &m.door_connections) == 4).await;
+    let sensor = Sensor::connect(gw.addr).await;
+    sensor
+        .publish("sensors/slot/d/temperature", reading("d", 1))
+        .await;
+    sensor.wait_acked(1).await;
+    gw.stop().await;
+}
