@@ -2,6 +2,7 @@
 //! people and tools watching it.
 
 pub mod disk;
+pub mod health;
 pub mod http;
 pub mod logging;
 pub mod memory;
