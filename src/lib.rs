@@ -24,6 +24,7 @@ pub mod republish;
 pub mod router;
 pub mod rules;
 pub mod status;
+pub mod supervisor;
 pub mod tls;
 pub mod units;
 pub mod uplink;
@@ -33,8 +34,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
-use tokio::task::{JoinHandle, JoinSet};
-use tracing::{error, info, warn};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
 
 pub use config::Config;
 use metrics::Metrics;
@@ -59,8 +60,17 @@ pub enum RunError {
     BrokerStopped,
     /// A stage ended before shutdown: a bug or an unrecoverable condition
     /// (see the stage's error); the queue is intact and a restart resumes.
-    #[error("{stage} stopped unexpectedly: {reason}")]
-    StageFailed { stage: &'static str, reason: String },
+    #[error("{stage} stopped unexpectedly: {end}")]
+    StageFailed {
+        stage: &'static str,
+        end: supervisor::StageEnd,
+    },
+    /// A thread could not be started (the system's thread limit?).
+    #[error("cannot start the {what} thread: {source}")]
+    Thread {
+        what: &'static str,
+        source: std::io::Error,
+    },
     /// The final commit at shutdown failed (disk full, I/O error): these
     /// events are gone. Free space before the next stop.
     #[error("{lost} events could not be stored at shutdown (disk full or I/O error; see the log)")]
@@ -223,13 +233,10 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
     };
     let listeners = frontdoor::bind(&file.broker).await?;
     let broker = broker::start(&file.broker).await?;
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut stages = supervisor::Supervisor::new();
+    let shutdown_rx = stages.shutdown();
 
     let (events_tx, events_rx) = mpsc::channel(file.pipeline.buffer);
-    // Every stage runs in this set; the supervisor treats any stage ending
-    // before shutdown (error or panic) as fatal, so the process exits
-    // non-zero and systemd restarts it instead of running on half-dead.
-    let mut stages: JoinSet<(&'static str, Result<(), String>)> = JoinSet::new();
     let door = Arc::new(frontdoor::Door::new(
         &file.broker,
         broker.internal.clone(),
@@ -246,15 +253,12 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         file.broker.max_connections,
         shutdown_rx.clone(),
     );
-    stages.spawn(async move {
-        front.await;
-        ("front door", Ok(()))
-    });
+    stages.spawn("front door", front);
     let (republisher, republish_thread) =
-        republish::spawn(broker.link_tx, broker.link_rx, metrics.clone()).map_err(|e| {
-            RunError::StageFailed {
-                stage: "republish",
-                reason: e.to_string(),
+        republish::spawn(broker.link_tx, broker.link_rx, metrics.clone()).map_err(|source| {
+            RunError::Thread {
+                what: "republish",
+                source,
             }
         })?;
     let (rules_tx, rules_rx) = watch::channel(Arc::new(config.rules.clone()));
@@ -266,7 +270,7 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         door.ingest.clone(),
         metrics.clone(),
     );
-    stages.spawn(async move { ("router", router.await.map_err(|e| e.to_string())) });
+    stages.spawn_fallible("router", router);
     let (reload_tx, reload_rx) = mpsc::channel(1);
     let reloader = reload::run(
         config.clone(),
@@ -275,17 +279,11 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         metrics.clone(),
         shutdown_rx.clone(),
     );
-    stages.spawn(async move {
-        reloader.await;
-        ("reload", Ok(()))
-    });
+    stages.spawn("reload", reloader);
     for settings in uplinks {
         let uplink_metrics = metrics.uplinks[&settings.name].clone();
         let uplink = uplink::run(settings, queue.clone(), uplink_metrics, shutdown_rx.clone());
-        stages.spawn(async move {
-            uplink.await;
-            ("uplink", Ok(()))
-        });
+        stages.spawn("uplink", uplink);
     }
     if let Some(listener) = metrics_listener {
         let server = ops::http::serve(
@@ -294,25 +292,18 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
             queue.clone(),
             shutdown_rx.clone(),
         );
-        stages.spawn(async move {
-            server.await;
-            ("metrics", Ok(()))
-        });
+        stages.spawn("metrics", server);
     }
     let summary = ops::health::summarize(
         metrics.clone(),
         file.log.summary_interval.0,
         shutdown_rx.clone(),
     );
-    stages.spawn(async move {
-        summary.await;
-        ("summary", Ok(()))
-    });
-    let trim = ops::memory::trim_periodically(shutdown_rx.clone());
-    stages.spawn(async move {
-        trim.await;
-        ("memory", Ok(()))
-    });
+    stages.spawn("summary", summary);
+    stages.spawn(
+        "memory",
+        ops::memory::trim_periodically(shutdown_rx.clone()),
+    );
     // The health stage holds the last queue handle here: when every stage
     // has ended, the writer commits and exits.
     let listeners = ops::health::Listening {
@@ -320,10 +311,7 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         internal: broker.internal.clone(),
     };
     let health = ops::health::run(queue, listeners, metrics.clone(), shutdown_rx.clone());
-    stages.spawn(async move {
-        health.await;
-        ("health", Ok(()))
-    });
+    stages.spawn("health", health);
     info!(
         rules = config.rules.len(),
         upstreams = upstream_names.len(),
@@ -332,52 +320,13 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
     );
     ops::systemd::ready(&ops::health::status_line(&metrics, None));
 
-    let stop = shutdown_tx.clone();
-    let mut broker_exited = broker.exited;
-    let metrics_at_stop = metrics.clone();
-    let supervisor = tokio::spawn(async move {
-        let mut failure = None;
-        let mut stopping = stop.subscribe();
-        tokio::select! {
-            Some(done) = stages.join_next() => {
-                // Stages end by themselves once shutdown was asked for.
-                if !*stop.borrow() {
-                    failure = Some(stage_failure(done));
-                }
-            }
-            _ = &mut broker_exited => failure = Some(RunError::BrokerStopped),
-            _ = stopping.wait_for(|s| *s) => {}
-        }
-        if let Some(e) = &failure {
-            error!(error = %e, "stopping");
-        }
-        ops::systemd::stopping();
-        let _ = stop.send(true);
-        // Stop order follows ownership: the front door's sessions hand what
-        // they read to the pipeline and drop their senders, the router
-        // drains into the queue and drops its handle,
-        // uplinks close; the queue thread commits once the last handle is gone.
-        while let Some(done) = stages.join_next().await {
-            if let Ok((stage, Err(e))) = &done {
-                error!(stage, error = %e, "stage failed while stopping");
-            } else if let Err(e) = &done {
-                error!(error = %e, "stage panicked while stopping");
-            }
-        }
-        let lost = tokio::task::spawn_blocking(move || {
-            let _ = republish_thread.join();
-            queue_thread.join()
-        })
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or(0);
-        info!(summary = %metrics_at_stop.summary(), "edgeferry stopped");
-        if lost > 0 && failure.is_none() {
-            failure = Some(RunError::NotStored { lost });
-        }
-        failure.map_or(Ok(()), Err)
-    });
+    let shutdown_tx = stages.shutdown_sender();
+    let supervisor = tokio::spawn(stages.wait(
+        broker.exited,
+        republish_thread,
+        queue_thread,
+        metrics.clone(),
+    ));
 
     Ok(Running {
         broker_addr: listen,
@@ -390,21 +339,4 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         reload: reload_tx,
         supervisor,
     })
-}
-
-/// What it means that a stage ended before shutdown was asked for.
-fn stage_failure(
-    done: Result<(&'static str, Result<(), String>), tokio::task::JoinError>,
-) -> RunError {
-    match done {
-        Ok((stage, Err(reason))) => RunError::StageFailed { stage, reason },
-        Ok((stage, Ok(()))) => RunError::StageFailed {
-            stage,
-            reason: "ended early".into(),
-        },
-        Err(e) => RunError::StageFailed {
-            stage: "a stage",
-            reason: format!("panicked: {e}"),
-        },
-    }
 }
