@@ -148,10 +148,10 @@ pub struct UplinkMetrics {
     /// Per priority: events deleted unsent because their TTL passed.
     pub expired: [AtomicU64; 3],
     /// Failed connection attempts and dropped sessions, by
-    /// [`FailureKind`] (index).
-    pub failures: [AtomicU64; FailureKind::ALL.len()],
+    /// `uplink::FailureKind` (index).
+    pub failures: [AtomicU64; FAILURE_KINDS],
     /// While down: what ended the last attempt (1 + index in
-    /// [`FailureKind::ALL`]); 0 while connected or before any attempt.
+    /// `uplink::FailureKind::ALL`); 0 while connected or before any attempt.
     pub down_because: AtomicU64,
     /// Why the last attempt failed or the last session ended, with a hint
     /// for TLS trouble; cleared when a session comes up. For `status` and
@@ -172,49 +172,9 @@ impl UplinkMetrics {
     }
 }
 
-/// What kind of trouble an uplink had: the label of
-/// `edgeferry_uplink_failures_total`, for alerts that tell a certificate
-/// problem from a network one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
-    /// TLS handshake or certificate verification.
-    Tls,
-    /// The broker refused the CONNECT (bad credentials, not authorised,
-    /// client id rejected).
-    Refused,
-    /// TCP could not connect, or name resolution failed.
-    Unreachable,
-    /// The link went quiet (keep-alive) or was reset after connecting.
-    Lost,
-    /// Connected and answering pings, but no PUBACK for a few keep-alives
-    /// while publishes were outstanding.
-    Stalled,
-}
-
-impl FailureKind {
-    pub const ALL: [FailureKind; 5] = [
-        FailureKind::Tls,
-        FailureKind::Refused,
-        FailureKind::Unreachable,
-        FailureKind::Lost,
-        FailureKind::Stalled,
-    ];
-
-    /// Its place in [`FailureKind::ALL`] (and in `failures`).
-    pub fn index(self) -> usize {
-        self as usize
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            FailureKind::Tls => "tls",
-            FailureKind::Refused => "refused",
-            FailureKind::Unreachable => "unreachable",
-            FailureKind::Lost => "lost",
-            FailureKind::Stalled => "stalled",
-        }
-    }
-}
+/// How many kinds of uplink failure are counted (`uplink::FailureKind`,
+/// which checks it): the counters only observe, so they name no uplink type.
+pub const FAILURE_KINDS: usize = 5;
 
 impl Metrics {
     pub fn new<'a>(upstreams: impl IntoIterator<Item = &'a String>) -> Metrics {

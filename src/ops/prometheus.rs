@@ -386,7 +386,7 @@ impl Collector for Scrape {
         for (name, help, kind_of_metric, get) in per_kind {
             let mut e = enc.encode_descriptor(name, help, None, kind_of_metric)?;
             for (upstream, u) in &self.metrics.uplinks {
-                for (i, kind) in crate::metrics::FailureKind::ALL.iter().enumerate() {
+                for (i, kind) in crate::uplink::FailureKind::ALL.iter().enumerate() {
                     let labels = [("upstream", upstream.as_str()), ("kind", kind.name())];
                     match kind_of_metric {
                         MetricType::Gauge => {

@@ -120,6 +120,12 @@ impl Cursor {
 enum Cmd {
     Append(Vec<NewRow>),
     Ack(Vec<i64>),
+    /// An upstream's uplink is connected (or not): what is held for an
+    /// upstream that is not is written at once.
+    Online {
+        upstream: String,
+        online: bool,
+    },
     Fetch {
         upstream: String,
         after: Cursor,
@@ -185,6 +191,17 @@ impl QueueHandle {
     pub async fn append(&self, rows: Vec<NewRow>) -> Result<(), QueueError> {
         self.tx
             .send_async(Cmd::Append(rows))
+            .await
+            .map_err(|_| QueueError::Closed)
+    }
+
+    /// Tell the queue whether `upstream`'s uplink is connected.
+    pub async fn online(&self, upstream: &str, online: bool) -> Result<(), QueueError> {
+        self.tx
+            .send_async(Cmd::Online {
+                upstream: upstream.to_string(),
+                online,
+            })
             .await
             .map_err(|_| QueueError::Closed)
     }

@@ -40,11 +40,9 @@ fn offline(memory_max: u64, spill_after: Duration) -> QueueSettings {
     }
 }
 
-/// Metrics with uplink "a" connected (else its rows spill at once).
-fn connected() -> Arc<Metrics> {
-    let m = metrics();
-    m.uplinks["a"].connected.store(true, Relaxed);
-    m
+/// Uplink "a" says it is connected (else its rows spill at once).
+async fn online(q: &QueueHandle) {
+    q.online("a", true).await.unwrap();
 }
 
 /// Rows of `upstream` in the file, read as an operator would.
@@ -385,13 +383,14 @@ async fn in_memory_stats_agree_with_the_file_through_appends_acks_evictions_and_
 async fn offline_rows_are_read_from_ram_and_an_ack_there_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q.db");
-    let m = connected();
+    let m = metrics();
     let (q, thread) = open(
         &path,
         offline(1 << 20, Duration::from_secs(3600)),
         m.clone(),
     )
     .unwrap();
+    online(&q).await;
     q.append((0..3).map(|n| row("a", n, Priority::Normal)).collect())
         .await
         .unwrap();
@@ -421,13 +420,14 @@ async fn offline_rows_are_read_from_ram_and_an_ack_there_writes_nothing() {
 async fn offline_rows_not_acked_in_time_are_written_and_stay_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q.db");
-    let m = connected();
+    let m = metrics();
     let (q, _t) = open(
         &path,
         offline(1 << 20, Duration::from_millis(50)),
         m.clone(),
     )
     .unwrap();
+    online(&q).await;
     q.append((0..3).map(|n| row("a", n, Priority::Normal)).collect())
         .await
         .unwrap();
@@ -462,9 +462,10 @@ async fn offline_rows_of_a_disconnected_upstream_are_written_at_once() {
     let (q, _t) = open(
         &path,
         offline(1 << 20, Duration::from_secs(3600)),
-        connected(),
+        metrics(),
     )
     .unwrap();
+    online(&q).await;
     q.append(vec![
         row("a", 1, Priority::Normal),
         row("b", 2, Priority::Normal),
@@ -484,7 +485,8 @@ async fn offline_ram_beyond_memory_max_spills_the_oldest() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q.db");
     // 50 bytes of RAM: five 10-byte rows; the next five push out the oldest.
-    let (q, _t) = open(&path, offline(50, Duration::from_secs(3600)), connected()).unwrap();
+    let (q, _t) = open(&path, offline(50, Duration::from_secs(3600)), metrics()).unwrap();
+    online(&q).await;
     q.append((0..10).map(|n| row("a", n, Priority::Normal)).collect())
         .await
         .unwrap();
@@ -511,9 +513,10 @@ async fn offline_rows_are_all_written_at_shutdown_and_read_after_restart() {
     let (q, thread) = open(
         &path,
         offline(1 << 20, Duration::from_secs(3600)),
-        connected(),
+        metrics(),
     )
     .unwrap();
+    online(&q).await;
     q.append((0..4).map(|n| row("a", n, Priority::Normal)).collect())
         .await
         .unwrap();
@@ -527,9 +530,10 @@ async fn offline_rows_are_all_written_at_shutdown_and_read_after_restart() {
     let (q, _t) = open(
         &path,
         offline(1 << 20, Duration::from_secs(3600)),
-        connected(),
+        metrics(),
     )
     .unwrap();
+    online(&q).await;
     q.append(vec![row("a", 9, Priority::Normal)]).await.unwrap();
     assert_eq!(
         payloads(&q.fetch("a", Cursor::default(), i64::MAX, 10).await.unwrap()),
@@ -540,13 +544,14 @@ async fn offline_rows_are_all_written_at_shutdown_and_read_after_restart() {
 #[tokio::test]
 async fn offline_expired_rows_in_ram_are_never_read_and_counted() {
     let dir = tempfile::tempdir().unwrap();
-    let m = connected();
+    let m = metrics();
     let (q, _t) = open(
         &dir.path().join("q.db"),
         offline(1 << 20, Duration::from_secs(3600)),
         m.clone(),
     )
     .unwrap();
+    online(&q).await;
     let mut r = row("a", 1, Priority::Normal);
     r.expires_ms = Some(1);
     q.append(vec![r, row("a", 2, Priority::Normal)])
@@ -582,7 +587,8 @@ async fn a_waiting_read_is_answered_when_rows_become_readable() {
         ("offline", offline(1 << 20, Duration::from_secs(3600))),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let (q, _t) = open(&dir.path().join("q.db"), s, connected()).unwrap();
+        let (q, _t) = open(&dir.path().join("q.db"), s, metrics()).unwrap();
+        online(&q).await;
         append(&q, vec![row("a", 1, Priority::Normal)]).await;
         let rows = answered(q.wait("a", Cursor::default(), 10).await.unwrap()).await;
         assert_eq!(payloads(&rows), [1], "{mode}: there already");

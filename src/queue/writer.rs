@@ -107,6 +107,8 @@ pub(super) struct Writer {
     wal_len: u64,
     /// The WAL was damaged by another program: nothing is written any more.
     damaged: bool,
+    /// Upstreams whose uplink said it is connected (`Cmd::Online`).
+    online: HashSet<Arc<str>>,
 }
 
 impl Writer {
@@ -183,6 +185,7 @@ impl Writer {
             wal_len: std::fs::metadata(&wal).map_or(0, |m| m.len()),
             wal,
             damaged: false,
+            online: HashSet::new(),
         })
     }
 
@@ -299,6 +302,13 @@ impl Writer {
                     for id in ids {
                         self.ack(id);
                     }
+                    continue;
+                }
+                Some(Cmd::Online { upstream, online }) => {
+                    match online {
+                        true => self.online.insert(upstream.into()),
+                        false => self.online.remove(upstream.as_str()),
+                    };
                     continue;
                 }
                 Some(Cmd::Fetch {
@@ -461,7 +471,7 @@ impl Writer {
             .rows
             .values()
             .map(|h| &*h.row.upstream)
-            .filter(|u| !self.uplink(u).is_some_and(|m| m.connected.load(Relaxed)))
+            .filter(|u| !self.online.contains(*u))
             .collect();
         let now = Instant::now();
         let mut over = self.ram_bytes.saturating_sub(self.settings.memory_max);
@@ -544,9 +554,7 @@ impl Writer {
         // through memory, up to `memory_max`: forwarded, and written only
         // if it must wait (the upstream goes, memory runs out).
         let disk_low = self.disk_low();
-        let through_memory = self
-            .uplink(&row.upstream)
-            .is_some_and(|m| m.connected.load(Relaxed))
+        let through_memory = self.online.contains(&*row.upstream)
             && self.ram_bytes + size <= self.settings.memory_max;
         let cap = if disk_low && !through_memory {
             let frozen = *self

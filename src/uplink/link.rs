@@ -16,8 +16,8 @@ use rumqttc::QoS;
 use tokio::sync::mpsc;
 
 use super::UplinkSettings;
+use super::failure::FailureKind;
 use crate::config::Protocol;
-use crate::metrics::FailureKind;
 
 /// The poller task for either rumqttc event loop (same code, different
 /// types, no shared trait): stamp each packet from the broker as it is

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
+pub mod failure;
 mod link;
 
 use rumqttc::QoS;
@@ -33,10 +34,11 @@ use tracing::{debug, info, warn};
 use crate::codec;
 use crate::config::{DrainOrder, Protocol, UpstreamConfig};
 use crate::credentials::{self, CredentialError, Secret};
-use crate::metrics::{FailureKind, UplinkMetrics};
+use crate::metrics::UplinkMetrics;
 use crate::pacing::Pacer;
 use crate::queue::{Cursor, QueueError, QueueHandle, Row, Waiting};
 use crate::tls::{self, TlsError};
+pub use failure::FailureKind;
 use link::{Extras, Link, LinkEvent};
 
 /// How long acknowledged ids may wait before their delete is handed to the
@@ -279,6 +281,9 @@ async fn session(
     // Rows received before this moment are the backlog (for the replay marker).
     let connected_ms = crate::event::now_ms();
     metrics.connected.store(true, Relaxed);
+    // The queue, not the metric, is what keeps this upstream's events in
+    // RAM while it is connected.
+    let _ = queue.online(name, true).await;
     metrics.connects.fetch_add(1, Relaxed);
     metrics.session_present.store(session_present, Relaxed);
     metrics.down_because.store(0, Relaxed);
@@ -594,6 +599,7 @@ async fn session(
     };
 
     metrics.connected.store(false, Relaxed);
+    let _ = queue.online(name, false).await;
     metrics.inflight.store(0, Relaxed);
     // What was on the wire without an acknowledgement is sent again next time.
     unacked.extend(awaiting.iter().map(|(id, _)| *id));

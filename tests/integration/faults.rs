@@ -314,7 +314,7 @@ async fn an_upstream_that_pings_but_never_acknowledges_is_left_and_the_events_re
     .await;
     let seqs: Vec<u64> = took.lock().unwrap().iter().map(|p| seq_of(p)).collect();
     assert_eq!(seqs, (0..10).collect::<Vec<u64>>());
-    let stalled = edgeferry::metrics::FailureKind::Stalled.index();
+    let stalled = edgeferry::uplink::FailureKind::Stalled.index();
     assert_eq!(up.failures[stalled].load(Relaxed), 1);
     assert_eq!(up.resent.load(Relaxed), 10);
     gw.stop().await;
