@@ -1,0 +1,222 @@
+//! When to commit and what: group commits of appends, acks and evictions,
+//! and the small steps taken while commits fail.
+
+use super::*;
+
+const INSERT_ROW: &str = "INSERT INTO queue (id, upstream, event_id, topic, qos, priority, received_ms, expires_ms, size, payload) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+const DELETE_ROW: &str = "DELETE FROM queue WHERE id = ?1 RETURNING upstream, size, priority";
+/// Rows per transaction while recovering from failed commits.
+const STEP: usize = 250;
+
+impl Writer {
+    /// When to consider the next commit, if there is work: at most one per
+    /// commit interval (or retry delay), sooner when too much waits.
+    pub(super) fn next_round(
+        &self,
+        last_round: Instant,
+        retry_at: Option<Instant>,
+    ) -> Option<Instant> {
+        if !self.has_work() {
+            return None;
+        }
+        if let Some(retry) = retry_at {
+            return Some(retry);
+        }
+        let full = match self.ram_readable() {
+            false => self.rows.len() >= self.settings.commit_max_events,
+            true => self.ram_bytes > self.settings.memory_max,
+        };
+        Some(if full {
+            Instant::now()
+        } else {
+            last_round + self.settings.commit_interval
+        })
+    }
+
+    /// Whether new rows must be refused (and counted): commits are
+    /// failing and the in-memory allowance is used up. Fetches and acks are
+    /// still served meanwhile, so the uplinks keep draining and shutdown
+    /// never hangs on a full disk.
+    pub(super) fn holding_full(&self, failing: bool) -> bool {
+        // While commits work, rows are committed as fast as they come and
+        // the bounded command channel is the backpressure; dropping here
+        // would blame the queue for a burst it can take.
+        failing
+            && match self.settings.durability {
+                Durability::Always => {
+                    self.rows.len() >= self.settings.commit_max_events.max(1000) * 4
+                }
+                Durability::Offline => self.ram_bytes >= self.settings.memory_max,
+            }
+    }
+
+    /// The ids of the rows to write now: all of them with durability
+    /// "always" (or `all`); with "offline", those that waited `spill_after`,
+    /// those of an upstream that is not connected, and the oldest beyond
+    /// `memory_max`. Oldest first, so per upstream the written rows are
+    /// always a prefix of the held ones.
+    pub(super) fn plan(&self, all: bool) -> Vec<i64> {
+        if all || !self.ram_readable() {
+            return self.rows.keys().copied().collect();
+        }
+        let down: HashSet<&str> = self
+            .rows
+            .values()
+            .map(|h| &*h.row.upstream)
+            .filter(|u| !self.online.contains(*u))
+            .collect();
+        let now = Instant::now();
+        let mut over = self.ram_bytes.saturating_sub(self.settings.memory_max);
+        let mut ids = Vec::new();
+        for (&id, held) in &self.rows {
+            // Below the watermark, waiting is no reason to grow the file.
+            let old = !self.disk_low && now >= held.at + self.settings.spill_after;
+            if over > 0 || old || down.contains(&*held.row.upstream) {
+                over = over.saturating_sub(held.row.size());
+                ids.push(id);
+            } else if down.is_empty() {
+                // Younger rows follow; none of them is due.
+                break;
+            }
+        }
+        ids
+    }
+
+    /// Write the held rows `spill` and apply pending evictions and acks,
+    /// in one transaction. On failure nothing is lost: the work stays
+    /// pending.
+    pub(super) fn commit_parts(&mut self, spill: &[i64]) -> rusqlite::Result<()> {
+        self.wal_intact()?;
+        let started = std::time::Instant::now();
+        let tx = self.conn.transaction()?;
+        let released = {
+            let mut insert = tx.prepare_cached(INSERT_ROW)?;
+            for (id, r) in spill
+                .iter()
+                .filter_map(|id| Some((id, &self.rows.get(id)?.row)))
+            {
+                let max = &mut self.written_max.entry(r.upstream.clone()).or_default()
+                    [r.priority.index()];
+                *max = (*max).max(*id);
+                insert.execute(params![
+                    id,
+                    &*r.upstream,
+                    r.event_id,
+                    r.topic,
+                    r.qos,
+                    r.priority.as_i64(),
+                    r.received_ms as i64,
+                    r.expires_ms.map(|e| e as i64),
+                    r.size() as i64,
+                    &r.payload[..]
+                ])?;
+            }
+            delete_rows(&tx, &self.evictions, &self.acks)?
+        };
+        tx.commit()?;
+        self.metrics.commit_seconds.observe(started.elapsed());
+        for (upstream, size, priority) in released {
+            self.release(&upstream, priority, size);
+        }
+        self.metrics.commits.fetch_add(1, Relaxed);
+        let mut added: Vec<Arc<str>> = Vec::new();
+        let mut written = 0;
+        for id in spill {
+            let Some(mut h) = self.rows.remove(id) else {
+                continue;
+            };
+            h.row.settle();
+            written += 1;
+            self.ram_bytes -= h.row.size();
+            if !added.contains(&h.row.upstream) {
+                added.push(h.row.upstream);
+            }
+        }
+        self.metrics.queued.fetch_add(written, Relaxed);
+        self.note_wal_len();
+        self.acks.clear();
+        self.evictions.clear();
+        self.scheduled.clear();
+        // With "always", committed rows are what uplinks read.
+        if self.settings.durability == Durability::Always {
+            for upstream in added {
+                self.answer(&upstream);
+            }
+        }
+        Ok(())
+    }
+
+    /// While commits fail (a full disk): the deletes first, then `spill`, in
+    /// small transactions with the WAL truncated after each, so every step
+    /// needs little space and the pages the deletes free are reused.
+    pub(super) fn commit_in_steps(&mut self, spill: &[i64]) -> rusqlite::Result<()> {
+        self.delete_in_chunks()?;
+        for chunk in spill.chunks(STEP) {
+            self.commit_parts(chunk)?;
+            self.truncate_wal();
+        }
+        Ok(())
+    }
+
+    /// On a full disk: commit the pending deletes a chunk at a time and
+    /// truncate the WAL after each. One transaction with all of them may
+    /// need more WAL than the disk has left, and would then never commit;
+    /// chunks make progress, and the pages they free are reused by the
+    /// appends.
+    pub(super) fn delete_in_chunks(&mut self) -> rusqlite::Result<()> {
+        const CHUNK: usize = STEP;
+        while !self.acks.is_empty() || !self.evictions.is_empty() {
+            self.wal_intact()?;
+            let ev = self.evictions.len().min(CHUNK);
+            let ack = self.acks.len().min(CHUNK - ev);
+            let started = std::time::Instant::now();
+            let done = self.conn.transaction().and_then(|tx| {
+                let released = delete_rows(&tx, &self.evictions[..ev], &self.acks[..ack])?;
+                tx.commit()?;
+                Ok(released)
+            });
+            let released = done?;
+            self.metrics.commit_seconds.observe(started.elapsed());
+            self.metrics.commits.fetch_add(1, Relaxed);
+            for (upstream, size, priority) in released {
+                self.release(&upstream, priority, size);
+            }
+            for id in self.evictions.drain(..ev).chain(self.acks.drain(..ack)) {
+                self.scheduled.remove(&id);
+            }
+            self.note_wal_len();
+            self.truncate_wal();
+        }
+        Ok(())
+    }
+}
+
+/// Delete evicted and acknowledged rows in `tx`. Returns what the acks
+/// released (upstream, bytes, priority); evicted rows were subtracted when
+/// they were chosen.
+fn delete_rows(
+    tx: &rusqlite::Transaction<'_>,
+    evictions: &[i64],
+    acks: &[i64],
+) -> rusqlite::Result<Vec<(String, u64, Priority)>> {
+    let mut delete = tx.prepare_cached(DELETE_ROW)?;
+    for id in evictions {
+        let _ = delete.query_map([id], |_| Ok(()))?.count();
+    }
+    let mut released = Vec::new();
+    for id in acks {
+        let rows = delete.query_map([id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        for row in rows {
+            let (upstream, size, priority) = row?;
+            released.push((upstream, size as u64, Priority::from_i64(priority)));
+        }
+    }
+    Ok(released)
+}

@@ -1,0 +1,144 @@
+//! The disk under the queue: the free-space watermark, the reserve file
+//! that lets deletes commit on a full disk, and the WAL's integrity.
+
+use super::*;
+
+/// Size of the reserve file (see `Writer::reserve`).
+const RESERVE_BYTES: u64 = 2 << 20;
+/// Free disk space is checked at least this often, and after this many bytes
+/// were admitted (a burst can fill a small card within a second).
+const DISK_CHECK_BYTES: u64 = 256 << 10;
+/// How often free disk space is checked.
+const DISK_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+impl Writer {
+    /// Delete the reserve file: the disk is full and the deletes that would
+    /// free space need room to be committed.
+    pub(super) fn release_reserve(&mut self) {
+        if std::fs::remove_file(&self.reserve).is_ok() {
+            warn!(reserve = %self.reserve.display(), "disk full: released the reserve file so acknowledged events can be deleted");
+            self.reserve_missing_since = Some(Instant::now());
+        }
+    }
+
+    /// (Re)create the reserve file once there is clearly room for it again.
+    pub(super) fn restore_reserve(&mut self) {
+        let Some(since) = self.reserve_missing_since else {
+            return;
+        };
+        if since.elapsed() < Duration::from_secs(10) {
+            return;
+        }
+        self.reserve_missing_since = Some(Instant::now());
+        if crate::ops::disk::space(&self.path).is_some_and(|s| s.free < 2 * RESERVE_BYTES) {
+            return;
+        }
+        let made = std::fs::File::create(&self.reserve).and_then(|f| {
+            use std::io::Write;
+            let mut f = std::io::BufWriter::new(f);
+            // Real blocks (not a sparse file), or deleting it frees nothing.
+            f.write_all(&vec![0u8; RESERVE_BYTES as usize])?;
+            f.into_inner().map_err(|e| e.into_error())?.sync_all()
+        });
+        match made {
+            Ok(()) => self.reserve_missing_since = None,
+            Err(e) => {
+                let _ = std::fs::remove_file(&self.reserve);
+                warn!(reserve = %self.reserve.display(), error = %e, "cannot create the disk-full reserve file; will retry");
+            }
+        }
+    }
+
+    /// Whether free space on the database's filesystem is below the
+    /// watermark (checked at most once a second).
+    pub(super) fn disk_low(&mut self) -> bool {
+        if self.settings.min_free_disk == 0 {
+            return false;
+        }
+        if self
+            .disk_checked
+            .is_some_and(|t| t.elapsed() < DISK_CHECK_EVERY)
+            && self.admitted_since_check < DISK_CHECK_BYTES
+        {
+            return self.disk_low;
+        }
+        self.disk_checked = Some(Instant::now());
+        self.admitted_since_check = 0;
+        let low = match crate::ops::disk::space(&self.path) {
+            Some(space) => space.free < self.settings.min_free_disk,
+            None => false,
+        };
+        if low != self.disk_low {
+            if low {
+                warn!(path = %self.path.display(), min_free_disk = self.settings.min_free_disk, "free disk space below the watermark: the queue stops growing; events are forwarded from memory while their upstream is connected, and overflow policies apply while it is not");
+            } else {
+                info!(path = %self.path.display(), "free disk space above the watermark again");
+                self.frozen_cap.clear();
+            }
+        }
+        self.disk_low = low;
+        low
+    }
+
+    /// Fold the WAL into the database and truncate it to zero bytes, giving
+    /// its space back to the filesystem (no-op while a reader holds it).
+    /// The WAL must still hold everything SQLite wrote to it: SQLite never
+    /// shrinks it here (no size limit is set; only `truncate_wal` does, and
+    /// notes the new length), so a shorter or missing file was cut or
+    /// removed by another program. The events committed into the lost part
+    /// are gone, and every later commit would land behind a hole that the
+    /// next start's recovery stops at (a checkpoint copies the hole's zeros
+    /// into the database). So the queue stops writing: commits fail from
+    /// here on (events are held, so sensors are not acknowledged), it is
+    /// said at ERROR and counted, and the health probe withholds the
+    /// watchdog so systemd restarts edgeferry into what is intact. Checked
+    /// before every commit and at every sweep: one `stat`.
+    pub(super) fn wal_intact(&mut self) -> rusqlite::Result<()> {
+        if !self.damaged {
+            let len = std::fs::metadata(&self.wal).map(|m| m.len());
+            let cut = match &len {
+                Ok(len) => *len < self.wal_len,
+                Err(e) => e.kind() == std::io::ErrorKind::NotFound && self.wal_len > 0,
+            };
+            if cut {
+                self.damaged = true;
+                self.metrics.queue_damaged.fetch_add(1, Relaxed);
+                error!(
+                    wal = %self.wal.display(),
+                    bytes = len.as_ref().ok(),
+                    expected_at_least = self.wal_len,
+                    "queue file damaged while running: its WAL was cut short or removed by another program, and the events committed into the lost part are gone; the queue stops writing (new events are held, not acknowledged) and the health probe fails so edgeferry is restarted into what is intact"
+                );
+            }
+        }
+        match self.damaged {
+            false => Ok(()),
+            true => Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR_SHORT_READ),
+                Some("the queue's WAL was damaged by another program; restart edgeferry".into()),
+            )),
+        }
+    }
+
+    /// After our own writes: the WAL's length as SQLite left it.
+    pub(super) fn note_wal_len(&mut self) {
+        self.wal_len = std::fs::metadata(&self.wal).map_or(0, |m| m.len());
+    }
+
+    pub(super) fn truncate_wal(&mut self) {
+        if self.damaged {
+            return;
+        }
+        let _ = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        self.note_wal_len();
+    }
+}
+
+/// `<db>.reserve`, beside the database.
+pub(super) fn reserve_path(db: &Path) -> PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push(".reserve");
+    PathBuf::from(p)
+}

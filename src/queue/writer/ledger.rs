@@ -1,0 +1,91 @@
+//! What is queued, per upstream and priority, counted in memory (at start
+//! from SQLite, then with every append, ack, eviction and expiry), so
+//! depth, stats and the caps cost no scan.
+
+use super::*;
+
+/// The oldest committed row of one upstream and priority: an index seek.
+const OLDEST: &str =
+    "SELECT received_ms FROM queue WHERE upstream = ?1 AND priority = ?2 ORDER BY id LIMIT 1";
+
+impl Writer {
+    /// Subtract a row that left the queue from the in-memory totals.
+    pub(super) fn release(&mut self, upstream: &str, priority: Priority, size: u64) {
+        if let Some(b) = self.bytes.get_mut(upstream) {
+            *b = b.saturating_sub(size);
+        }
+        self.count(upstream, priority, -1, -(size as i64));
+    }
+
+    pub(super) fn uplink(&self, upstream: &str) -> Option<&Arc<UplinkMetrics>> {
+        self.metrics.uplinks.get(upstream)
+    }
+
+    /// Events per upstream (committed and pending), from memory.
+    pub(super) fn depth(&mut self) -> std::collections::BTreeMap<String, u64> {
+        let mut out: std::collections::BTreeMap<String, u64> = self
+            .settings
+            .max_size
+            .keys()
+            .map(|k| (k.clone(), 0))
+            .collect();
+        for ((upstream, _), c) in &self.counts {
+            *out.entry(upstream.clone()).or_default() += c.events;
+        }
+        out
+    }
+
+    /// Per upstream and priority: events and bytes from memory, the oldest
+    /// receive time by an index seek (or from pending rows).
+    pub(super) fn stats(&mut self) -> Vec<crate::queue::Stats> {
+        let mut out = Vec::new();
+        for ((upstream, priority), c) in &self.counts {
+            if c.events == 0 {
+                continue;
+            }
+            let committed: Option<i64> = self
+                .conn
+                .prepare_cached(OLDEST)
+                .and_then(|mut st| st.query_row(params![upstream, priority.as_i64()], |r| r.get(0)))
+                .ok();
+            let pending = self
+                .rows
+                .values()
+                .filter(|h| *h.row.upstream == **upstream && h.row.priority == *priority)
+                .map(|h| h.row.received_ms)
+                .min();
+            let oldest = match (committed, pending) {
+                (Some(c), Some(p)) => (c as u64).min(p),
+                (Some(c), None) => c as u64,
+                (None, Some(p)) => p,
+                (None, None) => crate::event::now_ms(),
+            };
+            out.push(crate::queue::Stats {
+                upstream: upstream.clone(),
+                priority: *priority,
+                events: c.events,
+                bytes: c.bytes,
+                oldest_ms: oldest,
+            });
+        }
+        out.sort_by(|a, b| (&a.upstream, b.priority).cmp(&(&b.upstream, a.priority)));
+        out
+    }
+
+    /// Adjust the in-memory count of one upstream and priority.
+    pub(super) fn count(&mut self, upstream: &str, priority: Priority, events: i64, bytes: i64) {
+        let c = self
+            .counts
+            .entry((upstream.to_string(), priority))
+            .or_default();
+        c.events = c.events.saturating_add_signed(events);
+        c.bytes = c.bytes.saturating_add_signed(bytes);
+    }
+}
+
+/// Events and bytes of one upstream and priority.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Count {
+    pub(super) events: u64,
+    pub(super) bytes: u64,
+}

@@ -1,0 +1,425 @@
+//! The writer thread: owns the SQLite connection; applies appends, acks,
+//! evictions and expiry in group commits; serves the uplinks' reads.
+//!
+//! Row ids are assigned here, when a row is appended, in arrival order: a
+//! row keeps its id whether it is read from RAM (durability "offline") or
+//! from SQLite, so the uplinks' cursors and acks work the same for both.
+//! Rows are written oldest first, so for each upstream every row in SQLite
+//! has a lower id than every row still only in RAM.
+
+//!
+//! One file per concern, each an `impl Writer` block: `ledger` (what is
+//! queued, counted in memory), `admission` (caps, eviction, acks, expiry),
+//! `disk` (the free-space watermark, the reserve file, the WAL's integrity),
+//! `commit` (when and what to write), `read` (fetch and waiting uplinks).
+
+mod admission;
+mod commit;
+mod disk;
+mod ledger;
+mod read;
+
+use disk::reserve_path;
+use ledger::Count;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, params};
+use tokio::sync::oneshot;
+use tracing::{error, info, warn};
+
+use super::{Cmd, Cursor, Durability, NewRow, Overflow, Priority, QueueError, QueueSettings, Row};
+use crate::event::now_ms;
+use crate::metrics::{Metrics, UplinkMetrics};
+
+/// The next id: above every id SQLite ever handed out (AUTOINCREMENT keeps
+/// that in sqlite_sequence) and every id in the table.
+const NEXT_ID: &str = "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'queue'), 0), \
+     COALESCE((SELECT MAX(id) FROM queue), 0)) + 1";
+const COUNTS: &str = "SELECT upstream, priority, COUNT(*), SUM(size), MAX(id) FROM queue GROUP BY upstream, priority";
+
+pub(super) struct Writer {
+    conn: Connection,
+    /// The database file, for free-space checks on its filesystem.
+    path: PathBuf,
+    settings: QueueSettings,
+    metrics: Arc<Metrics>,
+    /// Per upstream, an uplink's request for rows that were not there yet
+    /// (`QueueHandle::wait`), answered when some become readable.
+    waiting: HashMap<Arc<str>, Waiter>,
+    /// Appended, not yet written, by id. With durability "always" they
+    /// are written at the next commit and read only after it; with
+    /// "offline" they are read from here and written only if they wait.
+    rows: BTreeMap<i64, Held>,
+    /// Payload and topic bytes of `rows`.
+    ram_bytes: u64,
+    /// The id the next appended row gets.
+    next_id: i64,
+    /// Acknowledged, deleted at the next commit.
+    acks: Vec<i64>,
+    /// Evicted by a full queue, deleted at the next commit (their bytes are
+    /// already subtracted).
+    evictions: Vec<i64>,
+    /// `acks` and `evictions`: hidden from fetches and from further eviction.
+    scheduled: HashSet<i64>,
+    /// Per upstream: bytes of committed rows plus pending appends, minus evictions.
+    bytes: HashMap<String, u64>,
+    /// The same per upstream and priority, with the number of events: kept
+    /// in memory (counted once at start) so depth and stats cost no scan.
+    counts: HashMap<(String, Priority), Count>,
+    /// Per upstream and priority, at least the highest id in the file: a
+    /// fetch after it need not ask SQLite (ids only grow). That is most
+    /// fetches of a live uplink with "offline", and the queries cost a
+    /// third of its CPU per event. Raised before a commit, so a rolled-back
+    /// one leaves it too high (a wasted query), never too low.
+    written_max: HashMap<Arc<str>, [i64; 3]>,
+    last_sweep: Instant,
+    /// Free-space check: when last done, and whether space was below the watermark.
+    disk_checked: Option<Instant>,
+    disk_low: bool,
+    /// Bytes admitted since the last free-space check.
+    admitted_since_check: u64,
+    /// Per upstream, the bytes it held when free space fell below the
+    /// watermark: its cap until space returns.
+    frozen_cap: HashMap<String, u64>,
+    /// A file of RESERVE_BYTES kept beside the database and deleted when the
+    /// disk is full, so the deletes that free space can still be committed.
+    reserve: PathBuf,
+    /// When the reserve was last found missing and not yet recreated.
+    reserve_missing_since: Option<Instant>,
+    /// `<db>-wal`, and its length after our last write (see `wal_intact`).
+    wal: PathBuf,
+    wal_len: u64,
+    /// The WAL was damaged by another program: nothing is written any more.
+    damaged: bool,
+    /// Upstreams whose uplink said it is connected (`Cmd::Online`).
+    online: HashSet<Arc<str>>,
+}
+
+impl Writer {
+    pub(super) fn new(
+        conn: Connection,
+        path: &Path,
+        settings: QueueSettings,
+        metrics: Arc<Metrics>,
+    ) -> rusqlite::Result<Writer> {
+        let mut bytes: HashMap<String, u64> = HashMap::new();
+        let mut counts: HashMap<(String, Priority), Count> = HashMap::new();
+        let mut written_max: HashMap<Arc<str>, [i64; 3]> = HashMap::new();
+        {
+            let mut stmt = conn.prepare(COUNTS)?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            })?;
+            let mut unknown: HashMap<String, i64> = HashMap::new();
+            for row in rows {
+                let (upstream, priority, count, size, max_id) = row?;
+                let size = size.unwrap_or(0) as u64;
+                let priority = Priority::from_i64(priority);
+                written_max.entry(upstream.as_str().into()).or_default()[priority.index()] = max_id;
+                if !settings.max_size.contains_key(&upstream) {
+                    *unknown.entry(upstream.clone()).or_default() += count;
+                }
+                *bytes.entry(upstream.clone()).or_default() += size;
+                counts.insert(
+                    (upstream, priority),
+                    Count {
+                        events: count as u64,
+                        bytes: size,
+                    },
+                );
+            }
+            for (upstream, queued) in unknown {
+                warn!(%upstream, queued, "queue holds events for an upstream that is not configured; they wait until it is configured again");
+            }
+        }
+        let next_id = conn.query_row(NEXT_ID, [], |r| r.get(0))?;
+        let wal = {
+            let mut p = path.as_os_str().to_owned();
+            p.push("-wal");
+            PathBuf::from(p)
+        };
+        Ok(Writer {
+            conn,
+            path: path.to_path_buf(),
+            settings,
+            metrics,
+            waiting: HashMap::new(),
+            rows: BTreeMap::new(),
+            ram_bytes: 0,
+            next_id,
+            acks: Vec::new(),
+            evictions: Vec::new(),
+            scheduled: HashSet::new(),
+            bytes,
+            counts,
+            written_max,
+            last_sweep: Instant::now(),
+            disk_checked: None,
+            disk_low: false,
+            admitted_since_check: 0,
+            frozen_cap: HashMap::new(),
+            reserve: reserve_path(path),
+            reserve_missing_since: Some(Instant::now() - Duration::from_secs(3600)),
+            wal_len: std::fs::metadata(&wal).map_or(0, |m| m.len()),
+            wal,
+            damaged: false,
+            online: HashSet::new(),
+        })
+    }
+
+    pub(super) fn rows_total(&self) -> i64 {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM queue", [], |r| r.get(0))
+            .unwrap_or(0)
+    }
+
+    /// Whether uplinks read rows not yet written, from RAM: always with
+    /// durability "offline"; with "always" while free space is below the
+    /// watermark (then rows are written only if they must wait). Held rows
+    /// are always younger than every written one, so reading them after
+    /// the written ones keeps each priority in order whenever this changes.
+    fn ram_readable(&self) -> bool {
+        self.settings.durability == Durability::Offline || self.disk_low
+    }
+
+    /// Whether anything waits to be written or deleted.
+    fn has_work(&self) -> bool {
+        !self.rows.is_empty() || !self.acks.is_empty() || !self.evictions.is_empty()
+    }
+
+    /// Serve until every handle is gone, then write what is held. Returns
+    /// how many events could not be stored at that final commit.
+    pub(super) fn run(mut self, rx: flume::Receiver<Cmd>) -> u64 {
+        let interval = self.settings.commit_interval;
+        // The last commit, or the last look that found nothing to write.
+        let mut last_round = Instant::now() - interval;
+        // Set while commits fail (disk full, I/O error): when to try again.
+        let mut retry_at: Option<Instant> = None;
+        let mut last_warning: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            if now >= self.last_sweep + self.settings.sweep_interval {
+                if retry_at.is_none() {
+                    self.sweep();
+                } else {
+                    // Not while commits fail; and never a deadline in the past.
+                    self.last_sweep = now;
+                }
+            }
+            let next_sweep = self.last_sweep + self.settings.sweep_interval;
+            let round = self.next_round(last_round, retry_at);
+            let cmd = if round.is_some_and(|r| r <= now) {
+                None
+            } else {
+                match rx.recv_deadline(round.unwrap_or(next_sweep).min(next_sweep)) {
+                    Ok(c) => Some(c),
+                    Err(flume::RecvTimeoutError::Timeout) => None,
+                    Err(flume::RecvTimeoutError::Disconnected) => break,
+                }
+            };
+            match cmd {
+                Some(Cmd::Append(rows)) => {
+                    if self.holding_full(retry_at.is_some()) {
+                        self.metrics
+                            .dropped_queue_unavailable
+                            .fetch_add(rows.len() as u64, Relaxed);
+                    } else {
+                        let mut added: Vec<Arc<str>> = Vec::new();
+                        for row in rows {
+                            let upstream = row.upstream.clone();
+                            if self.admit(row) && self.ram_readable() && !added.contains(&upstream)
+                            {
+                                added.push(upstream);
+                            }
+                        }
+                        // Readable from RAM at once.
+                        for upstream in added {
+                            self.answer(&upstream);
+                        }
+                    }
+                    continue;
+                }
+                Some(Cmd::Ack(ids)) => {
+                    for id in ids {
+                        self.ack(id);
+                    }
+                    continue;
+                }
+                Some(Cmd::Online { upstream, online }) => {
+                    match online {
+                        true => self.online.insert(upstream.into()),
+                        false => self.online.remove(upstream.as_str()),
+                    };
+                    continue;
+                }
+                Some(Cmd::Fetch {
+                    upstream,
+                    after,
+                    until,
+                    limit,
+                    reply,
+                }) => {
+                    let _ = reply.send(self.fetch(&upstream, after, until, limit));
+                    continue;
+                }
+                Some(Cmd::Wait {
+                    upstream,
+                    after,
+                    limit,
+                    reply,
+                }) => {
+                    let upstream: Arc<str> = upstream.into();
+                    self.waiting.insert(
+                        upstream.clone(),
+                        Waiter {
+                            after,
+                            limit,
+                            reply,
+                        },
+                    );
+                    // Rows may have come since the uplink last read.
+                    self.answer(&upstream);
+                    continue;
+                }
+                Some(Cmd::LastId { upstream, reply }) => {
+                    let _ = reply.send(self.last_id(&upstream));
+                    continue;
+                }
+                Some(Cmd::Depth { reply }) => {
+                    let _ = reply.send(self.depth());
+                    continue;
+                }
+                Some(Cmd::Stats { reply }) => {
+                    let _ = reply.send(self.stats());
+                    continue;
+                }
+                Some(Cmd::Sync { reply }) => {
+                    let result = if self.has_work() {
+                        let all = self.plan(true);
+                        self.commit_parts(&all)
+                    } else {
+                        Ok(())
+                    };
+                    if result.is_ok() {
+                        last_round = Instant::now();
+                        retry_at = None;
+                    }
+                    let _ = reply.send(result.map_err(|e| e.to_string()));
+                    continue;
+                }
+                None => {}
+            }
+            if self
+                .next_round(last_round, retry_at)
+                .is_none_or(|r| Instant::now() < r)
+            {
+                continue; // woke for the sweep
+            }
+            let spill = self.plan(false);
+            if spill.is_empty() && self.acks.is_empty() && self.evictions.is_empty() {
+                // Offline rows that may still be acknowledged from RAM.
+                last_round = Instant::now();
+                continue;
+            }
+            // Commits are spaced start to start, so an event waits at most
+            // one interval plus one commit, not an interval plus two (unless
+            // commits take most of the interval, see below).
+            let started = Instant::now();
+            // After a failure, small steps: one big transaction may need
+            // more WAL than the disk has left.
+            let committed = if retry_at.is_some() {
+                self.commit_in_steps(&spill)
+            } else {
+                self.commit_parts(&spill)
+            };
+            match committed {
+                Ok(()) => {
+                    if retry_at.take().is_some() {
+                        info!("queue commits work again");
+                    }
+                    // A commit as long as the interval (a slow SD card, a
+                    // retry in steps) would leave no time to gather the next
+                    // batch: commits of a few rows each, back to back. Keep
+                    // at least a quarter interval of gathering after each.
+                    let gather_from = Instant::now().checked_sub(interval - interval / 4);
+                    last_round = gather_from.map_or(started, |g| started.max(g));
+                    self.restore_reserve();
+                }
+                Err(e) => {
+                    self.metrics.commit_failures.fetch_add(1, Relaxed);
+                    // Deletes alone may still fit (a full disk): they free
+                    // pages for the appends, which are retried below.
+                    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+                        self.release_reserve();
+                        // Fold the WAL into the database and truncate it, so
+                        // the next transactions reuse its space.
+                        self.truncate_wal();
+                    }
+                    let freed = (!self.acks.is_empty() || !self.evictions.is_empty())
+                        && self.delete_in_chunks().is_ok();
+                    // Keep what we hold and retry; warn at most every 30 s.
+                    if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                        error!(error = %e, pending = self.rows.len(), "queue commit failed (disk full or I/O error?); holding events in memory and retrying");
+                        last_warning = Some(Instant::now());
+                    }
+                    retry_at = Some(
+                        Instant::now()
+                            + if freed {
+                                interval
+                            } else {
+                                interval.max(Duration::from_millis(500))
+                            },
+                    );
+                }
+            }
+        }
+        // Every handle is gone: write everything, retried a few times.
+        for _ in 0..5 {
+            if !self.has_work() {
+                break;
+            }
+            let all = self.plan(true);
+            if self.commit_parts(&all).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let lost = self.rows.len() as u64;
+        if lost > 0 {
+            // Counted with the other refusals, so the final counters say so.
+            self.metrics
+                .dropped_queue_unavailable
+                .fetch_add(lost, Relaxed);
+            error!(
+                lost,
+                "queue: final commit failed; these events were not stored"
+            );
+        }
+        info!("queue closed");
+        lost
+    }
+}
+
+/// An uplink's request for rows after `after`, at most `limit`.
+struct Waiter {
+    after: Cursor,
+    limit: usize,
+    reply: oneshot::Sender<Result<Vec<Row>, QueueError>>,
+}
+
+/// A row appended and not yet written, and when it arrived.
+struct Held {
+    row: NewRow,
+    at: Instant,
+}

@@ -1,0 +1,134 @@
+//! What the uplinks read: rows in send order (written ones, then those
+//! still only in RAM), and requests that wait for rows.
+
+use super::*;
+
+const SELECT_SEND_ORDER: &str = "SELECT id, event_id, topic, qos, priority, received_ms, payload, expires_ms FROM queue \
+     WHERE upstream = ?1 AND priority = ?2 AND id > ?3 AND id <= ?6 AND (expires_ms IS NULL OR expires_ms > ?4) \
+     ORDER BY id LIMIT ?5";
+const LAST_ID: &str = "SELECT MAX(id) FROM queue WHERE upstream = ?1";
+
+impl Writer {
+    /// The highest id of `upstream` an uplink can read now (0 if none).
+    pub(super) fn last_id(&self, upstream: &str) -> i64 {
+        let committed = self
+            .conn
+            .query_row(LAST_ID, [upstream], |r| r.get::<_, Option<i64>>(0))
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        if !self.ram_readable() {
+            return committed;
+        }
+        let held = self
+            .rows
+            .iter()
+            .rev()
+            .find(|(_, h)| &*h.row.upstream == upstream)
+            .map_or(0, |(&id, _)| id);
+        committed.max(held)
+    }
+
+    pub(super) fn fetch(
+        &mut self,
+        upstream: &str,
+        after: Cursor,
+        until: i64,
+        limit: usize,
+    ) -> Result<Vec<Row>, QueueError> {
+        let now = now_ms() as i64;
+        let mut out = Vec::with_capacity(limit);
+        let mut stmt = self
+            .conn
+            .prepare_cached(SELECT_SEND_ORDER)
+            .map_err(|e| QueueError::Read(e.to_string()))?;
+        for priority in Priority::SEND_ORDER {
+            let mut cursor = after.0[priority.index()];
+            let on_disk = self
+                .written_max
+                .get(upstream)
+                .is_some_and(|m| m[priority.index()] > cursor);
+            while on_disk && out.len() < limit {
+                let want = limit - out.len();
+                let batch: Vec<Row> = stmt
+                    .query_map(
+                        params![upstream, priority.as_i64(), cursor, now, want as i64, until],
+                        |r| {
+                            Ok(Row {
+                                id: r.get(0)?,
+                                event_id: r.get(1)?,
+                                topic: r.get(2)?,
+                                qos: r.get(3)?,
+                                priority: Priority::from_i64(r.get(4)?),
+                                received_ms: r.get::<_, i64>(5)? as u64,
+                                payload: r.get(6)?,
+                                expires_ms: r.get::<_, Option<i64>>(7)?.map(|e| e as u64),
+                            })
+                        },
+                    )
+                    .and_then(|rows| rows.collect())
+                    .map_err(|e| QueueError::Read(e.to_string()))?;
+                let Some(last) = batch.last() else { break };
+                cursor = last.id;
+                let exhausted = batch.len() < want;
+                // Rows acked or evicted but not yet deleted are hidden.
+                out.extend(
+                    batch
+                        .into_iter()
+                        .filter(|r| !self.scheduled.contains(&r.id)),
+                );
+                if exhausted {
+                    break;
+                }
+            }
+            // Then the rows still only in RAM, all younger (see `ram_readable`).
+            if self.ram_readable() && out.len() < limit {
+                let from = cursor.saturating_add(1);
+                if from <= until {
+                    let held = self
+                        .rows
+                        .range(from..=until)
+                        .filter(|(_, h)| {
+                            &*h.row.upstream == upstream
+                                && h.row.priority == priority
+                                && h.row.expires_ms.is_none_or(|e| e as i64 > now)
+                        })
+                        .take(limit - out.len())
+                        .map(|(&id, h)| Row {
+                            id,
+                            event_id: h.row.event_id.clone(),
+                            topic: h.row.topic.clone(),
+                            qos: h.row.qos,
+                            priority,
+                            received_ms: h.row.received_ms,
+                            expires_ms: h.row.expires_ms,
+                            payload: h.row.payload.to_vec(),
+                        });
+                    out.extend(held);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Answer `upstream`'s waiting uplink if it has rows to read now. Its
+    /// request stays if not, and goes if the uplink has gone.
+    pub(super) fn answer(&mut self, upstream: &str) {
+        let Some(w) = self.waiting.get(upstream) else {
+            return;
+        };
+        if w.reply.is_closed() {
+            self.waiting.remove(upstream);
+            return;
+        }
+        let (after, limit) = (w.after, w.limit);
+        let rows = self.fetch(upstream, after, i64::MAX, limit);
+        if rows.as_ref().is_ok_and(|r| r.is_empty()) {
+            return;
+        }
+        if let Some(w) = self.waiting.remove(upstream) {
+            // A session that ended meanwhile reads them again next time.
+            let _ = w.reply.send(rows);
+        }
+    }
+}
