@@ -12,15 +12,11 @@ const STEP: usize = 250;
 impl Writer {
     /// When to consider the next commit, if there is work: at most one per
     /// commit interval (or retry delay), sooner when too much waits.
-    pub(super) fn next_round(
-        &self,
-        last_round: Instant,
-        retry_at: Option<Instant>,
-    ) -> Option<Instant> {
+    pub(super) fn next_round(&self) -> Option<Instant> {
         if !self.has_work() {
             return None;
         }
-        if let Some(retry) = retry_at {
+        if let Some(retry) = self.schedule.retry_at {
             return Some(retry);
         }
         let full = match self.ram_readable() {
@@ -30,7 +26,7 @@ impl Writer {
         Some(if full {
             Instant::now()
         } else {
-            last_round + self.settings.commit_interval
+            self.schedule.last_round + self.settings.commit_interval
         })
     }
 
@@ -38,17 +34,93 @@ impl Writer {
     /// failing and the in-memory allowance is used up. Fetches and acks are
     /// still served meanwhile, so the uplinks keep draining and shutdown
     /// never hangs on a full disk.
-    pub(super) fn holding_full(&self, failing: bool) -> bool {
+    pub(super) fn holding_full(&self) -> bool {
         // While commits work, rows are committed as fast as they come and
         // the bounded command channel is the backpressure; dropping here
         // would blame the queue for a burst it can take.
-        failing
+        self.schedule.retry_at.is_some()
             && match self.settings.durability {
                 Durability::Always => {
                     self.rows.len() >= self.settings.commit_max_events.max(1000) * 4
                 }
                 Durability::Offline => self.ram_bytes >= self.settings.memory_max,
             }
+    }
+
+    /// `Cmd::Sync`: write everything held now.
+    pub(super) fn sync(&mut self) -> rusqlite::Result<()> {
+        if self.has_work() {
+            let all = self.plan(true);
+            self.commit_parts(&all)?;
+        }
+        self.schedule.last_round = Instant::now();
+        self.schedule.retry_at = None;
+        Ok(())
+    }
+
+    /// A round is due: commit what `plan` says (in small steps while
+    /// commits fail), or schedule the retry.
+    pub(super) fn commit_round(&mut self) {
+        let interval = self.settings.commit_interval;
+        let spill = self.plan(false);
+        if spill.is_empty() && self.acks.is_empty() && self.evictions.is_empty() {
+            // Rows that may still be acknowledged from RAM.
+            self.schedule.last_round = Instant::now();
+            return;
+        }
+        // Commits are spaced start to start, so an event waits at most one
+        // interval plus one commit, not an interval plus two (unless
+        // commits take most of the interval, see below).
+        let started = Instant::now();
+        // After a failure, small steps: one big transaction may need more
+        // WAL than the disk has left.
+        let committed = match self.schedule.retry_at {
+            Some(_) => self.commit_in_steps(&spill),
+            None => self.commit_parts(&spill),
+        };
+        match committed {
+            Ok(()) => {
+                if self.schedule.retry_at.take().is_some() {
+                    info!("queue commits work again");
+                }
+                // A commit as long as the interval (a slow SD card, a retry
+                // in steps) would leave no time to gather the next batch:
+                // commits of a few rows each, back to back. Keep at least a
+                // quarter interval of gathering after each.
+                let gather_from = Instant::now().checked_sub(interval - interval / 4);
+                self.schedule.last_round = gather_from.map_or(started, |g| started.max(g));
+                self.restore_reserve();
+            }
+            Err(e) => self.commit_failed(e),
+        }
+    }
+
+    /// Keep what is held and retry; deletes alone may still fit on a full
+    /// disk, and they free pages for the appends.
+    fn commit_failed(&mut self, e: rusqlite::Error) {
+        let interval = self.settings.commit_interval;
+        self.metrics.commit_failures.fetch_add(1, Relaxed);
+        if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+            self.release_reserve();
+            // Fold the WAL into the database and truncate it, so the next
+            // transactions reuse its space.
+            self.truncate_wal();
+        }
+        let freed = (!self.acks.is_empty() || !self.evictions.is_empty())
+            && self.delete_in_chunks().is_ok();
+        if self
+            .schedule
+            .last_warning
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(30))
+        {
+            error!(error = %e, pending = self.rows.len(), "queue commit failed (disk full or I/O error?); holding events in memory and retrying (logged at most every 30 s)");
+            self.schedule.last_warning = Some(Instant::now());
+        }
+        let wait = match freed {
+            true => interval,
+            false => interval.max(Duration::from_millis(500)),
+        };
+        self.schedule.retry_at = Some(Instant::now() + wait);
     }
 
     /// The ids of the rows to write now: all of them with durability
@@ -219,4 +291,25 @@ fn delete_rows(
         }
     }
     Ok(released)
+}
+
+/// When the writer last committed and when it tries again.
+pub(super) struct Schedule {
+    /// The last commit, or the last look that found nothing to write.
+    pub(super) last_round: Instant,
+    /// Set while commits fail (disk full, I/O error): when to try again.
+    pub(super) retry_at: Option<Instant>,
+    /// The last "commit failed" ERROR (at most one per 30 s).
+    pub(super) last_warning: Option<Instant>,
+}
+
+impl Schedule {
+    /// A first round is due at once.
+    pub(super) fn new(interval: Duration) -> Schedule {
+        Schedule {
+            last_round: Instant::now() - interval,
+            retry_at: None,
+            last_warning: None,
+        }
+    }
 }

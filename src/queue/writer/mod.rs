@@ -19,6 +19,7 @@ mod disk;
 mod ledger;
 mod read;
 
+use commit::Schedule;
 use disk::reserve_path;
 use ledger::Count;
 
@@ -98,6 +99,7 @@ pub(super) struct Writer {
     damaged: bool,
     /// Upstreams whose uplink said it is connected (`Cmd::Online`).
     online: HashSet<Arc<str>>,
+    schedule: Schedule,
 }
 
 impl Writer {
@@ -149,6 +151,7 @@ impl Writer {
             p.push("-wal");
             PathBuf::from(p)
         };
+        let schedule = Schedule::new(settings.commit_interval);
         Ok(Writer {
             conn,
             path: path.to_path_buf(),
@@ -175,6 +178,7 @@ impl Writer {
             wal,
             damaged: false,
             online: HashSet::new(),
+            schedule,
         })
     }
 
@@ -201,190 +205,121 @@ impl Writer {
     /// Serve until every handle is gone, then write what is held. Returns
     /// how many events could not be stored at that final commit.
     pub(super) fn run(mut self, rx: flume::Receiver<Cmd>) -> u64 {
-        let interval = self.settings.commit_interval;
-        // The last commit, or the last look that found nothing to write.
-        let mut last_round = Instant::now() - interval;
-        // Set while commits fail (disk full, I/O error): when to try again.
-        let mut retry_at: Option<Instant> = None;
-        let mut last_warning: Option<Instant> = None;
         loop {
-            let now = Instant::now();
-            if now >= self.last_sweep + self.settings.sweep_interval {
-                if retry_at.is_none() {
-                    self.sweep();
-                } else {
-                    // Not while commits fail; and never a deadline in the past.
-                    self.last_sweep = now;
-                }
-            }
-            let next_sweep = self.last_sweep + self.settings.sweep_interval;
-            let round = self.next_round(last_round, retry_at);
-            let cmd = if round.is_some_and(|r| r <= now) {
-                None
-            } else {
-                match rx.recv_deadline(round.unwrap_or(next_sweep).min(next_sweep)) {
-                    Ok(c) => Some(c),
-                    Err(flume::RecvTimeoutError::Timeout) => None,
+            self.sweep_if_due();
+            let round = self.next_round();
+            if round.is_none_or(|r| Instant::now() < r) {
+                let next_sweep = self.last_sweep + self.settings.sweep_interval;
+                match rx.recv_deadline(round.map_or(next_sweep, |r| r.min(next_sweep))) {
+                    Ok(cmd) => {
+                        self.handle(cmd);
+                        continue;
+                    }
+                    Err(flume::RecvTimeoutError::Timeout) => {}
                     Err(flume::RecvTimeoutError::Disconnected) => break,
                 }
-            };
-            match cmd {
-                Some(Cmd::Append(rows)) => {
-                    if self.holding_full(retry_at.is_some()) {
-                        self.metrics
-                            .dropped_queue_unavailable
-                            .fetch_add(rows.len() as u64, Relaxed);
-                    } else {
-                        let mut added: Vec<Arc<str>> = Vec::new();
-                        for row in rows {
-                            let upstream = row.upstream.clone();
-                            if self.admit(row) && self.ram_readable() && !added.contains(&upstream)
-                            {
-                                added.push(upstream);
-                            }
-                        }
-                        // Readable from RAM at once.
-                        for upstream in added {
-                            self.answer(&upstream);
-                        }
-                    }
-                    continue;
-                }
-                Some(Cmd::Ack(ids)) => {
-                    for id in ids {
-                        self.ack(id);
-                    }
-                    continue;
-                }
-                Some(Cmd::Online { upstream, online }) => {
-                    match online {
-                        true => self.online.insert(upstream.into()),
-                        false => self.online.remove(upstream.as_str()),
-                    };
-                    continue;
-                }
-                Some(Cmd::Fetch {
-                    upstream,
-                    after,
-                    until,
-                    limit,
-                    reply,
-                }) => {
-                    let _ = reply.send(self.fetch(&upstream, after, until, limit));
-                    continue;
-                }
-                Some(Cmd::Wait {
-                    upstream,
-                    after,
-                    limit,
-                    reply,
-                }) => {
-                    let upstream: Arc<str> = upstream.into();
-                    self.waiting.insert(
-                        upstream.clone(),
-                        Waiter {
-                            after,
-                            limit,
-                            reply,
-                        },
-                    );
-                    // Rows may have come since the uplink last read.
-                    self.answer(&upstream);
-                    continue;
-                }
-                Some(Cmd::LastId { upstream, reply }) => {
-                    let _ = reply.send(self.last_id(&upstream));
-                    continue;
-                }
-                Some(Cmd::Depth { reply }) => {
-                    let _ = reply.send(self.depth());
-                    continue;
-                }
-                Some(Cmd::Stats { reply }) => {
-                    let _ = reply.send(self.stats());
-                    continue;
-                }
-                Some(Cmd::Sync { reply }) => {
-                    let result = if self.has_work() {
-                        let all = self.plan(true);
-                        self.commit_parts(&all)
-                    } else {
-                        Ok(())
-                    };
-                    if result.is_ok() {
-                        last_round = Instant::now();
-                        retry_at = None;
-                    }
-                    let _ = reply.send(result.map_err(|e| e.to_string()));
-                    continue;
-                }
-                None => {}
             }
-            if self
-                .next_round(last_round, retry_at)
-                .is_none_or(|r| Instant::now() < r)
-            {
-                continue; // woke for the sweep
-            }
-            let spill = self.plan(false);
-            if spill.is_empty() && self.acks.is_empty() && self.evictions.is_empty() {
-                // Offline rows that may still be acknowledged from RAM.
-                last_round = Instant::now();
-                continue;
-            }
-            // Commits are spaced start to start, so an event waits at most
-            // one interval plus one commit, not an interval plus two (unless
-            // commits take most of the interval, see below).
-            let started = Instant::now();
-            // After a failure, small steps: one big transaction may need
-            // more WAL than the disk has left.
-            let committed = if retry_at.is_some() {
-                self.commit_in_steps(&spill)
-            } else {
-                self.commit_parts(&spill)
-            };
-            match committed {
-                Ok(()) => {
-                    if retry_at.take().is_some() {
-                        info!("queue commits work again");
-                    }
-                    // A commit as long as the interval (a slow SD card, a
-                    // retry in steps) would leave no time to gather the next
-                    // batch: commits of a few rows each, back to back. Keep
-                    // at least a quarter interval of gathering after each.
-                    let gather_from = Instant::now().checked_sub(interval - interval / 4);
-                    last_round = gather_from.map_or(started, |g| started.max(g));
-                    self.restore_reserve();
+            if self.next_round().is_some_and(|r| Instant::now() >= r) {
+                self.commit_round();
+            } // else: woke for the sweep
+        }
+        self.close()
+    }
+
+    /// Expired rows go every `sweep_interval`, but not while commits fail.
+    fn sweep_if_due(&mut self) {
+        let now = Instant::now();
+        if now < self.last_sweep + self.settings.sweep_interval {
+            return;
+        }
+        if self.schedule.retry_at.is_none() {
+            self.sweep();
+        } else {
+            // Never a deadline in the past.
+            self.last_sweep = now;
+        }
+    }
+
+    /// One command from a handle.
+    fn handle(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Append(rows) => self.append(rows),
+            Cmd::Ack(ids) => {
+                for id in ids {
+                    self.ack(id);
                 }
-                Err(e) => {
-                    self.metrics.commit_failures.fetch_add(1, Relaxed);
-                    // Deletes alone may still fit (a full disk): they free
-                    // pages for the appends, which are retried below.
-                    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
-                        self.release_reserve();
-                        // Fold the WAL into the database and truncate it, so
-                        // the next transactions reuse its space.
-                        self.truncate_wal();
-                    }
-                    let freed = (!self.acks.is_empty() || !self.evictions.is_empty())
-                        && self.delete_in_chunks().is_ok();
-                    // Keep what we hold and retry; warn at most every 30 s.
-                    if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
-                        error!(error = %e, pending = self.rows.len(), "queue commit failed (disk full or I/O error?); holding events in memory and retrying");
-                        last_warning = Some(Instant::now());
-                    }
-                    retry_at = Some(
-                        Instant::now()
-                            + if freed {
-                                interval
-                            } else {
-                                interval.max(Duration::from_millis(500))
-                            },
-                    );
-                }
+            }
+            Cmd::Online { upstream, online } => {
+                match online {
+                    true => self.online.insert(upstream.into()),
+                    false => self.online.remove(upstream.as_str()),
+                };
+            }
+            Cmd::Fetch {
+                upstream,
+                after,
+                until,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(self.fetch(&upstream, after, until, limit));
+            }
+            Cmd::Wait {
+                upstream,
+                after,
+                limit,
+                reply,
+            } => {
+                let upstream: Arc<str> = upstream.into();
+                self.waiting.insert(
+                    upstream.clone(),
+                    Waiter {
+                        after,
+                        limit,
+                        reply,
+                    },
+                );
+                // Rows may have come since the uplink last read.
+                self.answer(&upstream);
+            }
+            Cmd::LastId { upstream, reply } => {
+                let _ = reply.send(self.last_id(&upstream));
+            }
+            Cmd::Depth { reply } => {
+                let _ = reply.send(self.depth());
+            }
+            Cmd::Stats { reply } => {
+                let _ = reply.send(self.stats());
+            }
+            Cmd::Sync { reply } => {
+                let _ = reply.send(self.sync().map_err(|e| e.to_string()));
             }
         }
-        // Every handle is gone: write everything, retried a few times.
+    }
+
+    /// New rows: admitted (or refused while commits fail and memory is
+    /// used up), and readable at once where uplinks read from RAM.
+    fn append(&mut self, rows: Vec<NewRow>) {
+        if self.holding_full() {
+            self.metrics
+                .dropped_queue_unavailable
+                .fetch_add(rows.len() as u64, Relaxed);
+            return;
+        }
+        let mut added: Vec<Arc<str>> = Vec::new();
+        for row in rows {
+            let upstream = row.upstream.clone();
+            if self.admit(row) && self.ram_readable() && !added.contains(&upstream) {
+                added.push(upstream);
+            }
+        }
+        for upstream in added {
+            self.answer(&upstream);
+        }
+    }
+
+    /// Every handle is gone: write everything, retried a few times.
+    fn close(mut self) -> u64 {
         for _ in 0..5 {
             if !self.has_work() {
                 break;
