@@ -112,6 +112,12 @@ async fn idle_connections_cannot_lock_the_endpoint_out_for_long() {
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(dir.path(), free_port()).await;
     let addr = gw.running.metrics_addr.expect("metrics on");
+    // Past the first health probe, so "/health" is not "starting".
+    let m = gw.running.metrics.clone();
+    wait_until("the first health probe", || {
+        m.healthy_ms.load(std::sync::atomic::Ordering::Relaxed) > 0
+    })
+    .await;
     // Sixteen clients that connect and never send a request fill every slot.
     let mut idle = Vec::new();
     for _ in 0..16 {
