@@ -187,31 +187,35 @@ pub struct QueueSettings {
 }
 
 impl QueueHandle {
-    /// Append rows; they become visible to uplinks at the next commit.
-    pub async fn append(&self, rows: Vec<NewRow>) -> Result<(), QueueError> {
+    /// Hand a command to the writer.
+    async fn send(&self, cmd: Cmd) -> Result<(), QueueError> {
         self.tx
-            .send_async(Cmd::Append(rows))
+            .send_async(cmd)
             .await
             .map_err(|_| QueueError::Closed)
+    }
+
+    /// Hand a command that carries a reply channel, and wait for the reply.
+    async fn ask<T>(&self, cmd: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, QueueError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(cmd(reply)).await?;
+        rx.await.map_err(|_| QueueError::Closed)
+    }
+
+    /// Append rows; they become visible to uplinks at the next commit.
+    pub async fn append(&self, rows: Vec<NewRow>) -> Result<(), QueueError> {
+        self.send(Cmd::Append(rows)).await
     }
 
     /// Tell the queue whether `upstream`'s uplink is connected.
     pub async fn online(&self, upstream: &str, online: bool) -> Result<(), QueueError> {
-        self.tx
-            .send_async(Cmd::Online {
-                upstream: upstream.to_string(),
-                online,
-            })
-            .await
-            .map_err(|_| QueueError::Closed)
+        let upstream = upstream.to_string();
+        self.send(Cmd::Online { upstream, online }).await
     }
 
     /// Mark rows acknowledged; they are deleted at the next commit.
     pub async fn ack(&self, ids: Vec<i64>) -> Result<(), QueueError> {
-        self.tx
-            .send_async(Cmd::Ack(ids))
-            .await
-            .map_err(|_| QueueError::Closed)
+        self.send(Cmd::Ack(ids)).await
     }
 
     /// Up to `limit` committed, unacknowledged, unexpired rows of `upstream`
@@ -224,18 +228,15 @@ impl QueueHandle {
         until: i64,
         limit: usize,
     ) -> Result<Vec<Row>, QueueError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send_async(Cmd::Fetch {
-                upstream: upstream.to_string(),
-                after,
-                until,
-                limit,
-                reply,
-            })
-            .await
-            .map_err(|_| QueueError::Closed)?;
-        rx.await.map_err(|_| QueueError::Closed)?
+        let upstream = upstream.to_string();
+        self.ask(|reply| Cmd::Fetch {
+            upstream,
+            after,
+            until,
+            limit,
+            reply,
+        })
+        .await?
     }
 
     /// Like `fetch` (with no upper id), but if nothing is readable yet the
@@ -252,64 +253,41 @@ impl QueueHandle {
         limit: usize,
     ) -> Result<Waiting, QueueError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send_async(Cmd::Wait {
-                upstream: upstream.to_string(),
-                after,
-                limit,
-                reply,
-            })
-            .await
-            .map_err(|_| QueueError::Closed)?;
+        let upstream = upstream.to_string();
+        self.send(Cmd::Wait {
+            upstream,
+            after,
+            limit,
+            reply,
+        })
+        .await?;
         Ok(rx)
     }
 
     /// Per upstream and priority: events, bytes, oldest receive time; from
     /// the writer's memory (no table scan), pending appends included.
     pub async fn stats(&self) -> Result<Vec<Stats>, QueueError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send_async(Cmd::Stats { reply })
-            .await
-            .map_err(|_| QueueError::Closed)?;
-        rx.await.map_err(|_| QueueError::Closed)
+        self.ask(|reply| Cmd::Stats { reply }).await
     }
 
     /// Events waiting per upstream (pending appends included), from the
     /// writer's memory: cheap enough for every health probe.
     pub async fn depth(&self) -> Result<BTreeMap<String, u64>, QueueError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send_async(Cmd::Depth { reply })
-            .await
-            .map_err(|_| QueueError::Closed)?;
-        rx.await.map_err(|_| QueueError::Closed)
+        self.ask(|reply| Cmd::Depth { reply }).await
     }
 
     /// Commit everything received so far now, and report how that went.
     pub async fn sync(&self) -> Result<(), QueueError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send_async(Cmd::Sync { reply })
-            .await
-            .map_err(|_| QueueError::Closed)?;
-        rx.await
-            .map_err(|_| QueueError::Closed)?
+        self.ask(|reply| Cmd::Sync { reply })
+            .await?
             .map_err(QueueError::Read)
     }
 
     /// The highest committed row id of `upstream` (0 if none): rows up to it
     /// are the backlog at this moment.
     pub async fn last_id(&self, upstream: &str) -> Result<i64, QueueError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send_async(Cmd::LastId {
-                upstream: upstream.to_string(),
-                reply,
-            })
-            .await
-            .map_err(|_| QueueError::Closed)?;
-        rx.await.map_err(|_| QueueError::Closed)
+        let upstream = upstream.to_string();
+        self.ask(|reply| Cmd::LastId { upstream, reply }).await
     }
 }
 

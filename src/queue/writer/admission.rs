@@ -28,7 +28,7 @@ impl Writer {
     /// whether it was accepted.
     pub(super) fn admit(&mut self, mut row: NewRow) -> bool {
         let size = row.size();
-        let used = self.bytes.get(&*row.upstream).copied().unwrap_or(0);
+        let used = self.used(&row.upstream);
         let max = self
             .settings
             .max_size
@@ -74,7 +74,6 @@ impl Writer {
                 return false;
             }
         }
-        *self.bytes.entry(row.upstream.to_string()).or_insert(0) += size;
         self.count(&row.upstream, row.priority, 1, size as i64);
         self.admitted_since_check += size;
         self.ram_bytes += size;

@@ -11,10 +11,14 @@ const OLDEST: &str =
 impl Writer {
     /// Subtract a row that left the queue from the in-memory totals.
     pub(super) fn release(&mut self, upstream: &str, priority: Priority, size: u64) {
-        if let Some(b) = self.bytes.get_mut(upstream) {
-            *b = b.saturating_sub(size);
-        }
         self.count(upstream, priority, -1, -(size as i64));
+    }
+
+    /// Bytes queued for `upstream`, all priorities: what its cap is against.
+    pub(super) fn used(&self, upstream: &str) -> u64 {
+        self.counts
+            .get(upstream)
+            .map_or(0, |c| c.iter().map(|c| c.bytes).sum())
     }
 
     pub(super) fn uplink(&self, upstream: &str) -> Option<&Arc<UplinkMetrics>> {
@@ -29,8 +33,8 @@ impl Writer {
             .keys()
             .map(|k| (k.clone(), 0))
             .collect();
-        for ((upstream, _), c) in &self.counts {
-            *out.entry(upstream.clone()).or_default() += c.events;
+        for (upstream, c) in &self.counts {
+            *out.entry(upstream.clone()).or_default() += c.iter().map(|c| c.events).sum::<u64>();
         }
         out
     }
@@ -39,7 +43,12 @@ impl Writer {
     /// receive time by an index seek (or from pending rows).
     pub(super) fn stats(&mut self) -> Vec<crate::queue::Stats> {
         let mut out = Vec::new();
-        for ((upstream, priority), c) in &self.counts {
+        let counts = self.counts.iter().flat_map(|(upstream, c)| {
+            Priority::SEND_ORDER
+                .into_iter()
+                .map(move |p| (upstream, p, c[p.index()]))
+        });
+        for (upstream, priority, c) in counts {
             if c.events == 0 {
                 continue;
             }
@@ -51,7 +60,7 @@ impl Writer {
             let pending = self
                 .rows
                 .values()
-                .filter(|h| *h.row.upstream == **upstream && h.row.priority == *priority)
+                .filter(|h| *h.row.upstream == **upstream && h.row.priority == priority)
                 .map(|h| h.row.received_ms)
                 .min();
             let oldest = match (committed, pending) {
@@ -62,7 +71,7 @@ impl Writer {
             };
             out.push(crate::queue::Stats {
                 upstream: upstream.clone(),
-                priority: *priority,
+                priority,
                 events: c.events,
                 bytes: c.bytes,
                 oldest_ms: oldest,
@@ -74,10 +83,11 @@ impl Writer {
 
     /// Adjust the in-memory count of one upstream and priority.
     pub(super) fn count(&mut self, upstream: &str, priority: Priority, events: i64, bytes: i64) {
-        let c = self
-            .counts
-            .entry((upstream.to_string(), priority))
-            .or_default();
+        let counts = match self.counts.get_mut(upstream) {
+            Some(c) => c,
+            None => self.counts.entry(upstream.to_string()).or_default(),
+        };
+        let c = &mut counts[priority.index()];
         c.events = c.events.saturating_add_signed(events);
         c.bytes = c.bytes.saturating_add_signed(bytes);
     }

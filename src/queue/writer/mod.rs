@@ -67,11 +67,9 @@ pub(super) struct Writer {
     evictions: Vec<i64>,
     /// `acks` and `evictions`: hidden from fetches and from further eviction.
     scheduled: HashSet<i64>,
-    /// Per upstream: bytes of committed rows plus pending appends, minus evictions.
-    bytes: HashMap<String, u64>,
-    /// The same per upstream and priority, with the number of events: kept
-    /// in memory (counted once at start) so depth and stats cost no scan.
-    counts: HashMap<(String, Priority), Count>,
+    /// Per upstream, by priority: events and bytes of committed rows plus
+    /// pending appends, minus evictions. The one ledger (see `ledger`).
+    counts: HashMap<String, [Count; 3]>,
     /// Per upstream and priority, at least the highest id in the file: a
     /// fetch after it need not ask SQLite (ids only grow). That is most
     /// fetches of a live uplink with "offline", and the queries cost a
@@ -109,8 +107,7 @@ impl Writer {
         settings: QueueSettings,
         metrics: Arc<Metrics>,
     ) -> rusqlite::Result<Writer> {
-        let mut bytes: HashMap<String, u64> = HashMap::new();
-        let mut counts: HashMap<(String, Priority), Count> = HashMap::new();
+        let mut counts: HashMap<String, [Count; 3]> = HashMap::new();
         let mut written_max: HashMap<Arc<str>, [i64; 3]> = HashMap::new();
         {
             let mut stmt = conn.prepare(COUNTS)?;
@@ -132,14 +129,10 @@ impl Writer {
                 if !settings.max_size.contains_key(&upstream) {
                     *unknown.entry(upstream.clone()).or_default() += count;
                 }
-                *bytes.entry(upstream.clone()).or_default() += size;
-                counts.insert(
-                    (upstream, priority),
-                    Count {
-                        events: count as u64,
-                        bytes: size,
-                    },
-                );
+                counts.entry(upstream).or_default()[priority.index()] = Count {
+                    events: count as u64,
+                    bytes: size,
+                };
             }
             for (upstream, queued) in unknown {
                 warn!(%upstream, queued, "queue holds events for an upstream that is not configured; they wait until it is configured again");
@@ -164,7 +157,6 @@ impl Writer {
             acks: Vec::new(),
             evictions: Vec::new(),
             scheduled: HashSet::new(),
-            bytes,
             counts,
             written_max,
             last_sweep: Instant::now(),
