@@ -699,383 +699,465 @@ fn advise(file: &ConfigFile, name: &Path, text: &str) -> Vec<Diagnostic> {
     out
 }
 
+/// Where a setting is written, for a diagnostic about it: `key` inside
+/// `[table]`, else that table's header, else the file as a whole (never
+/// the same key in another table, such as another upstream's).
+struct Locator<'a> {
+    name: &'a Path,
+    text: &'a str,
+}
+
+impl Locator<'_> {
+    fn at(&self, table: &str, key: &str, message: impl Into<String>) -> Diagnostic {
+        Diagnostic::at(
+            self.name,
+            self.text,
+            find_key_in(self.text, table, key),
+            message,
+        )
+    }
+}
+
+/// Every check of a parsed config, each returning what it found.
 fn validate(file: &ConfigFile, name: &Path, text: &str) -> Vec<Diagnostic> {
-    let mut errors = Vec::new();
-    let at = |key: &str| find_key(text, key);
+    let loc = Locator { name, text };
+    let mut errors = check_rules(file, &loc);
+    errors.extend(check_broker(&file.broker, &loc));
+    errors.extend(check_broker_files(&file.broker, &loc));
+    errors.extend(check_pipeline(file, &loc));
+    errors.extend(check_queue(&file.queue, &loc));
+    errors.extend(check_log(&file.log, &loc));
+    for (up_name, up) in &file.upstream {
+        errors.extend(check_upstream(up_name, up, &loc));
+        errors.extend(check_upstream_files(up_name, up, &loc));
+    }
+    errors
+}
+
+/// `check` when `ok` is false: a diagnostic at `table.key`.
+fn require(out: &mut Vec<Diagnostic>, loc: &Locator, table: &str, key: &str, ok: bool, what: &str) {
+    if !ok {
+        out.push(loc.at(table, key, what));
+    }
+}
+
+fn check_rules(file: &ConfigFile, loc: &Locator) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
     if let Some(t) = &file.rules.dead_letter
         && (t.is_empty() || t.contains(['+', '#']))
     {
-        errors.push(Diagnostic::at(
-            name,
-            text,
-            at("dead_letter"),
+        out.push(loc.at(
+            "rules",
+            "dead_letter",
             format!("rules.dead_letter {t:?} must be a topic without wildcards, e.g. \"edgeferry/dead-letter\""),
         ));
     }
-    if file.broker.segment_size.0 == 0 || file.broker.segment_count == 0 {
-        errors.push(Diagnostic::at(
-            name,
-            text,
-            at("segment_size"),
-            "broker.segment_size and broker.segment_count must be greater than zero",
-        ));
-    }
-    if file.broker.max_payload.0 > file.broker.segment_size.0 {
-        errors.push(Diagnostic::at(
-            name,
-            text,
-            at("max_payload"),
+    out
+}
+
+/// The broker's values and their ranges (which keep allocations and timers
+/// sane, and rumqttd and tokio from panicking).
+fn check_broker(b: &BrokerConfig, loc: &Locator) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    let o = &mut out;
+    require(
+        o,
+        loc,
+        "broker",
+        "segment_size",
+        b.segment_size.0 > 0 && b.segment_count > 0,
+        "broker.segment_size and broker.segment_count must be greater than zero",
+    );
+    if b.max_payload.0 > b.segment_size.0 {
+        o.push(loc.at(
+            "broker",
+            "max_payload",
             format!(
                 "broker.max_payload ({}) must not exceed broker.segment_size ({})",
-                file.broker.max_payload, file.broker.segment_size
+                b.max_payload, b.segment_size
             ),
         ));
     }
-    // Ranges that keep allocations and timers sane (and rumqttd and tokio from panicking).
-    let mut range = |key: &str, ok: bool, what: &str| {
-        if !ok {
-            errors.push(Diagnostic::at(name, text, at(key), what.to_string()));
-        }
-    };
-    range(
+    require(
+        o,
+        loc,
+        "broker",
         "max_connections",
-        (1..=100_000).contains(&file.broker.max_connections),
+        (1..=100_000).contains(&b.max_connections),
         "broker.max_connections must be between 1 and 100000",
     );
-    range(
+    require(
+        o,
+        loc,
+        "broker",
         "segment_count",
-        file.broker.segment_count <= 1000,
+        b.segment_count <= 1000,
         "broker.segment_count must be at most 1000",
     );
-    range(
+    require(
+        o,
+        loc,
+        "broker",
         "segment_size",
-        file.broker.segment_size.0 <= 1 << 30,
+        b.segment_size.0 <= 1 << 30,
         "broker.segment_size must be at most 1GiB",
     );
-    range(
-        "buffer",
-        file.pipeline.buffer <= 10_000_000,
-        "pipeline.buffer must be at most 10000000 events",
+    require(
+        o,
+        loc,
+        "broker",
+        "max_inflight",
+        b.max_inflight > 0,
+        "broker.max_inflight must be at least 1 (100 is a good start)",
     );
-    range(
-        "commit_max_events",
-        file.queue.commit_max_events <= 1_000_000,
-        "queue.commit_max_events must be at most 1000000",
+    require(
+        o,
+        loc,
+        "broker",
+        "ingest",
+        !b.ingest.is_empty(),
+        "broker.ingest needs at least one topic filter",
     );
-    range(
-        "commit_interval",
-        file.queue.commit_interval.0 <= Duration::from_secs(60),
-        "queue.commit_interval must be at most 60s (it is the power-cut loss window)",
-    );
-    range(
-        "spill_after",
-        file.queue.spill_after.0 <= Duration::from_secs(60),
-        "queue.spill_after must be at most 60s (with durability = \"offline\" it is the power-cut loss window)",
-    );
-    range(
-        "memory_max",
-        file.queue.memory_max.0 <= 1 << 30,
-        "queue.memory_max must be at most 1GiB",
-    );
-    range(
-        "sweep_interval",
-        file.queue.sweep_interval.0 >= Duration::from_millis(10),
-        "queue.sweep_interval must be at least 10ms",
-    );
-    range(
-        "summary_interval",
-        file.log.summary_interval.0 >= Duration::from_secs(1),
-        "log.summary_interval must be at least 1s",
-    );
-    for (i, a) in file.broker.ingest.iter().enumerate() {
+    for (i, a) in b.ingest.iter().enumerate() {
         match crate::rules::topic::Pattern::parse(a) {
-            Err(e) => errors.push(Diagnostic::at(
-                name,
-                text,
-                at("ingest"),
-                format!("broker.ingest: {e}"),
-            )),
-            Ok(_) if a.contains('{') => errors.push(Diagnostic::at(
-                name,
-                text,
-                at("ingest"),
+            Err(e) => o.push(loc.at("broker", "ingest", format!("broker.ingest: {e}"))),
+            Ok(_) if a.contains('{') => o.push(loc.at(
+                "broker",
+                "ingest",
                 format!(
                     "broker.ingest: {a:?} is an MQTT filter; captures like {{name}} belong in rules"
                 ),
             )),
             Ok(_) => {}
         }
-        for b in &file.broker.ingest[i + 1..] {
-            if crate::rules::topic::filters_overlap(a, b) {
-                errors.push(Diagnostic::at(
-                    name,
-                    text,
-                    at("ingest"),
+        for other in &b.ingest[i + 1..] {
+            if crate::rules::topic::filters_overlap(a, other) {
+                o.push(loc.at(
+                    "broker",
+                    "ingest",
                     format!(
-                        "broker.ingest filters {a:?} and {b:?} overlap: the broker would deliver matching events twice; keep only the wider one"
+                        "broker.ingest filters {a:?} and {other:?} overlap: the broker would deliver matching events twice; keep only the wider one"
                     ),
                 ));
             }
         }
     }
-    let b = &file.broker;
-    let mut broker_error = |key: &str, what: String| {
-        errors.push(Diagnostic::at(
-            name,
-            text,
-            find_key_in(text, "broker", key),
-            what,
-        ));
-    };
     match (&b.tls_listen, &b.tls_cert, &b.tls_key) {
-        (Some(_), Some(cert), Some(key)) => {
-            if let Err(e) = crate::tls::check_server_files(cert, key, b.tls_client_ca.as_deref()) {
-                let at = match &e {
-                    crate::tls::TlsError::Read { path, .. } | crate::tls::TlsError::Bad { path, .. }
-                        if path == key =>
-                    {
-                        "tls_key"
-                    }
-                    crate::tls::TlsError::Read { path, .. } | crate::tls::TlsError::Bad { path, .. }
-                        if Some(path.as_path()) == b.tls_client_ca.as_deref() =>
-                    {
-                        "tls_client_ca"
-                    }
-                    crate::tls::TlsError::NotBuilt => "tls_listen",
-                    _ => "tls_cert",
-                };
-                broker_error(at, format!("broker.{at}: {e}"));
-            }
-        }
-        (Some(_), _, _) => broker_error(
+        (Some(_), Some(_), Some(_)) => {}
+        (Some(_), _, _) => o.push(loc.at(
+            "broker",
             "tls_listen",
-            "broker.tls_listen needs tls_cert and tls_key (PEM files)".into(),
-        ),
-        (None, _, _) if b.tls_client_ca.is_some() => broker_error(
+            "broker.tls_listen needs tls_cert and tls_key (PEM files)",
+        )),
+        (None, _, _) if b.tls_client_ca.is_some() => o.push(loc.at(
+            "broker",
             "tls_client_ca",
-            "broker.tls_client_ca is used only with tls_listen".into(),
-        ),
-        (None, Some(_), _) | (None, _, Some(_)) => broker_error(
-            "tls_cert",
-            "broker.tls_cert and tls_key are used only with tls_listen; set it, e.g. \"0.0.0.0:8883\"".into(),
-        ),
+            "broker.tls_client_ca is used only with tls_listen",
+        )),
         (None, None, None) => {}
+        (None, _, _) => o.push(loc.at(
+            "broker",
+            "tls_cert",
+            "broker.tls_cert and tls_key are used only with tls_listen; set it, e.g. \"0.0.0.0:8883\"",
+        )),
+    }
+    out
+}
+
+/// The files the broker settings name: TLS, passwords, ACL (read here).
+fn check_broker_files(b: &BrokerConfig, loc: &Locator) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    if let (Some(_), Some(cert), Some(key)) = (&b.tls_listen, &b.tls_cert, &b.tls_key)
+        && let Err(e) = crate::tls::check_server_files(cert, key, b.tls_client_ca.as_deref())
+    {
+        let at = match &e {
+            crate::tls::TlsError::Read { path, .. } | crate::tls::TlsError::Bad { path, .. }
+                if path == key =>
+            {
+                "tls_key"
+            }
+            crate::tls::TlsError::Read { path, .. } | crate::tls::TlsError::Bad { path, .. }
+                if Some(path.as_path()) == b.tls_client_ca.as_deref() =>
+            {
+                "tls_client_ca"
+            }
+            crate::tls::TlsError::NotBuilt => "tls_listen",
+            _ => "tls_cert",
+        };
+        out.push(loc.at("broker", at, format!("broker.{at}: {e}")));
     }
     if let Some(path) = &b.password_file {
         match crate::passwd::Passwords::load(path) {
-            Err(e) => broker_error("password_file", format!("broker.password_file: {e}")),
-            Ok(p) if p.is_empty() => broker_error(
+            Err(e) => out.push(loc.at(
+                "broker",
+                "password_file",
+                format!("broker.password_file: {e}"),
+            )),
+            Ok(p) if p.is_empty() => out.push(loc.at(
+                "broker",
                 "password_file",
                 format!(
                     "broker.password_file {}: has no users, so no client could connect; add one with `edgeferry passwd {} <user>`",
                     path.display(),
                     path.display()
                 ),
-            ),
+            )),
             Ok(_) => {}
         }
-    }
-    if b.max_inflight == 0 {
-        broker_error(
-            "max_inflight",
-            "broker.max_inflight must be at least 1 (100 is a good start)".into(),
-        );
     }
     if let Some(path) = &b.acl_file
         && let Err(found) = crate::acl::Acl::load(path)
     {
-        errors.extend(found);
+        out.extend(found);
     }
-    if file.broker.ingest.is_empty() {
-        errors.push(Diagnostic::at(
-            name,
-            text,
-            at("ingest"),
-            "broker.ingest needs at least one topic filter",
-        ));
-    }
-    if file.pipeline.buffer == 0 {
-        errors.push(Diagnostic::at(
-            name,
-            text,
-            at("buffer"),
-            "pipeline.buffer must be greater than zero",
-        ));
-    }
-    if file.queue.commit_max_events == 0 {
-        errors.push(Diagnostic::at(
-            name,
-            text,
-            at("commit_max_events"),
-            "queue.commit_max_events must be greater than zero",
-        ));
-    }
-    for (key, value) in [("level", &file.log.level), ("broker", &file.log.broker)] {
+    out
+}
+
+fn check_pipeline(file: &ConfigFile, loc: &Locator) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    let buffer = file.pipeline.buffer;
+    require(
+        &mut out,
+        loc,
+        "pipeline",
+        "buffer",
+        buffer <= 10_000_000,
+        "pipeline.buffer must be at most 10000000 events",
+    );
+    require(
+        &mut out,
+        loc,
+        "pipeline",
+        "buffer",
+        buffer > 0,
+        "pipeline.buffer must be greater than zero",
+    );
+    out
+}
+
+fn check_queue(q: &QueueConfig, loc: &Locator) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    let o = &mut out;
+    require(
+        o,
+        loc,
+        "queue",
+        "commit_max_events",
+        q.commit_max_events <= 1_000_000,
+        "queue.commit_max_events must be at most 1000000",
+    );
+    require(
+        o,
+        loc,
+        "queue",
+        "commit_interval",
+        q.commit_interval.0 <= Duration::from_secs(60),
+        "queue.commit_interval must be at most 60s (it is the power-cut loss window)",
+    );
+    require(
+        o,
+        loc,
+        "queue",
+        "spill_after",
+        q.spill_after.0 <= Duration::from_secs(60),
+        "queue.spill_after must be at most 60s (with durability = \"offline\" it is the power-cut loss window)",
+    );
+    require(
+        o,
+        loc,
+        "queue",
+        "memory_max",
+        q.memory_max.0 <= 1 << 30,
+        "queue.memory_max must be at most 1GiB",
+    );
+    require(
+        o,
+        loc,
+        "queue",
+        "sweep_interval",
+        q.sweep_interval.0 >= Duration::from_millis(10),
+        "queue.sweep_interval must be at least 10ms",
+    );
+    require(
+        o,
+        loc,
+        "queue",
+        "commit_max_events",
+        q.commit_max_events > 0,
+        "queue.commit_max_events must be greater than zero",
+    );
+    out
+}
+
+fn check_log(log: &LogConfig, loc: &Locator) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    require(
+        &mut out,
+        loc,
+        "log",
+        "summary_interval",
+        log.summary_interval.0 >= Duration::from_secs(1),
+        "log.summary_interval must be at least 1s",
+    );
+    for (key, value) in [("level", &log.level), ("broker", &log.broker)] {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(value) {
-            errors.push(Diagnostic::at(
-                name,
-                text,
-                at(key),
+            out.push(loc.at(
+                "log",
+                key,
                 format!("log.{key} = {value:?} is not a log level or filter ({e}); use error, warn, info, debug, trace or off"),
             ));
         }
     }
-    for (up_name, up) in &file.upstream {
-        let table = format!("upstream.{up_name}");
-        let at_up = |key: &str| find_key_in(text, &table, key);
-        let mut fail = |key: &str, what: String| {
-            errors.push(Diagnostic::at(name, text, at_up(key), what));
-        };
-        let sources = [
-            up.password.is_some(),
-            up.password_file.is_some(),
-            up.password_env.is_some(),
-        ];
-        if sources.iter().filter(|s| **s).count() > 1 {
-            fail(
-                "password",
-                format!(
-                    "upstream.{up_name}: set only one of password, password_file and password_env"
-                ),
-            );
-        } else if sources.iter().any(|s| *s) && up.username.is_none() {
-            fail(
-                "password",
-                format!(
-                    "upstream.{up_name}: a password needs a username (MQTT sends none without one)"
-                ),
-            );
-        }
-        if let Some(path) = &up.password_file
-            && let Err(e) = std::fs::File::open(path)
-        {
-            fail(
-                "password_file",
-                format!(
-                    "upstream.{up_name}.password_file {}: cannot read: {e}",
-                    path.display()
-                ),
-            );
-        }
-        if up.cert_file.is_some() != up.key_file.is_some() {
-            fail(
-                if up.cert_file.is_some() {
-                    "cert_file"
-                } else {
-                    "key_file"
-                },
-                format!("upstream.{up_name}: mutual TLS needs both cert_file and key_file"),
-            );
-        }
+    out
+}
+
+/// One upstream's values, located in its own table.
+fn check_upstream(up_name: &str, up: &UpstreamConfig, loc: &Locator) -> Vec<Diagnostic> {
+    let table = format!("upstream.{up_name}");
+    let mut out = Vec::new();
+    let mut fail = |key: &str, what: String| out.push(loc.at(&table, key, what));
+    let sources = [
+        up.password.is_some(),
+        up.password_file.is_some(),
+        up.password_env.is_some(),
+    ];
+    if sources.iter().filter(|s| **s).count() > 1 {
+        fail(
+            "password",
+            format!("upstream.{up_name}: set only one of password, password_file and password_env"),
+        );
+    } else if sources.iter().any(|s| *s) && up.username.is_none() {
+        fail(
+            "password",
+            format!(
+                "upstream.{up_name}: a password needs a username (MQTT sends none without one)"
+            ),
+        );
+    }
+    if up.cert_file.is_some() != up.key_file.is_some() {
+        fail(
+            if up.cert_file.is_some() {
+                "cert_file"
+            } else {
+                "key_file"
+            },
+            format!("upstream.{up_name}: mutual TLS needs both cert_file and key_file"),
+        );
+    }
+    if !up.url.tls {
         let tls_keys = [
             ("ca_file", up.ca_file.is_some()),
             ("cert_file", up.cert_file.is_some()),
             ("key_file", up.key_file.is_some()),
             ("alpn", !up.alpn.is_empty()),
         ];
-        if !up.url.tls {
-            for (key, set) in tls_keys {
-                if set {
-                    fail(
-                        key,
-                        format!(
-                            "upstream.{up_name}.{key} needs TLS: write the url as mqtts://{}:{}",
-                            up.url.host, up.url.port
-                        ),
-                    );
-                }
-            }
-        } else if up.cert_file.is_some() == up.key_file.is_some()
-            && let Err(e) = crate::tls::client_config(up)
-        {
-            let key = match &e {
-                crate::tls::TlsError::Read { path, .. }
-                | crate::tls::TlsError::Bad { path, .. }
-                    if Some(path) == up.key_file.as_ref() =>
-                {
-                    "key_file"
-                }
-                crate::tls::TlsError::Read { path, .. }
-                | crate::tls::TlsError::Bad { path, .. }
-                    if Some(path) == up.cert_file.as_ref() =>
-                {
-                    "cert_file"
-                }
-                crate::tls::TlsError::Read { .. } | crate::tls::TlsError::Bad { .. } => "ca_file",
-                // No system roots, or a build without TLS: the url asked for it.
-                _ => "url",
-            };
-            fail(key, format!("upstream.{up_name}: {e}"));
-        }
-        if up.inflight == 0 {
-            errors.push(Diagnostic::at(
-                name,
-                text,
-                at("inflight"),
-                format!("upstream.{up_name}.inflight must be at least 1"),
-            ));
-        }
-        if up.keep_alive.0 < Duration::from_secs(1) || up.keep_alive.0 > Duration::from_secs(65_535)
-        {
-            errors.push(Diagnostic::at(
-                name,
-                text,
-                at("keep_alive"),
-                format!("upstream.{up_name}.keep_alive must be between 1s and 65535s"),
-            ));
-        }
-        if up.max_size.0 == 0 {
-            errors.push(Diagnostic::at(
-                name,
-                text,
-                at("max_size"),
-                format!("upstream.{up_name}.max_size must be greater than 0"),
-            ));
-        }
-        if up.reconnect_min.0 < Duration::from_millis(10) {
-            errors.push(Diagnostic::at(
-                name,
-                text,
-                at("reconnect_min"),
-                format!("upstream.{up_name}.reconnect_min must be at least 10ms"),
-            ));
-        }
-        if up.max_packet_size.0 < 128 || up.max_packet_size.0 > 256 << 20 {
-            errors.push(Diagnostic::at(
-                name,
-                text,
-                at("max_packet_size"),
-                format!("upstream.{up_name}.max_packet_size must be between 128 bytes and 256MiB (MQTT's limit)"),
-            ));
-        }
-        if up.reconnect_min > up.reconnect_max {
-            errors.push(Diagnostic::at(
-                name,
-                text,
-                at("reconnect_min"),
-                format!("upstream.{up_name}.reconnect_min must not exceed reconnect_max"),
-            ));
+        for (key, _) in tls_keys.iter().filter(|(_, set)| *set) {
+            fail(
+                key,
+                format!(
+                    "upstream.{up_name}.{key} needs TLS: write the url as mqtts://{}:{}",
+                    up.url.host, up.url.port
+                ),
+            );
         }
     }
-    errors
+    let ranges = [
+        ("inflight", up.inflight > 0, "inflight must be at least 1"),
+        (
+            "keep_alive",
+            (Duration::from_secs(1)..=Duration::from_secs(65_535)).contains(&up.keep_alive.0),
+            "keep_alive must be between 1s and 65535s",
+        ),
+        (
+            "max_size",
+            up.max_size.0 > 0,
+            "max_size must be greater than 0",
+        ),
+        (
+            "reconnect_min",
+            up.reconnect_min.0 >= Duration::from_millis(10),
+            "reconnect_min must be at least 10ms",
+        ),
+        (
+            "max_packet_size",
+            (128..=256 << 20).contains(&up.max_packet_size.0),
+            "max_packet_size must be between 128 bytes and 256MiB (MQTT's limit)",
+        ),
+        (
+            "reconnect_min",
+            up.reconnect_min <= up.reconnect_max,
+            "reconnect_min must not exceed reconnect_max",
+        ),
+    ];
+    for (key, ok, what) in ranges {
+        if !ok {
+            fail(key, format!("upstream.{up_name}.{what}"));
+        }
+    }
+    out
 }
 
-/// Byte span of the first line that assigns `key`, for locating semantic errors.
-/// Where `key` is set inside the table `[table]` (else anywhere).
+/// The files one upstream names: its password file and TLS (read here).
+fn check_upstream_files(up_name: &str, up: &UpstreamConfig, loc: &Locator) -> Vec<Diagnostic> {
+    let table = format!("upstream.{up_name}");
+    let mut out = Vec::new();
+    if let Some(path) = &up.password_file
+        && let Err(e) = std::fs::File::open(path)
+    {
+        out.push(loc.at(
+            &table,
+            "password_file",
+            format!(
+                "upstream.{up_name}.password_file {}: cannot read: {e}",
+                path.display()
+            ),
+        ));
+    }
+    if up.url.tls
+        && up.cert_file.is_some() == up.key_file.is_some()
+        && let Err(e) = crate::tls::client_config(up)
+    {
+        let key = match &e {
+            crate::tls::TlsError::Read { path, .. } | crate::tls::TlsError::Bad { path, .. }
+                if Some(path) == up.key_file.as_ref() =>
+            {
+                "key_file"
+            }
+            crate::tls::TlsError::Read { path, .. } | crate::tls::TlsError::Bad { path, .. }
+                if Some(path) == up.cert_file.as_ref() =>
+            {
+                "cert_file"
+            }
+            crate::tls::TlsError::Read { .. } | crate::tls::TlsError::Bad { .. } => "ca_file",
+            // No system roots, or a build without TLS: the url asked for it.
+            _ => "url",
+        };
+        out.push(loc.at(&table, key, format!("upstream.{up_name}: {e}")));
+    }
+    out
+}
+
+/// Byte span where `key` is set inside the table `[table]`; else the
+/// table's header; `None` if the table is not written at all.
 fn find_key_in(text: &str, table: &str, key: &str) -> Option<std::ops::Range<usize>> {
     let header = format!("[{table}]");
     let mut offset = 0;
     let mut inside = false;
+    let mut header_at = None;
     for line in text.split_inclusive('\n') {
         let trimmed = line.trim();
         if trimmed.starts_with('[') {
             inside = trimmed == header;
+            if inside && header_at.is_none() {
+                let start = offset + (line.len() - line.trim_start().len());
+                header_at = Some(start..start + header.len());
+            }
         } else if inside && let Some(found) = find_key(line, key) {
             return Some(offset + found.start..offset + found.end);
         }
         offset += line.len();
     }
-    find_key(text, key)
+    header_at
 }
 
 fn find_key(text: &str, key: &str) -> Option<std::ops::Range<usize>> {
@@ -1168,6 +1250,34 @@ mod tests {
             )
         };
         assert_eq!(q(&packaged), q(&default));
+    }
+
+    /// A setting wrong in one upstream is located in that upstream's table,
+    /// not at the same key in another (`inflight` was found anywhere).
+    #[test]
+    fn an_upstream_error_points_at_its_own_table() {
+        let text = "[upstream.a]\nurl = \"mqtt://a\"\ninflight = 5\nkeep_alive = \"5s\"\n\n[upstream.b]\nurl = \"mqtt://b\"\ninflight = 0\nkeep_alive = \"0s\"\n";
+        let err = Config::from_toml(text, Path::new("e.toml"), Path::new(".")).unwrap_err();
+        let lines: Vec<(usize, &str)> =
+            err.0.iter().map(|d| (d.line, d.message.as_str())).collect();
+        assert!(
+            lines.contains(&(8, "upstream.b.inflight must be at least 1")),
+            "{lines:?}"
+        );
+        assert!(
+            lines.contains(&(9, "upstream.b.keep_alive must be between 1s and 65535s")),
+            "{lines:?}"
+        );
+        // A key that is not written is located at its table's header.
+        let text =
+            "[gateway]\nid = \"g\"\n\n[upstream.c]\nurl = \"mqtt://c\"\nreconnect_max = \"20ms\"\n";
+        let err = Config::from_toml(text, Path::new("e.toml"), Path::new(".")).unwrap_err();
+        let d = err
+            .0
+            .iter()
+            .find(|d| d.message.contains("must not exceed reconnect_max"))
+            .unwrap_or_else(|| panic!("{err}"));
+        assert_eq!(d.line, 4, "at [upstream.c]: {err}");
     }
 
     #[test]
