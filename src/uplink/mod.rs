@@ -101,10 +101,6 @@ enum Ended {
     Shutdown,
     /// The connection failed or dropped.
     Lost {
-        /// Whether this session did useful work (acked something, or stayed
-        /// up longer than the longest backoff); only then is backoff reset,
-        /// so a broker that accepts and then drops us is not hammered.
-        healthy: bool,
         kind: FailureKind,
         /// Why, for the log.
         reason: String,
@@ -184,8 +180,12 @@ pub async fn run(
     let mut last_warned: Option<Instant> = None;
     let mut suspect = Suspect::default();
     loop {
-        let (ended, head) = session(&settings, &queue, &metrics, &mut shutdown, &mut unacked).await;
-        if let Some(row) = suspect.strike(head) {
+        let Outcome {
+            ended,
+            strike,
+            healthy,
+        } = session(&settings, &queue, &metrics, &mut shutdown, &mut unacked).await;
+        if let Some(row) = suspect.strike(strike) {
             warn!(upstream = %settings.name, row, strikes = POISON_AFTER, "dead-lettered: the upstream dropped the connection this many times in a row with this event first in flight and acknowledged nothing (an event it cannot take; the events behind it go on)");
             metrics.dead_lettered.fetch_add(1, Relaxed);
             unacked.remove(&row);
@@ -195,11 +195,7 @@ pub async fn run(
         }
         match ended {
             Ended::Shutdown | Ended::QueueClosed => return,
-            Ended::Lost {
-                healthy,
-                kind,
-                reason,
-            } => {
+            Ended::Lost { kind, reason } => {
                 if healthy {
                     backoff.reset();
                 }
@@ -233,7 +229,7 @@ async fn session(
     metrics: &UplinkMetrics,
     shutdown: &mut watch::Receiver<bool>,
     unacked: &mut HashSet<i64>,
-) -> (Ended, Strike) {
+) -> Outcome {
     let up = &settings.upstream;
     let name = settings.name.as_str();
     let mut window = usize::from(up.inflight);
@@ -244,7 +240,7 @@ async fn session(
     // Connect.
     let (session_present, receive_max) = loop {
         let polled = tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => return (Ended::Shutdown, Strike::Unchanged),
+            _ = shutdown.wait_for(|s| *s) => return Outcome::before_connecting(Ended::Shutdown),
             p = link.events.recv() => p,
         };
         match polled {
@@ -255,19 +251,17 @@ async fn session(
             Some(Ok(_)) => {}
             Some(Err(e)) => {
                 let lost = Ended::Lost {
-                    healthy: false,
                     kind: e.kind.unwrap_or(FailureKind::Unreachable),
                     reason: e.reason,
                 };
-                return (lost, Strike::Unchanged);
+                return Outcome::before_connecting(lost);
             }
             None => {
                 let lost = Ended::Lost {
-                    healthy: false,
                     kind: FailureKind::Unreachable,
                     reason: "event loop ended".into(),
                 };
-                return (lost, Strike::Unchanged);
+                return Outcome::before_connecting(lost);
             }
         }
     };
@@ -299,7 +293,7 @@ async fn session(
     let boundary = if live_first {
         match queue.last_id(name).await {
             Ok(id) => id,
-            Err(_) => return (Ended::QueueClosed, Strike::Unchanged),
+            Err(_) => return Outcome::before_connecting(Ended::QueueClosed),
         }
     } else {
         i64::MAX
@@ -440,7 +434,6 @@ async fn session(
             }
             if let Some(reason) = refused {
                 break Ended::Lost {
-                    healthy: acked_any,
                     kind: FailureKind::Lost,
                     reason,
                 };
@@ -503,7 +496,6 @@ async fn session(
                 );
                 warn!(upstream = %name, url = %up.url, %reason, "uplink stalled; reconnecting, unacknowledged events will be resent");
                 break Ended::Lost {
-                    healthy: acked_any,
                     kind: FailureKind::Stalled,
                     reason,
                 };
@@ -518,7 +510,6 @@ async fn session(
                 );
                 warn!(upstream = %name, url = %up.url, %reason, unacked = awaiting.len() + inflight.len(), "uplink lost; unacknowledged events will be resent");
                 break Ended::Lost {
-                    healthy: acked_any,
                     kind: FailureKind::Lost,
                     reason,
                 };
@@ -567,7 +558,6 @@ async fn session(
                             // the backoff (a broker over quota gets a pause).
                             unacked.insert(id);
                             break Ended::Lost {
-                                healthy: acked_any,
                                 kind: FailureKind::Refused,
                                 reason: format!(
                                     "the upstream refused an event ({}); sending again after a pause",
@@ -580,17 +570,14 @@ async fn session(
             }
             Some(Ok(_)) => continue,
             Some(Err(e)) => {
-                let healthy = acked_any || connected_at.elapsed() >= up.reconnect_max.0;
                 warn!(upstream = %name, url = %up.url, reason = %e.reason, unacked = awaiting.len() + inflight.len(), "uplink lost; unacknowledged events will be resent");
                 break Ended::Lost {
-                    healthy,
                     kind: e.kind.unwrap_or(FailureKind::Lost),
                     reason: e.reason,
                 };
             }
             None => {
                 break Ended::Lost {
-                    healthy: acked_any,
                     kind: FailureKind::Lost,
                     reason: "event loop ended".into(),
                 };
@@ -631,7 +618,33 @@ async fn session(
         link.closed(Duration::from_secs(1)).await;
         info!(upstream = %name, "uplink closed");
     }
-    (ended, suspect)
+    Outcome {
+        ended,
+        strike: suspect,
+        // The one place that says whether the session did useful work.
+        healthy: acked_any || connected_at.elapsed() >= up.reconnect_max.0,
+    }
+}
+
+/// How a session ended, and what that says about the next one.
+struct Outcome {
+    ended: Ended,
+    strike: Strike,
+    /// Whether the session did useful work: acknowledged something, or
+    /// stayed up longer than the longest backoff. Only then is the backoff
+    /// reset, so a broker that accepts and then drops us is not hammered.
+    healthy: bool,
+}
+
+impl Outcome {
+    /// A session that never got connected.
+    fn before_connecting(ended: Ended) -> Outcome {
+        Outcome {
+            ended,
+            strike: Strike::Unchanged,
+            healthy: false,
+        }
+    }
 }
 
 /// `payload` with `"<field>": true` if it is a JSON object, unless that would
