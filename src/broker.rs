@@ -25,7 +25,17 @@ use tokio::sync::oneshot;
 use tracing::{debug, info};
 
 use crate::config::BrokerConfig;
-use crate::frontdoor::auth::RESERVED_ID_PREFIX;
+
+/// Client ids edgeferry uses inside the embedded broker: a sensor taking
+/// one would kick edgeferry's own link off (the front door refuses them).
+pub const RESERVED_ID_PREFIX: &str = "edgeferry-link-";
+
+/// The largest packet a client may send: `max_payload` is on the payload,
+/// so there is room for the topic and headers. The front door reads up to
+/// this; rumqttd's own limit only has to be as large.
+pub fn max_packet(cfg: &BrokerConfig) -> usize {
+    cfg.max_payload.as_usize() + 64 * 1024
+}
 
 /// How many forwards rumqttd queues to one connection (the link included)
 /// before it unschedules it until it drains.
@@ -182,7 +192,7 @@ fn rumqttd_config(cfg: &BrokerConfig, internal: &Internal) -> rumqttd::Config {
     let mut connections = rumqttd::ConnectionSettings {
         connection_timeout_ms: 10_000,
         // The front door enforces the limit; this only has to be larger.
-        max_payload_size: crate::frontdoor::max_packet(cfg),
+        max_payload_size: max_packet(cfg),
         max_inflight_count: 100,
         auth: None,
         external_auth: None,

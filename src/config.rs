@@ -11,10 +11,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::credentials::Secret;
 use crate::diagnostic::{Diagnostic, Diagnostics};
 use crate::rules::RuleSet;
-use crate::units::{ByteSize, HumanDuration};
+use crate::units::{ByteSize, HumanDuration, Secret};
 
 /// The embedded default configuration. It loads as it is.
 pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
@@ -495,13 +494,19 @@ impl ConfigFile {
             .unwrap_or_else(|| "edgeferry".into())
     }
 
+    /// The configured upstreams' names (what rules may route to).
+    pub fn upstream_names(&self) -> std::collections::BTreeSet<String> {
+        self.upstream.keys().cloned().collect()
+    }
+
     /// Compile the rules: the files of `rules.dir`, or the given files
     /// instead (`edgeferry test PATHS`), with this config's upstreams,
     /// gateway id, unmatched policy and dead-letter topic.
     pub fn load_rules(&self, files: Option<&[PathBuf]>) -> Result<RuleSet, Diagnostics> {
+        let names = self.upstream_names();
         let loaded = match files {
-            Some(files) => RuleSet::load_files(files, &self.upstream),
-            None => RuleSet::load_dir(&self.rules.dir, &self.upstream),
+            Some(files) => RuleSet::load_files(files, &names),
+            None => RuleSet::load_dir(&self.rules.dir, &names),
         };
         // The unmatched destination is checked even when rule files failed.
         let (mut errors, mut rules) = match loaded {
@@ -512,7 +517,7 @@ impl ConfigFile {
         if let Err(problems) = rules
             .as_mut()
             .unwrap_or(&mut scratch)
-            .configure(&rule_settings(self), &self.upstream)
+            .configure(&rule_settings(self), &names)
         {
             errors.extend(problems.into_iter().map(|(key, msg)| {
                 Diagnostic::whole_file(&self.rules.dir, format!("rules.unmatched.{key}: {msg}"))
@@ -533,15 +538,15 @@ impl ConfigFile {
 
 /// Config text with the name it is reported under and the directory its
 /// relative paths are resolved against.
-struct Source {
-    text: String,
-    name: PathBuf,
-    base: PathBuf,
+pub(crate) struct Source {
+    pub(crate) text: String,
+    pub(crate) name: PathBuf,
+    pub(crate) base: PathBuf,
 }
 
 impl Source {
     /// The file at `path`, or the embedded default (relative to the current directory).
-    fn read(path: Option<&Path>) -> Result<Source, Diagnostics> {
+    pub(crate) fn read(path: Option<&Path>) -> Result<Source, Diagnostics> {
         let Some(path) = path else {
             return Ok(Source {
                 text: DEFAULT_CONFIG.to_string(),
@@ -564,83 +569,6 @@ impl Source {
             name: path.to_path_buf(),
             base: base.to_path_buf(),
         })
-    }
-}
-
-/// A loaded, validated configuration with its compiled rules: what `run` needs.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub file: ConfigFile,
-    /// Where it came from, for messages; `None` for the embedded default.
-    pub source: Option<PathBuf>,
-    pub rules: RuleSet,
-    /// Valid settings that will not do what was meant on this machine:
-    /// `check` prints them, the start logs them.
-    pub warnings: Vec<Diagnostic>,
-}
-
-impl Config {
-    /// Load from `path`, or the embedded default when `None`; then the rules.
-    /// Every problem found is returned at once.
-    pub fn load(path: Option<&Path>) -> Result<Config, Diagnostics> {
-        let source = Source::read(path)?;
-        let mut cfg = Self::from_toml(&source.text, &source.name, &source.base)?;
-        cfg.source = path.map(Path::to_path_buf);
-        Ok(cfg)
-    }
-
-    /// Parse config text (named `name` in messages), resolve relative paths
-    /// against `base`, and load the rules it points at.
-    pub fn from_toml(text: &str, name: &Path, base: &Path) -> Result<Config, Diagnostics> {
-        let file = ConfigFile::parse(text, name, base)?;
-
-        let mut errors = validate(&file, name, text);
-        let rules = match file.load_rules(None) {
-            Ok(r) => Some(r),
-            Err(Diagnostics(mut e)) => {
-                // Unmatched-policy problems belong to this file: locate them.
-                for d in &mut e {
-                    if d.file == file.rules.dir && d.message.starts_with("rules.unmatched") {
-                        *d = Diagnostic::at(
-                            name,
-                            text,
-                            find_key(text, "unmatched"),
-                            d.message.clone(),
-                        );
-                    }
-                }
-                errors.append(&mut e);
-                None
-            }
-        };
-        match rules {
-            Some(rules) if errors.is_empty() => Ok(Config {
-                warnings: advise(&file, name, text),
-                file,
-                source: None,
-                rules,
-            }),
-            _ => Err(Diagnostics(errors)),
-        }
-    }
-
-    /// Load the rules again from the same directory with the same settings
-    /// (a reload: the config file itself is not re-read).
-    pub fn reload_rules(&self) -> Result<RuleSet, Diagnostics> {
-        self.file.load_rules(None)
-    }
-
-    /// This gateway's id: configured, else the hostname, else "edgeferry".
-    pub fn gateway_id(&self) -> String {
-        self.file.gateway_id()
-    }
-
-    /// The stable client id of upstream `name`.
-    pub fn client_id(&self, name: &str) -> String {
-        self.file.upstream[name]
-            .client_id
-            .clone()
-            .unwrap_or_else(|| format!("edgeferry-{}-{}", self.gateway_id(), name))
     }
 }
 
@@ -671,44 +599,16 @@ fn rule_settings(file: &ConfigFile) -> crate::rules::Settings {
     }
 }
 
-/// Checks serde cannot express; located at the key where possible.
-/// Settings that are valid but, on this machine, cannot do what they are
-/// for. Warnings, not errors: `check` may run on another machine than the
-/// gateway, and a filesystem may be resized.
-fn advise(file: &ConfigFile, name: &Path, text: &str) -> Vec<Diagnostic> {
-    let mut out = Vec::new();
-    let min = file.queue.min_free_disk.0;
-    if min > 0
-        && let Some(space) = crate::ops::disk::space(&file.queue.path)
-        && min >= space.total
-    {
-        let mib = |b: u64| format!("{:.1} MiB", b as f64 / f64::from(1 << 20));
-        out.push(Diagnostic::at(
-            name,
-            text,
-            find_key_in(text, "queue", "min_free_disk"),
-            format!(
-                "queue.min_free_disk ({}) is not below the size of the filesystem holding {} ({}): free space is always under the watermark, so the queue can never store an event (while the upstream is connected they are forwarded from memory); set it to about a tenth of the filesystem, e.g. min_free_disk = \"{}\", or 0 to turn the watermark off",
-                mib(min),
-                file.queue.path.display(),
-                mib(space.total),
-                ByteSize((space.total / 10).max(1024) & !1023),
-            ),
-        ));
-    }
-    out
-}
-
 /// Where a setting is written, for a diagnostic about it: `key` inside
 /// `[table]`, else that table's header, else the file as a whole (never
 /// the same key in another table, such as another upstream's).
-struct Locator<'a> {
-    name: &'a Path,
-    text: &'a str,
+pub(crate) struct Locator<'a> {
+    pub(crate) name: &'a Path,
+    pub(crate) text: &'a str,
 }
 
 impl Locator<'_> {
-    fn at(&self, table: &str, key: &str, message: impl Into<String>) -> Diagnostic {
+    pub(crate) fn at(&self, table: &str, key: &str, message: impl Into<String>) -> Diagnostic {
         Diagnostic::at(
             self.name,
             self.text,
@@ -718,18 +618,16 @@ impl Locator<'_> {
     }
 }
 
-/// Every check of a parsed config, each returning what it found.
-fn validate(file: &ConfigFile, name: &Path, text: &str) -> Vec<Diagnostic> {
-    let loc = Locator { name, text };
-    let mut errors = check_rules(file, &loc);
-    errors.extend(check_broker(&file.broker, &loc));
-    errors.extend(check_broker_files(&file.broker, &loc));
-    errors.extend(check_pipeline(file, &loc));
-    errors.extend(check_queue(&file.queue, &loc));
-    errors.extend(check_log(&file.log, &loc));
+/// Every check of a parsed config that needs no I/O, each returning what
+/// it found (the files it names are checked by `setup`).
+pub(crate) fn check(file: &ConfigFile, loc: &Locator) -> Vec<Diagnostic> {
+    let mut errors = check_rules(file, loc);
+    errors.extend(check_broker(&file.broker, loc));
+    errors.extend(check_pipeline(file, loc));
+    errors.extend(check_queue(&file.queue, loc));
+    errors.extend(check_log(&file.log, loc));
     for (up_name, up) in &file.upstream {
-        errors.extend(check_upstream(up_name, up, &loc));
-        errors.extend(check_upstream_files(up_name, up, &loc));
+        errors.extend(check_upstream(up_name, up, loc));
     }
     errors
 }
@@ -860,55 +758,6 @@ fn check_broker(b: &BrokerConfig, loc: &Locator) -> Vec<Diagnostic> {
             "tls_cert",
             "broker.tls_cert and tls_key are used only with tls_listen; set it, e.g. \"0.0.0.0:8883\"",
         )),
-    }
-    out
-}
-
-/// The files the broker settings name: TLS, passwords, ACL (read here).
-fn check_broker_files(b: &BrokerConfig, loc: &Locator) -> Vec<Diagnostic> {
-    let mut out = Vec::new();
-    if let (Some(_), Some(cert), Some(key)) = (&b.tls_listen, &b.tls_cert, &b.tls_key)
-        && let Err(e) = crate::tls::check_server_files(cert, key, b.tls_client_ca.as_deref())
-    {
-        let at = match &e {
-            crate::tls::TlsError::Read { path, .. } | crate::tls::TlsError::Bad { path, .. }
-                if path == key =>
-            {
-                "tls_key"
-            }
-            crate::tls::TlsError::Read { path, .. } | crate::tls::TlsError::Bad { path, .. }
-                if Some(path.as_path()) == b.tls_client_ca.as_deref() =>
-            {
-                "tls_client_ca"
-            }
-            crate::tls::TlsError::NotBuilt => "tls_listen",
-            _ => "tls_cert",
-        };
-        out.push(loc.at("broker", at, format!("broker.{at}: {e}")));
-    }
-    if let Some(path) = &b.password_file {
-        match crate::passwd::Passwords::load(path) {
-            Err(e) => out.push(loc.at(
-                "broker",
-                "password_file",
-                format!("broker.password_file: {e}"),
-            )),
-            Ok(p) if p.is_empty() => out.push(loc.at(
-                "broker",
-                "password_file",
-                format!(
-                    "broker.password_file {}: has no users, so no client could connect; add one with `edgeferry passwd {} <user>`",
-                    path.display(),
-                    path.display()
-                ),
-            )),
-            Ok(_) => {}
-        }
-    }
-    if let Some(path) = &b.acl_file
-        && let Err(found) = crate::acl::Acl::load(path)
-    {
-        out.extend(found);
     }
     out
 }
@@ -1097,46 +946,6 @@ fn check_upstream(up_name: &str, up: &UpstreamConfig, loc: &Locator) -> Vec<Diag
     out
 }
 
-/// The files one upstream names: its password file and TLS (read here).
-fn check_upstream_files(up_name: &str, up: &UpstreamConfig, loc: &Locator) -> Vec<Diagnostic> {
-    let table = format!("upstream.{up_name}");
-    let mut out = Vec::new();
-    if let Some(path) = &up.password_file
-        && let Err(e) = std::fs::File::open(path)
-    {
-        out.push(loc.at(
-            &table,
-            "password_file",
-            format!(
-                "upstream.{up_name}.password_file {}: cannot read: {e}",
-                path.display()
-            ),
-        ));
-    }
-    if up.url.tls
-        && up.cert_file.is_some() == up.key_file.is_some()
-        && let Err(e) = crate::tls::client_config(up)
-    {
-        let key = match &e {
-            crate::tls::TlsError::Read { path, .. } | crate::tls::TlsError::Bad { path, .. }
-                if Some(path) == up.key_file.as_ref() =>
-            {
-                "key_file"
-            }
-            crate::tls::TlsError::Read { path, .. } | crate::tls::TlsError::Bad { path, .. }
-                if Some(path) == up.cert_file.as_ref() =>
-            {
-                "cert_file"
-            }
-            crate::tls::TlsError::Read { .. } | crate::tls::TlsError::Bad { .. } => "ca_file",
-            // No system roots, or a build without TLS: the url asked for it.
-            _ => "url",
-        };
-        out.push(loc.at(&table, key, format!("upstream.{up_name}: {e}")));
-    }
-    out
-}
-
 /// Byte span where `key` is set inside the table `[table]`; else the
 /// table's header; `None` if the table is not written at all.
 fn find_key_in(text: &str, table: &str, key: &str) -> Option<std::ops::Range<usize>> {
@@ -1160,7 +969,7 @@ fn find_key_in(text: &str, table: &str, key: &str) -> Option<std::ops::Range<usi
     header_at
 }
 
-fn find_key(text: &str, key: &str) -> Option<std::ops::Range<usize>> {
+pub(crate) fn find_key(text: &str, key: &str) -> Option<std::ops::Range<usize>> {
     let mut offset = 0;
     for line in text.split_inclusive('\n') {
         let trimmed = line.trim_start();
@@ -1178,6 +987,7 @@ fn find_key(text: &str, key: &str) -> Option<std::ops::Range<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::setup::Config;
 
     #[test]
     fn the_readme_config_reference_shows_the_real_defaults() {

@@ -3,38 +3,9 @@
 
 use std::path::PathBuf;
 
-use serde::Deserialize;
-
 use crate::config::UpstreamConfig;
 
-/// A password. `Debug` and `Display` print `***`, so a config or settings
-/// struct that reaches a log line cannot leak it.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Secret {
-        Secret(s.into())
-    }
-
-    /// The password itself, for the one place that sends it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("***")
-    }
-}
-
-impl std::fmt::Display for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("***")
-    }
-}
+pub use crate::units::Secret;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialError {
@@ -68,14 +39,14 @@ pub fn password(up: &UpstreamConfig) -> Result<Option<Secret>, CredentialError> 
                 path.display()
             )));
         }
-        return Ok(Some(Secret(line)));
+        return Ok(Some(Secret::new(line)));
     }
     if let Some(name) = &up.password_env {
         let value = std::env::var(name).map_err(|_| CredentialError::Env { name: name.clone() })?;
         if value.is_empty() {
             return Err(CredentialError::Empty(format!("password_env {name}")));
         }
-        return Ok(Some(Secret(value)));
+        return Ok(Some(Secret::new(value)));
     }
     Ok(up.password.clone())
 }

@@ -23,6 +23,7 @@ pub mod reload;
 pub mod republish;
 pub mod router;
 pub mod rules;
+pub mod setup;
 pub mod status;
 pub mod supervisor;
 pub mod tls;
@@ -37,8 +38,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-pub use config::Config;
 use metrics::Metrics;
+pub use setup::Config;
 
 /// Why the daemon could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]

@@ -15,9 +15,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
-use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::rules::{Changes, RuleSet};
+use crate::setup::Config;
 
 /// Rule names a reload logs per list (added, removed, changed); the rest are counted.
 const LOGGED_NAMES: usize = 20;

@@ -1,6 +1,7 @@
 //! Durations and sizes in the human form operators write: `"50ms"`, `"24h"`,
 //! `"512MiB"`. Parse errors surface through serde, so they carry the span of
-//! the offending value and end up as file:line:column diagnostics.
+//! the offending value and end up as file:line:column diagnostics. And
+//! `Secret`, a password value that never prints.
 
 use std::fmt;
 use std::str::FromStr;
@@ -108,6 +109,35 @@ impl<'de> Deserialize<'de> for ByteSize {
 impl Serialize for ByteSize {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
+    }
+}
+
+/// A password. `Debug` and `Display` print `***`, so a config or settings
+/// struct that reaches a log line cannot leak it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    /// The password itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
     }
 }
 

@@ -10,7 +10,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let _ = edgeferry::config::Config::from_toml(
+    let _ = edgeferry::Config::from_toml(
         text,
         Path::new("fuzz.toml"),
         Path::new("/nonexistent-edgeferry-fuzz"),

@@ -14,9 +14,7 @@ use crate::acl::Acl;
 use crate::metrics::Metrics;
 use crate::passwd::{PasswdError, Passwords};
 
-/// Client ids edgeferry uses inside the embedded broker: a sensor taking
-/// one would kick edgeferry's own link off.
-pub const RESERVED_ID_PREFIX: &str = "edgeferry-link-";
+pub use crate::broker::RESERVED_ID_PREFIX;
 
 /// The health probe's client id: refused at the door like every reserved
 /// id, but not counted as a failed login.

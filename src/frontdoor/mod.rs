@@ -101,11 +101,7 @@ impl Door {
     }
 }
 
-/// The largest packet a client may send: `max_payload` is on the payload,
-/// so there is room for the topic and headers.
-pub fn max_packet(cfg: &BrokerConfig) -> usize {
-    cfg.max_payload.as_usize() + 64 * 1024
-}
+pub use crate::broker::max_packet;
 
 /// The bound local listeners.
 pub struct Listeners {

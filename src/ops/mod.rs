@@ -1,7 +1,6 @@
 //! Operations: how the daemon talks to its service manager and to the
 //! people and tools watching it.
 
-pub mod disk;
 pub mod health;
 pub mod http;
 pub mod logging;

@@ -13,6 +13,7 @@
 
 mod policy;
 mod schema;
+pub mod space;
 mod writer;
 
 use std::collections::BTreeMap;

@@ -3,7 +3,7 @@
 //! becomes a [`Diagnostic`] at file:line:column naming the rule, and loading
 //! goes on, so `edgeferry check` shows every error of every file at once.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
@@ -19,7 +19,6 @@ use super::template::Template;
 use super::topic::Pattern;
 use super::transform::Transform;
 use super::{Destination, Rule, Shape, Target, UpstreamTarget};
-use crate::config::UpstreamConfig;
 use crate::diagnostic::Diagnostic;
 use crate::rules::TestSpec;
 
@@ -38,7 +37,7 @@ pub struct FileContents {
 pub fn parse_file(
     file: &Path,
     text: &str,
-    upstreams: &BTreeMap<String, UpstreamConfig>,
+    upstreams: &BTreeSet<String>,
     errors: &mut Vec<Diagnostic>,
 ) -> FileContents {
     let mut out = FileContents::default();
@@ -153,7 +152,7 @@ fn compile_rule(
     file: &Path,
     text: &str,
     item: &Spanned<DeValue<'_>>,
-    upstreams: &BTreeMap<String, UpstreamConfig>,
+    upstreams: &BTreeSet<String>,
     errors: &mut Vec<Diagnostic>,
 ) -> Option<Rule> {
     let spec = match RuleSpec::deserialize(ValueDeserializer::from(item.clone())) {
@@ -340,7 +339,7 @@ fn compile_rule(
 pub fn compile_destination(
     d: &DestinationSpec,
     pattern: Option<&Pattern>,
-    upstreams: &BTreeMap<String, UpstreamConfig>,
+    upstreams: &BTreeSet<String>,
     windowed: bool,
 ) -> Result<Destination, Vec<(&'static str, String)>> {
     let mut problems = Vec::new();
@@ -365,8 +364,8 @@ pub fn compile_destination(
             None
         }
         (Some(name), None) => {
-            if !upstreams.contains_key(name) {
-                let known: Vec<&str> = upstreams.keys().map(|k| k.as_str()).collect();
+            if !upstreams.contains(name) {
+                let known: Vec<&str> = upstreams.iter().map(|k| k.as_str()).collect();
                 problems.push((
                     "upstream",
                     format!(

@@ -25,7 +25,7 @@ pub mod testing;
 pub mod topic;
 mod transform;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -33,7 +33,6 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use crate::codec::Payload;
-use crate::config::UpstreamConfig;
 use crate::diagnostic::{Diagnostic, Diagnostics};
 use crate::event::{Event, Origin};
 use crate::queue::{Overflow, Priority};
@@ -220,10 +219,7 @@ impl RuleSet {
 
     /// Load every `*.toml` in `dir` (in file-name order), checking upstream
     /// names against `upstreams`. Returns every problem in every file.
-    pub fn load_dir(
-        dir: &Path,
-        upstreams: &BTreeMap<String, UpstreamConfig>,
-    ) -> Result<RuleSet, Diagnostics> {
+    pub fn load_dir(dir: &Path, upstreams: &BTreeSet<String>) -> Result<RuleSet, Diagnostics> {
         let files = toml_files(dir).map_err(|e| {
             Diagnostics(vec![Diagnostic::unreadable(
                 dir,
@@ -236,7 +232,7 @@ impl RuleSet {
     /// Load the given rule files, in the order given.
     pub fn load_files(
         files: &[PathBuf],
-        upstreams: &BTreeMap<String, UpstreamConfig>,
+        upstreams: &BTreeSet<String>,
     ) -> Result<RuleSet, Diagnostics> {
         let mut errors = Vec::new();
         let mut set = RuleSet::default();
@@ -265,7 +261,7 @@ impl RuleSet {
     pub fn from_str(
         name: &Path,
         text: &str,
-        upstreams: &BTreeMap<String, UpstreamConfig>,
+        upstreams: &BTreeSet<String>,
     ) -> Result<RuleSet, Diagnostics> {
         let mut errors = Vec::new();
         let mut set = RuleSet::default();
@@ -281,7 +277,7 @@ impl RuleSet {
         &mut self,
         file: &Path,
         text: &str,
-        upstreams: &BTreeMap<String, UpstreamConfig>,
+        upstreams: &BTreeSet<String>,
         seen: &mut HashMap<Arc<str>, String>,
         errors: &mut Vec<Diagnostic>,
     ) {
@@ -330,7 +326,7 @@ impl RuleSet {
     pub fn configure(
         &mut self,
         settings: &Settings,
-        upstreams: &BTreeMap<String, UpstreamConfig>,
+        upstreams: &BTreeSet<String>,
     ) -> Result<(), Vec<(&'static str, String)>> {
         self.gateway = Arc::from(settings.gateway.as_str());
         self.dead_letter = settings.dead_letter.as_deref().map(Arc::from);

@@ -30,7 +30,7 @@ impl Writer {
             return;
         }
         self.reserve_missing_since = Some(Instant::now());
-        if crate::ops::disk::space(&self.path).is_some_and(|s| s.free < 2 * RESERVE_BYTES) {
+        if crate::queue::space::space(&self.path).is_some_and(|s| s.free < 2 * RESERVE_BYTES) {
             return;
         }
         let made = std::fs::File::create(&self.reserve).and_then(|f| {
@@ -64,7 +64,7 @@ impl Writer {
         }
         self.disk_checked = Some(Instant::now());
         self.admitted_since_check = 0;
-        let low = match crate::ops::disk::space(&self.path) {
+        let low = match crate::queue::space::space(&self.path) {
             Some(space) => space.free < self.settings.min_free_disk,
             None => false,
         };
