@@ -22,6 +22,17 @@ fn check_fails(d: &Path, config: &str, code: i32) -> String {
     stderr
 }
 
+/// `edgeferry.toml` in `d`: one upstream, no metrics, the rules in `d/rules`.
+fn write_small_config(d: &Path) {
+    write(
+        &d.join("edgeferry.toml"),
+        &format!(
+            "[broker]\nlisten = \"127.0.0.1:{}\"\n[metrics]\nenabled = false\n[queue]\npath = \"q.db\"\n[upstream.cloud]\nurl = \"mqtt://127.0.0.1:1884\"\n",
+            free_port()
+        ),
+    );
+}
+
 fn write(path: &Path, text: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, text).unwrap();
@@ -650,13 +661,7 @@ fn check_reports_broker_tls_and_password_file_problems() {
 fn expressions_too_deep_to_evaluate_are_refused_by_check_and_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    write(
-        &d.join("edgeferry.toml"),
-        &format!(
-            "[broker]\nlisten = \"127.0.0.1:{}\"\n[metrics]\nenabled = false\n[queue]\npath = \"q.db\"\n[upstream.cloud]\nurl = \"mqtt://127.0.0.1:1884\"\n",
-            free_port()
-        ),
-    );
+    write_small_config(d);
     for (name, when) in [
         ("plus", format!("{} > 0", vec!["1"; 2000].join("+"))),
         ("times", format!("{} > 0", vec!["1"; 2000].join("*"))),
@@ -692,13 +697,7 @@ fn expressions_too_deep_to_evaluate_are_refused_by_check_and_at_start() {
 fn patterns_that_cannot_be_compiled_once_are_refused_by_check_and_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    write(
-        &d.join("edgeferry.toml"),
-        &format!(
-            "[broker]\nlisten = \"127.0.0.1:{}\"\n[metrics]\nenabled = false\n[queue]\npath = \"q.db\"\n[upstream.cloud]\nurl = \"mqtt://127.0.0.1:1884\"\n",
-            free_port()
-        ),
-    );
+    write_small_config(d);
     for (when, says) in [
         ("topic.matches('(')", "unclosed group"),
         ("topic.matches('[z-a]')", "invalid character class range"),

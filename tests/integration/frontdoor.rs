@@ -286,6 +286,26 @@ async fn the_acl_file_limits_publishes_subscriptions_and_deliveries_and_is_reloa
     gw.stop().await;
 }
 
+/// The reason codes of the next `n` PUBACKs an MQTT 5 client gets.
+async fn v5_puback_reasons(
+    el: &mut rumqttc::v5::EventLoop,
+    n: usize,
+) -> Vec<rumqttc::v5::mqttbytes::v5::PubAckReason> {
+    tokio::time::timeout(DEADLINE, async {
+        let mut reasons = Vec::new();
+        while reasons.len() < n {
+            if let Ok(rumqttc::v5::Event::Incoming(rumqttc::v5::Incoming::PubAck(a))) =
+                el.poll().await
+            {
+                reasons.push(a.reason);
+            }
+        }
+        reasons
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{n} PUBACKs"))
+}
+
 /// MQTT 5 gets the reason: a denied publish is answered "not authorized".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_denied_mqtt5_publish_is_answered_not_authorized() {
@@ -310,19 +330,7 @@ async fn a_denied_mqtt5_publish_is_answered_not_authorized() {
             .await
             .unwrap();
     }
-    let reasons = tokio::time::timeout(DEADLINE, async {
-        let mut reasons = Vec::new();
-        while reasons.len() < 2 {
-            if let Ok(rumqttc::v5::Event::Incoming(rumqttc::v5::Incoming::PubAck(a))) =
-                el.poll().await
-            {
-                reasons.push(a.reason);
-            }
-        }
-        reasons
-    })
-    .await
-    .expect("two PUBACKs");
+    let reasons = v5_puback_reasons(&mut el, 2).await;
     assert_eq!(
         reasons,
         vec![PubAckReason::Success, PubAckReason::NotAuthorized]
@@ -401,19 +409,7 @@ async fn a_payload_over_max_payload_is_refused_and_one_at_the_limit_goes_through
             .await
             .unwrap();
     }
-    let reasons = tokio::time::timeout(DEADLINE, async {
-        let mut reasons = Vec::new();
-        while reasons.len() < 4 {
-            if let Ok(rumqttc::v5::Event::Incoming(rumqttc::v5::Incoming::PubAck(a))) =
-                el.poll().await
-            {
-                reasons.push(a.reason);
-            }
-        }
-        reasons
-    })
-    .await
-    .expect("four PUBACKs on one connection");
+    let reasons = v5_puback_reasons(&mut el, 4).await;
     assert_eq!(
         reasons,
         vec![
