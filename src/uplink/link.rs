@@ -6,7 +6,9 @@
 //! branch would), it loses the packet it was writing after assigning its
 //! pkid. So it runs in its own task, never cancelled, and events reach the
 //! session over a channel. The task ends after forwarding an error, or when
-//! the session drops the receiver.
+//! the session drops the receiver. So a link is two halves: `Link` sends
+//! (the session owns it, behind the `Wire` trait) and `Events` receives
+//! (the driver selects on it).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -17,6 +19,8 @@ use tokio::sync::mpsc;
 
 use super::UplinkSettings;
 use super::failure::FailureKind;
+use super::packet::Publish;
+use super::session::Wire;
 use crate::config::Protocol;
 
 /// The poller task for either rumqttc event loop (same code, different
@@ -89,10 +93,16 @@ enum Client {
     V5(rumqttc::v5::AsyncClient),
 }
 
-/// A connection attempt in progress or a live connection.
+/// The sending half of a connection attempt in progress or a live
+/// connection.
 pub struct Link {
     client: Client,
-    pub events: mpsc::Receiver<Result<LinkEvent, LinkError>>,
+}
+
+/// The receiving half: what happened on the connection, and when the
+/// broker was last heard.
+pub struct Events {
+    pub rx: mpsc::Receiver<Result<LinkEvent, LinkError>>,
     /// When the link was opened, and ms after that when the poller last
     /// read a packet from the broker: stamped as it arrives, not when the
     /// session gets round to the event, so a busy session does not mistake
@@ -101,19 +111,9 @@ pub struct Link {
     heard_ms: Arc<AtomicU64>,
 }
 
-/// What goes with one publish beyond topic and payload.
-pub struct Extras<'a> {
-    /// MQTT 5: sent as the `event_id` user property.
-    pub event_id: &'a str,
-    /// MQTT 5: message expiry, from the route's TTL.
-    pub expiry_secs: Option<u32>,
-    /// MQTT 5: a user property `<name>` = "true" marking a replayed event.
-    pub replay_marker: Option<&'a str>,
-}
-
 impl Link {
     /// Start connecting; the first event is `Connected` or an error.
-    pub fn open(settings: &UplinkSettings, capacity: usize) -> Link {
+    pub fn open(settings: &UplinkSettings, capacity: usize) -> (Link, Events) {
         let up = &settings.upstream;
         let max_packet = up.max_packet_size.as_usize();
         let password = settings.password.as_ref().map_or("", |p| p.expose());
@@ -164,69 +164,12 @@ impl Link {
                 Client::V5(client)
             }
         };
-        Link {
-            client,
-            events: rx,
+        let events = Events {
+            rx,
             opened,
             heard_ms,
-        }
-    }
-
-    /// When a packet from the broker last arrived (the open, before any).
-    pub fn last_heard(&self) -> tokio::time::Instant {
-        self.opened + Duration::from_millis(self.heard_ms.load(Relaxed))
-    }
-
-    /// Hand a publish to the event loop (never waits: the channel has room
-    /// for the whole window).
-    pub fn try_publish(
-        &self,
-        topic: String,
-        qos: QoS,
-        payload: Vec<u8>,
-        extras: &Extras<'_>,
-    ) -> Result<(), String> {
-        match &self.client {
-            Client::V4(c) => c
-                .try_publish(topic, qos, false, payload)
-                .map_err(|e| e.to_string()),
-            Client::V5(c) => {
-                let mut user_properties =
-                    vec![("event_id".to_string(), extras.event_id.to_string())];
-                if let Some(name) = extras.replay_marker {
-                    user_properties.push((name.to_string(), "true".to_string()));
-                }
-                let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
-                    message_expiry_interval: extras.expiry_secs,
-                    user_properties,
-                    ..Default::default()
-                };
-                let qos = match qos {
-                    QoS::AtMostOnce => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
-                    _ => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                };
-                c.try_publish_with_properties(topic, qos, false, payload, props)
-                    .map_err(|e| e.to_string())
-            }
-        }
-    }
-
-    /// Bytes an MQTT 5 publish adds for its properties (for the size check).
-    pub fn extras_len(&self, extras: &Extras<'_>) -> usize {
-        match &self.client {
-            Client::V4(_) => 0,
-            Client::V5(_) => {
-                // Properties length varint, user property (id, 2+8 + 2+len),
-                // expiry (1+4), marker (1 + 2+len + 2+4).
-                4 + 1
-                    + 2
-                    + "event_id".len()
-                    + 2
-                    + extras.event_id.len()
-                    + extras.expiry_secs.map_or(0, |_| 5)
-                    + extras.replay_marker.map_or(0, |m| 1 + 2 + m.len() + 2 + 4)
-            }
-        }
+        };
+        (Link { client }, events)
     }
 
     pub fn try_disconnect(&self) {
@@ -236,11 +179,47 @@ impl Link {
             Client::V5(c) => drop(c.try_disconnect()),
         }
     }
+}
+
+impl Wire for Link {
+    /// Hand a publish to the event loop (never waits: the channel has room
+    /// for the whole window).
+    fn publish(&self, p: Publish<'_>) -> Result<(), String> {
+        match &self.client {
+            Client::V4(c) => c
+                .try_publish(p.topic, p.qos, false, p.payload)
+                .map_err(|e| e.to_string()),
+            Client::V5(c) => {
+                let mut user_properties = vec![("event_id".to_string(), p.event_id)];
+                if let Some(name) = p.replay_marker {
+                    user_properties.push((name.to_string(), "true".to_string()));
+                }
+                let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+                    message_expiry_interval: p.expiry_secs,
+                    user_properties,
+                    ..Default::default()
+                };
+                let qos = match p.qos {
+                    QoS::AtMostOnce => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+                    _ => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                };
+                c.try_publish_with_properties(p.topic, qos, false, p.payload, props)
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+impl Events {
+    /// When a packet from the broker last arrived (the open, before any).
+    pub fn last_heard(&self) -> tokio::time::Instant {
+        self.opened + Duration::from_millis(self.heard_ms.load(Relaxed))
+    }
 
     /// Wait (at most `limit`) until the DISCONNECT is written.
     pub async fn closed(&mut self, limit: Duration) {
         let _ = tokio::time::timeout(limit, async {
-            while let Some(Ok(ev)) = self.events.recv().await {
+            while let Some(Ok(ev)) = self.rx.recv().await {
                 if matches!(ev, LinkEvent::Disconnected) {
                     return;
                 }
