@@ -3,18 +3,20 @@
 //! atomics, the queue's depth per upstream and priority (a read-only query
 //! of the queue file, like `edgeferry queue stats`), and the process RSS.
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 use crate::event::now_ms;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, UplinkMetrics};
 use crate::queue::{Priority, Stats};
+use crate::uplink::FailureKind;
 
 /// What one scrape shows besides the counters.
 #[derive(Debug, Clone, Default)]
@@ -55,102 +57,313 @@ struct Scrape {
 
 const PRIORITIES: [Priority; 3] = [Priority::Low, Priority::Normal, Priority::High];
 
+/// One unlabelled metric: name, help, type, and where its value is.
+type Plain = (&'static str, &'static str, MetricType, fn(&Metrics) -> u64);
+
+use MetricType::{Counter, Gauge};
+
+const FRONT_DOOR: &[Plain] = &[
+    (
+        "events_received",
+        "Publishes the front door took into the pipeline (ingested topics; wills included)",
+        Counter,
+        |m| m.received.load(Relaxed),
+    ),
+    (
+        "local_connections",
+        "Local MQTT client connections open now",
+        Gauge,
+        |m| m.door_connections.load(Relaxed),
+    ),
+    (
+        "local_connections_refused_busy",
+        "Local connections closed at once because max_connections were open",
+        Counter,
+        |m| m.door_refused_busy.load(Relaxed),
+    ),
+    (
+        "local_publishes",
+        "PUBLISH packets accepted from local clients (every topic)",
+        Counter,
+        |m| m.door_publishes.load(Relaxed),
+    ),
+    (
+        "local_publishers_held_seconds",
+        "Time publishers were not read because the pipeline was full (summed over connections)",
+        Counter,
+        |m| m.door_held_ms.load(Relaxed) / 1000,
+    ),
+    (
+        "local_protocol_errors",
+        "Local connections closed for malformed packets or protocol violations",
+        Counter,
+        |m| m.door_protocol_errors.load(Relaxed),
+    ),
+];
+
+const PIPELINE: &[Plain] = &[
+    (
+        "events_matched",
+        "Events at least one rule applied to",
+        Counter,
+        |m| m.matched.load(Relaxed),
+    ),
+    (
+        "dead_letters",
+        "Events with a malformed payload or a failing rule",
+        Counter,
+        |m| m.dead_letters.load(Relaxed),
+    ),
+    (
+        "rule_errors",
+        "Rule evaluations that failed on an event",
+        Counter,
+        |m| m.rule_errors.load(Relaxed),
+    ),
+    (
+        "events_unmatched_routed",
+        "Events sent to the unmatched destination",
+        Counter,
+        |m| m.unmatched_routed.load(Relaxed),
+    ),
+    (
+        "window_events_absorbed",
+        "Events folded into a window",
+        Counter,
+        |m| m.window_absorbed.load(Relaxed),
+    ),
+    (
+        "window_events_emitted",
+        "Window aggregates sent on",
+        Counter,
+        |m| m.window_emitted.load(Relaxed),
+    ),
+    (
+        "republished",
+        "Events published into the embedded broker by local destinations",
+        Counter,
+        |m| m.republished.load(Relaxed),
+    ),
+    (
+        "republish_failed",
+        "Local publishes dropped (buffer full or broker gone)",
+        Counter,
+        |m| m.republish_failed.load(Relaxed),
+    ),
+    (
+        "queue_appended",
+        "Rows committed to the queue (one per event and upstream)",
+        Counter,
+        |m| m.queued.load(Relaxed),
+    ),
+    (
+        "queue_commits",
+        "SQLite commits of the queue writer",
+        Counter,
+        |m| m.commits.load(Relaxed),
+    ),
+    (
+        "queue_acked_in_memory",
+        "Events acknowledged upstream before they were written to disk (durability = offline)",
+        Counter,
+        |m| m.acked_in_memory.load(Relaxed),
+    ),
+    (
+        "queue_commit_failures",
+        "Queue commits that failed and are being retried (disk full, I/O error)",
+        Counter,
+        |m| m.commit_failures.load(Relaxed),
+    ),
+    (
+        "broker_auth_failures",
+        "Local clients refused at CONNECT (unknown user, wrong password, reserved client id)",
+        Counter,
+        |m| m.broker_auth_failures.load(Relaxed),
+    ),
+    (
+        "queue_recovered",
+        "Damaged queue files moved aside at start",
+        Counter,
+        |m| m.queue_recovered.load(Relaxed),
+    ),
+    (
+        "queue_damaged",
+        "Checkpoints that found the queue's WAL file cut short by another program while running",
+        Counter,
+        |m| m.queue_damaged.load(Relaxed),
+    ),
+];
+
+const RULE_STATE: &[Plain] = &[
+    (
+        "rule_last_reload_timestamp_seconds",
+        "When a reload was last tried (0: never)",
+        Gauge,
+        |m| m.last_reload_ms.load(Relaxed) / 1000,
+    ),
+    (
+        "rule_last_reload_ok",
+        "1 if the last reload was applied",
+        Gauge,
+        |m| m.last_reload_ok.load(Relaxed) as u64,
+    ),
+    ("rules", "Rules in use", Gauge, |m| m.rules.load(Relaxed)),
+    (
+        "start_timestamp_seconds",
+        "When this edgeferry started",
+        Gauge,
+        |m| m.started_ms.load(Relaxed) / 1000,
+    ),
+];
+
+/// One per-upstream metric.
+type PerUplink = (
+    &'static str,
+    &'static str,
+    MetricType,
+    fn(&UplinkMetrics) -> u64,
+);
+
+const PER_UPLINK: &[PerUplink] = &[
+    (
+        "uplink_connected",
+        "1 while the upstream session is up",
+        Gauge,
+        |u| u.connected.load(Relaxed) as u64,
+    ),
+    (
+        "uplink_connects",
+        "Upstream sessions established",
+        Counter,
+        |u| u.connects.load(Relaxed),
+    ),
+    (
+        "uplink_session_present",
+        "1 if the broker resumed the session at the last connect",
+        Gauge,
+        |u| u.session_present.load(Relaxed) as u64,
+    ),
+    (
+        "uplink_window",
+        "QoS 1 publishes allowed in flight (inflight, or the server's smaller Receive Maximum)",
+        Gauge,
+        |u| u.window.load(Relaxed),
+    ),
+    (
+        "uplink_inflight",
+        "Publishes sent and not yet acknowledged",
+        Gauge,
+        |u| u.inflight.load(Relaxed),
+    ),
+    (
+        "uplink_sent",
+        "Publishes handed to the network (re-sends included)",
+        Counter,
+        |u| u.sent.load(Relaxed),
+    ),
+    (
+        "uplink_acked",
+        "Events acknowledged by the upstream and deleted",
+        Counter,
+        |u| u.acked.load(Relaxed),
+    ),
+    (
+        "uplink_resent",
+        "Events sent again after a reconnect",
+        Counter,
+        |u| u.resent.load(Relaxed),
+    ),
+    (
+        "uplink_dead_lettered",
+        "Events the upstream can never take (deleted, counted)",
+        Counter,
+        |u| u.dead_lettered.load(Relaxed),
+    ),
+];
+
+/// One per-upstream metric by failure kind.
+type PerKind = (
+    &'static str,
+    &'static str,
+    MetricType,
+    fn(&UplinkMetrics, usize) -> u64,
+);
+
+const PER_KIND: &[PerKind] = &[
+    (
+        "uplink_failures",
+        "Failed connection attempts and lost sessions, by kind (tls, refused, unreachable, lost)",
+        Counter,
+        |u, i| u.failures[i].load(Relaxed),
+    ),
+    (
+        "uplink_down_because",
+        "1 for the kind of failure that ended the last attempt while the uplink is down",
+        Gauge,
+        |u, i| (u.down_because.load(Relaxed) == i as u64 + 1) as u64,
+    ),
+];
+
+/// One per-upstream counter by priority.
+type PerPriority = (
+    &'static str,
+    &'static str,
+    fn(&UplinkMetrics) -> &[AtomicU64; 3],
+);
+
+const PER_PRIORITY: &[PerPriority] = &[
+    (
+        "queue_evicted",
+        "Queued events deleted to make room (overflow = drop_oldest)",
+        |u| &u.evicted,
+    ),
+    (
+        "queue_rejected",
+        "New events refused by a full queue",
+        |u| &u.rejected,
+    ),
+    (
+        "queue_expired",
+        "Queued events deleted unsent past their TTL",
+        |u| &u.expired,
+    ),
+];
+
 impl Collector for Scrape {
-    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let m = &self.metrics;
-        let counter = |enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64| {
-            let c = ConstCounter::new(v);
-            c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)
-        };
-        let gauge = |enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64| {
-            let g = ConstGauge::new(v);
-            g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
-        };
-        counter(
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let m = &*self.metrics;
+        plain(&mut enc, m, FRONT_DOOR)?;
+        labelled(
             &mut enc,
-            "events_received",
-            "Publishes the front door took into the pipeline (ingested topics; wills included)",
-            m.received.load(Relaxed),
-        )?;
-        gauge(
-            &mut enc,
-            "local_connections",
-            "Local MQTT client connections open now",
-            m.door_connections.load(Relaxed) as i64,
-        )?;
-        counter(
-            &mut enc,
-            "local_connections_refused_busy",
-            "Local connections closed at once because max_connections were open",
-            m.door_refused_busy.load(Relaxed),
-        )?;
-        counter(
-            &mut enc,
-            "local_publishes",
-            "PUBLISH packets accepted from local clients (every topic)",
-            m.door_publishes.load(Relaxed),
-        )?;
-        counter(
-            &mut enc,
-            "local_publishers_held_seconds",
-            "Time publishers were not read because the pipeline was full (summed over connections)",
-            m.door_held_ms.load(Relaxed) / 1000,
-        )?;
-        counter(
-            &mut enc,
-            "local_protocol_errors",
-            "Local connections closed for malformed packets or protocol violations",
-            m.door_protocol_errors.load(Relaxed),
-        )?;
-        {
-            let mut e = enc.encode_descriptor(
-                "local_refused",
-                "Local publishes, subscriptions and deliveries refused, by reason",
-                None,
-                MetricType::Counter,
-            )?;
-            for (reason, c) in [
+            "local_refused",
+            "Local publishes, subscriptions and deliveries refused, by reason",
+            "reason",
+            &[
                 ("publish_denied", &m.door_denied_publish),
                 ("subscribe_denied", &m.door_denied_subscribe),
                 ("delivery_denied", &m.door_denied_delivery),
                 ("topic_invalid", &m.door_rejected_topic),
                 ("payload_too_large", &m.door_rejected_payload),
-            ] {
-                ConstCounter::new(c.load(Relaxed))
-                    .encode(e.encode_family(&[("reason", reason)])?)?;
-            }
-        }
-        {
-            let mut e = enc.encode_descriptor(
-                "events_decoded",
-                "Received events by payload format",
-                None,
-                MetricType::Counter,
-            )?;
-            for (format, c) in [
+            ],
+        )?;
+        labelled(
+            &mut enc,
+            "events_decoded",
+            "Received events by payload format",
+            "format",
+            &[
                 ("json", &m.decoded_json),
                 ("cbor", &m.decoded_cbor),
                 ("raw", &m.decoded_raw),
                 ("malformed", &m.decoded_malformed),
-            ] {
-                ConstCounter::new(c.load(Relaxed))
-                    .encode(e.encode_family(&[("format", format)])?)?;
-            }
-        }
-        counter(
-            &mut enc,
-            "events_matched",
-            "Events at least one rule applied to",
-            m.matched.load(Relaxed),
+            ],
         )?;
-        {
-            let mut e = enc.encode_descriptor(
-                "events_dropped",
-                "Events dropped inside edgeferry, by reason",
-                None,
-                MetricType::Counter,
-            )?;
-            for (reason, c) in [
+        labelled(
+            &mut enc,
+            "events_dropped",
+            "Events dropped inside edgeferry, by reason",
+            "reason",
+            &[
                 ("unmatched", &m.dropped_unmatched),
                 ("rule", &m.dropped_rule),
                 ("throttled", &m.dropped_throttled),
@@ -158,242 +371,100 @@ impl Collector for Scrape {
                 ("deadband", &m.dropped_deadband),
                 ("queue_unavailable", &m.dropped_queue_unavailable),
                 ("loop", &m.dropped_loop),
-            ] {
-                ConstCounter::new(c.load(Relaxed))
-                    .encode(e.encode_family(&[("reason", reason)])?)?;
-            }
-        }
-        counter(
-            &mut enc,
-            "dead_letters",
-            "Events with a malformed payload or a failing rule",
-            m.dead_letters.load(Relaxed),
+            ],
         )?;
-        counter(
-            &mut enc,
-            "rule_errors",
-            "Rule evaluations that failed on an event",
-            m.rule_errors.load(Relaxed),
-        )?;
-        counter(
-            &mut enc,
-            "events_unmatched_routed",
-            "Events sent to the unmatched destination",
-            m.unmatched_routed.load(Relaxed),
-        )?;
-        counter(
-            &mut enc,
-            "window_events_absorbed",
-            "Events folded into a window",
-            m.window_absorbed.load(Relaxed),
-        )?;
-        counter(
-            &mut enc,
-            "window_events_emitted",
-            "Window aggregates sent on",
-            m.window_emitted.load(Relaxed),
-        )?;
-        counter(
-            &mut enc,
-            "republished",
-            "Events published into the embedded broker by local destinations",
-            m.republished.load(Relaxed),
-        )?;
-        counter(
-            &mut enc,
-            "republish_failed",
-            "Local publishes dropped (buffer full or broker gone)",
-            m.republish_failed.load(Relaxed),
-        )?;
-        counter(
-            &mut enc,
-            "queue_appended",
-            "Rows committed to the queue (one per event and upstream)",
-            m.queued.load(Relaxed),
-        )?;
-        counter(
-            &mut enc,
-            "queue_commits",
-            "SQLite commits of the queue writer",
-            m.commits.load(Relaxed),
-        )?;
-        counter(
-            &mut enc,
-            "queue_acked_in_memory",
-            "Events acknowledged upstream before they were written to disk (durability = offline)",
-            m.acked_in_memory.load(Relaxed),
-        )?;
-        counter(
-            &mut enc,
-            "queue_commit_failures",
-            "Queue commits that failed and are being retried (disk full, I/O error)",
-            m.commit_failures.load(Relaxed),
-        )?;
-        counter(
-            &mut enc,
-            "broker_auth_failures",
-            "Local clients refused at CONNECT (unknown user, wrong password, reserved client id)",
-            m.broker_auth_failures.load(Relaxed),
-        )?;
-        counter(
-            &mut enc,
-            "queue_recovered",
-            "Damaged queue files moved aside at start",
-            m.queue_recovered.load(Relaxed),
-        )?;
-        counter(
-            &mut enc,
-            "queue_damaged",
-            "Checkpoints that found the queue's WAL file cut short by another program while running",
-            m.queue_damaged.load(Relaxed),
-        )?;
-        {
-            let (sum, count, buckets) = m.commit_seconds.snapshot();
-            let mut e = enc.encode_descriptor(
-                "queue_commit_seconds",
-                "Duration of queue commits",
-                None,
-                MetricType::Histogram,
-            )?;
-            e.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-                sum, count, &buckets, None,
-            )?;
-        }
+        plain(&mut enc, m, PIPELINE)?;
+        let (sum, count, buckets) = m.commit_seconds.snapshot();
+        enc.encode_descriptor(
+            "queue_commit_seconds",
+            "Duration of queue commits",
+            None,
+            MetricType::Histogram,
+        )?
+        .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
         if let Some(stats) = &self.snapshot.queue {
-            let now = now_ms();
-            type Field = fn(&Stats) -> u64;
-            let per_priority: [(&str, &str, Field); 2] = [
-                ("queue_events", "Events waiting in the queue", |s| s.events),
-                (
-                    "queue_bytes",
-                    "Bytes (payload and topic) waiting in the queue",
-                    |s| s.bytes,
-                ),
-            ];
-            for (name, help, field) in per_priority {
-                let mut e = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
-                for upstream in self.metrics.uplinks.keys() {
-                    for p in PRIORITIES {
-                        let v = find(stats, upstream, p).map_or(0, field);
-                        ConstGauge::new(v as i64).encode(e.encode_family(&[
-                            ("upstream", upstream.as_str()),
-                            ("priority", p.name()),
-                        ])?)?;
-                    }
-                }
-            }
-            let mut e = enc.encode_descriptor(
-                "queue_oldest_age_seconds",
-                "Age of the oldest queued event (0 when empty)",
+            self.queue_depth(&mut enc, stats)?;
+        }
+        self.uplinks(&mut enc)?;
+        labelled(
+            &mut enc,
+            "rule_reloads",
+            "Rule reloads, applied or refused",
+            "result",
+            &[("ok", &m.reloads_ok), ("failed", &m.reloads_failed)],
+        )?;
+        plain(&mut enc, m, RULE_STATE)?;
+        if let Some(rss) = self.snapshot.rss_bytes {
+            let g = ConstGauge::new(rss as i64);
+            g.encode(enc.encode_descriptor(
+                "process_resident_memory_bytes",
+                "Resident set size of the edgeferry process",
                 None,
-                MetricType::Gauge,
-            )?;
-            for upstream in self.metrics.uplinks.keys() {
-                let oldest = stats
-                    .iter()
-                    .filter(|s| &s.upstream == upstream)
-                    .map(|s| s.oldest_ms)
-                    .min();
-                let age = oldest.map_or(0.0, |o| now.saturating_sub(o) as f64 / 1e3);
-                ConstGauge::new(age)
-                    .encode(e.encode_family(&[("upstream", upstream.as_str())])?)?;
-            }
+                Gauge,
+            )?)?;
         }
-        type Get = fn(&crate::metrics::UplinkMetrics) -> u64;
-        let per_uplink: [(&str, &str, MetricType, Get); 9] = [
+        Ok(())
+    }
+}
+
+impl Scrape {
+    /// Events and bytes per upstream and priority, and the oldest age.
+    fn queue_depth(&self, enc: &mut DescriptorEncoder, stats: &[Stats]) -> fmt::Result {
+        type Field = fn(&Stats) -> u64;
+        let per_priority: [(&str, &str, Field); 2] = [
+            ("queue_events", "Events waiting in the queue", |s| s.events),
             (
-                "uplink_connected",
-                "1 while the upstream session is up",
-                MetricType::Gauge,
-                |u| u.connected.load(Relaxed) as u64,
-            ),
-            (
-                "uplink_connects",
-                "Upstream sessions established",
-                MetricType::Counter,
-                |u| u.connects.load(Relaxed),
-            ),
-            (
-                "uplink_session_present",
-                "1 if the broker resumed the session at the last connect",
-                MetricType::Gauge,
-                |u| u.session_present.load(Relaxed) as u64,
-            ),
-            (
-                "uplink_window",
-                "QoS 1 publishes allowed in flight (inflight, or the server's smaller Receive Maximum)",
-                MetricType::Gauge,
-                |u| u.window.load(Relaxed),
-            ),
-            (
-                "uplink_inflight",
-                "Publishes sent and not yet acknowledged",
-                MetricType::Gauge,
-                |u| u.inflight.load(Relaxed),
-            ),
-            (
-                "uplink_sent",
-                "Publishes handed to the network (re-sends included)",
-                MetricType::Counter,
-                |u| u.sent.load(Relaxed),
-            ),
-            (
-                "uplink_acked",
-                "Events acknowledged by the upstream and deleted",
-                MetricType::Counter,
-                |u| u.acked.load(Relaxed),
-            ),
-            (
-                "uplink_resent",
-                "Events sent again after a reconnect",
-                MetricType::Counter,
-                |u| u.resent.load(Relaxed),
-            ),
-            (
-                "uplink_dead_lettered",
-                "Events the upstream can never take (deleted, counted)",
-                MetricType::Counter,
-                |u| u.dead_lettered.load(Relaxed),
+                "queue_bytes",
+                "Bytes (payload and topic) waiting in the queue",
+                |s| s.bytes,
             ),
         ];
-        for (name, help, kind, get) in per_uplink {
-            let mut e = enc.encode_descriptor(name, help, None, kind)?;
-            for (upstream, u) in &self.metrics.uplinks {
-                let labels = [("upstream", upstream.as_str())];
-                match kind {
-                    MetricType::Gauge => {
-                        ConstGauge::new(get(u) as i64).encode(e.encode_family(&labels)?)?
-                    }
-                    _ => ConstCounter::new(get(u)).encode(e.encode_family(&labels)?)?,
+        for (name, help, field) in per_priority {
+            let mut e = enc.encode_descriptor(name, help, None, Gauge)?;
+            for upstream in self.metrics.uplinks.keys() {
+                for p in PRIORITIES {
+                    let v = find(stats, upstream, p).map_or(0, field);
+                    ConstGauge::new(v as i64).encode(e.encode_family(&[
+                        ("upstream", upstream.as_str()),
+                        ("priority", p.name()),
+                    ])?)?;
                 }
             }
         }
-        type PerKind = fn(&crate::metrics::UplinkMetrics, usize) -> u64;
-        let per_kind: [(&str, &str, MetricType, PerKind); 2] = [
-            (
-                "uplink_failures",
-                "Failed connection attempts and lost sessions, by kind (tls, refused, unreachable, lost)",
-                MetricType::Counter,
-                |u, i| u.failures[i].load(Relaxed),
-            ),
-            (
-                "uplink_down_because",
-                "1 for the kind of failure that ended the last attempt while the uplink is down",
-                MetricType::Gauge,
-                |u, i| (u.down_because.load(Relaxed) == i as u64 + 1) as u64,
-            ),
-        ];
-        for (name, help, kind_of_metric, get) in per_kind {
-            let mut e = enc.encode_descriptor(name, help, None, kind_of_metric)?;
-            for (upstream, u) in &self.metrics.uplinks {
-                for (i, kind) in crate::uplink::FailureKind::ALL.iter().enumerate() {
-                    let labels = [("upstream", upstream.as_str()), ("kind", kind.name())];
-                    match kind_of_metric {
-                        MetricType::Gauge => {
-                            ConstGauge::new(get(u, i) as i64).encode(e.encode_family(&labels)?)?
-                        }
-                        _ => ConstCounter::new(get(u, i)).encode(e.encode_family(&labels)?)?,
-                    }
+        let mut e = enc.encode_descriptor(
+            "queue_oldest_age_seconds",
+            "Age of the oldest queued event (0 when empty)",
+            None,
+            Gauge,
+        )?;
+        let now = now_ms();
+        for upstream in self.metrics.uplinks.keys() {
+            let oldest = stats
+                .iter()
+                .filter(|s| &s.upstream == upstream)
+                .map(|s| s.oldest_ms)
+                .min();
+            let age = oldest.map_or(0.0, |o| now.saturating_sub(o) as f64 / 1e3);
+            ConstGauge::new(age).encode(e.encode_family(&[("upstream", upstream.as_str())])?)?;
+        }
+        Ok(())
+    }
+
+    /// Each upstream's session, failures, refusals and queue limits.
+    fn uplinks(&self, enc: &mut DescriptorEncoder) -> fmt::Result {
+        let uplinks = &self.metrics.uplinks;
+        for &(name, help, kind, get) in PER_UPLINK {
+            let mut e = enc.encode_descriptor(name, help, None, kind)?;
+            for (upstream, u) in uplinks {
+                value(&mut e, kind, get(u), &[("upstream", upstream.as_str())])?;
+            }
+        }
+        for &(name, help, kind, get) in PER_KIND {
+            let mut e = enc.encode_descriptor(name, help, None, kind)?;
+            for (upstream, u) in uplinks {
+                for (i, failure) in FailureKind::ALL.iter().enumerate() {
+                    let labels = [("upstream", upstream.as_str()), ("kind", failure.name())];
+                    value(&mut e, kind, get(u, i), &labels)?;
                 }
             }
         }
@@ -401,91 +472,65 @@ impl Collector for Scrape {
             "uplink_refused",
             "Events the upstream refused with an MQTT 5 PUBACK reason code, by reason",
             None,
-            MetricType::Counter,
+            Counter,
         )?;
-        for (upstream, u) in &self.metrics.uplinks {
+        for (upstream, u) in uplinks {
             let refusals = u.refusals.lock().unwrap_or_else(|p| p.into_inner()).clone();
             for (reason, n) in refusals {
-                ConstCounter::new(n).encode(
-                    e.encode_family(&[("upstream", upstream.as_str()), ("reason", reason)])?,
-                )?;
+                let labels = [("upstream", upstream.as_str()), ("reason", reason)];
+                value(&mut e, Counter, n, &labels)?;
             }
         }
-        type PerPriority = fn(&crate::metrics::UplinkMetrics) -> &[std::sync::atomic::AtomicU64; 3];
-        let by_priority: [(&str, &str, PerPriority); 3] = [
-            (
-                "queue_evicted",
-                "Queued events deleted to make room (overflow = drop_oldest)",
-                |u| &u.evicted,
-            ),
-            (
-                "queue_rejected",
-                "New events refused by a full queue",
-                |u| &u.rejected,
-            ),
-            (
-                "queue_expired",
-                "Queued events deleted unsent past their TTL",
-                |u| &u.expired,
-            ),
-        ];
-        for (name, help, get) in by_priority {
-            let mut e = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for (upstream, u) in &self.metrics.uplinks {
+        for &(name, help, get) in PER_PRIORITY {
+            let mut e = enc.encode_descriptor(name, help, None, Counter)?;
+            for (upstream, u) in uplinks {
                 for p in PRIORITIES {
-                    let v = get(u)[p.index()].load(Relaxed);
-                    ConstCounter::new(v).encode(e.encode_family(&[
-                        ("upstream", upstream.as_str()),
-                        ("priority", p.name()),
-                    ])?)?;
+                    let labels = [("upstream", upstream.as_str()), ("priority", p.name())];
+                    value(&mut e, Counter, get(u)[p.index()].load(Relaxed), &labels)?;
                 }
             }
         }
-        {
-            let mut e = enc.encode_descriptor(
-                "rule_reloads",
-                "Rule reloads, applied or refused",
-                None,
-                MetricType::Counter,
-            )?;
-            ConstCounter::new(m.reloads_ok.load(Relaxed))
-                .encode(e.encode_family(&[("result", "ok")])?)?;
-            ConstCounter::new(m.reloads_failed.load(Relaxed))
-                .encode(e.encode_family(&[("result", "failed")])?)?;
-        }
-        gauge(
-            &mut enc,
-            "rule_last_reload_timestamp_seconds",
-            "When a reload was last tried (0: never)",
-            (m.last_reload_ms.load(Relaxed) / 1000) as i64,
-        )?;
-        gauge(
-            &mut enc,
-            "rule_last_reload_ok",
-            "1 if the last reload was applied",
-            m.last_reload_ok.load(Relaxed) as i64,
-        )?;
-        gauge(
-            &mut enc,
-            "rules",
-            "Rules in use",
-            m.rules.load(Relaxed) as i64,
-        )?;
-        gauge(
-            &mut enc,
-            "start_timestamp_seconds",
-            "When this edgeferry started",
-            (m.started_ms.load(Relaxed) / 1000) as i64,
-        )?;
-        if let Some(rss) = self.snapshot.rss_bytes {
-            gauge(
-                &mut enc,
-                "process_resident_memory_bytes",
-                "Resident set size of the edgeferry process",
-                rss as i64,
-            )?;
-        }
         Ok(())
+    }
+}
+
+/// Unlabelled metrics from a table.
+fn plain(enc: &mut DescriptorEncoder, m: &Metrics, table: &[Plain]) -> fmt::Result {
+    for &(name, help, kind, get) in table {
+        let e = enc.encode_descriptor(name, help, None, kind)?;
+        match kind {
+            Gauge => ConstGauge::new(get(m) as i64).encode(e)?,
+            _ => ConstCounter::new(get(m)).encode(e)?,
+        }
+    }
+    Ok(())
+}
+
+/// One counter family with one label.
+fn labelled(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[(&str, &AtomicU64)],
+) -> fmt::Result {
+    let mut e = enc.encode_descriptor(name, help, None, Counter)?;
+    for (v, c) in values {
+        value(&mut e, Counter, c.load(Relaxed), &[(label, *v)])?;
+    }
+    Ok(())
+}
+
+/// One labelled sample of a gauge or a counter.
+fn value(
+    e: &mut prometheus_client::encoding::MetricEncoder,
+    kind: MetricType,
+    v: u64,
+    labels: &[(&str, &str)],
+) -> fmt::Result {
+    match kind {
+        Gauge => ConstGauge::new(v as i64).encode(e.encode_family(&labels)?),
+        _ => ConstCounter::new(v).encode(e.encode_family(&labels)?),
     }
 }
 
