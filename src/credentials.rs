@@ -23,10 +23,19 @@ pub enum CredentialError {
     Empty(String),
 }
 
-/// The upstream's password: inline, from `password_file` (first line), or
-/// from `password_env`; `None` if none is configured. Config validation
-/// allows at most one of the three.
+/// The upstream's password: from `password_env` when set (`from_env`),
+/// else inline or from `password_file` (`from_config`); `None` if none is
+/// configured. Config validation allows at most one of the three.
 pub fn password(up: &UpstreamConfig) -> Result<Option<Secret>, CredentialError> {
+    match from_env(up)? {
+        Some(p) => Ok(Some(p)),
+        None => from_config(up),
+    }
+}
+
+/// The password the config holds, or the first line of `password_file`
+/// (read now, once, when the config is loaded); `None` otherwise.
+pub fn from_config(up: &UpstreamConfig) -> Result<Option<Secret>, CredentialError> {
     if let Some(path) = &up.password_file {
         let text = std::fs::read_to_string(path).map_err(|source| CredentialError::File {
             path: path.clone(),
@@ -41,14 +50,21 @@ pub fn password(up: &UpstreamConfig) -> Result<Option<Secret>, CredentialError> 
         }
         return Ok(Some(Secret::new(line)));
     }
-    if let Some(name) = &up.password_env {
-        let value = std::env::var(name).map_err(|_| CredentialError::Env { name: name.clone() })?;
-        if value.is_empty() {
-            return Err(CredentialError::Empty(format!("password_env {name}")));
-        }
-        return Ok(Some(Secret::new(value)));
-    }
     Ok(up.password.clone())
+}
+
+/// The password from `password_env`, read by the process that connects:
+/// `check` may run in a shell that does not have the service's
+/// environment. `None` when no variable is configured.
+pub fn from_env(up: &UpstreamConfig) -> Result<Option<Secret>, CredentialError> {
+    let Some(name) = &up.password_env else {
+        return Ok(None);
+    };
+    let value = std::env::var(name).map_err(|_| CredentialError::Env { name: name.clone() })?;
+    if value.is_empty() {
+        return Err(CredentialError::Empty(format!("password_env {name}")));
+    }
+    Ok(Some(Secret::new(value)))
 }
 
 #[cfg(test)]

@@ -171,11 +171,13 @@ async fn recv_hangup(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> 
 }
 
 /// Start every stage: queue, front door, broker (+ link), router, one uplink per
-/// upstream, and the periodic summary.
+/// upstream, and the operations stages. Anything that can fail does so
+/// before anything listens, or stops what already started.
 pub async fn start(config: Config) -> Result<Running, RunError> {
     let file = &config.file;
-    let upstream_names: Vec<String> = file.upstream.keys().cloned().collect();
-    let metrics = Arc::new(Metrics::new(&upstream_names));
+    let metrics = Arc::new(Metrics::new(
+        &file.upstream.keys().cloned().collect::<Vec<_>>(),
+    ));
     metrics
         .started_ms
         .store(event::now_ms(), std::sync::atomic::Ordering::Relaxed);
@@ -184,75 +186,33 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
     for w in &config.warnings {
         warn!("{w}");
     }
-    // Credentials and TLS files first: a bad one stops the start before
-    // anything listens.
-    let mut uplinks = Vec::new();
-    for name in &upstream_names {
-        let settings =
-            uplink::UplinkSettings::new(name, config.client_id(name), &file.upstream[name])
-                .map_err(|source| RunError::Upstream {
-                    name: name.clone(),
-                    source,
-                })?;
-        uplinks.push(settings);
-    }
-    let settings = queue::QueueSettings {
-        commit_interval: file.queue.commit_interval.0,
-        commit_max_events: file.queue.commit_max_events,
-        max_size: file
-            .upstream
-            .iter()
-            .map(|(name, u)| (name.clone(), u.max_size.0))
-            .collect(),
-        min_free_disk: file.queue.min_free_disk.0,
-        sweep_interval: file.queue.sweep_interval.0,
-        durability: file.queue.durability,
-        memory_max: file.queue.memory_max.0,
-        spill_after: file.queue.spill_after.0,
-    };
+    // An unset password_env stops the start before anything listens.
+    let uplinks = uplink_settings(&config)?;
     // The queue first: if the database is unusable there is no point
     // accepting sensor data.
-    let (queue, queue_thread) = queue::open(&file.queue.path, settings, metrics.clone())?;
+    let (queue, queue_thread) = queue::open(&file.queue.path, file.into(), metrics.clone())?;
     // Bound before anything listens, so a port in use fails the start.
     let metrics_listener = match file.metrics.enabled {
         true => Some(ops::http::bind(file.metrics.listen).await?),
         false => None,
     };
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
-    let auth = match &file.broker.password_file {
-        Some(path) => Some(Arc::new(
-            frontdoor::auth::LocalAuth::load(path.clone(), metrics.clone())
-                .map_err(broker::BrokerError::from)?,
-        )),
-        None => None,
-    };
-    let acl = match &file.broker.acl_file {
-        Some(path) => Some(Arc::new(
-            frontdoor::auth::AclFile::load(path.clone()).map_err(broker::BrokerError::Acl)?,
-        )),
-        None => None,
-    };
-    let listeners = frontdoor::bind(&file.broker).await?;
-    let broker = broker::start(&file.broker).await?;
-    let mut stages = supervisor::Supervisor::new();
-    let shutdown_rx = stages.shutdown();
-
-    let (events_tx, events_rx) = mpsc::channel(file.pipeline.buffer);
-    let door = Arc::new(frontdoor::Door::new(
-        &file.broker,
-        broker.internal.clone(),
-        auth,
-        acl,
-        metrics.clone(),
-    ));
+    let listeners = frontdoor::bind(&file.broker, config.resolved.server_tls.clone()).await?;
     let (listen, listen_v5, tls_listen) =
         (listeners.listen, listeners.listen_v5, listeners.tls_listen);
+    let broker = broker::start(&file.broker).await?;
+    let internal = broker.internal.clone();
+
+    let mut stages = supervisor::Supervisor::new();
+    let shutdown = stages.shutdown();
+    let (events_tx, events_rx) = mpsc::channel(file.pipeline.buffer);
+    let door = Arc::new(front_door(&config, &internal, &metrics));
     let front = frontdoor::run(
         listeners,
         door.clone(),
         events_tx,
         file.broker.max_connections,
-        shutdown_rx.clone(),
+        shutdown.clone(),
     );
     stages.spawn("front door", front);
     let (republisher, republish_thread) =
@@ -278,44 +238,29 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         rules_tx,
         reload_rx,
         metrics.clone(),
-        shutdown_rx.clone(),
+        shutdown.clone(),
     );
     stages.spawn("reload", reloader);
     for settings in uplinks {
         let uplink_metrics = metrics.uplinks[&settings.name].clone();
-        let uplink = uplink::run(settings, queue.clone(), uplink_metrics, shutdown_rx.clone());
+        let uplink = uplink::run(settings, queue.clone(), uplink_metrics, shutdown.clone());
         stages.spawn("uplink", uplink);
     }
-    if let Some(listener) = metrics_listener {
-        let server = ops::http::serve(
-            listener,
-            metrics.clone(),
-            queue.clone(),
-            shutdown_rx.clone(),
-        );
-        stages.spawn("metrics", server);
-    }
-    let summary = ops::health::summarize(
-        metrics.clone(),
-        file.log.summary_interval.0,
-        shutdown_rx.clone(),
-    );
-    stages.spawn("summary", summary);
-    stages.spawn(
-        "memory",
-        ops::memory::trim_periodically(shutdown_rx.clone()),
-    );
-    // The health stage holds the last queue handle here: when every stage
-    // has ended, the writer commits and exits.
-    let listeners = ops::health::Listening {
+    let listening = ops::health::Listening {
         front: [Some(listen), listen_v5].into_iter().flatten().collect(),
-        internal: broker.internal.clone(),
+        internal,
     };
-    let health = ops::health::run(queue, listeners, metrics.clone(), shutdown_rx.clone());
-    stages.spawn("health", health);
+    spawn_ops(
+        &mut stages,
+        &config,
+        metrics_listener,
+        queue,
+        listening,
+        &metrics,
+    );
     info!(
         rules = config.rules.len(),
-        upstreams = upstream_names.len(),
+        upstreams = file.upstream.len(),
         queue = %file.queue.path.display(),
         "edgeferry started"
     );
@@ -328,7 +273,6 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         queue_thread,
         metrics.clone(),
     ));
-
     Ok(Running {
         broker_addr: listen,
         broker_addr_v5: listen_v5,
@@ -340,4 +284,72 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         reload: reload_tx,
         supervisor,
     })
+}
+
+/// Each upstream's settings, from the files read when the config was loaded.
+fn uplink_settings(config: &Config) -> Result<Vec<uplink::UplinkSettings>, RunError> {
+    let resolved = &config.resolved.upstreams;
+    let mut out = Vec::new();
+    for (name, up) in &config.file.upstream {
+        let files = resolved.get(name).cloned().unwrap_or_default();
+        let settings = uplink::UplinkSettings::new(name, config.client_id(name), up, &files)
+            .map_err(|source| RunError::Upstream {
+                name: name.clone(),
+                source,
+            })?;
+        out.push(settings);
+    }
+    Ok(out)
+}
+
+/// The front door's logins and ACL, from the files read when the config
+/// was loaded (re-read when they change).
+fn front_door(
+    config: &Config,
+    internal: &broker::Internal,
+    metrics: &Arc<Metrics>,
+) -> frontdoor::Door {
+    let b = &config.file.broker;
+    let resolved = &config.resolved;
+    let auth = b
+        .password_file
+        .clone()
+        .zip(resolved.passwords.clone())
+        .map(|(path, users)| {
+            Arc::new(frontdoor::auth::LocalAuth::new(
+                path,
+                users,
+                metrics.clone(),
+            ))
+        });
+    let acl = b
+        .acl_file
+        .clone()
+        .zip(resolved.acl.clone())
+        .map(|(path, acl)| Arc::new(frontdoor::auth::AclFile::new(path, acl)));
+    frontdoor::Door::new(b, internal.clone(), auth, acl, metrics.clone())
+}
+
+/// The operations stages: metrics endpoint, summary, heap trim, health.
+/// The health stage holds the last queue handle: when every stage has
+/// ended, the writer commits and exits.
+fn spawn_ops(
+    stages: &mut supervisor::Supervisor,
+    config: &Config,
+    metrics_listener: Option<tokio::net::TcpListener>,
+    queue: queue::QueueHandle,
+    listening: ops::health::Listening,
+    metrics: &Arc<Metrics>,
+) {
+    let shutdown = stages.shutdown();
+    if let Some(listener) = metrics_listener {
+        let server = ops::http::serve(listener, metrics.clone(), queue.clone(), shutdown.clone());
+        stages.spawn("metrics", server);
+    }
+    let interval = config.file.log.summary_interval.0;
+    let summary = ops::health::summarize(metrics.clone(), interval, shutdown.clone());
+    stages.spawn("summary", summary);
+    stages.spawn("memory", ops::memory::trim_periodically(shutdown.clone()));
+    let health = ops::health::run(queue, listening, metrics.clone(), shutdown);
+    stages.spawn("health", health);
 }

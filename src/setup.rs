@@ -4,12 +4,18 @@
 //! and warnings about this machine (`advise`). `check`, the start and a
 //! reload all come through here.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use crate::acl::Acl;
 use crate::config::{BrokerConfig, ConfigFile, Locator, Source, UpstreamConfig, find_key};
 use crate::diagnostic::{Diagnostic, Diagnostics};
+use crate::passwd::Passwords;
 use crate::rules::RuleSet;
+use crate::tls::{self, TlsError};
 use crate::units::ByteSize;
+use crate::uplink::UpstreamFiles;
 
 /// A loaded, validated configuration with its compiled rules: what `run` needs.
 #[derive(Debug, Clone)]
@@ -18,9 +24,27 @@ pub struct Config {
     /// Where it came from, for messages; `None` for the embedded default.
     pub source: Option<PathBuf>,
     pub rules: RuleSet,
+    /// What the files it names hold, read once, here: the stages start
+    /// from these, so `check` and the start agree and nothing is read twice.
+    pub resolved: Resolved,
     /// Valid settings that will not do what was meant on this machine:
     /// `check` prints them, the start logs them.
     pub warnings: Vec<Diagnostic>,
+}
+
+/// The contents of the files a config names (and that the daemon re-reads
+/// only when they change: the password and ACL files).
+#[derive(Debug, Clone, Default)]
+pub struct Resolved {
+    /// Per upstream: its password (inline or `password_file`; a
+    /// `password_env` is read at start) and TLS client configuration.
+    pub upstreams: BTreeMap<String, UpstreamFiles>,
+    /// `broker.password_file`.
+    pub passwords: Option<Arc<Passwords>>,
+    /// `broker.acl_file`.
+    pub acl: Option<Arc<Acl>>,
+    /// The TLS listener's certificate, key and client CA.
+    pub server_tls: Option<Arc<tls::ServerConfig>>,
 }
 
 impl Config {
@@ -40,7 +64,8 @@ impl Config {
 
         let loc = Locator { name, text };
         let mut errors = crate::config::check(&file, &loc);
-        errors.extend(check_files(&file, &loc));
+        let (resolved, found) = resolve(&file, &loc);
+        errors.extend(found);
         let rules = match file.load_rules(None) {
             Ok(r) => Some(r),
             Err(Diagnostics(mut e)) => {
@@ -65,6 +90,7 @@ impl Config {
                 file,
                 source: None,
                 rules,
+                resolved,
             }),
             _ => Err(Diagnostics(errors)),
         }
@@ -90,39 +116,68 @@ impl Config {
     }
 }
 
-/// The files a config names, read now.
-fn check_files(file: &ConfigFile, loc: &Locator) -> Vec<Diagnostic> {
-    let mut errors = check_broker_files(&file.broker, loc);
-    for (up_name, up) in &file.upstream {
-        errors.extend(check_upstream_files(up_name, up, loc));
+/// The queue writer's settings.
+impl From<&ConfigFile> for crate::queue::QueueSettings {
+    fn from(file: &ConfigFile) -> Self {
+        let q = &file.queue;
+        crate::queue::QueueSettings {
+            commit_interval: q.commit_interval.0,
+            commit_max_events: q.commit_max_events,
+            max_size: file
+                .upstream
+                .iter()
+                .map(|(name, u)| (name.clone(), u.max_size.0))
+                .collect(),
+            min_free_disk: q.min_free_disk.0,
+            sweep_interval: q.sweep_interval.0,
+            durability: q.durability,
+            memory_max: q.memory_max.0,
+            spill_after: q.spill_after.0,
+        }
     }
-    errors
 }
 
-/// The files the broker settings name: TLS, passwords, ACL (read here).
-fn check_broker_files(b: &BrokerConfig, loc: &Locator) -> Vec<Diagnostic> {
+/// Read the files a config names; what they hold, and what is wrong
+/// with them at file:line of the setting that names them.
+fn resolve(file: &ConfigFile, loc: &Locator) -> (Resolved, Vec<Diagnostic>) {
+    let mut resolved = Resolved::default();
+    let mut errors = resolve_broker_files(&file.broker, loc, &mut resolved);
+    for (up_name, up) in &file.upstream {
+        match resolve_upstream_files(up_name, up, loc) {
+            Ok(files) => {
+                resolved.upstreams.insert(up_name.clone(), files);
+            }
+            Err(found) => errors.extend(found),
+        }
+    }
+    (resolved, errors)
+}
+
+/// The files the broker settings name: TLS, passwords, ACL.
+fn resolve_broker_files(b: &BrokerConfig, loc: &Locator, into: &mut Resolved) -> Vec<Diagnostic> {
     let mut out = Vec::new();
-    if let (Some(_), Some(cert), Some(key)) = (&b.tls_listen, &b.tls_cert, &b.tls_key)
-        && let Err(e) = crate::tls::check_server_files(cert, key, b.tls_client_ca.as_deref())
-    {
-        let at = match &e {
-            crate::tls::TlsError::Read { path, .. } | crate::tls::TlsError::Bad { path, .. }
-                if path == key =>
-            {
-                "tls_key"
+    if let (Some(_), Some(cert), Some(key)) = (&b.tls_listen, &b.tls_cert, &b.tls_key) {
+        match tls::server_config(cert, key, b.tls_client_ca.as_deref()) {
+            Ok(config) => into.server_tls = Some(config),
+            Err(e) => {
+                let at = match &e {
+                    TlsError::Read { path, .. } | TlsError::Bad { path, .. } if path == key => {
+                        "tls_key"
+                    }
+                    TlsError::Read { path, .. } | TlsError::Bad { path, .. }
+                        if Some(path.as_path()) == b.tls_client_ca.as_deref() =>
+                    {
+                        "tls_client_ca"
+                    }
+                    TlsError::NotBuilt => "tls_listen",
+                    _ => "tls_cert",
+                };
+                out.push(loc.at("broker", at, format!("broker.{at}: {e}")));
             }
-            crate::tls::TlsError::Read { path, .. } | crate::tls::TlsError::Bad { path, .. }
-                if Some(path.as_path()) == b.tls_client_ca.as_deref() =>
-            {
-                "tls_client_ca"
-            }
-            crate::tls::TlsError::NotBuilt => "tls_listen",
-            _ => "tls_cert",
-        };
-        out.push(loc.at("broker", at, format!("broker.{at}: {e}")));
+        }
     }
     if let Some(path) = &b.password_file {
-        match crate::passwd::Passwords::load(path) {
+        match Passwords::load(path) {
             Err(e) => out.push(loc.at(
                 "broker",
                 "password_file",
@@ -137,55 +192,58 @@ fn check_broker_files(b: &BrokerConfig, loc: &Locator) -> Vec<Diagnostic> {
                     path.display()
                 ),
             )),
-            Ok(_) => {}
+            Ok(p) => into.passwords = Some(Arc::new(p)),
         }
     }
-    if let Some(path) = &b.acl_file
-        && let Err(found) = crate::acl::Acl::load(path)
-    {
-        out.extend(found);
+    if let Some(path) = &b.acl_file {
+        match Acl::load(path) {
+            Ok(acl) => into.acl = Some(Arc::new(acl)),
+            Err(found) => out.extend(found),
+        }
     }
     out
 }
 
-/// The files one upstream names: its password file and TLS (read here).
-fn check_upstream_files(up_name: &str, up: &UpstreamConfig, loc: &Locator) -> Vec<Diagnostic> {
+/// The files one upstream names: its password file and TLS.
+fn resolve_upstream_files(
+    up_name: &str,
+    up: &UpstreamConfig,
+    loc: &Locator,
+) -> Result<UpstreamFiles, Vec<Diagnostic>> {
     let table = format!("upstream.{up_name}");
     let mut out = Vec::new();
-    if let Some(path) = &up.password_file
-        && let Err(e) = std::fs::File::open(path)
-    {
-        out.push(loc.at(
-            &table,
-            "password_file",
-            format!(
-                "upstream.{up_name}.password_file {}: cannot read: {e}",
-                path.display()
-            ),
-        ));
-    }
-    if up.url.tls
-        && up.cert_file.is_some() == up.key_file.is_some()
-        && let Err(e) = crate::tls::client_config(up)
-    {
-        let key = match &e {
-            crate::tls::TlsError::Read { path, .. } | crate::tls::TlsError::Bad { path, .. }
-                if Some(path) == up.key_file.as_ref() =>
-            {
-                "key_file"
+    let password = crate::credentials::from_config(up).unwrap_or_else(|e| {
+        out.push(loc.at(&table, "password_file", format!("upstream.{up_name}.{e}")));
+        None
+    });
+    let mut tls = None;
+    if up.url.tls && up.cert_file.is_some() == up.key_file.is_some() {
+        match tls::client_config(up) {
+            Ok(config) => tls = Some(config),
+            Err(e) => {
+                let key = match &e {
+                    TlsError::Read { path, .. } | TlsError::Bad { path, .. }
+                        if Some(path) == up.key_file.as_ref() =>
+                    {
+                        "key_file"
+                    }
+                    TlsError::Read { path, .. } | TlsError::Bad { path, .. }
+                        if Some(path) == up.cert_file.as_ref() =>
+                    {
+                        "cert_file"
+                    }
+                    TlsError::Read { .. } | TlsError::Bad { .. } => "ca_file",
+                    // No system roots, or a build without TLS: the url asked for it.
+                    _ => "url",
+                };
+                out.push(loc.at(&table, key, format!("upstream.{up_name}: {e}")));
             }
-            crate::tls::TlsError::Read { path, .. } | crate::tls::TlsError::Bad { path, .. }
-                if Some(path) == up.cert_file.as_ref() =>
-            {
-                "cert_file"
-            }
-            crate::tls::TlsError::Read { .. } | crate::tls::TlsError::Bad { .. } => "ca_file",
-            // No system roots, or a build without TLS: the url asked for it.
-            _ => "url",
-        };
-        out.push(loc.at(&table, key, format!("upstream.{up_name}: {e}")));
+        }
     }
-    out
+    match out.is_empty() {
+        true => Ok(UpstreamFiles { password, tls }),
+        false => Err(out),
+    }
 }
 
 /// Settings that are valid but, on this machine, cannot do what they are

@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 #[cfg(feature = "tls")]
-pub use rustls::ClientConfig;
-#[cfg(feature = "tls")]
 use rustls::RootCertStore;
 #[cfg(feature = "tls")]
 use rustls::pki_types::pem::PemObject;
 #[cfg(feature = "tls")]
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+#[cfg(feature = "tls")]
+pub use rustls::{ClientConfig, ServerConfig};
 
 use crate::config::UpstreamConfig;
 
@@ -28,8 +28,13 @@ pub fn client_config(_: &UpstreamConfig) -> Result<Arc<ClientConfig>, TlsError> 
     Err(TlsError::NotBuilt)
 }
 
+/// Nor a server configuration.
 #[cfg(not(feature = "tls"))]
-pub fn check_server_files(_: &Path, _: &Path, _: Option<&Path>) -> Result<(), TlsError> {
+#[derive(Debug)]
+pub enum ServerConfig {}
+
+#[cfg(not(feature = "tls"))]
+pub fn server_config(_: &Path, _: &Path, _: Option<&Path>) -> Result<Arc<ServerConfig>, TlsError> {
     Err(TlsError::NotBuilt)
 }
 
@@ -116,24 +121,15 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 }
 
 #[cfg(feature = "tls")]
-/// Check the front door's TLS files: readable, PEM, within their validity,
-/// the key belonging to the chain, the client CA usable.
-pub fn check_server_files(
-    cert: &Path,
-    key: &Path,
-    client_ca: Option<&Path>,
-) -> Result<(), TlsError> {
-    server_config(cert, key, client_ca).map(|_| ())
-}
-
-#[cfg(feature = "tls")]
 /// The front door's TLS listener: its certificate chain and key, and with
 /// `client_ca` a client certificate signed by it required of every client.
+/// Checks the files: readable, PEM, within their validity, the key
+/// belonging to the chain, the client CA usable.
 pub fn server_config(
     cert: &Path,
     key: &Path,
     client_ca: Option<&Path>,
-) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+) -> Result<Arc<ServerConfig>, TlsError> {
     let chain = certificates(cert)?;
     let der = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|e| {
         bad(
@@ -142,7 +138,7 @@ pub fn server_config(
         )
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+    let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| bad(cert, e.to_string()))?;
     let builder = match client_ca {

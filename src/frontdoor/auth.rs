@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use crate::acl::Acl;
 use crate::metrics::Metrics;
-use crate::passwd::{PasswdError, Passwords};
+use crate::passwd::Passwords;
 
 pub use crate::broker::RESERVED_ID_PREFIX;
 
@@ -34,12 +34,12 @@ impl<T> Watched<T> {
     /// Watch `path`, whose contents were just parsed into `value`.
     fn new(
         path: PathBuf,
-        value: T,
+        value: Arc<T>,
         what: &'static str,
         parse: fn(&Path) -> Result<T, String>,
     ) -> Self {
         Watched {
-            loaded: Mutex::new((FileStamp::of(&path), Arc::new(value))),
+            loaded: Mutex::new((FileStamp::of(&path), value)),
             path,
             parse,
             what,
@@ -74,17 +74,18 @@ pub struct LocalAuth {
 }
 
 impl LocalAuth {
-    pub fn load(path: PathBuf, metrics: Arc<Metrics>) -> Result<LocalAuth, PasswdError> {
-        let users = Passwords::load(&path)?;
+    /// Check logins against `users`, read from `path` when the config was
+    /// loaded, and re-read when the file changes.
+    pub fn new(path: PathBuf, users: Arc<Passwords>, metrics: Arc<Metrics>) -> LocalAuth {
         info!(path = %path.display(), users = users.len(), "local clients must log in");
         let users = Watched::new(path, users, "password file", |p| {
             Passwords::load(p).map_err(|e| e.to_string())
         });
-        Ok(LocalAuth {
+        LocalAuth {
             users,
             metrics,
             last_warning: Mutex::new(None),
-        })
+        }
     }
 
     /// Whether this login may connect. PBKDF2 takes milliseconds, so the
@@ -121,8 +122,10 @@ impl LocalAuth {
 pub struct AclFile(Watched<Acl>);
 
 impl AclFile {
-    /// Load the file; its problems come back one per line, `file:line:column`.
-    pub fn load(path: PathBuf) -> Result<AclFile, String> {
+    /// Enforce `acl`, read from `path` when the config was loaded, and
+    /// re-read when the file changes (its problems then come back one per
+    /// line, `file:line:column`, and the previous rules stay).
+    pub fn new(path: PathBuf, acl: Arc<Acl>) -> AclFile {
         fn parse(p: &Path) -> Result<Acl, String> {
             Acl::load(p).map_err(|errors| {
                 errors
@@ -132,9 +135,8 @@ impl AclFile {
                     .join("\n")
             })
         }
-        let acl = parse(&path)?;
         info!(path = %path.display(), users = acl.users(), patterns = acl.patterns(), "local topics restricted by the ACL file");
-        Ok(AclFile(Watched::new(path, acl, "ACL file", parse)))
+        AclFile(Watched::new(path, acl, "ACL file", parse))
     }
 
     pub fn current(&self) -> Arc<Acl> {

@@ -115,8 +115,12 @@ pub struct Listeners {
     pub tls_listen: Option<SocketAddr>,
 }
 
-/// Bind every configured listener, so a port in use fails the start.
-pub async fn bind(cfg: &BrokerConfig) -> Result<Listeners, BrokerError> {
+/// Bind every configured listener, so a port in use fails the start;
+/// `tls` is the TLS listener's configuration, from its files.
+pub async fn bind(
+    cfg: &BrokerConfig,
+    tls: Option<Arc<crate::tls::ServerConfig>>,
+) -> Result<Listeners, BrokerError> {
     let listen = bind_one(cfg.listen, "listen").await?;
     let listen_v5 = match cfg.listen_v5 {
         Some(a) => Some(bind_one(a, "listen_v5").await?),
@@ -135,24 +139,17 @@ pub async fn bind(cfg: &BrokerConfig) -> Result<Listeners, BrokerError> {
     let mut plain = vec![listen];
     plain.extend(listen_v5);
     #[cfg(feature = "tls")]
-    let tls = match tls_listener {
-        Some(l) => {
-            let (cert, key) = match (&cfg.tls_cert, &cfg.tls_key) {
-                (Some(c), Some(k)) => (c, k),
-                _ => {
-                    return Err(BrokerError::Tls(
-                        "tls_listen needs tls_cert and tls_key".into(),
-                    ));
-                }
-            };
-            let config = crate::tls::server_config(cert, key, cfg.tls_client_ca.as_deref())
-                .map_err(|e| BrokerError::Tls(e.to_string()))?;
-            Some((l, tokio_rustls::TlsAcceptor::from(config)))
+    let tls = match (tls_listener, tls) {
+        (Some(l), Some(config)) => Some((l, tokio_rustls::TlsAcceptor::from(config))),
+        (Some(_), None) => {
+            return Err(BrokerError::Tls(
+                "tls_listen needs tls_cert and tls_key".into(),
+            ));
         }
-        None => None,
+        (None, _) => None,
     };
     #[cfg(not(feature = "tls"))]
-    drop(tls_listener);
+    drop((tls_listener, tls));
     Ok(Listeners {
         plain,
         #[cfg(feature = "tls")]

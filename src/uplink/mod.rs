@@ -38,7 +38,7 @@ use crate::config::{DrainOrder, UpstreamConfig};
 use crate::credentials::{self, CredentialError, Secret};
 use crate::metrics::UplinkMetrics;
 use crate::queue::{QueueError, QueueHandle, Row, Waiting};
-use crate::tls::{self, TlsError};
+use crate::tls;
 use backoff::Backoff;
 pub use failure::FailureKind;
 use link::{Events, Link, LinkEvent};
@@ -60,35 +60,43 @@ pub struct UplinkSettings {
     pub tls: Option<Arc<tls::ClientConfig>>,
 }
 
-/// Why an upstream cannot be set up; the message names the file or
-/// variable to fix.
+/// What an upstream's files hold, read once when the config is loaded
+/// (`setup`).
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamFiles {
+    /// Inline or from `password_file`.
+    pub password: Option<Secret>,
+    /// For `mqtts://` upstreams.
+    pub tls: Option<Arc<tls::ClientConfig>>,
+}
+
+/// Why an upstream cannot be set up; the message names the variable to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     #[error(transparent)]
     Credentials(#[from] CredentialError),
-    #[error(transparent)]
-    Tls(#[from] TlsError),
 }
 
 impl UplinkSettings {
-    /// Read the upstream's password and TLS files now, so a bad one fails
+    /// The upstream's settings from the files read when the config was
+    /// loaded, and its `password_env`, read now, so an unset variable fails
     /// the start with a message instead of every connection attempt.
     pub fn new(
         name: &str,
         client_id: String,
         upstream: &UpstreamConfig,
+        files: &UpstreamFiles,
     ) -> Result<UplinkSettings, SetupError> {
-        let tls = if upstream.url.tls {
-            Some(tls::client_config(upstream)?)
-        } else {
-            None
+        let password = match credentials::from_env(upstream)? {
+            Some(p) => Some(p),
+            None => files.password.clone(),
         };
         Ok(UplinkSettings {
             name: name.to_string(),
             client_id,
             upstream: upstream.clone(),
-            password: credentials::password(upstream)?,
-            tls,
+            password,
+            tls: files.tls.clone(),
         })
     }
 }

@@ -206,3 +206,50 @@ async fn client_certificates_log_in_over_tls_and_their_name_is_the_acl_user() {
     assert_eq!(sub.take().len(), 1);
     gw.stop().await;
 }
+
+/// The files a config names are read once, when it is loaded (what `check`
+/// reads is what the daemon runs with): the start does not read them again,
+/// so files gone between the load and the start do not stop it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_files_a_config_names_are_read_once_when_it_is_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let users = d.join("passwd");
+    edgeferry_passwd(&users, "sensor-1", "s3cret");
+    let acl = d.join("acl");
+    std::fs::write(&acl, "user sensor-1\ntopic write sensors/#\n").unwrap();
+    let upstream_password = d.join("upstream-password");
+    std::fs::write(&upstream_password, "cloud-secret\n").unwrap();
+    let upstream = upstream_broker();
+    let sub = Subscriber::start(upstream, "plant/#").await;
+    let text = config_text(
+        d,
+        upstream.port(),
+        &format!(
+            "username = \"gw\"\npassword_file = \"{}\"",
+            upstream_password.display()
+        ),
+    )
+    .replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!(
+            "listen = \"127.0.0.1:0\"\npassword_file = \"{}\"\nacl_file = \"{}\"",
+            users.display(),
+            acl.display()
+        ),
+        1,
+    );
+    let config = load_config(d, &text);
+    for f in [&users, &acl, &upstream_password] {
+        std::fs::remove_file(f).unwrap();
+    }
+    let running = edgeferry::start(config)
+        .await
+        .expect("starts on what was read at load");
+    let port = running.broker_addr.port();
+    assert!(publish(port, &["-u", "sensor-1", "-P", "s3cret"], "ok1"));
+    assert!(!publish(port, &["-u", "sensor-1", "-P", "wrong"], "bad1"));
+    let got = sub.wait_for(1).await;
+    assert_eq!(got[0].topic, "plant/yard/ok1/temp");
+    running.stop().await.unwrap();
+}
