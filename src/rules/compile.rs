@@ -167,138 +167,21 @@ fn compile_rule(
         }
     };
     let before = errors.len();
-    let mut err = |span: Range<usize>, msg: String| {
-        errors.push(Diagnostic::at(
-            file,
-            text,
-            Some(span),
-            format!("rule {:?}: {msg}", spec.name),
-        ));
+    let mut c = RuleCheck {
+        file,
+        text,
+        item,
+        name: &spec.name,
+        errors,
     };
-    let span = |path: &[&str]| span_in(item, path);
-    // An expression at `path`, with a syntax error pointing into it.
-    let compile_expr = |path: &[&str], source: &str, err: &mut dyn FnMut(Range<usize>, String)| {
-        match Expr::compile(source) {
-            Ok(e) => Some(e),
-            Err(e) => {
-                err(inside_string(text, span(path), e.offset), e.message);
-                None
-            }
-        }
-    };
-
     if spec.name.trim().is_empty() {
-        err(span(&["name"]), "name must not be empty".into());
+        c.err(&["name"], "name must not be empty".into());
     }
-    let pattern = match Pattern::parse(&spec.pattern) {
-        Ok(p) => {
-            for name in p.capture_names() {
-                if expr::RESERVED.contains(&name) {
-                    err(
-                        span(&["match"]),
-                        format!(
-                            "capture {{{name}}} would hide the built-in variable `{name}`; pick another name"
-                        ),
-                    );
-                }
-            }
-            Some(p)
-        }
-        Err(e) => {
-            err(span(&["match"]), e.to_string());
-            None
-        }
-    };
-
-    let when = spec
-        .when
-        .as_deref()
-        .and_then(|w| compile_expr(&["when"], w, &mut err));
-
-    let mut transform = Transform::default();
-    for (field, source) in &spec.set {
-        if field.is_empty() {
-            err(span(&["set"]), "set: field names must not be empty".into());
-        }
-        if let Some(e) = compile_expr(&["set", field], source, &mut err) {
-            transform.set.push((field.clone(), e));
-        }
-    }
-    for (i, field) in spec.drop_fields.iter().enumerate() {
-        if field.is_empty() {
-            err(
-                span(&["drop_fields", &i.to_string()]),
-                "drop_fields: field names must not be empty".into(),
-            );
-        }
-        transform.drop_fields.push(field.clone());
-    }
-    for (from, to) in &spec.rename {
-        if from.is_empty() || to.is_empty() {
-            err(
-                span(&["rename"]),
-                "rename: field names must not be empty".into(),
-            );
-        }
-        transform.rename.push((from.clone(), to.clone()));
-    }
-
-    let shapes: Vec<(&str, ShapeSpec)> = [
-        spec.throttle
-            .clone()
-            .map(|s| ("throttle", ShapeSpec::Throttle(s))),
-        spec.dedupe
-            .clone()
-            .map(|s| ("dedupe", ShapeSpec::Dedupe(s))),
-        spec.deadband
-            .clone()
-            .map(|s| ("deadband", ShapeSpec::Deadband(s))),
-        spec.window
-            .clone()
-            .map(|s| ("window", ShapeSpec::Window(s))),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    if shapes.len() > 1 {
-        err(
-            span(&[shapes[1].0]),
-            format!(
-                "a rule shapes its stream one way; {} and {} are both set (split the rule in two, with different `when`s)",
-                shapes[0].0, shapes[1].0
-            ),
-        );
-    }
-    let mut shape = None;
-    for (kind, s) in shapes {
-        for (key, msg) in s.validate() {
-            err(span(&[kind, key]), format!("{kind}.{key}: {msg}"));
-        }
-        let key = s
-            .key_expr()
-            .and_then(|k| compile_expr(&[kind, "key"], k, &mut err));
-        shape.get_or_insert(Shape { spec: s, key });
-    }
-
-    if spec.drop {
-        let extra = [
-            (!spec.to.is_empty(), "to"),
-            (!transform.is_empty(), "set/drop_fields/rename"),
-            (shape.is_some(), "shaping"),
-        ];
-        if let Some((_, what)) = extra.iter().find(|(on, _)| *on) {
-            err(
-                span(&["drop"]),
-                format!("a rule that drops (drop = true) cannot also have {what}"),
-            );
-        }
-    } else if spec.to.is_empty() {
-        err(
-            span(&[]),
-            "a rule needs destinations (to = [...]) or drop = true".into(),
-        );
-    }
-
+    let pattern = c.pattern(&spec.pattern);
+    let when = spec.when.as_deref().and_then(|w| c.expr(&["when"], w));
+    let transform = c.transform(&spec);
+    let shape = c.shape(&spec);
+    c.drop_or_destinations(&spec, !transform.is_empty(), shape.is_some());
     let windowed = matches!(
         shape,
         Some(Shape {
@@ -308,13 +191,11 @@ fn compile_rule(
     );
     let mut destinations = Vec::new();
     for (i, d) in spec.to.iter().enumerate() {
-        let idx = i.to_string();
-        let at = |key: &str| span_in(item, &["to", &idx, key]);
         match compile_destination(d, pattern.as_ref(), upstreams, windowed) {
             Ok(dest) => destinations.push(dest),
             Err(problems) => {
                 for (key, msg) in problems {
-                    err(at(key), msg);
+                    c.err(&["to", &i.to_string(), key], msg);
                 }
             }
         }
@@ -335,6 +216,155 @@ fn compile_rule(
     })
 }
 
+/// Checking one rule table: each problem is reported at the span of the
+/// key it is about, prefixed with the rule's name.
+struct RuleCheck<'a, 'v> {
+    file: &'a Path,
+    text: &'a str,
+    item: &'a Spanned<DeValue<'v>>,
+    name: &'a str,
+    errors: &'a mut Vec<Diagnostic>,
+}
+
+impl RuleCheck<'_, '_> {
+    /// A problem with the value at `path` inside the rule.
+    fn err(&mut self, path: &[&str], msg: String) {
+        self.err_at(span_in(self.item, path), msg);
+    }
+
+    fn err_at(&mut self, span: Range<usize>, msg: String) {
+        let message = format!("rule {:?}: {msg}", self.name);
+        let d = Diagnostic::at(self.file, self.text, Some(span), message);
+        self.errors.push(d);
+    }
+
+    /// An expression at `path`, with a syntax error pointing into it.
+    fn expr(&mut self, path: &[&str], source: &str) -> Option<Expr> {
+        match Expr::compile(source) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                let span = inside_string(self.text, span_in(self.item, path), e.offset);
+                self.err_at(span, e.message);
+                None
+            }
+        }
+    }
+
+    /// The topic pattern; its captures must not hide a built-in variable.
+    fn pattern(&mut self, source: &str) -> Option<Pattern> {
+        let p = match Pattern::parse(source) {
+            Ok(p) => p,
+            Err(e) => {
+                self.err(&["match"], e.to_string());
+                return None;
+            }
+        };
+        for name in p.capture_names() {
+            if expr::RESERVED.contains(&name) {
+                self.err(
+                    &["match"],
+                    format!(
+                        "capture {{{name}}} would hide the built-in variable `{name}`; pick another name"
+                    ),
+                );
+            }
+        }
+        Some(p)
+    }
+
+    /// `set`, `drop_fields` and `rename`.
+    fn transform(&mut self, spec: &RuleSpec) -> Transform {
+        let mut transform = Transform::default();
+        for (field, source) in &spec.set {
+            if field.is_empty() {
+                self.err(&["set"], "set: field names must not be empty".into());
+            }
+            if let Some(e) = self.expr(&["set", field], source) {
+                transform.set.push((field.clone(), e));
+            }
+        }
+        for (i, field) in spec.drop_fields.iter().enumerate() {
+            if field.is_empty() {
+                self.err(
+                    &["drop_fields", &i.to_string()],
+                    "drop_fields: field names must not be empty".into(),
+                );
+            }
+            transform.drop_fields.push(field.clone());
+        }
+        for (from, to) in &spec.rename {
+            if from.is_empty() || to.is_empty() {
+                self.err(&["rename"], "rename: field names must not be empty".into());
+            }
+            transform.rename.push((from.clone(), to.clone()));
+        }
+        transform
+    }
+
+    /// At most one of throttle, dedupe, deadband and window, checked.
+    fn shape(&mut self, spec: &RuleSpec) -> Option<Shape> {
+        let shapes: Vec<(&str, ShapeSpec)> = [
+            spec.throttle
+                .clone()
+                .map(|s| ("throttle", ShapeSpec::Throttle(s))),
+            spec.dedupe
+                .clone()
+                .map(|s| ("dedupe", ShapeSpec::Dedupe(s))),
+            spec.deadband
+                .clone()
+                .map(|s| ("deadband", ShapeSpec::Deadband(s))),
+            spec.window
+                .clone()
+                .map(|s| ("window", ShapeSpec::Window(s))),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if shapes.len() > 1 {
+            self.err(
+                &[shapes[1].0],
+                format!(
+                    "a rule shapes its stream one way; {} and {} are both set (split the rule in two, with different `when`s)",
+                    shapes[0].0, shapes[1].0
+                ),
+            );
+        }
+        let mut shape = None;
+        for (kind, s) in shapes {
+            for (key, msg) in s.validate() {
+                self.err(&[kind, key], format!("{kind}.{key}: {msg}"));
+            }
+            let key = s.key_expr().and_then(|k| self.expr(&[kind, "key"], k));
+            shape.get_or_insert(Shape { spec: s, key });
+        }
+        shape
+    }
+
+    /// A rule either drops (and does nothing else) or has destinations.
+    fn drop_or_destinations(&mut self, spec: &RuleSpec, transforms: bool, shapes: bool) {
+        if !spec.drop {
+            if spec.to.is_empty() {
+                self.err(
+                    &[],
+                    "a rule needs destinations (to = [...]) or drop = true".into(),
+                );
+            }
+            return;
+        }
+        let extra = [
+            (!spec.to.is_empty(), "to"),
+            (transforms, "set/drop_fields/rename"),
+            (shapes, "shaping"),
+        ];
+        if let Some((_, what)) = extra.iter().find(|(on, _)| *on) {
+            self.err(
+                &["drop"],
+                format!("a rule that drops (drop = true) cannot also have {what}"),
+            );
+        }
+    }
+}
+
 /// Compile one destination; problems come back as (key, message).
 pub fn compile_destination(
     d: &DestinationSpec,
@@ -343,17 +373,6 @@ pub fn compile_destination(
     windowed: bool,
 ) -> Result<Destination, Vec<(&'static str, String)>> {
     let mut problems = Vec::new();
-    let captures = || pattern.into_iter().flat_map(|p| p.capture_names());
-    let template = |t: &str, problems: &mut Vec<(&'static str, String)>, key| match Template::parse(
-        t,
-        captures(),
-    ) {
-        Ok(t) => Some(t),
-        Err(e) => {
-            problems.push((key, e));
-            None
-        }
-    };
     let target = match (&d.upstream, &d.local) {
         (Some(_), Some(_)) | (None, None) => {
             problems.push((
@@ -363,80 +382,112 @@ pub fn compile_destination(
             ));
             None
         }
-        (Some(name), None) => {
-            if !upstreams.contains(name) {
-                let known: Vec<&str> = upstreams.iter().map(|k| k.as_str()).collect();
-                problems.push((
-                    "upstream",
-                    format!(
-                        "upstream {name:?} is not configured (configured: {}); add [upstream.{name}] to the config or fix the name",
-                        if known.is_empty() { "none".to_string() } else { known.join(", ") },
-                    ),
-                ));
-            }
-            let qos = d.qos.unwrap_or(1);
-            if qos > 1 {
-                problems.push((
-                    "qos",
-                    format!("qos {qos} is not supported upstream; use 0 or 1"),
-                ));
-            }
-            const TEN_YEARS: std::time::Duration =
-                std::time::Duration::from_secs(10 * 365 * 86_400);
-            if d.ttl.is_some_and(|t| t.0.is_zero() || t.0 > TEN_YEARS) {
-                problems.push((
-                    "ttl",
-                    "ttl must be between 1ms and 10 years (leave it out to never expire)".into(),
-                ));
-            }
-            Some(Target::Upstream(UpstreamTarget {
-                upstream: Arc::from(name.as_str()),
-                qos,
-                priority: d.priority.unwrap_or_default(),
-                ttl: d.ttl.map(|t| t.0),
-                overflow: d.overflow.unwrap_or_default(),
-            }))
-        }
+        (Some(name), None) => Some(upstream_target(d, name, upstreams, &mut problems)),
         (None, Some(_)) => {
-            let upstream_only = [
-                (
-                    d.topic.is_some(),
-                    "topic",
-                    "the local topic is the `local` value itself",
-                ),
-                (
-                    d.qos.is_some(),
-                    "qos",
-                    "local republish is QoS 0 inside the gateway",
-                ),
-                (
-                    d.priority.is_some(),
-                    "priority",
-                    "priority orders the upstream queue",
-                ),
-                (d.ttl.is_some(), "ttl", "ttl applies to the upstream queue"),
-                (
-                    d.overflow.is_some(),
-                    "overflow",
-                    "overflow applies to the upstream queue",
-                ),
-            ];
-            for (set, key, why) in upstream_only {
-                if set {
-                    problems.push((
-                        key,
-                        format!("`{key}` does not apply to a local destination ({why})"),
-                    ));
-                }
-            }
+            local_only_keys(d, &mut problems);
             Some(Target::Local)
         }
     };
+    let template = |t: &str, key, problems: &mut Vec<_>| {
+        let captures = pattern.into_iter().flat_map(|p| p.capture_names());
+        Template::parse(t, captures)
+            .map_err(|e| problems.push((key, e)))
+            .ok()
+    };
     let topic = match (&d.local, &d.topic) {
-        (Some(t), _) => template(t, &mut problems, "local"),
-        (None, Some(t)) => template(t, &mut problems, "topic"),
+        (Some(t), _) => template(t, "local", &mut problems),
+        (None, Some(t)) => template(t, "topic", &mut problems),
         (None, None) => None,
     };
+    encoding(d, windowed, &mut problems);
+    match (problems.is_empty(), target) {
+        (true, Some(target)) => Ok(Destination {
+            target,
+            topic,
+            encode: d.encode,
+            id_field: d.id_field.as_deref().map(Arc::from),
+        }),
+        _ => Err(problems),
+    }
+}
+
+/// `{ upstream = "<name>", qos, priority, ttl, overflow }`.
+fn upstream_target(
+    d: &DestinationSpec,
+    name: &str,
+    upstreams: &BTreeSet<String>,
+    problems: &mut Vec<(&'static str, String)>,
+) -> Target {
+    if !upstreams.contains(name) {
+        let known: Vec<&str> = upstreams.iter().map(|k| k.as_str()).collect();
+        problems.push((
+            "upstream",
+            format!(
+                "upstream {name:?} is not configured (configured: {}); add [upstream.{name}] to the config or fix the name",
+                if known.is_empty() { "none".to_string() } else { known.join(", ") },
+            ),
+        ));
+    }
+    let qos = d.qos.unwrap_or(1);
+    if qos > 1 {
+        problems.push((
+            "qos",
+            format!("qos {qos} is not supported upstream; use 0 or 1"),
+        ));
+    }
+    const TEN_YEARS: std::time::Duration = std::time::Duration::from_secs(10 * 365 * 86_400);
+    if d.ttl.is_some_and(|t| t.0.is_zero() || t.0 > TEN_YEARS) {
+        problems.push((
+            "ttl",
+            "ttl must be between 1ms and 10 years (leave it out to never expire)".into(),
+        ));
+    }
+    Target::Upstream(UpstreamTarget {
+        upstream: Arc::from(name),
+        qos,
+        priority: d.priority.unwrap_or_default(),
+        ttl: d.ttl.map(|t| t.0),
+        overflow: d.overflow.unwrap_or_default(),
+    })
+}
+
+/// Keys that only an upstream destination has, set on a local one.
+fn local_only_keys(d: &DestinationSpec, problems: &mut Vec<(&'static str, String)>) {
+    let upstream_only = [
+        (
+            d.topic.is_some(),
+            "topic",
+            "the local topic is the `local` value itself",
+        ),
+        (
+            d.qos.is_some(),
+            "qos",
+            "local republish is QoS 0 inside the gateway",
+        ),
+        (
+            d.priority.is_some(),
+            "priority",
+            "priority orders the upstream queue",
+        ),
+        (d.ttl.is_some(), "ttl", "ttl applies to the upstream queue"),
+        (
+            d.overflow.is_some(),
+            "overflow",
+            "overflow applies to the upstream queue",
+        ),
+    ];
+    for (set, key, why) in upstream_only {
+        if set {
+            problems.push((
+                key,
+                format!("`{key}` does not apply to a local destination ({why})"),
+            ));
+        }
+    }
+}
+
+/// `encode` and `id_field`.
+fn encoding(d: &DestinationSpec, windowed: bool, problems: &mut Vec<(&'static str, String)>) {
     if d.id_field.as_deref().is_some_and(str::is_empty) {
         problems.push(("id_field", "id_field must not be empty".into()));
     }
@@ -454,14 +505,5 @@ pub fn compile_destination(
                     .into(),
             ));
         }
-    }
-    match (problems.is_empty(), target) {
-        (true, Some(target)) => Ok(Destination {
-            target,
-            topic,
-            encode: d.encode,
-            id_field: d.id_field.as_deref().map(Arc::from),
-        }),
-        _ => Err(problems),
     }
 }
