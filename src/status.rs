@@ -170,9 +170,31 @@ pub fn render(
     b: &Scrape,
     secs: f64,
 ) -> String {
-    let rate = |series: &str| (b.get(series) - a.get(series)).max(0.0) / secs;
-    let now_s = now_ms() as f64 / 1e3;
+    let rates = Rates { a, b, secs };
     let mut out = String::new();
+    summary(&mut out, gateway, addr, health, &rates);
+    let _ = writeln!(out);
+    upstream_table(&mut out, &rates);
+    out
+}
+
+/// Two scrapes `secs` apart: values from the second, rates between them.
+struct Rates<'a> {
+    a: &'a Scrape,
+    b: &'a Scrape,
+    secs: f64,
+}
+
+impl Rates<'_> {
+    fn rate(&self, series: &str) -> f64 {
+        (self.b.get(series) - self.a.get(series)).max(0.0) / self.secs
+    }
+}
+
+/// The daemon's lines: uptime and health, rules, event rates, drops, memory.
+fn summary(out: &mut String, gateway: &str, addr: SocketAddr, health: &str, r: &Rates<'_>) {
+    let b = r.b;
+    let now_s = now_ms() as f64 / 1e3;
     let started = b.get("edgeferry_start_timestamp_seconds");
     let _ = writeln!(
         out,
@@ -198,9 +220,9 @@ pub fn render(
     let _ = writeln!(
         out,
         "events: {:.0}/s received, {:.0}/s matched, {:.0}/s queued (totals {}, {}, {})",
-        rate("edgeferry_events_received_total"),
-        rate("edgeferry_events_matched_total"),
-        rate("edgeferry_queue_appended_total"),
+        r.rate("edgeferry_events_received_total"),
+        r.rate("edgeferry_events_matched_total"),
+        r.rate("edgeferry_queue_appended_total"),
         b.get("edgeferry_events_received_total"),
         b.get("edgeferry_events_matched_total"),
         b.get("edgeferry_queue_appended_total"),
@@ -228,7 +250,11 @@ pub fn render(
         "memory: {} resident",
         ByteSize(b.get("edgeferry_process_resident_memory_bytes") as u64)
     );
-    let _ = writeln!(out);
+}
+
+/// One line per upstream: state, queue, in flight, acks, limits.
+fn upstream_table(out: &mut String, r: &Rates<'_>) {
+    let b = r.b;
     let _ = writeln!(
         out,
         "{:<12} {:<16} {:>9} {:>10} {:>9} {:>9} {:>8} {:>10} {:>7} {:>13}",
@@ -263,7 +289,7 @@ pub fn render(
                 "-".into()
             },
             b.up("edgeferry_uplink_inflight", &u),
-            rate(&acked),
+            r.rate(&acked),
             b.get(&acked),
             b.up("edgeferry_uplink_resent_total", &u),
             format!(
@@ -274,7 +300,6 @@ pub fn render(
             ),
         );
     }
-    out
 }
 
 /// What `edgeferry status` prints when the daemon cannot be asked:

@@ -91,7 +91,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut cbuf = BytesMut::with_capacity(READ_BUF);
-    let (version, mut connect) = tokio::time::timeout(
+    let (version, connect) = tokio::time::timeout(
         CONNECT_TIMEOUT,
         read_connect(&mut client, &mut cbuf, door.max_packet),
     )
@@ -104,71 +104,10 @@ where
     if certified {
         info.username = identity;
     }
-    // rumqttd refuses these ids by closing, without a CONNACK; and a
-    // wildcard or a level separator in an id must never reach an ACL
-    // pattern's %c.
-    if "+#/$".chars().any(|c| info.client_id.contains(c)) {
-        refuse(&mut client, version, ConnectRefusal::ClientId).await?;
-        door.metrics.door_protocol_errors.fetch_add(1, Relaxed);
-        return Err(SessionError::Refused);
-    }
-    if info.client_id == super::auth::HEALTH_PROBE_ID {
-        refuse(&mut client, version, ConnectRefusal::ClientId).await?;
+    if !admit(&door, &mut client, version, &info, certified).await? {
         return Ok(());
     }
-    let reserved = info.client_id.starts_with(super::auth::RESERVED_ID_PREFIX);
-    let allowed = match &door.auth {
-        // A verified client certificate is the login.
-        _ if certified => !reserved,
-        Some(auth) if !reserved => {
-            auth.check(
-                &info.client_id,
-                info.username.as_deref(),
-                info.password.as_deref(),
-            )
-            .await
-        }
-        Some(auth) => {
-            auth.refused(&info.client_id);
-            false
-        }
-        None => !reserved,
-    };
-    if !allowed {
-        let why = match reserved {
-            true => ConnectRefusal::ClientId,
-            false => ConnectRefusal::Login,
-        };
-        refuse(&mut client, version, why).await?;
-        return Err(SessionError::Refused);
-    }
-
-    let mut broker = TcpStream::connect(match version {
-        Version::V4 => door.broker.v4,
-        Version::V5 => door.broker.v5,
-    })
-    .await?;
-    broker.set_nodelay(true)?;
-    connect.strip_properties();
-    connect.connect_for_broker(&door.broker.user, &door.broker.secret, BROKER_KEEP_ALIVE);
-    let mut out = BytesMut::new();
-    connect.write(&mut out)?;
-    broker.write_all(&out).await?;
-    let mut bbuf = BytesMut::with_capacity(READ_BUF);
-    let Some(mut connack) = read_packet(&mut broker, &mut bbuf, version, usize::MAX).await? else {
-        refuse(&mut client, version, ConnectRefusal::Unavailable).await?;
-        return Err(SessionError::BrokerGone);
-    };
-    let View::ConnAck(accepted) = connack.view() else {
-        return Err(SessionError::BrokerGone);
-    };
-    connack.limit_connack(door.window);
-    out.clear();
-    connack.write(&mut out)?;
-    client.write_all(&out).await?;
-    if !accepted {
-        return Err(SessionError::BrokerGone);
-    }
+    let (mut broker, bbuf) = open_broker(&door, &mut client, version, connect).await?;
 
     let (outcomes_tx, outcomes) = mpsc::unbounded_channel();
     let client_id: Arc<str> = info.client_id.as_str().into();
@@ -201,6 +140,95 @@ where
         session.route_will().await;
     }
     result
+}
+
+/// Whether this CONNECT may go on to the broker: its client id and login
+/// (or verified certificate). A refusal is answered here; `Ok(false)` is
+/// the health probe, refused without counting.
+async fn admit<S: AsyncWrite + Unpin>(
+    door: &Door,
+    client: &mut S,
+    version: Version,
+    info: &wire::ConnectInfo,
+    certified: bool,
+) -> Result<bool, SessionError> {
+    // rumqttd refuses these ids by closing, without a CONNACK; and a
+    // wildcard or a level separator in an id must never reach an ACL
+    // pattern's %c.
+    if "+#/$".chars().any(|c| info.client_id.contains(c)) {
+        refuse(client, version, ConnectRefusal::ClientId).await?;
+        door.metrics.door_protocol_errors.fetch_add(1, Relaxed);
+        return Err(SessionError::Refused);
+    }
+    if info.client_id == super::auth::HEALTH_PROBE_ID {
+        refuse(client, version, ConnectRefusal::ClientId).await?;
+        return Ok(false);
+    }
+    let reserved = info.client_id.starts_with(super::auth::RESERVED_ID_PREFIX);
+    let allowed = match &door.auth {
+        // A verified client certificate is the login.
+        _ if certified => !reserved,
+        Some(auth) if !reserved => {
+            auth.check(
+                &info.client_id,
+                info.username.as_deref(),
+                info.password.as_deref(),
+            )
+            .await
+        }
+        Some(auth) => {
+            auth.refused(&info.client_id);
+            false
+        }
+        None => !reserved,
+    };
+    if !allowed {
+        let why = match reserved {
+            true => ConnectRefusal::ClientId,
+            false => ConnectRefusal::Login,
+        };
+        refuse(client, version, why).await?;
+        return Err(SessionError::Refused);
+    }
+    Ok(true)
+}
+
+/// Relay the CONNECT to the embedded broker's internal listener for this
+/// protocol version (with edgeferry's own login) and its CONNACK, capped
+/// to the door's window, back to the client.
+async fn open_broker<S: AsyncWrite + Unpin>(
+    door: &Door,
+    client: &mut S,
+    version: Version,
+    mut connect: Packet,
+) -> Result<(TcpStream, BytesMut), SessionError> {
+    let mut broker = TcpStream::connect(match version {
+        Version::V4 => door.broker.v4,
+        Version::V5 => door.broker.v5,
+    })
+    .await?;
+    broker.set_nodelay(true)?;
+    connect.strip_properties();
+    connect.connect_for_broker(&door.broker.user, &door.broker.secret, BROKER_KEEP_ALIVE);
+    let mut out = BytesMut::new();
+    connect.write(&mut out)?;
+    broker.write_all(&out).await?;
+    let mut bbuf = BytesMut::with_capacity(READ_BUF);
+    let Some(mut connack) = read_packet(&mut broker, &mut bbuf, version, usize::MAX).await? else {
+        refuse(client, version, ConnectRefusal::Unavailable).await?;
+        return Err(SessionError::BrokerGone);
+    };
+    let View::ConnAck(accepted) = connack.view() else {
+        return Err(SessionError::BrokerGone);
+    };
+    connack.limit_connack(door.window);
+    out.clear();
+    connack.write(&mut out)?;
+    client.write_all(&out).await?;
+    if !accepted {
+        return Err(SessionError::BrokerGone);
+    }
+    Ok((broker, bbuf))
 }
 
 /// Answer a CONNECT with a refusal.

@@ -437,52 +437,18 @@ impl RuleSet {
             }
             let mut pass = true;
             if let (Some(shape), Some(Some(shaper))) = (&rule.shape, state.shapers.get_mut(i)) {
-                let key = match (&shape.key, &rv) {
-                    (Some(k), Some(rv)) => k.eval_key(&self.env, rv),
-                    _ => Ok(event.topic.clone()),
+                let offered = Offered {
+                    event,
+                    captures: &captures,
+                    vars: rv.as_ref(),
                 };
-                let key = match key {
-                    Ok(k) => k,
-                    Err(e) => {
+                match self.shape(rule, shape, shaper, offered, &mut verdict) {
+                    Shaped::Pass => {}
+                    Shaped::Held => pass = false,
+                    Shaped::Failed => {
                         // Like a failing `when`: the rule does not apply.
                         verdict.matched -= 1;
-                        verdict.fail(&rule.name, format!("{} key: {e}", shape.spec.kind()));
                         continue;
-                    }
-                };
-                // Only a window keeps its last event's topic and captures.
-                let ctx = match shape.spec {
-                    ShapeSpec::Window(_) => WindowCtx {
-                        topic: event.topic.clone(),
-                        captures: captures
-                            .iter()
-                            .map(|(n, v)| (n.to_string(), v.to_string()))
-                            .collect(),
-                    },
-                    _ => WindowCtx::default(),
-                };
-                let payload = event.payload.value().unwrap_or(&Value::Null);
-                match shaper.offer(&key, event.received_ms, payload, ctx) {
-                    Offer::Pass => {}
-                    Offer::Drop(reason) => {
-                        verdict.shaped.push(reason);
-                        pass = false;
-                    }
-                    Offer::NotNumeric => {
-                        // Like a failing `when`: the rule does not apply.
-                        verdict.matched -= 1;
-                        verdict.fail(
-                            &rule.name,
-                            "deadband field is missing or not a number".to_string(),
-                        );
-                        continue;
-                    }
-                    Offer::Absorbed { closed } => {
-                        verdict.absorbed += 1;
-                        for emit in closed {
-                            self.emit_window(rule, emit, &mut verdict);
-                        }
-                        pass = false;
                     }
                 }
             }
@@ -510,6 +476,67 @@ impl RuleSet {
             verdict.dead_letter = Some(format!("rule {rule:?}: {why}"));
         }
         verdict
+    }
+
+    /// Offer the event to a rule's shaper (throttle, dedupe, deadband,
+    /// window): what it lets through, holds or drops, or why it cannot.
+    fn shape(
+        &self,
+        rule: &Rule,
+        shape: &Shape,
+        shaper: &mut Shaper<WindowCtx>,
+        offered: Offered<'_, '_>,
+        verdict: &mut Verdict,
+    ) -> Shaped {
+        let Offered {
+            event,
+            captures,
+            vars,
+        } = offered;
+        let key = match (&shape.key, vars) {
+            (Some(k), Some(rv)) => k.eval_key(&self.env, rv),
+            _ => Ok(event.topic.clone()),
+        };
+        let key = match key {
+            Ok(k) => k,
+            Err(e) => {
+                verdict.fail(&rule.name, format!("{} key: {e}", shape.spec.kind()));
+                return Shaped::Failed;
+            }
+        };
+        // Only a window keeps its last event's topic and captures.
+        let ctx = match shape.spec {
+            ShapeSpec::Window(_) => WindowCtx {
+                topic: event.topic.clone(),
+                captures: captures
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), v.to_string()))
+                    .collect(),
+            },
+            _ => WindowCtx::default(),
+        };
+        let payload = event.payload.value().unwrap_or(&Value::Null);
+        match shaper.offer(&key, event.received_ms, payload, ctx) {
+            Offer::Pass => Shaped::Pass,
+            Offer::Drop(reason) => {
+                verdict.shaped.push(reason);
+                Shaped::Held
+            }
+            Offer::NotNumeric => {
+                verdict.fail(
+                    &rule.name,
+                    "deadband field is missing or not a number".to_string(),
+                );
+                Shaped::Failed
+            }
+            Offer::Absorbed { closed } => {
+                verdict.absorbed += 1;
+                for emit in closed {
+                    self.emit_window(rule, emit, verdict);
+                }
+                Shaped::Held
+            }
+        }
     }
 
     /// Send on the windows that closed by `now_ms`.
@@ -732,6 +759,25 @@ pub struct WindowCtx {
 #[derive(Debug, Default)]
 pub struct State {
     shapers: Vec<Option<Shaper<WindowCtx>>>,
+}
+
+/// An event as a rule's shaper sees it.
+struct Offered<'a, 'e> {
+    event: &'a Event,
+    captures: &'a [(&'a str, &'a str)],
+    vars: Option<&'a RuleVars<'a, 'e>>,
+}
+
+/// What a shaper made of an event.
+enum Shaped {
+    /// Sent on to the rule's destinations.
+    Pass,
+    /// Dropped (throttled, duplicate, inside the deadband) or absorbed
+    /// into a window.
+    Held,
+    /// It could not be offered (its key failed, a deadband field is not a
+    /// number): the rule does not apply.
+    Failed,
 }
 
 impl State {
