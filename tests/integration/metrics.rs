@@ -33,6 +33,9 @@ async fn the_metrics_endpoint_counts_a_known_workload_exactly() {
         m.dead_letters.load(Relaxed) == 1 && m.dropped_unmatched.load(Relaxed) == 1
     })
     .await;
+    // Past the first health probe, so "/health" is not "starting" (on a
+    // loaded machine the probe's CONNECTs can take longer than the workload).
+    wait_until("the first health probe", || m.healthy_ms.load(Relaxed) > 0).await;
 
     let (status, m) = http_get(addr, "/metrics").await;
     assert_eq!(status, 200);
