@@ -716,7 +716,16 @@ fn check_broker(b: &BrokerConfig, loc: &Locator) -> Vec<Diagnostic> {
         !b.ingest.is_empty(),
         "broker.ingest needs at least one topic filter",
     );
-    for (i, a) in b.ingest.iter().enumerate() {
+    out.extend(check_ingest(&b.ingest, loc));
+    out.extend(check_broker_tls(b, loc));
+    out
+}
+
+/// The ingest filters: valid MQTT filters, no captures, none overlapping.
+fn check_ingest(ingest: &[String], loc: &Locator) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    let o = &mut out;
+    for (i, a) in ingest.iter().enumerate() {
         match crate::rules::topic::Pattern::parse(a) {
             Err(e) => o.push(loc.at("broker", "ingest", format!("broker.ingest: {e}"))),
             Ok(_) if a.contains('{') => o.push(loc.at(
@@ -728,7 +737,7 @@ fn check_broker(b: &BrokerConfig, loc: &Locator) -> Vec<Diagnostic> {
             )),
             Ok(_) => {}
         }
-        for other in &b.ingest[i + 1..] {
+        for other in &ingest[i + 1..] {
             if crate::rules::topic::filters_overlap(a, other) {
                 o.push(loc.at(
                     "broker",
@@ -740,6 +749,13 @@ fn check_broker(b: &BrokerConfig, loc: &Locator) -> Vec<Diagnostic> {
             }
         }
     }
+    out
+}
+
+/// The TLS listener's settings go together.
+fn check_broker_tls(b: &BrokerConfig, loc: &Locator) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    let o = &mut out;
     match (&b.tls_listen, &b.tls_cert, &b.tls_key) {
         (Some(_), Some(_), Some(_)) => {}
         (Some(_), _, _) => o.push(loc.at(
