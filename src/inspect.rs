@@ -11,6 +11,32 @@ use crate::event::now_ms;
 use crate::queue::{self, Priority, QueueError};
 use crate::units::ByteSize;
 
+/// What `edgeferry queue` shows.
+pub enum Show<'a> {
+    Stats,
+    /// Every event (of one upstream), as JSON lines.
+    Export {
+        upstream: Option<&'a str>,
+    },
+}
+
+/// `edgeferry queue stats|export` on the queue file at `db`. A reader that
+/// closes the pipe early (`| head`) is not an error.
+pub fn command(db: &Path, show: Show<'_>, out: &mut impl Write) -> Result<(), InspectError> {
+    if !db.exists() {
+        return Err(InspectError::NoQueue(db.to_path_buf()));
+    }
+    let result = match show {
+        Show::Stats => stats(db, out),
+        Show::Export { upstream } => export(db, upstream, out)
+            .map(|n| eprintln!("{n} events exported from {}", db.display())),
+    };
+    match result {
+        Err(InspectError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
 /// One line per upstream and priority: events, bytes, age of the oldest.
 pub fn stats(db: &Path, out: &mut impl Write) -> Result<(), InspectError> {
     let stats = queue::stats_of_file(db)?;
@@ -81,6 +107,8 @@ pub fn export(
 
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
+    #[error("no queue at {}", .0.display())]
+    NoQueue(std::path::PathBuf),
     #[error(transparent)]
     Queue(#[from] QueueError),
     #[error("reading the queue: {0}")]

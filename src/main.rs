@@ -169,25 +169,9 @@ fn main() -> ExitCode {
 }
 
 fn passwd(file: &std::path::Path, user: &str, delete: bool) -> ExitCode {
-    use edgeferry::passwd::{Passwords, read_password};
-    let result = (|| {
-        let mut users = Passwords::load_or_empty(file)?;
-        if delete {
-            if !users.remove(user) {
-                return Err(edgeferry::passwd::PasswdError::Invalid(format!(
-                    "{}: no user {user:?}",
-                    file.display()
-                )));
-            }
-        } else {
-            users.set(user, &read_password()?)?;
-        }
-        users.save(file)
-    })();
-    match result {
-        Ok(()) => {
-            let did = if delete { "removed" } else { "set" };
-            println!("{}: {did} {user}", file.display());
+    match edgeferry::passwd::command(file, user, delete) {
+        Ok(done) => {
+            println!("{done}");
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -238,81 +222,42 @@ fn test(config: Option<PathBuf>, paths: Vec<PathBuf>) -> ExitCode {
 }
 
 fn status(config: Option<PathBuf>) -> ExitCode {
-    use edgeferry::status;
+    use edgeferry::status::{ShowError, show};
     let file = match edgeferry::config::ConfigFile::read(installed_or(config).as_deref()) {
         Ok(f) => f,
         Err(errors) => return config_errors(&errors),
     };
-    if !file.metrics.enabled {
-        print!(
-            "{}",
-            status::render_offline(
-                "cannot tell whether edgeferry runs: metrics.enabled = false in its config",
-                &file.queue.path
-            )
-        );
-        return ExitCode::from(EXIT_FAILURE);
-    }
-    let addr = file.metrics.listen;
-    let scrape = || status::http_get(addr, "/metrics").map(|t| status::Scrape::parse(&t));
-    let first = match scrape() {
-        Ok(s) => s,
-        Err(e) => {
-            print!(
-                "{}",
-                status::render_offline(&e.headline(), &file.queue.path)
-            );
-            return ExitCode::from(EXIT_FAILURE);
+    match show(&file) {
+        Ok(screen) => {
+            print!("{screen}");
+            ExitCode::SUCCESS
         }
-    };
-    let started = std::time::Instant::now();
-    std::thread::sleep(std::time::Duration::from_secs(1));
-    let second = match scrape() {
-        Ok(s) => s,
+        Err(ShowError::Down(screen)) => {
+            print!("{screen}");
+            ExitCode::from(EXIT_FAILURE)
+        }
         Err(e) => {
             eprintln!("edgeferry: {e}");
-            return ExitCode::from(EXIT_FAILURE);
+            ExitCode::from(EXIT_FAILURE)
         }
-    };
-    // Rates over the time between the two scrapes, not what follows.
-    let secs = started.elapsed().as_secs_f64();
-    let health = match status::fetch(addr, "/health") {
-        Ok((200, _)) => "healthy".to_string(),
-        Ok((_, body)) => format!("UNHEALTHY: {}", body.trim()),
-        Err(e) => format!("UNHEALTHY: {e}"),
-    };
-    print!(
-        "{}",
-        status::render(&file.gateway_id(), addr, &health, &first, &second, secs)
-    );
-    ExitCode::SUCCESS
+    }
 }
 
 fn queue_command(command: QueueCommand) -> ExitCode {
+    use edgeferry::inspect::{Show, command as inspect};
     let (QueueCommand::Stats { db } | QueueCommand::Export { db, .. }) = &command;
     let path = match db.path() {
         Ok(path) => path,
         Err(code) => return code,
     };
-    if !path.exists() {
-        eprintln!("edgeferry: no queue at {}", path.display());
-        return ExitCode::from(EXIT_FAILURE);
-    }
-    let mut out = std::io::stdout().lock();
-    let result = match &command {
-        QueueCommand::Stats { .. } => edgeferry::inspect::stats(&path, &mut out),
-        QueueCommand::Export { upstream, .. } => {
-            edgeferry::inspect::export(&path, upstream.as_deref(), &mut out)
-                .map(|n| eprintln!("{n} events exported from {}", path.display()))
-        }
+    let show = match &command {
+        QueueCommand::Stats { .. } => Show::Stats,
+        QueueCommand::Export { upstream, .. } => Show::Export {
+            upstream: upstream.as_deref(),
+        },
     };
-    match result {
+    match inspect(&path, show, &mut std::io::stdout().lock()) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(edgeferry::inspect::InspectError::Output(e))
-            if e.kind() == std::io::ErrorKind::BrokenPipe =>
-        {
-            ExitCode::SUCCESS
-        }
         Err(e) => {
             eprintln!("edgeferry: {e}");
             ExitCode::from(EXIT_FAILURE)

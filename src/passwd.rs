@@ -271,6 +271,25 @@ impl Passwords {
 
 /// The new password: on a terminal asked twice without echo, else the
 /// first line of standard input (for scripts: `echo "$PW" | edgeferry passwd ...`).
+/// `edgeferry passwd FILE USER [-D]`: set `user`'s password (read from
+/// standard input) or remove the user; what was done, for the terminal.
+pub fn command(file: &Path, user: &str, delete: bool) -> Result<String, PasswdError> {
+    let mut users = Passwords::load_or_empty(file)?;
+    if delete {
+        if !users.remove(user) {
+            return Err(PasswdError::Invalid(format!(
+                "{}: no user {user:?}",
+                file.display()
+            )));
+        }
+    } else {
+        users.set(user, &read_password()?)?;
+    }
+    users.save(file)?;
+    let did = if delete { "removed" } else { "set" };
+    Ok(format!("{}: {did} {user}", file.display()))
+}
+
 pub fn read_password() -> Result<String, PasswdError> {
     use std::io::{BufRead, IsTerminal, Write};
     let stdin = std::io::stdin();

@@ -43,6 +43,51 @@ impl StatusError {
     }
 }
 
+/// Why `edgeferry status` has no screen of a running daemon to show.
+#[derive(Debug, thiserror::Error)]
+pub enum ShowError {
+    /// Nothing answers, or metrics are off: the screen made from the queue
+    /// file instead.
+    #[error("{0}")]
+    Down(String),
+    /// The second scrape failed: the daemon went away between the two.
+    #[error(transparent)]
+    Scrape(#[from] StatusError),
+}
+
+/// `edgeferry status`: two scrapes a second apart (for rates) and the
+/// health check, rendered; or, when the daemon cannot be asked, its queue.
+pub fn show(file: &crate::config::ConfigFile) -> Result<String, ShowError> {
+    if !file.metrics.enabled {
+        return Err(ShowError::Down(render_offline(
+            "cannot tell whether edgeferry runs: metrics.enabled = false in its config",
+            &file.queue.path,
+        )));
+    }
+    let addr = file.metrics.listen;
+    let scrape = || http_get(addr, "/metrics").map(|t| Scrape::parse(&t));
+    let first =
+        scrape().map_err(|e| ShowError::Down(render_offline(&e.headline(), &file.queue.path)))?;
+    let started = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    let second = scrape()?;
+    // Rates over the time between the two scrapes, not what follows.
+    let secs = started.elapsed().as_secs_f64();
+    let health = match fetch(addr, "/health") {
+        Ok((200, _)) => "healthy".to_string(),
+        Ok((_, body)) => format!("UNHEALTHY: {}", body.trim()),
+        Err(e) => format!("UNHEALTHY: {e}"),
+    };
+    Ok(render(
+        &file.gateway_id(),
+        addr,
+        &health,
+        &first,
+        &second,
+        secs,
+    ))
+}
+
 /// GET `path` from `addr`: the body of a 200 answer.
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, StatusError> {
     match fetch(addr, path)? {
