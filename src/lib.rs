@@ -205,42 +205,17 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
 
     let mut stages = supervisor::Supervisor::new();
     let shutdown = stages.shutdown();
-    let (events_tx, events_rx) = mpsc::channel(file.pipeline.buffer);
+    let link = (broker.link_tx, broker.link_rx);
     let door = Arc::new(front_door(&config, &internal, &metrics));
-    let front = frontdoor::run(
+    let (reload_tx, republish_thread) = spawn_pipeline(
+        &mut stages,
+        &config,
         listeners,
-        door.clone(),
-        events_tx,
-        file.broker.max_connections,
-        shutdown.clone(),
-    );
-    stages.spawn("front door", front);
-    let (republisher, republish_thread) =
-        republish::spawn(broker.link_tx, broker.link_rx, metrics.clone()).map_err(|source| {
-            RunError::Thread {
-                what: "republish",
-                source,
-            }
-        })?;
-    let (rules_tx, rules_rx) = watch::channel(Arc::new(config.rules.clone()));
-    let router = router::run(
-        events_rx,
-        rules_rx,
-        queue.clone(),
-        republisher,
-        door.ingest.clone(),
-        metrics.clone(),
-    );
-    stages.spawn_fallible("router", router);
-    let (reload_tx, reload_rx) = mpsc::channel(1);
-    let reloader = reload::run(
-        config.clone(),
-        rules_tx,
-        reload_rx,
-        metrics.clone(),
-        shutdown.clone(),
-    );
-    stages.spawn("reload", reloader);
+        door,
+        link,
+        &queue,
+        &metrics,
+    )?;
     for settings in uplinks {
         let uplink_metrics = metrics.uplinks[&settings.name].clone();
         let uplink = uplink::run(settings, queue.clone(), uplink_metrics, shutdown.clone());
@@ -284,6 +259,56 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         reload: reload_tx,
         supervisor,
     })
+}
+
+/// The local side: the front door, the republisher (a thread on the
+/// embedded broker's link), the router and the rule reloader. Returns the
+/// reload trigger and the republisher's thread.
+fn spawn_pipeline(
+    stages: &mut supervisor::Supervisor,
+    config: &Config,
+    listeners: frontdoor::Listeners,
+    door: Arc<frontdoor::Door>,
+    (link_tx, link_rx): (rumqttd::local::LinkTx, rumqttd::local::LinkRx),
+    queue: &queue::QueueHandle,
+    metrics: &Arc<Metrics>,
+) -> Result<(mpsc::Sender<reload::Trigger>, std::thread::JoinHandle<()>), RunError> {
+    let file = &config.file;
+    let shutdown = stages.shutdown();
+    let (events_tx, events_rx) = mpsc::channel(file.pipeline.buffer);
+    let front = frontdoor::run(
+        listeners,
+        door.clone(),
+        events_tx,
+        file.broker.max_connections,
+        shutdown.clone(),
+    );
+    stages.spawn("front door", front);
+    let (republisher, republish_thread) = republish::spawn(link_tx, link_rx, metrics.clone())
+        .map_err(|source| RunError::Thread {
+            what: "republish",
+            source,
+        })?;
+    let (rules_tx, rules_rx) = watch::channel(Arc::new(config.rules.clone()));
+    let router = router::run(
+        events_rx,
+        rules_rx,
+        queue.clone(),
+        republisher,
+        door.ingest.clone(),
+        metrics.clone(),
+    );
+    stages.spawn_fallible("router", router);
+    let (reload_tx, reload_rx) = mpsc::channel(1);
+    let reloader = reload::run(
+        config.clone(),
+        rules_tx,
+        reload_rx,
+        metrics.clone(),
+        shutdown,
+    );
+    stages.spawn("reload", reloader);
+    Ok((reload_tx, republish_thread))
 }
 
 /// Each upstream's settings, from the files read when the config was loaded.

@@ -43,7 +43,7 @@ use backoff::Backoff;
 pub use failure::FailureKind;
 use link::{Events, Link, LinkEvent};
 use poison::{POISON_AFTER, Suspect};
-use session::{Connected, Ended, Outcome, Position, Sent, Session};
+use session::{Connected, Ended, Outcome, Position, Room, Sent, Session};
 
 /// Connection failures are logged at WARN at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(30);
@@ -250,68 +250,37 @@ async fn drive(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Ended {
     let name = s.name_of();
-    // A request for up to `wait_limit` rows, answered when they come.
-    let mut waiting: Option<Waiting> = None;
-    let mut wait_limit = 0;
-    // Rows the queue sent in answer to `waiting`.
-    let mut pushed: Option<Vec<Row>> = None;
+    let mut reads = Reads::default();
     loop {
         s.report_inflight();
         let room = s.room();
-        let read = if let Some(rows) = pushed.take() {
-            Some((rows, wait_limit))
-        } else if !s.drained && room.due {
-            match fetch(queue, name, s.position, room.allowed).await {
-                Ok(rows) => Some((rows, room.allowed)),
-                Err(QueueError::Closed) => return Ended::QueueClosed,
-                Err(e) => {
-                    warn!(upstream = %name, error = %e, "cannot read queue; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    continue;
-                }
-            }
-        } else {
-            None
-        };
-        if let Some((rows, asked)) = read {
-            match s.send(rows, asked) {
+        match reads.read(s, room, queue, name).await {
+            Err(ended) => return ended,
+            Ok(Read::Nothing) => {}
+            // After a failed read (logged, and a pause): try again.
+            Ok(Read::Again) => continue,
+            Ok(Read::Rows(rows, asked)) => match s.send(rows, asked) {
                 Ok(Sent::ReadAgain) => continue,
                 Ok(Sent::Wait) => {}
                 Err(ended) => return ended,
-            }
+            },
         }
         if let Some(ids) = s.due_acks(Instant::now())
             && queue.ack(ids).await.is_err()
         {
             return Ended::QueueClosed;
         }
-        // Caught up: ask the queue for the next rows as soon as there is
-        // room for a batch, and have it send them when they come. Until the
-        // pace allows a row, wait on the pace instead.
-        let mut paced = !s.drained && room.paced;
-        if s.drained && waiting.is_none() {
-            let room = s.room();
-            paced = room.paced;
-            if room.due {
-                match queue
-                    .wait(name, s.position.waiting_cursor(), room.allowed)
-                    .await
-                {
-                    Ok(w) => {
-                        waiting = Some(w);
-                        wait_limit = room.allowed;
-                    }
-                    Err(_) => return Ended::QueueClosed,
-                }
-            }
-        }
-
+        let paced = match reads.wait_if_drained(s, room, queue, name).await {
+            Ok(paced) => paced,
+            Err(ended) => return ended,
+        };
+        let waiting = &mut reads.waiting;
         let polled = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return Ended::Shutdown,
-            answer = recv_opt(&mut waiting) => {
-                waiting = None;
+            answer = recv_opt(waiting) => {
+                *waiting = None;
                 match answer {
-                    Ok(Ok(rows)) => pushed = Some(rows),
+                    Ok(Ok(rows)) => reads.pushed = Some(rows),
                     // Read again the usual way (which retries and warns, or
                     // ends the session if the queue has stopped).
                     Ok(Err(_)) | Err(_) => s.drained = false,
@@ -344,6 +313,85 @@ async fn drive(
             Some(Err(e)) => return s.failed(e),
             None => return Ended::lost(FailureKind::Lost, "event loop ended"),
         }
+    }
+}
+
+/// The session's requests to the queue: a read now, or a request for
+/// rows that the queue answers when they come.
+#[derive(Default)]
+struct Reads {
+    /// Asked for up to `wait_limit` rows, answered when they come.
+    waiting: Option<Waiting>,
+    wait_limit: usize,
+    /// Rows the queue sent in answer to `waiting`.
+    pushed: Option<Vec<Row>>,
+}
+
+/// What a read gave.
+enum Read {
+    /// Rows, and how many were asked for.
+    Rows(Vec<Row>, usize),
+    /// No read was due.
+    Nothing,
+    /// The read failed; try again.
+    Again,
+}
+
+impl Reads {
+    /// Rows to send now: pushed by the queue, or read if the window and
+    /// pace make a read worth it.
+    async fn read(
+        &mut self,
+        s: &Session<'_, Link>,
+        room: Room,
+        queue: &QueueHandle,
+        name: &str,
+    ) -> Result<Read, Ended> {
+        if let Some(rows) = self.pushed.take() {
+            return Ok(Read::Rows(rows, self.wait_limit));
+        }
+        if s.drained || !room.due {
+            return Ok(Read::Nothing);
+        }
+        match fetch(queue, name, s.position, room.allowed).await {
+            Ok(rows) => Ok(Read::Rows(rows, room.allowed)),
+            Err(QueueError::Closed) => Err(Ended::QueueClosed),
+            Err(e) => {
+                warn!(upstream = %name, error = %e, "cannot read queue; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                Ok(Read::Again)
+            }
+        }
+    }
+
+    /// Caught up: ask the queue for the next rows as soon as there is room
+    /// for a batch, and have it send them when they come. Whether the
+    /// session waits on the pace instead.
+    async fn wait_if_drained(
+        &mut self,
+        s: &mut Session<'_, Link>,
+        room: Room,
+        queue: &QueueHandle,
+        name: &str,
+    ) -> Result<bool, Ended> {
+        if !s.drained {
+            return Ok(room.paced);
+        }
+        if self.waiting.is_some() {
+            return Ok(false);
+        }
+        let room = s.room();
+        if room.due {
+            let cursor = s.position.waiting_cursor();
+            match queue.wait(name, cursor, room.allowed).await {
+                Ok(w) => {
+                    self.waiting = Some(w);
+                    self.wait_limit = room.allowed;
+                }
+                Err(_) => return Err(Ended::QueueClosed),
+            }
+        }
+        Ok(room.paced)
     }
 }
 
