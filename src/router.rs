@@ -244,39 +244,10 @@ impl Router {
         rows: &mut Vec<NewRow>,
         receipt: Option<&Receipt>,
     ) {
-        let m = &*self.metrics;
-        if let Some(event) = event {
-            if verdict.matched > 0 {
-                m.matched.fetch_add(1, Relaxed);
-            } else if verdict.unmatched_routed {
-                m.unmatched_routed.fetch_add(1, Relaxed);
-            } else if verdict.errors.is_empty() && verdict.dead_letter.is_none() {
-                m.dropped_unmatched.fetch_add(1, Relaxed);
-            }
-            if verdict.dropped_by.is_some() && verdict.routes.is_empty() {
-                m.dropped_rule.fetch_add(1, Relaxed);
-            }
-            if let Some(reason) = &verdict.dead_letter {
-                m.dead_letters.fetch_add(1, Relaxed);
-                if let Some(suppressed) = self.warns.allow() {
-                    warn!(
-                        topic = %event.topic,
-                        id = %event.id,
-                        suppressed,
-                        "event dead-lettered: {reason}"
-                    );
-                }
-                if let Some(topic) = &self.dead_letter_topic {
-                    self.local.send(Local {
-                        topic: topic.clone(),
-                        payload: dead_letter(event, reason),
-                        origin: None,
-                    });
-                }
-            }
+        self.count(event, &verdict);
+        if let (Some(event), Some(reason)) = (event, &verdict.dead_letter) {
+            self.dead_letter(event, reason);
         }
-        m.rule_errors
-            .fetch_add(verdict.errors.len() as u64, Relaxed);
         if event.is_none()
             && let Some((rule, why)) = verdict.errors.first()
         {
@@ -285,34 +256,8 @@ impl Router {
                 warn!(rule = %rule, suppressed, "window not sent: {why}");
             }
         }
-        for reason in &verdict.shaped {
-            match reason {
-                DropReason::Throttled => &m.dropped_throttled,
-                DropReason::Duplicate => &m.dropped_duplicate,
-                DropReason::InsideDeadband => &m.dropped_deadband,
-            }
-            .fetch_add(1, Relaxed);
-        }
-        m.window_absorbed
-            .fetch_add(verdict.absorbed as u64, Relaxed);
-        m.window_emitted.fetch_add(verdict.windows as u64, Relaxed);
-        m.dropped_loop
-            .fetch_add(verdict.loop_dropped as u64, Relaxed);
         for r in verdict.republish {
-            if self.ingest.iter().any(|f| f.captures(&r.topic).is_some()) {
-                if self.loopback.len() < LOOPBACK_MAX {
-                    let mut again = Event::from_publish(r.topic.clone(), r.payload.clone());
-                    again.origin = Some(r.origin.clone());
-                    self.loopback.push_back(again);
-                } else {
-                    m.dropped_loop.fetch_add(1, Relaxed);
-                }
-            }
-            self.local.send(Local {
-                topic: r.topic,
-                payload: r.payload,
-                origin: Some(r.origin),
-            });
+            self.republish(r);
         }
         for route in verdict.routes {
             rows.push(NewRow {
@@ -328,6 +273,80 @@ impl Router {
                 receipt: receipt.cloned(),
             });
         }
+    }
+
+    /// What the verdict counts: matched, unmatched, dropped and why,
+    /// errors, windows.
+    fn count(&self, event: Option<&Event>, verdict: &Verdict) {
+        let m = &*self.metrics;
+        if event.is_some() {
+            if verdict.matched > 0 {
+                m.matched.fetch_add(1, Relaxed);
+            } else if verdict.unmatched_routed {
+                m.unmatched_routed.fetch_add(1, Relaxed);
+            } else if verdict.errors.is_empty() && verdict.dead_letter.is_none() {
+                m.dropped_unmatched.fetch_add(1, Relaxed);
+            }
+            if verdict.dropped_by.is_some() && verdict.routes.is_empty() {
+                m.dropped_rule.fetch_add(1, Relaxed);
+            }
+            if verdict.dead_letter.is_some() {
+                m.dead_letters.fetch_add(1, Relaxed);
+            }
+        }
+        m.rule_errors
+            .fetch_add(verdict.errors.len() as u64, Relaxed);
+        for reason in &verdict.shaped {
+            match reason {
+                DropReason::Throttled => &m.dropped_throttled,
+                DropReason::Duplicate => &m.dropped_duplicate,
+                DropReason::InsideDeadband => &m.dropped_deadband,
+            }
+            .fetch_add(1, Relaxed);
+        }
+        m.window_absorbed
+            .fetch_add(verdict.absorbed as u64, Relaxed);
+        m.window_emitted.fetch_add(verdict.windows as u64, Relaxed);
+        m.dropped_loop
+            .fetch_add(verdict.loop_dropped as u64, Relaxed);
+    }
+
+    /// Log (rate-limited) and publish an event that went to the dead letters.
+    fn dead_letter(&mut self, event: &Event, reason: &str) {
+        if let Some(suppressed) = self.warns.allow() {
+            warn!(
+                topic = %event.topic,
+                id = %event.id,
+                suppressed,
+                "event dead-lettered: {reason}"
+            );
+        }
+        if let Some(topic) = &self.dead_letter_topic {
+            self.local.send(Local {
+                topic: topic.clone(),
+                payload: dead_letter(event, reason),
+                origin: None,
+            });
+        }
+    }
+
+    /// A `local` destination's publish: to the embedded broker, and back
+    /// through the rules when an ingest filter takes its topic.
+    fn republish(&mut self, r: crate::rules::Republish) {
+        if self.ingest.iter().any(|f| f.captures(&r.topic).is_some()) {
+            if self.loopback.len() < LOOPBACK_MAX {
+                let mut again = Event::from_publish(r.topic.clone(), r.payload.clone());
+                again.origin = Some(r.origin.clone());
+                self.loopback.push_back(again);
+            } else {
+                self.metrics.dropped_loop.fetch_add(1, Relaxed);
+            }
+        }
+        self.local.send(Local {
+            topic: r.topic,
+            payload: r.payload,
+            origin: Some(r.origin),
+        });
     }
 }
 

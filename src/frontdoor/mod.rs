@@ -226,46 +226,55 @@ pub async fn run(
         };
         let (door, events, shutdown) = (door.clone(), events.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let peer = accepted.peer;
-            let result = match accepted.transport {
-                Transport::Plain => {
-                    session::serve(door.clone(), accepted.stream, events, shutdown, None).await
-                }
-                #[cfg(feature = "tls")]
-                Transport::Tls(acceptor) => {
-                    match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(accepted.stream))
-                        .await
-                    {
-                        Ok(Ok(tls)) => {
-                            // Only a verified certificate is presented here
-                            // (tls_client_ca); its CN is the user name.
-                            let identity = tls
-                                .get_ref()
-                                .1
-                                .peer_certificates()
-                                .and_then(|c| c.first())
-                                .and_then(|c| crate::tls::common_name(c));
-                            session::serve(door.clone(), tls, events, shutdown, identity).await
-                        }
-                        Ok(Err(e)) => Err(session::SessionError::Io(e)),
-                        Err(_) => Err(session::SessionError::ConnectTimeout(TLS_HANDSHAKE)),
-                    }
-                }
-            };
-            if let Err(e) = result {
-                if matches!(
-                    e,
-                    session::SessionError::Wire(_) | session::SessionError::Protocol(_)
-                ) {
-                    door.metrics.door_protocol_errors.fetch_add(1, Relaxed);
-                }
-                debug!(%peer, error = %e, "local connection closed");
-            }
+            connection(accepted, door, events, shutdown).await;
             drop(permit);
         });
     }
     acceptors.abort_all();
     info!("front door closed");
+}
+
+/// One accepted connection: the TLS handshake if it is on the TLS listener,
+/// then its session, until it closes.
+async fn connection(
+    accepted: Accepted,
+    door: Arc<Door>,
+    events: mpsc::Sender<Inbound>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let peer = accepted.peer;
+    let result = match accepted.transport {
+        Transport::Plain => {
+            session::serve(door.clone(), accepted.stream, events, shutdown, None).await
+        }
+        #[cfg(feature = "tls")]
+        Transport::Tls(acceptor) => {
+            match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(accepted.stream)).await {
+                Ok(Ok(tls)) => {
+                    // Only a verified certificate is presented here
+                    // (tls_client_ca); its CN is the user name.
+                    let identity = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(|c| crate::tls::common_name(c));
+                    session::serve(door.clone(), tls, events, shutdown, identity).await
+                }
+                Ok(Err(e)) => Err(session::SessionError::Io(e)),
+                Err(_) => Err(session::SessionError::ConnectTimeout(TLS_HANDSHAKE)),
+            }
+        }
+    };
+    if let Err(e) = result {
+        if matches!(
+            e,
+            session::SessionError::Wire(_) | session::SessionError::Protocol(_)
+        ) {
+            door.metrics.door_protocol_errors.fetch_add(1, Relaxed);
+        }
+        debug!(%peer, error = %e, "local connection closed");
+    }
 }
 
 /// Whether a front-door listener answers an MQTT CONNECT with a CONNACK
