@@ -726,7 +726,7 @@ fn check_ingest(ingest: &[String], loc: &Locator) -> Vec<Diagnostic> {
     let mut out = Vec::new();
     let o = &mut out;
     for (i, a) in ingest.iter().enumerate() {
-        match crate::rules::topic::Pattern::parse(a) {
+        match crate::topic::Pattern::parse(a) {
             Err(e) => o.push(loc.at("broker", "ingest", format!("broker.ingest: {e}"))),
             Ok(_) if a.contains('{') => o.push(loc.at(
                 "broker",
@@ -738,7 +738,7 @@ fn check_ingest(ingest: &[String], loc: &Locator) -> Vec<Diagnostic> {
             Ok(_) => {}
         }
         for other in &ingest[i + 1..] {
-            if crate::rules::topic::filters_overlap(a, other) {
+            if crate::topic::filters_overlap(a, other) {
                 o.push(loc.at(
                     "broker",
                     "ingest",

@@ -27,6 +27,7 @@ pub mod setup;
 pub mod status;
 pub mod supervisor;
 pub mod tls;
+pub mod topic;
 pub mod units;
 pub mod uplink;
 

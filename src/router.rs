@@ -58,7 +58,7 @@ pub async fn run(
     mut rules: watch::Receiver<Arc<RuleSet>>,
     queue: QueueHandle,
     local: Republisher,
-    ingest: Vec<crate::rules::topic::Pattern>,
+    ingest: Vec<crate::topic::Pattern>,
     metrics: Arc<Metrics>,
 ) -> Result<(), QueueError> {
     let mut set = rules.borrow_and_update().clone();
@@ -160,7 +160,7 @@ struct Router {
     /// Rate limit of dead-letter and window warnings.
     warns: WarnLimit,
     /// Topics edgeferry ingests: a republish on one is routed again.
-    ingest: Vec<crate::rules::topic::Pattern>,
+    ingest: Vec<crate::topic::Pattern>,
     /// Republished events to route again after the current ones.
     loopback: VecDeque<Event>,
 }

@@ -3,7 +3,7 @@
 //! must agree with the pattern.
 #![no_main]
 
-use edgeferry::rules::topic::{Pattern, PatternIndex, filters_overlap};
+use edgeferry::topic::{Pattern, PatternIndex, filters_overlap};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -27,7 +27,7 @@ use crate::broker::{BrokerError, Internal};
 use crate::config::BrokerConfig;
 use crate::metrics::Metrics;
 use crate::router::Inbound;
-use crate::rules::topic::Pattern;
+use crate::topic::Pattern;
 use auth::{AclFile, LocalAuth};
 
 /// What every session shares.

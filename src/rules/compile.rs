@@ -16,11 +16,11 @@ use super::expr::{self, Expr};
 use super::shaping::ShapeSpec;
 use super::spec::{DestinationSpec, Encoding, RuleSpec};
 use super::template::Template;
-use super::topic::Pattern;
 use super::transform::Transform;
 use super::{Destination, Rule, Shape, Target, UpstreamTarget};
 use crate::diagnostic::Diagnostic;
 use crate::rules::TestSpec;
+use crate::topic::Pattern;
 
 /// What one rule file holds once parsed: compiled rules (each with its
 /// `file:line`) and the `[[test]]` cases, still as written.

@@ -22,7 +22,6 @@ pub mod shaping;
 mod spec;
 mod template;
 pub mod testing;
-pub mod topic;
 mod transform;
 
 use std::collections::{BTreeSet, HashMap};
@@ -36,12 +35,12 @@ use crate::codec::Payload;
 use crate::diagnostic::{Diagnostic, Diagnostics};
 use crate::event::{Event, Origin};
 use crate::queue::{Overflow, Priority};
+use crate::topic::{Pattern, PatternIndex};
 use expr::{Env, EventVars, Expr, RuleVars};
 use shaping::{DropReason, Offer, ShapeSpec, Shaper};
 pub use spec::{DestinationSpec, Encoding, RuleSpec};
 use template::Template;
 pub use testing::TestSpec;
-use topic::{Pattern, PatternIndex};
 use transform::Transform;
 
 /// A republished event goes through the rules again (minus the rule that

@@ -1,4 +1,6 @@
-//! MQTT topic patterns with named captures, and an index over many of them.
+//! MQTT topic patterns with named captures, and an index over many of them:
+//! the rules match with them, the config checks ingest filters with them,
+//! the front door and the router match ingest filters with them.
 //!
 //! A pattern is an MQTT filter whose single-level parts may be named:
 //! `sensors/{site}/+/temperature/#`. `{name}` and `+` match exactly one
