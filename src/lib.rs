@@ -67,6 +67,10 @@ pub enum RunError {
         stage: &'static str,
         end: supervisor::StageEnd,
     },
+    /// The config's files were not read when it was loaded (it was not
+    /// made by `Config::load`): load configs with `Config::load`.
+    #[error("the config's {0} was not read when it was loaded")]
+    NotResolved(String),
     /// A thread could not be started (the system's thread limit?).
     #[error("cannot start the {what} thread: {source}")]
     Thread {
@@ -207,7 +211,7 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
     let mut stages = supervisor::Supervisor::new();
     let shutdown = stages.shutdown();
     let link = (broker.link_tx, broker.link_rx);
-    let door = Arc::new(front_door(&config, &internal, &metrics));
+    let door = Arc::new(front_door(&config, &internal, &metrics)?);
     let (reload_tx, republish_thread) = spawn_pipeline(
         &mut stages,
         &config,
@@ -317,8 +321,10 @@ fn uplink_settings(config: &Config) -> Result<Vec<uplink::UplinkSettings>, RunEr
     let resolved = &config.resolved.upstreams;
     let mut out = Vec::new();
     for (name, up) in &config.file.upstream {
-        let files = resolved.get(name).cloned().unwrap_or_default();
-        let settings = uplink::UplinkSettings::new(name, config.client_id(name), up, &files)
+        let files = resolved
+            .get(name)
+            .ok_or_else(|| RunError::NotResolved(format!("upstream.{name}")))?;
+        let settings = uplink::UplinkSettings::new(name, config.client_id(name), up, files)
             .map_err(|source| RunError::Upstream {
                 name: name.clone(),
                 source,
@@ -334,26 +340,32 @@ fn front_door(
     config: &Config,
     internal: &broker::Internal,
     metrics: &Arc<Metrics>,
-) -> frontdoor::Door {
+) -> Result<frontdoor::Door, RunError> {
+    use frontdoor::auth::{AclFile, LocalAuth};
     let b = &config.file.broker;
     let resolved = &config.resolved;
-    let auth = b
-        .password_file
-        .clone()
-        .zip(resolved.passwords.clone())
-        .map(|(path, users)| {
-            Arc::new(frontdoor::auth::LocalAuth::new(
-                path,
-                users,
-                metrics.clone(),
-            ))
-        });
-    let acl = b
-        .acl_file
-        .clone()
-        .zip(resolved.acl.clone())
-        .map(|(path, acl)| Arc::new(frontdoor::auth::AclFile::new(path, acl)));
-    frontdoor::Door::new(b, internal.clone(), auth, acl, metrics.clone())
+    let missing = |what: &str| RunError::NotResolved(format!("broker.{what}"));
+    let auth = match (&b.password_file, &resolved.passwords) {
+        (None, _) => None,
+        (Some(path), Some(users)) => Some(Arc::new(LocalAuth::new(
+            path.clone(),
+            users.clone(),
+            metrics.clone(),
+        ))),
+        (Some(_), None) => return Err(missing("password_file")),
+    };
+    let acl = match (&b.acl_file, &resolved.acl) {
+        (None, _) => None,
+        (Some(path), Some(acl)) => Some(Arc::new(AclFile::new(path.clone(), acl.clone()))),
+        (Some(_), None) => return Err(missing("acl_file")),
+    };
+    Ok(frontdoor::Door::new(
+        b,
+        internal.clone(),
+        auth,
+        acl,
+        metrics.clone(),
+    ))
 }
 
 /// The operations stages: metrics endpoint, summary, heap trim, health.

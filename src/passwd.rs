@@ -269,8 +269,6 @@ impl Passwords {
     }
 }
 
-/// The new password: on a terminal asked twice without echo, else the
-/// first line of standard input (for scripts: `echo "$PW" | edgeferry passwd ...`).
 /// `edgeferry passwd FILE USER [-D]`: set `user`'s password (read from
 /// standard input) or remove the user; what was done, for the terminal.
 pub fn command(file: &Path, user: &str, delete: bool) -> Result<String, PasswdError> {
@@ -290,6 +288,8 @@ pub fn command(file: &Path, user: &str, delete: bool) -> Result<String, PasswdEr
     Ok(format!("{}: {did} {user}", file.display()))
 }
 
+/// The new password: on a terminal asked twice without echo, else the
+/// first line of standard input (for scripts: `echo "$PW" | edgeferry passwd ...`).
 pub fn read_password() -> Result<String, PasswdError> {
     use std::io::{BufRead, IsTerminal, Write};
     let stdin = std::io::stdin();

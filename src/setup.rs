@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::acl::Acl;
 use crate::config::{BrokerConfig, ConfigFile, Locator, Source, UpstreamConfig, find_key};
 use crate::diagnostic::{Diagnostic, Diagnostics};
+use crate::frontdoor::auth::Loaded;
 use crate::passwd::Passwords;
 use crate::rules::RuleSet;
 use crate::tls::{self, TlsError};
@@ -40,9 +41,9 @@ pub struct Resolved {
     /// `password_env` is read at start) and TLS client configuration.
     pub upstreams: BTreeMap<String, UpstreamFiles>,
     /// `broker.password_file`.
-    pub passwords: Option<Arc<Passwords>>,
+    pub passwords: Option<Loaded<Passwords>>,
     /// `broker.acl_file`.
-    pub acl: Option<Arc<Acl>>,
+    pub acl: Option<Loaded<Acl>>,
     /// The TLS listener's certificate, key and client CA.
     pub server_tls: Option<Arc<tls::ServerConfig>>,
 }
@@ -177,13 +178,13 @@ fn resolve_broker_files(b: &BrokerConfig, loc: &Locator, into: &mut Resolved) ->
         }
     }
     if let Some(path) = &b.password_file {
-        match Passwords::load(path) {
+        match Loaded::read(path, Passwords::load) {
             Err(e) => out.push(loc.at(
                 "broker",
                 "password_file",
                 format!("broker.password_file: {e}"),
             )),
-            Ok(p) if p.is_empty() => out.push(loc.at(
+            Ok(p) if p.value.is_empty() => out.push(loc.at(
                 "broker",
                 "password_file",
                 format!(
@@ -192,12 +193,12 @@ fn resolve_broker_files(b: &BrokerConfig, loc: &Locator, into: &mut Resolved) ->
                     path.display()
                 ),
             )),
-            Ok(p) => into.passwords = Some(Arc::new(p)),
+            Ok(p) => into.passwords = Some(p),
         }
     }
     if let Some(path) = &b.acl_file {
-        match Acl::load(path) {
-            Ok(acl) => into.acl = Some(Arc::new(acl)),
+        match Loaded::read(path, Acl::load) {
+            Ok(acl) => into.acl = Some(acl),
             Err(found) => out.extend(found),
         }
     }

@@ -20,6 +20,34 @@ pub use crate::broker::RESERVED_ID_PREFIX;
 /// id, but not counted as a failed login.
 pub const HEALTH_PROBE_ID: &str = "edgeferry-link-health";
 
+/// A file's contents as read when the config was loaded, with the file's
+/// identity taken before the read: a change made after it, even before the
+/// daemon starts watching, is picked up.
+#[derive(Debug)]
+pub struct Loaded<T> {
+    pub value: Arc<T>,
+    stamp: Option<FileStamp>,
+}
+
+impl<T> Clone for Loaded<T> {
+    fn clone(&self) -> Self {
+        Loaded {
+            value: self.value.clone(),
+            stamp: self.stamp,
+        }
+    }
+}
+
+impl<T> Loaded<T> {
+    pub fn read<E>(path: &Path, parse: impl FnOnce(&Path) -> Result<T, E>) -> Result<Self, E> {
+        let stamp = FileStamp::of(path);
+        Ok(Loaded {
+            value: Arc::new(parse(path)?),
+            stamp,
+        })
+    }
+}
+
 /// A file's contents, parsed, and re-parsed when the file changes.
 struct Watched<T> {
     path: PathBuf,
@@ -31,15 +59,15 @@ struct Watched<T> {
 }
 
 impl<T> Watched<T> {
-    /// Watch `path`, whose contents were just parsed into `value`.
+    /// Watch `path`, whose contents were parsed into `loaded`.
     fn new(
         path: PathBuf,
-        value: Arc<T>,
+        loaded: Loaded<T>,
         what: &'static str,
         parse: fn(&Path) -> Result<T, String>,
     ) -> Self {
         Watched {
-            loaded: Mutex::new((FileStamp::of(&path), value)),
+            loaded: Mutex::new((loaded.stamp, loaded.value)),
             path,
             parse,
             what,
@@ -76,8 +104,8 @@ pub struct LocalAuth {
 impl LocalAuth {
     /// Check logins against `users`, read from `path` when the config was
     /// loaded, and re-read when the file changes.
-    pub fn new(path: PathBuf, users: Arc<Passwords>, metrics: Arc<Metrics>) -> LocalAuth {
-        info!(path = %path.display(), users = users.len(), "local clients must log in");
+    pub fn new(path: PathBuf, users: Loaded<Passwords>, metrics: Arc<Metrics>) -> LocalAuth {
+        info!(path = %path.display(), users = users.value.len(), "local clients must log in");
         let users = Watched::new(path, users, "password file", |p| {
             Passwords::load(p).map_err(|e| e.to_string())
         });
@@ -125,7 +153,7 @@ impl AclFile {
     /// Enforce `acl`, read from `path` when the config was loaded, and
     /// re-read when the file changes (its problems then come back one per
     /// line, `file:line:column`, and the previous rules stay).
-    pub fn new(path: PathBuf, acl: Arc<Acl>) -> AclFile {
+    pub fn new(path: PathBuf, acl: Loaded<Acl>) -> AclFile {
         fn parse(p: &Path) -> Result<Acl, String> {
             Acl::load(p).map_err(|errors| {
                 errors
@@ -135,7 +163,7 @@ impl AclFile {
                     .join("\n")
             })
         }
-        info!(path = %path.display(), users = acl.users(), patterns = acl.patterns(), "local topics restricted by the ACL file");
+        info!(path = %path.display(), users = acl.value.users(), patterns = acl.value.patterns(), "local topics restricted by the ACL file");
         AclFile(Watched::new(path, acl, "ACL file", parse))
     }
 

@@ -101,13 +101,14 @@ const FRONT_DOOR: &[Plain] = &[
     ),
 ];
 
+const MATCHED: &[Plain] = &[(
+    "events_matched",
+    "Events at least one rule applied to",
+    Counter,
+    |m| m.matched.load(Relaxed),
+)];
+
 const PIPELINE: &[Plain] = &[
-    (
-        "events_matched",
-        "Events at least one rule applied to",
-        Counter,
-        |m| m.matched.load(Relaxed),
-    ),
     (
         "dead_letters",
         "Events with a malformed payload or a failing rule",
@@ -358,6 +359,7 @@ impl Collector for Scrape {
                 ("malformed", &m.decoded_malformed),
             ],
         )?;
+        plain(&mut enc, m, MATCHED)?;
         labelled(
             &mut enc,
             "events_dropped",

@@ -124,6 +124,12 @@ pub async fn run(
             healthy,
             ..
         } = session(&settings, &queue, &metrics, &mut shutdown, &mut unacked).await;
+        // Down only once it says why: whoever sees it down reads the reason.
+        let lost = match ended {
+            Ended::Lost { kind, reason } => Some(record_failure(&metrics, kind, &reason)),
+            Ended::Shutdown | Ended::QueueClosed => None,
+        };
+        metrics.connected.store(false, Relaxed);
         if let Some(row) = suspect.strike(strike) {
             warn!(upstream = %settings.name, row, strikes = POISON_AFTER, "dead-lettered: the upstream dropped the connection this many times in a row with this event first in flight and acknowledged nothing (an event it cannot take; the events behind it go on)");
             metrics.dead_lettered.fetch_add(1, Relaxed);
@@ -132,20 +138,12 @@ pub async fn run(
                 return;
             }
         }
-        let Ended::Lost { kind, reason } = ended else {
-            metrics.connected.store(false, Relaxed);
+        let Some(reason) = lost else {
             return;
         };
         if healthy {
             backoff.reset();
         }
-        let reason = tls::explain(&reason);
-        let kind = kind.index();
-        metrics.failures[kind].fetch_add(1, Relaxed);
-        metrics.down_because.store(kind as u64 + 1, Relaxed);
-        *metrics.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
-        // Down only once it says why: whoever sees it down reads the reason.
-        metrics.connected.store(false, Relaxed);
         let delay = backoff.next_delay();
         // WARN on a new reason, at most every 30 s; DEBUG otherwise.
         if reason != last_reason && last_warned.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
@@ -160,6 +158,17 @@ pub async fn run(
             _ = tokio::time::sleep(delay) => {}
         }
     }
+}
+
+/// Count a failed attempt or a lost session by kind, and keep its reason
+/// (explained, for TLS) for `/metrics` and `status`; the reason, for the log.
+fn record_failure(metrics: &UplinkMetrics, kind: FailureKind, reason: &str) -> String {
+    let reason = tls::explain(reason);
+    let kind = kind.index();
+    metrics.failures[kind].fetch_add(1, Relaxed);
+    metrics.down_because.store(kind as u64 + 1, Relaxed);
+    *metrics.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.clone());
+    reason
 }
 
 /// Connect, then run one session until it ends: the I/O around the
@@ -178,6 +187,9 @@ async fn session(
         Ok(connack) => connack,
         Err(ended) => return Outcome::before_connecting(ended),
     };
+    // The session starts at the CONNACK, not after the queue round trips
+    // below: rows received before this are the backlog (replay marker).
+    let (connected_at, connected_ms) = (Instant::now(), crate::event::now_ms());
     // The queue, not the metric, is what keeps this upstream's events in
     // RAM while it is connected.
     let _ = queue.online(name, true).await;
@@ -198,6 +210,8 @@ async fn session(
         session_present,
         receive_max,
         boundary,
+        connected_at,
+        connected_ms,
     };
     let mut s = Session::connected(link, connected);
     let ended = drive(&mut s, queue, &mut events, shutdown).await;

@@ -188,6 +188,10 @@ pub(super) struct Connected<'a> {
     pub session_present: bool,
     /// An MQTT 5 server's Receive Maximum.
     pub receive_max: Option<u16>,
+    /// When the CONNACK arrived, and the same as ms since the epoch (rows
+    /// received before it are the backlog).
+    pub connected_at: Instant,
+    pub connected_ms: u64,
     /// With `live_first`: the last row id queued before this connection
     /// (else `i64::MAX`: every row is read from the start).
     pub boundary: i64,
@@ -205,6 +209,8 @@ impl<'a, W: Wire> Session<'a, W> {
             session_present,
             receive_max,
             boundary,
+            connected_at,
+            connected_ms,
         } = c;
         let mut window = usize::from(up.inflight);
         // An MQTT 5 server's Receive Maximum caps the window (rumqttc holds
@@ -220,15 +226,13 @@ impl<'a, W: Wire> Session<'a, W> {
         *metrics.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
         info!(upstream = %name, url = %up.url, protocol = ?up.protocol, session_present, window, "uplink connected");
         let live_first = up.drain_order == DrainOrder::LiveFirst;
-        let now = Instant::now();
         Session {
             wire,
             name,
             up,
             metrics,
             unacked,
-            // Rows received before this moment are the backlog.
-            packets: Packets::new(up, crate::event::now_ms()),
+            packets: Packets::new(up, connected_ms),
             pacer: Pacer::new(up.send_rate, up.send_bytes_rate.0),
             window,
             refill: (window / 4).max(1),
@@ -244,8 +248,8 @@ impl<'a, W: Wire> Session<'a, W> {
             ack_deadline: None,
             drained: false,
             acked_any: false,
-            connected_at: now,
-            last_progress: now,
+            connected_at,
+            last_progress: connected_at,
             ack_limit: up.keep_alive.0 * 3,
             silence_limit: up.keep_alive.0.mul_f64(1.5),
         }
@@ -560,6 +564,8 @@ mod tests {
                 session_present: false,
                 receive_max,
                 boundary: 0,
+                connected_at: Instant::now(),
+                connected_ms: crate::event::now_ms(),
             };
             Session::connected(&self.wire, c)
         }
@@ -751,6 +757,8 @@ mod tests {
             session_present: false,
             receive_max: None,
             boundary: 10,
+            connected_at: Instant::now(),
+            connected_ms: crate::event::now_ms(),
         };
         let mut s = Session::connected(&f.wire, c);
         s.send(vec![row(12, "live", 1), row(3, "old", 1)], 8)

@@ -253,3 +253,31 @@ async fn the_files_a_config_names_are_read_once_when_it_is_loaded() {
     assert_eq!(got[0].topic, "plant/yard/ok1/temp");
     running.stop().await.unwrap();
 }
+
+/// A user added between the config's load and the start is picked up: the
+/// file's identity is taken when it is read, not when the daemon starts
+/// watching it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_file_changed_between_load_and_start_is_reread() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let users = d.join("passwd");
+    edgeferry_passwd(&users, "sensor-1", "s3cret");
+    let upstream = upstream_broker();
+    let sub = Subscriber::start(upstream, "plant/#").await;
+    let text = config_text(d, upstream.port(), "").replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!(
+            "listen = \"127.0.0.1:0\"\npassword_file = \"{}\"",
+            users.display()
+        ),
+        1,
+    );
+    let config = load_config(d, &text);
+    edgeferry_passwd(&users, "sensor-2", "later");
+    let running = edgeferry::start(config).await.unwrap();
+    let port = running.broker_addr.port();
+    assert!(publish(port, &["-u", "sensor-2", "-P", "later"], "late"));
+    assert_eq!(sub.wait_for(1).await[0].topic, "plant/yard/late/temp");
+    running.stop().await.unwrap();
+}
