@@ -12,7 +12,9 @@
 //!
 //!   cargo bench --bench queue
 //!   EVENTS=200000 cargo bench --bench queue
-//!   DURABILITY=offline cargo bench --bench queue    (RAM first)
+//!   SPILL_AFTER=0s cargo bench --bench queue    (written at the next commit
+//!                                               unless acked first: the old
+//!                                               durability = "always")
 
 #[path = "../tests/integration/util.rs"]
 mod util;
@@ -184,13 +186,16 @@ async fn main() {
     let upstream = upstream_broker();
     let proxy = Proxy::start(upstream, true).await;
     let port = free_port();
-    let durability = std::env::var("DURABILITY").unwrap_or_else(|_| "always".into());
+    // Default queue settings (one durability model), or SPILL_AFTER="0s"
+    // for what durability = "always" was: every event written at the next
+    // commit unless acknowledged first.
+    let spill = std::env::var("SPILL_AFTER").ok();
+    let queue_keys = spill
+        .as_deref()
+        .map_or(String::new(), |s| format!("spill_after = \"{s}\""));
     let text = listen_on(&config_text(dir.path(), proxy.port, ""), port)
         // Default commit settings, not the tests' fast ones.
-        .replace(
-            "commit_interval = \"10ms\"",
-            &format!("durability = \"{durability}\""),
-        )
+        .replace("commit_interval = \"10ms\"", &queue_keys)
         + "\n[log]\nsummary_interval = \"1s\"\n";
     let config = dir.path().join("edgeferry.toml");
     std::fs::write(&config, text).unwrap();
@@ -212,7 +217,8 @@ async fn main() {
     }
     let addr = ([127, 0, 0, 1], port).into();
     println!(
-        "edgeferry queue bench: durability = {durability:?}, default commit settings, {PAYLOAD}-byte events, {PUBLISHERS} publishers"
+        "edgeferry queue bench: spill_after = {}, default commit settings, {PAYLOAD}-byte events, {PUBLISHERS} publishers",
+        spill.as_deref().unwrap_or("default (commit_interval)")
     );
 
     // 1. Steady load with the uplink up.

@@ -205,15 +205,30 @@ pub struct QueueConfig {
     pub min_free_disk: ByteSize,
     /// How often events past their TTL are deleted (never sent meanwhile).
     pub sweep_interval: HumanDuration,
-    /// "always": every event is committed before it is sent; "offline":
-    /// events are sent from RAM and written only when the uplink falls
-    /// behind or is down (see `queue::Durability` for the loss bounds).
-    pub durability: crate::queue::Durability,
-    /// Offline mode: RAM held by events not yet written; beyond it the
-    /// oldest are written to SQLite.
+    /// Deprecated: one durability model now. "always" maps to
+    /// `spill_after = 0`, "offline" to its old default of 1 s; `check` warns.
+    pub durability: Option<crate::queue::Durability>,
+    /// RAM held by events not yet written; beyond it the oldest are
+    /// written to SQLite.
     pub memory_max: ByteSize,
-    /// Offline mode: an event not acknowledged within this is written.
-    pub spill_after: HumanDuration,
+    /// An event its upstream has not acknowledged within this is written
+    /// to SQLite (default: `commit_interval`; 0: at the next commit).
+    pub spill_after: Option<HumanDuration>,
+}
+
+impl QueueConfig {
+    /// How long an unacknowledged event waits in RAM before it is written:
+    /// `spill_after`, else what the deprecated `durability` meant, else one
+    /// commit interval.
+    pub fn spill_after(&self) -> Duration {
+        use crate::queue::Durability;
+        match (self.spill_after, self.durability) {
+            (Some(s), _) => s.0,
+            (None, Some(Durability::Always)) => Duration::ZERO,
+            (None, Some(Durability::Offline)) => Duration::from_secs(1),
+            (None, None) => self.commit_interval.0,
+        }
+    }
 }
 
 impl Default for QueueConfig {
@@ -224,9 +239,9 @@ impl Default for QueueConfig {
             commit_max_events: 2000,
             min_free_disk: ByteSize(64 << 20),
             sweep_interval: HumanDuration(Duration::from_secs(10)),
-            durability: crate::queue::Durability::Always,
+            durability: None,
             memory_max: ByteSize(8 << 20),
-            spill_after: HumanDuration(Duration::from_secs(1)),
+            spill_after: None,
         }
     }
 }
@@ -824,8 +839,8 @@ fn check_queue(q: &QueueConfig, loc: &Locator) -> Vec<Diagnostic> {
         loc,
         "queue",
         "spill_after",
-        q.spill_after.0 <= Duration::from_secs(60),
-        "queue.spill_after must be at most 60s (with durability = \"offline\" it is the power-cut loss window)",
+        q.spill_after.is_none_or(|s| s.0 <= Duration::from_secs(60)),
+        "queue.spill_after must be at most 60s (with ack = \"received\" it is part of the power-cut loss window)",
     );
     require(
         o,

@@ -131,9 +131,8 @@ impl From<&ConfigFile> for crate::queue::QueueSettings {
                 .collect(),
             min_free_disk: q.min_free_disk.0,
             sweep_interval: q.sweep_interval.0,
-            durability: q.durability,
             memory_max: q.memory_max.0,
-            spill_after: q.spill_after.0,
+            spill_after: q.spill_after(),
         }
     }
 }
@@ -252,6 +251,20 @@ fn resolve_upstream_files(
 /// gateway, and a filesystem may be resized.
 fn advise(file: &ConfigFile, name: &Path, text: &str) -> Vec<Diagnostic> {
     let mut out = Vec::new();
+    if let Some(d) = file.queue.durability {
+        let (mode, means) = match d {
+            crate::queue::Durability::Always => ("always", "spill_after = \"0s\""),
+            crate::queue::Durability::Offline => ("offline", "spill_after = \"1s\""),
+        };
+        out.push(Locator { name, text }.at(
+            "queue",
+            "durability",
+            format!(
+                "queue.durability is deprecated: there is one model now. Every event is sent from memory and written to the queue file when its upstream is down, when it is not acknowledged within spill_after (default: commit_interval), or when memory_max is reached; with broker.ack = \"stored\" a sensor's PUBACK still waits until the event is written or acknowledged upstream. durability = \"{mode}\" is taken as {means}{}; remove durability",
+                if file.queue.spill_after.is_some() { " (spill_after is set, so it wins)" } else { "" }
+            ),
+        ));
+    }
     let min = file.queue.min_free_disk.0;
     if min > 0
         && let Some(space) = crate::queue::space::space(&file.queue.path)

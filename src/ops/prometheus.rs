@@ -165,7 +165,7 @@ const PIPELINE: &[Plain] = &[
     ),
     (
         "queue_acked_in_memory",
-        "Events acknowledged upstream before they were written to disk (durability = offline)",
+        "Events acknowledged upstream before they were written to disk (they never touched it)",
         Counter,
         |m| m.acked_in_memory.load(Relaxed),
     ),

@@ -3,11 +3,12 @@
 //! Every event bound upstream is a row until that upstream acknowledged it,
 //! it expired, or a full queue evicted it. Appends, acks and evictions are
 //! applied in group commits: at most one commit per `commit_interval` (so an
-//! SD card sees a bounded number of syncs per second), or sooner once
-//! `commit_max_events` rows wait. With durability "always" uplinks read only
-//! committed rows, so nothing is sent that a power cut could still take
-//! back; with "offline" they read rows from RAM and only what waits is
-//! written. All SQLite work happens on the writer thread; async callers
+//! SD card sees a bounded number of syncs per second), or sooner once the
+//! rows held in RAM pass `memory_max`. One durability model: every row is
+//! readable from RAM as soon as it is appended, and is written only if it
+//! must wait: its upstream is not connected, it was not acknowledged
+//! within `spill_after` (by default `commit_interval`), or RAM is full.
+//! A row its upstream acknowledged first never touches the disk. All SQLite work happens on the writer thread; async callers
 //! talk to it over a bounded channel, which is also the pipeline's
 //! backpressure.
 
@@ -179,11 +180,10 @@ pub struct QueueSettings {
     pub min_free_disk: u64,
     /// How often expired rows are deleted (never sent in between).
     pub sweep_interval: Duration,
-    /// When rows are written; `Offline` sends them from RAM first.
-    pub durability: Durability,
-    /// `Offline`: bytes (payload + topic) held in RAM before the oldest spill.
+    /// Bytes (payload + topic) held in RAM before the oldest are written.
     pub memory_max: u64,
-    /// `Offline`: a row not acknowledged within this is written to SQLite.
+    /// A row not acknowledged within this is written to SQLite (0: at the
+    /// next commit).
     pub spill_after: Duration,
 }
 

@@ -57,19 +57,16 @@ pub enum Overflow {
     DropNewest,
 }
 
-/// When an event bound upstream is written to SQLite (`[queue] durability`).
+/// `[queue] durability`, a deprecated setting: there is one durability
+/// model now (see `queue`), and these name the `spill_after` they map to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Durability {
-    /// Every event is committed (group commit) before it is sent: a power
-    /// cut loses at most the last `commit_interval`.
+    /// Every event was committed before it was sent: now `spill_after = 0`,
+    /// written at the next commit unless its upstream acknowledged it first.
     #[default]
     Always,
-    /// Events wait in a bounded RAM buffer and are sent from there; only
-    /// those not acknowledged within `spill_after`, those of an upstream
-    /// that is down, the oldest beyond `memory_max`, and everything at
-    /// shutdown are written. A power cut (or SIGKILL) loses at most the
-    /// events of the last `spill_after` + `commit_interval`, and never more
-    /// than `memory_max`; a clean stop loses nothing.
+    /// Events were sent from RAM and written if they waited: the model now,
+    /// with its old default `spill_after` of 1 s.
     Offline,
 }

@@ -24,16 +24,15 @@ fn settings(max_size: u64) -> QueueSettings {
         max_size: BTreeMap::from([("a".into(), max_size), ("b".into(), max_size)]),
         min_free_disk: 0,
         sweep_interval: Duration::from_millis(20),
-        durability: Durability::Always,
         memory_max: 1 << 20,
-        spill_after: Duration::from_secs(1),
+        // What durability "always" was: written at the next commit.
+        spill_after: Duration::ZERO,
     }
 }
 
 /// RAM first: long enough that nothing spills by age unless a test waits.
 fn offline(memory_max: u64, spill_after: Duration) -> QueueSettings {
     QueueSettings {
-        durability: Durability::Offline,
         memory_max,
         spill_after,
         ..settings(u64::MAX)

@@ -732,3 +732,32 @@ fn patterns_that_cannot_be_compiled_once_are_refused_by_check_and_at_start() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `durability` is a deprecated alias now: `check` passes and warns, at its
+/// line, with what the setting is taken as.
+#[test]
+fn check_warns_that_durability_is_deprecated_and_says_what_it_maps_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("rules")).unwrap();
+    for (mode, means) in [
+        ("always", "spill_after = \"0s\""),
+        ("offline", "spill_after = \"1s\""),
+    ] {
+        write(
+            &d.join("edgeferry.toml"),
+            &format!(
+                "[metrics]\nenabled = false\n[queue]\npath = \"q.db\"\ndurability = \"{mode}\"\n[upstream.cloud]\nurl = \"mqtt://127.0.0.1:1884\"\n"
+            ),
+        );
+        let out = edgeferry(&["check", "-c", "edgeferry.toml"], d);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("edgeferry.toml:5:")
+                && stderr.contains("queue.durability is deprecated")
+                && stderr.contains(means),
+            "{stderr}"
+        );
+    }
+}

@@ -11,7 +11,7 @@ const STEP: usize = 250;
 
 impl Writer {
     /// When to consider the next commit, if there is work: at most one per
-    /// commit interval (or retry delay), sooner when too much waits.
+    /// commit interval (or retry delay), sooner when RAM holds too much.
     pub(super) fn next_round(&self) -> Option<Instant> {
         if !self.has_work() {
             return None;
@@ -19,14 +19,25 @@ impl Writer {
         if let Some(retry) = self.schedule.retry_at {
             return Some(retry);
         }
-        let full = match self.ram_readable() {
-            false => self.rows.len() >= self.settings.commit_max_events,
-            true => self.ram_bytes > self.settings.memory_max,
-        };
-        Some(if full {
-            Instant::now()
-        } else {
-            self.schedule.last_round + self.settings.commit_interval
+        Some(
+            if self.ram_bytes > self.settings.memory_max || self.many_due() {
+                Instant::now()
+            } else {
+                self.schedule.last_round + self.settings.commit_interval
+            },
+        )
+    }
+
+    /// `commit_max_events` rows wait and the oldest of them must be
+    /// written (its upstream is down, or it waited `spill_after`): commit
+    /// now rather than at the interval. Rows that may still be acknowledged
+    /// from RAM are no reason to commit early.
+    fn many_due(&self) -> bool {
+        if self.rows.len() < self.settings.commit_max_events {
+            return false;
+        }
+        self.rows.values().next().is_some_and(|h| {
+            !self.online.contains(&*h.row.upstream) || h.at.elapsed() >= self.settings.spill_after
         })
     }
 
@@ -38,13 +49,7 @@ impl Writer {
         // While commits work, rows are committed as fast as they come and
         // the bounded command channel is the backpressure; dropping here
         // would blame the queue for a burst it can take.
-        self.schedule.retry_at.is_some()
-            && match self.settings.durability {
-                Durability::Always => {
-                    self.rows.len() >= self.settings.commit_max_events.max(1000) * 4
-                }
-                Durability::Offline => self.ram_bytes >= self.settings.memory_max,
-            }
+        self.schedule.retry_at.is_some() && self.ram_bytes >= self.settings.memory_max
     }
 
     /// `Cmd::Sync`: write everything held now.
@@ -123,13 +128,14 @@ impl Writer {
         self.schedule.retry_at = Some(Instant::now() + wait);
     }
 
-    /// The ids of the rows to write now: all of them with durability
-    /// "always" (or `all`); with "offline", those that waited `spill_after`,
-    /// those of an upstream that is not connected, and the oldest beyond
-    /// `memory_max`. Oldest first, so per upstream the written rows are
-    /// always a prefix of the held ones.
+    /// The ids of the rows to write now: all of them with `all`; else
+    /// those that waited `spill_after` (unless free space is below the
+    /// watermark), those of an upstream that is not connected, and the
+    /// oldest beyond `memory_max`. A row acknowledged before that is never
+    /// written. Oldest first, so per upstream the written rows are always a
+    /// prefix of the held ones.
     pub(super) fn plan(&self, all: bool) -> Vec<i64> {
-        if all || !self.ram_readable() {
+        if all {
             return self.rows.keys().copied().collect();
         }
         let down: HashSet<&str> = self
@@ -192,7 +198,6 @@ impl Writer {
             self.release(&upstream, priority, size);
         }
         self.metrics.commits.fetch_add(1, Relaxed);
-        let mut added: Vec<Arc<str>> = Vec::new();
         let mut written = 0;
         for id in spill {
             let Some(mut h) = self.rows.remove(id) else {
@@ -201,21 +206,12 @@ impl Writer {
             h.row.settle();
             written += 1;
             self.ram_bytes -= h.row.size();
-            if !added.contains(&h.row.upstream) {
-                added.push(h.row.upstream);
-            }
         }
         self.metrics.queued.fetch_add(written, Relaxed);
         self.note_wal_len();
         self.acks.clear();
         self.evictions.clear();
         self.scheduled.clear();
-        // With "always", committed rows are what uplinks read.
-        if self.settings.durability == Durability::Always {
-            for upstream in added {
-                self.answer(&upstream);
-            }
-        }
         Ok(())
     }
 

@@ -2,8 +2,7 @@
 //! evictions and expiry in group commits; serves the uplinks' reads.
 //!
 //! Row ids are assigned here, when a row is appended, in arrival order: a
-//! row keeps its id whether it is read from RAM (durability "offline") or
-//! from SQLite, so the uplinks' cursors and acks work the same for both.
+//! row keeps its id whether it is read from RAM or from SQLite, so the uplinks' cursors and acks work the same for both.
 //! Rows are written oldest first, so for each upstream every row in SQLite
 //! has a lower id than every row still only in RAM.
 
@@ -33,7 +32,7 @@ use rusqlite::{Connection, params};
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
-use super::{Cmd, Cursor, Durability, NewRow, Overflow, Priority, QueueError, QueueSettings, Row};
+use super::{Cmd, Cursor, NewRow, Overflow, Priority, QueueError, QueueSettings, Row};
 use crate::event::now_ms;
 use crate::metrics::{Metrics, UplinkMetrics};
 
@@ -52,9 +51,8 @@ pub(super) struct Writer {
     /// Per upstream, an uplink's request for rows that were not there yet
     /// (`QueueHandle::wait`), answered when some become readable.
     waiting: HashMap<Arc<str>, Waiter>,
-    /// Appended, not yet written, by id. With durability "always" they
-    /// are written at the next commit and read only after it; with
-    /// "offline" they are read from here and written only if they wait.
+    /// Appended, not yet written, by id: read from here, and written only
+    /// if they must wait (see `plan`).
     rows: BTreeMap<i64, Held>,
     /// Payload and topic bytes of `rows`.
     ram_bytes: u64,
@@ -72,7 +70,7 @@ pub(super) struct Writer {
     counts: HashMap<String, [Count; 3]>,
     /// Per upstream and priority, at least the highest id in the file: a
     /// fetch after it need not ask SQLite (ids only grow). That is most
-    /// fetches of a live uplink with "offline", and the queries cost a
+    /// fetches of a live uplink, and the queries cost a
     /// third of its CPU per event. Raised before a commit, so a rolled-back
     /// one leaves it too high (a wasted query), never too low.
     written_max: HashMap<Arc<str>, [i64; 3]>,
@@ -180,15 +178,6 @@ impl Writer {
             .unwrap_or(0)
     }
 
-    /// Whether uplinks read rows not yet written, from RAM: always with
-    /// durability "offline"; with "always" while free space is below the
-    /// watermark (then rows are written only if they must wait). Held rows
-    /// are always younger than every written one, so reading them after
-    /// the written ones keeps each priority in order whenever this changes.
-    fn ram_readable(&self) -> bool {
-        self.settings.durability == Durability::Offline || self.disk_low
-    }
-
     /// Whether anything waits to be written or deleted.
     fn has_work(&self) -> bool {
         !self.rows.is_empty() || !self.acks.is_empty() || !self.evictions.is_empty()
@@ -290,7 +279,7 @@ impl Writer {
     }
 
     /// New rows: admitted (or refused while commits fail and memory is
-    /// used up), and readable at once where uplinks read from RAM.
+    /// used up), and readable at once.
     fn append(&mut self, rows: Vec<NewRow>) {
         if self.holding_full() {
             self.metrics
@@ -301,7 +290,7 @@ impl Writer {
         let mut added: Vec<Arc<str>> = Vec::new();
         for row in rows {
             let upstream = row.upstream.clone();
-            if self.admit(row) && self.ram_readable() && !added.contains(&upstream) {
+            if self.admit(row) && !added.contains(&upstream) {
                 added.push(upstream);
             }
         }

@@ -17,9 +17,6 @@ impl Writer {
             .ok()
             .flatten()
             .unwrap_or(0);
-        if !self.ram_readable() {
-            return committed;
-        }
         let held = self
             .rows
             .iter()
@@ -81,8 +78,9 @@ impl Writer {
                     break;
                 }
             }
-            // Then the rows still only in RAM, all younger (see `ram_readable`).
-            if self.ram_readable() && out.len() < limit {
+            // Then the rows still only in RAM, all younger (rows are
+            // written oldest first).
+            if out.len() < limit {
                 let from = cursor.saturating_add(1);
                 if from <= until {
                     let held = self
