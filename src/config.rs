@@ -217,15 +217,17 @@ pub struct QueueConfig {
 }
 
 impl QueueConfig {
-    /// How long an unacknowledged event waits in RAM before it is written:
-    /// `spill_after`, else what the deprecated `durability` meant, else one
+    /// How long an unacknowledged event waits in RAM before it is written.
+    /// The deprecated `durability = "always"` ignored `spill_after` (the
+    /// old shipped configs set both), so it still means 0; otherwise
+    /// `spill_after`, else 1 s for "offline" (its old default), else one
     /// commit interval.
     pub fn spill_after(&self) -> Duration {
         use crate::queue::Durability;
-        match (self.spill_after, self.durability) {
-            (Some(s), _) => s.0,
-            (None, Some(Durability::Always)) => Duration::ZERO,
-            (None, Some(Durability::Offline)) => Duration::from_secs(1),
+        match (self.durability, self.spill_after) {
+            (Some(Durability::Always), _) => Duration::ZERO,
+            (_, Some(s)) => s.0,
+            (Some(Durability::Offline), None) => Duration::from_secs(1),
             (None, None) => self.commit_interval.0,
         }
     }

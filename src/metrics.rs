@@ -79,8 +79,8 @@ pub struct Metrics {
     pub queued: AtomicU64,
     /// SQLite commits of the queue writer.
     pub commits: AtomicU64,
-    /// Events acknowledged upstream while still only in RAM (durability
-    /// "offline"): never written to disk.
+    /// Events acknowledged upstream while still only in RAM: never
+    /// written to disk.
     pub acked_in_memory: AtomicU64,
     /// Events dropped because queue commits kept failing (disk full, I/O
     /// error) and the in-memory allowance was used up.

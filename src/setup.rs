@@ -261,7 +261,11 @@ fn advise(file: &ConfigFile, name: &Path, text: &str) -> Vec<Diagnostic> {
             "durability",
             format!(
                 "queue.durability is deprecated: there is one model now. Every event is sent from memory and written to the queue file when its upstream is down, when it is not acknowledged within spill_after (default: commit_interval), or when memory_max is reached; with broker.ack = \"stored\" a sensor's PUBACK still waits until the event is written or acknowledged upstream. durability = \"{mode}\" is taken as {means}{}; remove durability",
-                if file.queue.spill_after.is_some() { " (spill_after is set, so it wins)" } else { "" }
+                match (d, file.queue.spill_after.is_some()) {
+                    (crate::queue::Durability::Always, true) => " (spill_after is ignored with it, as before)",
+                    (crate::queue::Durability::Offline, true) => " (spill_after is set, so it is used)",
+                    _ => "",
+                }
             ),
         ));
     }

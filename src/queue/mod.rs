@@ -95,7 +95,7 @@ impl NewRow {
     }
 }
 
-/// A committed row, as read for sending.
+/// A queued row (written or held in RAM), as read for sending.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row {
     pub id: i64,
@@ -123,7 +123,7 @@ enum Cmd {
     Append(Vec<NewRow>),
     Ack(Vec<i64>),
     /// An upstream's uplink is connected (or not): what is held for an
-    /// upstream that is not is written at once.
+    /// upstream that is not is written at the next commit.
     Online {
         upstream: String,
         online: bool,
@@ -171,7 +171,7 @@ pub type Waiting = oneshot::Receiver<Result<Vec<Row>, QueueError>>;
 pub struct QueueSettings {
     /// At most one commit per interval.
     pub commit_interval: Duration,
-    /// Commit sooner once this many rows wait.
+    /// Commit sooner once this many rows wait and the oldest is due to be written.
     pub commit_max_events: usize,
     /// Byte cap (payload + topic) per upstream.
     pub max_size: BTreeMap<String, u64>,
@@ -203,7 +203,7 @@ impl QueueHandle {
         rx.await.map_err(|_| QueueError::Closed)
     }
 
-    /// Append rows; they become visible to uplinks at the next commit.
+    /// Append rows; uplinks can read them at once (from RAM).
     pub async fn append(&self, rows: Vec<NewRow>) -> Result<(), QueueError> {
         self.send(Cmd::Append(rows)).await
     }
@@ -219,7 +219,7 @@ impl QueueHandle {
         self.send(Cmd::Ack(ids)).await
     }
 
-    /// Up to `limit` committed, unacknowledged, unexpired rows of `upstream`
+    /// Up to `limit` unacknowledged, unexpired rows of `upstream`
     /// after `after` and with ids up to `until`: higher priorities first,
     /// FIFO within each.
     pub async fn fetch(
@@ -242,8 +242,7 @@ impl QueueHandle {
 
     /// Like `fetch` (with no upper id), but if nothing is readable yet the
     /// writer keeps the request and answers it as soon as rows of
-    /// `upstream` become readable: appended with "offline", committed with
-    /// "always". The rows go straight from the writer to the uplink, so a
+    /// `upstream` are appended. The rows go straight from the writer to the uplink, so a
     /// live event costs no wake-up and round trip in between. One request
     /// waits per upstream; a newer one replaces it, and a dropped receiver
     /// only cancels it (nothing is taken from the queue by answering).
@@ -284,7 +283,7 @@ impl QueueHandle {
             .map_err(QueueError::Read)
     }
 
-    /// The highest committed row id of `upstream` (0 if none): rows up to it
+    /// The highest row id of `upstream`, written or held (0 if none): rows up to it
     /// are the backlog at this moment.
     pub async fn last_id(&self, upstream: &str) -> Result<i64, QueueError> {
         let upstream = upstream.to_string();

@@ -618,3 +618,34 @@ async fn a_waiting_read_is_answered_when_rows_become_readable() {
         assert_eq!(payloads(&answered(again).await), [5], "{mode}: a new row");
     }
 }
+
+/// Below the free-disk watermark a connected upstream's rows wait in RAM
+/// however old they are; that many of them must not make the writer commit
+/// in a loop with nothing to write (it then answered no command, not even
+/// the shutdown).
+#[tokio::test]
+async fn below_the_watermark_many_old_rows_in_ram_do_not_wedge_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let settings = QueueSettings {
+        // Always below the watermark.
+        min_free_disk: u64::MAX,
+        ..offline(1 << 20, Duration::ZERO)
+    };
+    let (q, thread) = open(&path, settings, metrics()).unwrap();
+    online(&q).await;
+    // More than commit_max_events (100), all due by age at once.
+    q.append(
+        (0..150)
+            .map(|n| row("a", n as u8, Priority::Normal))
+            .collect(),
+    )
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        let answered = tokio::time::timeout(Duration::from_secs(10), q.depth()).await;
+        assert_eq!(answered.expect("the writer answers").unwrap()["a"], 150);
+    }
+    drop(q);
+    thread.join().unwrap();
+}

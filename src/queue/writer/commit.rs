@@ -36,8 +36,11 @@ impl Writer {
         if self.rows.len() < self.settings.commit_max_events {
             return false;
         }
+        // The same reasons as `plan`'s, or a round would find nothing to
+        // write and the next one would be due at once again.
         self.rows.values().next().is_some_and(|h| {
-            !self.online.contains(&*h.row.upstream) || h.at.elapsed() >= self.settings.spill_after
+            !self.online.contains(&*h.row.upstream)
+                || (!self.disk_low && h.at.elapsed() >= self.settings.spill_after)
         })
     }
 
@@ -69,8 +72,14 @@ impl Writer {
         let interval = self.settings.commit_interval;
         let spill = self.plan(false);
         if spill.is_empty() && self.acks.is_empty() && self.evictions.is_empty() {
-            // Rows that may still be acknowledged from RAM.
-            self.schedule.last_round = Instant::now();
+            // Rows that may still be acknowledged from RAM. A retry that
+            // finds nothing to write waits like one that failed, or its
+            // deadline, past, would be due again at once.
+            let now = Instant::now();
+            self.schedule.last_round = now;
+            if let Some(retry) = &mut self.schedule.retry_at {
+                *retry = now + interval.max(Duration::from_millis(500));
+            }
             return;
         }
         // Commits are spaced start to start, so an event waits at most one
@@ -307,5 +316,53 @@ impl Schedule {
             retry_at: None,
             last_warning: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// While commits fail, a retry that finds nothing left to write (its
+    /// rows were acknowledged from RAM meanwhile) waits for the next one:
+    /// a deadline left in the past made every turn of the loop a round, and
+    /// the writer answered no command.
+    #[test]
+    fn a_retry_with_nothing_left_to_write_is_rescheduled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let metrics = Arc::new(Metrics::new(&["a".to_string()]));
+        let conn = crate::queue::schema::open_or_recover(&path, &metrics).unwrap();
+        let settings = QueueSettings {
+            commit_interval: Duration::from_millis(5),
+            commit_max_events: 100,
+            max_size: BTreeMap::from([("a".into(), u64::MAX)]),
+            min_free_disk: 0,
+            sweep_interval: Duration::from_secs(10),
+            memory_max: 1 << 20,
+            spill_after: Duration::from_secs(3600),
+        };
+        let mut w = Writer::new(conn, &path, settings, metrics).unwrap();
+        // A row that may still be acknowledged from RAM (its upstream is
+        // connected, it has not waited spill_after): nothing to write.
+        w.online.insert("a".into());
+        w.admit(NewRow {
+            upstream: "a".into(),
+            event_id: "e".into(),
+            topic: "t".into(),
+            qos: 1,
+            priority: Priority::Normal,
+            expires_ms: None,
+            overflow: Overflow::DropOldest,
+            received_ms: 0,
+            payload: bytes::Bytes::from_static(b"x"),
+            receipt: None,
+        });
+        // A commit failed a while ago; the retry is due.
+        w.schedule.retry_at = Some(Instant::now() - Duration::from_secs(1));
+        assert!(w.plan(false).is_empty());
+        w.commit_round();
+        let next = w.next_round().expect("a round, for the held row");
+        assert!(next > Instant::now(), "the next round is not due at once");
     }
 }
