@@ -556,6 +556,15 @@ mod tests {
         }
 
         fn session(&mut self, receive_max: Option<u16>) -> Session<'_, &FakeWire> {
+            self.session_at(receive_max, 0)
+        }
+
+        /// With `boundary`: the last row queued before the connection.
+        fn session_at(
+            &mut self,
+            receive_max: Option<u16>,
+            boundary: i64,
+        ) -> Session<'_, &FakeWire> {
             let c = Connected {
                 name: "cloud",
                 up: &self.up,
@@ -563,7 +572,7 @@ mod tests {
                 unacked: &mut self.unacked,
                 session_present: false,
                 receive_max,
-                boundary: 0,
+                boundary,
                 connected_at: Instant::now(),
                 connected_ms: crate::event::now_ms(),
             };
@@ -749,18 +758,7 @@ mod tests {
     #[test]
     fn live_first_reads_new_rows_from_above_the_boundary() {
         let mut f = Fixture::new("drain_order = \"live_first\"");
-        let c = Connected {
-            name: "cloud",
-            up: &f.up,
-            metrics: &f.metrics,
-            unacked: &mut f.unacked,
-            session_present: false,
-            receive_max: None,
-            boundary: 10,
-            connected_at: Instant::now(),
-            connected_ms: crate::event::now_ms(),
-        };
-        let mut s = Session::connected(&f.wire, c);
+        let mut s = f.session_at(None, 10);
         s.send(vec![row(12, "live", 1), row(3, "old", 1)], 8)
             .unwrap();
         let p = s.position;

@@ -24,6 +24,18 @@ pub fn edgeferry_passwd(file: &Path, user: &str, password: &str) {
     assert!(child.wait().unwrap().success());
 }
 
+/// `text` with `broker.password_file` set to `file`.
+fn with_password_file(text: String, file: &Path) -> String {
+    text.replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!(
+            "listen = \"127.0.0.1:0\"\npassword_file = \"{}\"",
+            file.display()
+        ),
+        1,
+    )
+}
+
 /// mosquitto_pub of one QoS 1 reading; whether the broker took it.
 fn publish(port: u16, args: &[&str], device: &str) -> bool {
     Command::new("mosquitto_pub")
@@ -46,14 +58,7 @@ async fn with_a_password_file_only_known_users_get_in() {
     assert!(!std::fs::read_to_string(&file).unwrap().contains("s3cret"));
     let upstream = upstream_broker();
     let sub = Subscriber::start(upstream, "plant/#").await;
-    let text = config_text(d, upstream.port(), "").replacen(
-        "listen = \"127.0.0.1:0\"",
-        &format!(
-            "listen = \"127.0.0.1:0\"\npassword_file = \"{}\"",
-            file.display()
-        ),
-        1,
-    );
+    let text = with_password_file(config_text(d, upstream.port(), ""), &file);
     let gw = Gateway::start_with(d, &text).await;
     let port = gw.addr.port();
 
@@ -265,14 +270,7 @@ async fn a_password_file_changed_between_load_and_start_is_reread() {
     edgeferry_passwd(&users, "sensor-1", "s3cret");
     let upstream = upstream_broker();
     let sub = Subscriber::start(upstream, "plant/#").await;
-    let text = config_text(d, upstream.port(), "").replacen(
-        "listen = \"127.0.0.1:0\"",
-        &format!(
-            "listen = \"127.0.0.1:0\"\npassword_file = \"{}\"",
-            users.display()
-        ),
-        1,
-    );
+    let text = with_password_file(config_text(d, upstream.port(), ""), &users);
     let config = load_config(d, &text);
     edgeferry_passwd(&users, "sensor-2", "later");
     let running = edgeferry::start(config).await.unwrap();
