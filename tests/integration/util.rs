@@ -37,13 +37,27 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// A free loopback port (bound then released).
+/// A free loopback port (bound then released), below the range the kernel
+/// hands out for port 0 (32768-60999 on Linux): a port taken from that
+/// range could be handed out again, to a listener on port 0 or to the next
+/// caller, before its test bound it, and a test then talked to another
+/// test's broker (seen in CI: an uplink "up" on a port meant to be dead).
+/// Ports from here are handed out once per run, so they cannot collide
+/// with each other or with port-0 listeners.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    // Another test binary (a bench) running at the same time starts elsewhere.
+    let offset = std::process::id() % COUNT;
+    for _ in 0..COUNT {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + (offset + n) % COUNT) as u16;
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + COUNT);
 }
 
 /// Config text for a gateway in `dir` forwarding to `upstream_port`, with the
