@@ -8,7 +8,8 @@
 //! 2. a backlog of EVENTS (default 1,000,000) 200-byte events with the
 //!    uplink down: the daemon's RSS before and while holding it;
 //! 3. the drain of that backlog when the uplink returns: events/s, every
-//!    event checked by sequence number.
+//!    event checked by sequence number; and what each of those events cost
+//!    the disk, stored and then deleted (`write_bytes` over phases 2 and 3).
 //!
 //!   cargo bench --bench queue
 //!   EVENTS=200000 cargo bench --bench queue
@@ -262,6 +263,7 @@ async fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(50_000);
     proxy.set_up(false);
+    let written_before = written_bytes(pid);
     let start = Instant::now();
     publish(addr, 0..events, backlog_rate).await;
     let db = dir.path().join("queue.db");
@@ -281,6 +283,7 @@ async fn main() {
         events as f64 / publish_secs
     );
     let rss_backlog = rss_kib(pid);
+    let written_stored = written_bytes(pid);
     let db_size: u64 = ["queue.db", "queue.db-wal"]
         .iter()
         .map(|f| {
@@ -313,5 +316,20 @@ async fn main() {
         queued as f64 / drain,
         counter.total.load(Relaxed) - counter.distinct.load(Relaxed),
         rss_kib(pid) / 1024
+    );
+    // What a queued-then-acknowledged event cost the disk: written, then
+    // deleted (the deletes are committed once the acks come in).
+    wait_until("the drained rows deleted", || queued_in(&db, "cloud") == 0).await;
+    let per_event = |bytes: u64| bytes as f64 / queued.max(1) as f64;
+    let (stored, total) = (
+        written_stored - written_before,
+        written_bytes(pid) - written_before,
+    );
+    println!(
+        "disk: a queued-then-acknowledged event cost {:.0} bytes written ({:.1}x the {PAYLOAD}-byte payload): {:.0} to store it, {:.0} to delete it",
+        per_event(total),
+        per_event(total) / PAYLOAD as f64,
+        per_event(stored),
+        per_event(total - stored)
     );
 }
