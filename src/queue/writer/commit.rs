@@ -36,12 +36,21 @@ impl Writer {
         if self.rows.len() < self.settings.commit_max_events {
             return false;
         }
-        // The same reasons as `plan`'s, or a round would find nothing to
-        // write and the next one would be due at once again.
-        self.rows.values().next().is_some_and(|h| {
-            !self.online.contains(&*h.row.upstream)
-                || (!self.disk_low && h.at.elapsed() >= self.settings.spill_after)
-        })
+        let now = Instant::now();
+        self.rows
+            .values()
+            .next()
+            .is_some_and(|h| self.must_write(h, now))
+    }
+
+    /// Whether a held row is due to be written, whatever the memory: its
+    /// upstream is not connected, or it waited `spill_after` (below the
+    /// watermark, waiting is no reason to grow the file). The one rule
+    /// `plan` and `many_due` share: if they disagreed, a round would find
+    /// nothing to write and the next would be due at once again.
+    fn must_write(&self, h: &Held, now: Instant) -> bool {
+        !self.online.contains(&*h.row.upstream)
+            || (!self.disk_low && now >= h.at + self.settings.spill_after)
     }
 
     /// Whether new rows must be refused (and counted): commits are
@@ -147,22 +156,18 @@ impl Writer {
         if all {
             return self.rows.keys().copied().collect();
         }
-        let down: HashSet<&str> = self
+        let any_down = self
             .rows
             .values()
-            .map(|h| &*h.row.upstream)
-            .filter(|u| !self.online.contains(*u))
-            .collect();
+            .any(|h| !self.online.contains(&*h.row.upstream));
         let now = Instant::now();
         let mut over = self.ram_bytes.saturating_sub(self.settings.memory_max);
         let mut ids = Vec::new();
         for (&id, held) in &self.rows {
-            // Below the watermark, waiting is no reason to grow the file.
-            let old = !self.disk_low && now >= held.at + self.settings.spill_after;
-            if over > 0 || old || down.contains(&*held.row.upstream) {
+            if over > 0 || self.must_write(held, now) {
                 over = over.saturating_sub(held.row.size());
                 ids.push(id);
-            } else if down.is_empty() {
+            } else if !any_down {
                 // Younger rows follow; none of them is due.
                 break;
             }
