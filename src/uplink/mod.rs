@@ -279,7 +279,7 @@ async fn drive(
                 Err(ended) => return ended,
             },
         }
-        if let Some(ids) = s.due_acks(Instant::now())
+        if let Some(ids) = s.due_acks(Instant::now(), events.rx.is_empty())
             && queue.ack(ids).await.is_err()
         {
             return Ended::QueueClosed;
