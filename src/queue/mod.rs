@@ -106,7 +106,9 @@ pub struct Row {
     pub received_ms: u64,
     /// Not to be sent after this (ms since the Unix epoch).
     pub expires_ms: Option<u64>,
-    pub payload: Vec<u8>,
+    /// The bytes the front door read, shared (not copied) while the row is
+    /// in RAM; read from SQLite into one buffer otherwise.
+    pub payload: Bytes,
 }
 
 /// Where an uplink is in its queue: the last row id sent, per priority.

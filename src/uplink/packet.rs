@@ -13,7 +13,7 @@ use crate::queue::Row;
 pub(super) struct Publish<'a> {
     pub topic: String,
     pub qos: QoS,
-    pub payload: Vec<u8>,
+    pub payload: bytes::Bytes,
     /// MQTT 5: sent as the `event_id` user property.
     pub event_id: String,
     /// MQTT 5: message expiry, from the route's TTL.
@@ -118,13 +118,14 @@ fn properties_len(p: &Publish<'_>) -> usize {
 /// `payload` with `"<field>": true` if it is a JSON object, unless that would
 /// make an otherwise sendable event too large (then unchanged).
 fn with_replay_marker(
-    payload: Vec<u8>,
+    raw: bytes::Bytes,
     field: &str,
     topic: &str,
     qos: QoS,
     max_packet: usize,
-) -> Vec<u8> {
-    let raw = bytes::Bytes::from(payload);
+) -> bytes::Bytes {
+    // Only a replayed event of a 3.1.1 upstream gets here: its payload is
+    // decoded once more, since the marked one is a new payload anyway.
     let marked = codec::with_json_field(
         &codec::decode(&raw),
         &raw,
@@ -132,9 +133,9 @@ fn with_replay_marker(
         serde_json::Value::Bool(true),
     );
     if sendable(topic, marked.len(), qos, max_packet).is_ok() {
-        marked.to_vec()
+        marked
     } else {
-        raw.to_vec()
+        raw
     }
 }
 

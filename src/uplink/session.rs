@@ -510,7 +510,7 @@ mod tests {
     /// Records what was published; fails once `broken`.
     #[derive(Default)]
     struct FakeWire {
-        sent: RefCell<Vec<(String, QoS, Vec<u8>)>>,
+        sent: RefCell<Vec<(String, QoS, bytes::Bytes)>>,
         broken: bool,
     }
 
@@ -540,7 +540,7 @@ mod tests {
             priority: Priority::Normal,
             received_ms: crate::event::now_ms(),
             expires_ms: None,
-            payload: b"{\"v\":1}".to_vec(),
+            payload: bytes::Bytes::from_static(b"{\"v\":1}"),
         }
     }
 
@@ -709,7 +709,7 @@ mod tests {
         let mut f = Fixture::new("max_packet_size = \"1KiB\"");
         let mut s = f.session(None);
         let mut big = row(2, "a", 1);
-        big.payload = vec![b'x'; 2048];
+        big.payload = bytes::Bytes::from(vec![b'x'; 2048]);
         let rows = vec![row(1, "a/+", 1), big];
         // Asked for 2, got 2, none published: read again at once.
         assert_eq!(s.send(rows, 2), Ok(Sent::ReadAgain));

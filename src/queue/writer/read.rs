@@ -1,6 +1,8 @@
 //! What the uplinks read: rows in send order (written ones, then those
 //! still only in RAM), and requests that wait for rows.
 
+use bytes::Bytes;
+
 use super::*;
 
 const SELECT_SEND_ORDER: &str = "SELECT id, event_id, topic, qos, priority, received_ms, payload, expires_ms FROM queue \
@@ -58,7 +60,7 @@ impl Writer {
                                 qos: r.get(3)?,
                                 priority: Priority::from_i64(r.get(4)?),
                                 received_ms: r.get::<_, i64>(5)? as u64,
-                                payload: r.get(6)?,
+                                payload: Bytes::from(r.get::<_, Vec<u8>>(6)?),
                                 expires_ms: r.get::<_, Option<i64>>(7)?.map(|e| e as u64),
                             })
                         },
@@ -100,7 +102,7 @@ impl Writer {
                             priority,
                             received_ms: h.row.received_ms,
                             expires_ms: h.row.expires_ms,
-                            payload: h.row.payload.to_vec(),
+                            payload: h.row.payload.clone(),
                         });
                     out.extend(held);
                 }
