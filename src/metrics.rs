@@ -98,6 +98,9 @@ pub struct Metrics {
     pub door_refused_busy: AtomicU64,
     /// PUBLISH packets the front door accepted from clients (any topic).
     pub door_publishes: AtomicU64,
+    /// Of those, relayed to the embedded broker: a local subscriber's
+    /// filter matched, or the publish was retained.
+    pub door_relayed: AtomicU64,
     /// Milliseconds publishers were held because the pipeline was full
     /// (summed over connections).
     pub door_held_ms: AtomicU64,

@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod session;
+pub mod subscribers;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -29,6 +30,7 @@ use crate::metrics::Metrics;
 use crate::router::Inbound;
 use crate::topic::Pattern;
 use auth::{AclFile, LocalAuth};
+use subscribers::Subscribers;
 
 /// What every session shares.
 pub struct Door {
@@ -51,6 +53,9 @@ pub struct Door {
     /// pipeline before the front door stops reading it; MQTT 5 clients are
     /// told it as their Receive Maximum.
     pub window: u16,
+    /// What local subscribers have subscribed to: publishes nobody wants
+    /// are not relayed to the broker.
+    pub subscribers: Subscribers,
     pub metrics: Arc<Metrics>,
     /// Rate limit of the warning about refused publishes.
     last_refusal_warning: Mutex<Option<Instant>>,
@@ -77,6 +82,7 @@ impl Door {
             max_packet: max_packet(cfg),
             max_payload: cfg.max_payload.as_usize(),
             window: cfg.max_inflight,
+            subscribers: Subscribers::default(),
             metrics,
             last_refusal_warning: Mutex::new(None),
         }

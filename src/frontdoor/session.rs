@@ -34,6 +34,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::debug;
 
 use super::Door;
+use super::subscribers;
 use super::wire::{self, ConnectRefusal, Packet, Refusal, Version, View, WireError};
 use crate::codec::Payload;
 use crate::event::Event;
@@ -127,6 +128,9 @@ where
         next_pkid: 0,
         refused_subs: HashMap::new(),
         denied_qos2: HashSet::new(),
+        subscribed: door
+            .subscribers
+            .open(&info.client_id, info.clean_start, !info.clean_start),
         cout: BytesMut::new(),
         bout: BytesMut::new(),
         door,
@@ -136,6 +140,7 @@ where
         .run(&mut client, cbuf, &mut broker, bbuf, outcomes, shutdown)
         .await;
     session.door.metrics.door_connections.fetch_sub(1, Relaxed);
+    session.door.subscribers.closed(session.subscribed);
     if result.is_err() {
         session.route_will().await;
     }
@@ -330,6 +335,8 @@ struct Session {
     refused_subs: HashMap<u16, Vec<bool>>,
     /// QoS 2 deliveries the client may not read, acknowledged by us.
     denied_qos2: HashSet<u16>,
+    /// This connection's filters in the door's registry.
+    subscribed: subscribers::Key,
     /// Bytes to write to the client and to the broker after this round.
     cout: BytesMut,
     bout: BytesMut,
@@ -431,6 +438,16 @@ impl Session {
             }
             View::Subscribe { pkid, filters } => {
                 let keep = self.allowed_filters(&filters);
+                // Known before the broker has them: a publish after the
+                // SUBACK is relayed.
+                self.door.subscribers.subscribe(
+                    self.subscribed,
+                    filters
+                        .iter()
+                        .zip(&keep)
+                        .filter(|(_, k)| **k)
+                        .map(|(f, _)| *f),
+                );
                 let n = keep.len();
                 match keep.iter().filter(|k| **k).count() {
                     all if all == n => p.write(&mut self.bout)?,
@@ -466,7 +483,7 @@ impl Session {
         if v.alias {
             return Err(SessionError::Protocol("topic alias (none was offered)"));
         }
-        let (qos, pkid, payload) = (v.qos, v.pkid, v.payload.clone());
+        let (qos, pkid, retain, payload) = (v.qos, v.pkid, v.retain, v.payload.clone());
         let door = self.door.clone();
         let m = &door.metrics;
         let Some(topic) = wire::valid_topic(v.topic) else {
@@ -503,14 +520,18 @@ impl Session {
             return Ok(());
         }
         let routed = door.ingests(topic);
+        let relayed = door.subscribers.wanted(topic, retain);
         let topic = routed.then(|| topic.to_string());
         // To the broker, for local subscribers, under our own packet id.
-        p.strip_properties();
-        if qos > 0 {
-            let id = self.broker_pkid();
-            p.set_pkid(id);
+        if relayed {
+            p.strip_properties();
+            if qos > 0 {
+                let id = self.broker_pkid();
+                p.set_pkid(id);
+            }
+            p.write(&mut self.bout)?;
+            m.door_relayed.fetch_add(1, Relaxed);
         }
-        p.write(&mut self.bout)?;
         m.door_publishes.fetch_add(1, Relaxed);
         let Some(topic) = topic else {
             self.answer(qos, pkid, State::Safe);

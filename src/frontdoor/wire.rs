@@ -118,6 +118,7 @@ pub struct PublishView<'a> {
     pub qos: u8,
     pub pkid: u16,
     pub payload: &'a Bytes,
+    pub retain: bool,
     /// MQTT 5: the publish names a topic alias (edgeferry offers none).
     pub alias: bool,
 }
@@ -129,6 +130,11 @@ pub struct ConnectInfo {
     pub username: Option<String>,
     pub password: Option<String>,
     pub keep_alive: u16,
+    /// Clean session (3.1.1) or clean start (5): the broker discards an
+    /// earlier session of this client id. Without it the broker keeps the
+    /// session when the connection ends (the front door sends no session
+    /// expiry, so this is all it goes by).
+    pub clean_start: bool,
     /// The will's topic and message, routed when the client goes away
     /// without a DISCONNECT (as the embedded broker publishes it locally).
     pub will: Option<(Vec<u8>, Bytes)>,
@@ -294,6 +300,7 @@ impl Packet {
                     qos: p.qos as u8,
                     pkid: p.pkid,
                     payload: &p.payload,
+                    retain: p.retain,
                     alias: false,
                 }),
                 v4::Packet::PubAck(a) => View::PubAck(a.pkid),
@@ -319,6 +326,7 @@ impl Packet {
                     qos: p.qos as u8,
                     pkid: p.pkid,
                     payload: &p.payload,
+                    retain: p.retain,
                     alias: p
                         .properties
                         .as_ref()
@@ -351,6 +359,7 @@ impl Packet {
                 username: c.login.as_ref().map(|l| l.username.clone()),
                 password: c.login.as_ref().map(|l| l.password.clone()),
                 keep_alive: c.keep_alive,
+                clean_start: c.clean_session,
                 will: c
                     .last_will
                     .as_ref()
@@ -361,6 +370,7 @@ impl Packet {
                 username: login.as_ref().map(|l| l.username.clone()),
                 password: login.as_ref().map(|l| l.password.clone()),
                 keep_alive: c.keep_alive,
+                clean_start: c.clean_start,
                 will: will.as_ref().map(|w| (w.topic.to_vec(), w.message.clone())),
             }),
             _ => None,

@@ -88,6 +88,12 @@ const FRONT_DOOR: &[Plain] = &[
         |m| m.door_publishes.load(Relaxed),
     ),
     (
+        "local_publishes_relayed",
+        "Local PUBLISH packets relayed to the embedded broker: a local subscription matched, or retained (others go only to the rules)",
+        Counter,
+        |m| m.door_relayed.load(Relaxed),
+    ),
+    (
         "local_publishers_held_seconds",
         "Time publishers were not read because the pipeline was full (summed over connections)",
         Counter,

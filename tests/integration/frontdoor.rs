@@ -470,3 +470,89 @@ async fn max_connections_holds_and_a_freed_slot_serves_the_next_sensor() {
     sensor.wait_acked(1).await;
     gw.stop().await;
 }
+
+/// A client of our own (no login), its events in a channel.
+async fn local_client(
+    port: u16,
+    id: &str,
+    clean: bool,
+) -> (
+    rumqttc::AsyncClient,
+    tokio::sync::mpsc::Receiver<rumqttc::Event>,
+) {
+    let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30))
+        .set_clean_session(clean);
+    let (client, mut el) = rumqttc::AsyncClient::new(opts, 100);
+    let (tx, rx) = tokio::sync::mpsc::channel(1000);
+    tokio::spawn(async move {
+        while let Ok(ev) = el.poll().await {
+            if tx.send(ev).await.is_err() {
+                break;
+            }
+        }
+    });
+    (client, rx)
+}
+
+/// The embedded broker gets only the publishes a local subscriber may
+/// want (it would drop the others, after a write, a decode and a routing
+/// step): none while nobody subscribed, a retained one always, and once a
+/// persistent session subscribed, what comes while it is away, which it
+/// then gets when it comes back. The rules see every publish either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_what_a_local_subscriber_may_want_is_relayed_and_a_persistent_session_gets_what_came_while_away()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = upstream_broker();
+    let gw = Gateway::start(dir.path(), upstream.port()).await;
+    let port = gw.addr.port();
+    let relayed = |gw: &Gateway| gw.count(|m| &m.door_relayed);
+
+    mosquitto_pub(port, "mqttv311", "local/nobody", "1");
+    wait_until("the publish taken in", || {
+        gw.count(|m| &m.door_publishes) == 1
+    })
+    .await;
+    assert_eq!(relayed(&gw), 0, "nobody subscribed: not relayed");
+
+    let status = std::process::Command::new("mosquitto_pub")
+        .args(["-V", "mqttv311", "-q", "1", "-r", "-p", &port.to_string()])
+        .args(["-t", "local/kept", "-m", "retained"])
+        .status()
+        .expect("mosquitto_pub");
+    assert!(status.success());
+    wait_until("the retained publish relayed", || relayed(&gw) == 1).await;
+
+    // A persistent session subscribes, then goes away.
+    let (dash, mut events) = local_client(port, "dash", false).await;
+    dash.subscribe("local/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    next_incoming(&mut events, |i| {
+        matches!(i, rumqttc::Incoming::SubAck(_)).then_some(())
+    })
+    .await;
+    dash.disconnect().await.unwrap();
+    tokio::time::timeout(DEADLINE, async { while events.recv().await.is_some() {} })
+        .await
+        .expect("the subscriber's connection closed");
+
+    mosquitto_pub(port, "mqttv311", "local/while-away", "2");
+    wait_until("relayed for the persistent session", || relayed(&gw) == 2).await;
+    mosquitto_pub(port, "mqttv311", "other/topic", "3");
+    wait_until("the publish taken in", || {
+        gw.count(|m| &m.door_publishes) == 4
+    })
+    .await;
+    assert_eq!(relayed(&gw), 2, "no filter matches other/topic");
+
+    let (_dash, mut events) = local_client(port, "dash", false).await;
+    let payload = next_incoming(&mut events, |i| match i {
+        rumqttc::Incoming::Publish(p) if p.topic == "local/while-away" => Some(p.payload.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(&payload[..], b"2");
+    gw.stop().await;
+}
