@@ -6,8 +6,9 @@
 //! edgeferry's promises need it:
 //!
 //! - a PUBLISH from the client goes to the pipeline (with the client's id
-//!   and user) and, stripped of MQTT 5 properties and renumbered, to the
-//!   broker for local subscribers. Its PUBACK (PUBREC for QoS 2) comes from
+//!   and user) and, if a local subscriber may want it (`subscribers`) or
+//!   it is retained, stripped of MQTT 5 properties and renumbered, to the
+//!   broker. Its PUBACK (PUBREC for QoS 2) comes from
 //!   here, in the order the publishes came, once the event's receipt says
 //!   it is safe (`ack = "stored"`) or at once (`"received"`); the broker's
 //!   own acknowledgements of what we forward are swallowed;

@@ -17,7 +17,7 @@
 //! same client id discards that session.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::RwLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::topic::filters_overlap;
@@ -26,7 +26,7 @@ use crate::topic::filters_overlap;
 pub struct Subscribers {
     /// Filters held, so the common case (nobody subscribed) takes no lock.
     filters: AtomicUsize,
-    sessions: Mutex<Sessions>,
+    sessions: RwLock<Sessions>,
 }
 
 #[derive(Debug, Default)]
@@ -54,21 +54,47 @@ impl Subscribers {
     /// session's subscriptions). `persists`: the broker keeps this one
     /// after the connection ends.
     pub fn open(&self, client_id: &str, clean_start: bool, persists: bool) -> Key {
-        let mut s = self.lock();
-        if clean_start {
-            let before: usize = s.by_key.values().map(|e| e.filters.len()).sum();
-            s.by_key
-                .retain(|_, e| e.connected || e.client_id != client_id);
-            let after: usize = s.by_key.values().map(|e| e.filters.len()).sum();
-            self.filters.fetch_sub(before - after, Ordering::Relaxed);
+        let mut s = self.write();
+        // The broker moves (or, on a clean start, discards) this id's
+        // earlier session: its filters move into this entry, or go. One
+        // entry per id and session, however often a persistent client
+        // reconnects.
+        let earlier: Vec<u64> = s
+            .by_key
+            .iter()
+            .filter(|(_, e)| !e.connected && e.client_id == client_id)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut filters = Vec::new();
+        for k in earlier {
+            if let Some(e) = s.by_key.remove(&k) {
+                match clean_start {
+                    true => self.forget(e.filters.len()),
+                    false => filters.extend(e.filters),
+                }
+            }
         }
+        if clean_start {
+            // A connection of this id still open is about to be closed by
+            // the broker, its session discarded: its filters go when it
+            // ends.
+            for e in s.by_key.values_mut() {
+                if e.client_id == client_id {
+                    e.persists = false;
+                }
+            }
+        }
+        filters.sort_unstable();
+        let before = filters.len();
+        filters.dedup();
+        self.forget(before - filters.len());
         s.next += 1;
         let key = s.next;
         s.by_key.insert(
             key,
             Entry {
                 client_id: client_id.to_string(),
-                filters: Vec::new(),
+                filters,
                 persists,
                 connected: true,
             },
@@ -78,8 +104,9 @@ impl Subscribers {
 
     /// Filters about to be sent to the broker in a SUBSCRIBE.
     pub fn subscribe<'a>(&self, key: Key, filters: impl IntoIterator<Item = &'a str>) {
-        let mut s = self.lock();
+        let mut s = self.write();
         let Some(e) = s.by_key.get_mut(&key.0) else {
+            debug_assert!(false, "subscribe on a closed registry entry");
             return;
         };
         for f in filters {
@@ -90,7 +117,7 @@ impl Subscribers {
             };
             if !e.filters.iter().any(|have| have == f) {
                 e.filters.push(f.to_string());
-                self.filters.fetch_add(1, Ordering::Relaxed);
+                self.filters.fetch_add(1, Ordering::Release);
             }
         }
     }
@@ -98,7 +125,7 @@ impl Subscribers {
     /// The connection ended: its filters go, unless the broker keeps its
     /// session.
     pub fn closed(&self, key: Key) {
-        let mut s = self.lock();
+        let mut s = self.write();
         let persists = match s.by_key.get_mut(&key.0) {
             Some(e) if e.persists => {
                 e.connected = false;
@@ -108,8 +135,12 @@ impl Subscribers {
             None => return,
         };
         if !persists && let Some(e) = s.by_key.remove(&key.0) {
-            self.filters.fetch_sub(e.filters.len(), Ordering::Relaxed);
+            self.forget(e.filters.len());
         }
+    }
+
+    fn forget(&self, filters: usize) {
+        self.filters.fetch_sub(filters, Ordering::Release);
     }
 
     /// Whether the broker must get a publish on `topic`: a retained one
@@ -119,19 +150,23 @@ impl Subscribers {
         if retain {
             return true;
         }
-        if self.filters.load(Ordering::Relaxed) == 0 {
+        if self.filters.load(Ordering::Acquire) == 0 {
             return false;
         }
-        self.lock()
+        self.read()
             .by_key
             .values()
             .any(|e| e.filters.iter().any(|f| filters_overlap(f, topic)))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Sessions> {
-        // A panic elsewhere while holding it leaves the filters as they
-        // were: still a superset.
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    // A panic elsewhere while holding the lock leaves the filters as they
+    // were: still a superset.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Sessions> {
+        self.sessions.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Sessions> {
+        self.sessions.write().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -177,6 +212,36 @@ mod tests {
         let k3 = s.open("dash", true, false);
         assert!(!s.wanted("a/b", false));
         s.closed(k3);
+        assert_eq!(s.filters.load(Ordering::Relaxed), 0);
+    }
+
+    /// A persistent client reconnecting (and subscribing again each time)
+    /// keeps one entry with one copy of its filters, not one per visit.
+    #[test]
+    fn a_resumed_session_takes_over_its_filters_instead_of_adding_an_entry() {
+        let s = Subscribers::default();
+        for _ in 0..100 {
+            let k = s.open("dash", false, true);
+            s.subscribe(k, ["a/#", "b/+"]);
+            s.closed(k);
+        }
+        assert_eq!(s.read().by_key.len(), 1);
+        assert_eq!(s.filters.load(Ordering::Relaxed), 2);
+        assert!(s.wanted("b/c", false));
+    }
+
+    /// A clean start takes over a persistent session still connected: the
+    /// broker discards that session, so its filters go when it closes.
+    #[test]
+    fn a_clean_start_takeover_ends_the_old_sessions_persistence() {
+        let s = Subscribers::default();
+        let old = s.open("dash", false, true);
+        s.subscribe(old, ["a/#"]);
+        let new = s.open("dash", true, false);
+        assert!(s.wanted("a/b", false), "still open");
+        s.closed(old);
+        assert!(!s.wanted("a/b", false));
+        s.closed(new);
         assert_eq!(s.filters.load(Ordering::Relaxed), 0);
     }
 

@@ -131,9 +131,9 @@ pub struct ConnectInfo {
     pub password: Option<String>,
     pub keep_alive: u16,
     /// Clean session (3.1.1) or clean start (5): the broker discards an
-    /// earlier session of this client id. Without it the broker keeps the
-    /// session when the connection ends (the front door sends no session
-    /// expiry, so this is all it goes by).
+    /// earlier session of this client id. Without it rumqttd keeps the
+    /// session when the connection ends: it goes by this flag alone (MQTT
+    /// 5's session expiry only delays the will there).
     pub clean_start: bool,
     /// The will's topic and message, routed when the client goes away
     /// without a DISCONNECT (as the embedded broker publishes it locally).
