@@ -85,7 +85,10 @@ pub fn export(
         let mut line = json!({
             "id": r.get::<_, i64>(0).map_err(sql_err)?,
             "upstream": r.get::<_, String>(1).map_err(sql_err)?,
-            "event_id": r.get::<_, String>(2).map_err(sql_err)?,
+            "event_id": r
+                .get_ref(2)
+                .and_then(|v| Ok(queue::event_id_from(v)?))
+                .map_err(sql_err)?,
             "topic": r.get::<_, String>(3).map_err(sql_err)?,
             "qos": r.get::<_, i64>(4).map_err(sql_err)?,
             "priority": Priority::from_i64(r.get(5).map_err(sql_err)?).name(),

@@ -29,7 +29,7 @@ use tracing::info;
 
 use crate::metrics::Metrics;
 pub use policy::{Durability, Overflow, Priority};
-pub use schema::{SCHEMA_VERSION, open_db};
+pub use schema::{SCHEMA_VERSION, event_id_from, open_db};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {

@@ -649,3 +649,28 @@ async fn below_the_watermark_many_old_rows_in_ram_do_not_wedge_the_writer() {
     drop(q);
     thread.join().unwrap();
 }
+
+/// An event's UUID goes into the file as 16 bytes (schema version 2) and
+/// comes back out of it as the same text.
+#[tokio::test]
+async fn a_written_rows_uuid_takes_16_bytes_and_reads_back_as_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let (q, _t) = open(&path, settings(u64::MAX), metrics()).unwrap();
+    let id = uuid::Uuid::now_v7().to_string();
+    let mut r = row("a", 1, Priority::Normal);
+    r.event_id = id.clone();
+    q.append(vec![r]).await.unwrap();
+    settle("written", || in_file(&path, "a") == 1).await;
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let (kind, len): (String, i64) = conn
+        .query_row(
+            "SELECT typeof(event_id), length(event_id) FROM queue",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((kind.as_str(), len), ("blob", 16));
+    let rows = q.fetch("a", Cursor::default(), i64::MAX, 10).await.unwrap();
+    assert_eq!(rows[0].event_id, id);
+}

@@ -194,7 +194,7 @@ impl Writer {
                 insert.execute(params![
                     id,
                     &*r.upstream,
-                    r.event_id,
+                    crate::queue::schema::event_id_to_sql(&r.event_id),
                     r.topic,
                     r.qos,
                     r.priority.as_i64(),

@@ -55,7 +55,7 @@ impl Writer {
                         |r| {
                             Ok(Row {
                                 id: r.get(0)?,
-                                event_id: r.get(1)?,
+                                event_id: crate::queue::schema::event_id_from(r.get_ref(1)?)?,
                                 topic: r.get(2)?,
                                 qos: r.get(3)?,
                                 priority: Priority::from_i64(r.get(4)?),
