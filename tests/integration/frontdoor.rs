@@ -116,6 +116,16 @@ async fn login(
     let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(5))
         .set_credentials(user, "pw");
+    connect(opts)
+}
+
+/// A client on `opts`, its events in a channel.
+fn connect(
+    opts: rumqttc::MqttOptions,
+) -> (
+    rumqttc::AsyncClient,
+    tokio::sync::mpsc::Receiver<rumqttc::Event>,
+) {
     let (client, mut el) = rumqttc::AsyncClient::new(opts, 100);
     let (tx, rx) = tokio::sync::mpsc::channel(1000);
     tokio::spawn(async move {
@@ -483,16 +493,7 @@ async fn local_client(
     let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(30))
         .set_clean_session(clean);
-    let (client, mut el) = rumqttc::AsyncClient::new(opts, 100);
-    let (tx, rx) = tokio::sync::mpsc::channel(1000);
-    tokio::spawn(async move {
-        while let Ok(ev) = el.poll().await {
-            if tx.send(ev).await.is_err() {
-                break;
-            }
-        }
-    });
-    (client, rx)
+    connect(opts)
 }
 
 /// The embedded broker gets only the publishes a local subscriber may
