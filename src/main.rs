@@ -1,6 +1,7 @@
 //! The `edgeferry` command: parses arguments, sets up logging, and calls the
 //! library. Exit codes: 0 ok, 1 runtime failure (or a failed rule test),
-//! 2 invalid config or rules, 3 a config or rule file could not be read.
+//! 2 invalid config or rules, 3 a config or rule file could not be read,
+//! 4 the queue file is held by another daemon.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -110,6 +111,8 @@ impl DbArgs {
 const EXIT_FAILURE: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
 const EXIT_UNREADABLE: u8 = 3;
+/// Another daemon holds the queue file: nothing was started.
+const EXIT_QUEUE_IN_USE: u8 = 4;
 
 /// Print every error and the exit code their kind calls for.
 fn config_errors(errors: &edgeferry::diagnostic::Diagnostics) -> ExitCode {
@@ -311,7 +314,12 @@ fn run(path: Option<PathBuf>) -> ExitCode {
             if !edgeferry::ops::logging::under_journald() {
                 eprintln!("edgeferry: {e}");
             }
-            ExitCode::from(EXIT_FAILURE)
+            ExitCode::from(match e {
+                edgeferry::RunError::Queue(edgeferry::queue::QueueError::InUse { .. }) => {
+                    EXIT_QUEUE_IN_USE
+                }
+                _ => EXIT_FAILURE,
+            })
         }
     }
 }

@@ -12,6 +12,7 @@
 //! talk to it over a bounded channel, which is also the pipeline's
 //! backpressure.
 
+mod lock;
 mod policy;
 mod schema;
 pub mod space;
@@ -54,6 +55,10 @@ pub enum QueueError {
         "queue database {path} has schema version {found}, newer than this edgeferry ({SCHEMA_VERSION}); upgrade edgeferry or move the file aside"
     )]
     TooNew { path: PathBuf, found: i64 },
+    /// Another edgeferry holds this queue: stop it, or give this one its
+    /// own `queue.path`. Nothing was opened or changed.
+    #[error("queue {} is in use by {}; one daemon per queue file (stop that one, or set another queue.path)", path.display(), match pid { Some(pid) => format!("pid {pid}"), None => "another process".to_string() })]
+    InUse { path: PathBuf, pid: Option<u32> },
     /// The writer thread is gone (daemon shutting down); the caller stops.
     #[error("queue writer has stopped")]
     Closed,
@@ -301,6 +306,7 @@ pub fn open(
     settings: QueueSettings,
     metrics: Arc<Metrics>,
 ) -> Result<(QueueHandle, std::thread::JoinHandle<u64>), QueueError> {
+    let lock = lock::QueueLock::take(path)?;
     let conn = schema::open_or_recover(path, &metrics)?;
     let writer =
         writer::Writer::new(conn, path, settings, metrics).map_err(|source| QueueError::Open {
@@ -312,7 +318,12 @@ pub fn open(
     let (tx, rx) = flume::bounded(64);
     let thread = std::thread::Builder::new()
         .name("queue".into())
-        .spawn(move || writer.run(rx))
+        .spawn(move || {
+            let committed = writer.run(rx);
+            // Released only after the final commit.
+            drop(lock);
+            committed
+        })
         .map_err(|source| QueueError::Io {
             path: path.to_path_buf(),
             action: "start the writer thread",

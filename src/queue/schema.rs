@@ -155,7 +155,7 @@ pub fn open_db(path: &Path) -> Result<Connection, QueueError> {
 /// directory it cannot write (a filesystem remounted read-only after SD
 /// card errors, wrong ownership) is named as such, rather than as SQLite's
 /// "unable to open database file".
-fn check_writable(path: &Path) -> Result<(), QueueError> {
+pub(super) fn check_writable(path: &Path) -> Result<(), QueueError> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())

@@ -179,6 +179,75 @@ fn sigterm_stops_the_daemon_cleanly_within_seconds() {
     assert!(stderr.contains("edgeferry stopped"), "{stderr}");
 }
 
+/// Issue 17: two daemons on one queue file (other ports, same
+/// `queue.path`) both sent from it. The second is now refused before it
+/// opens anything, names the holder, and exits 4; the first keeps routing
+/// and `queue stats` still reads the file beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_on_the_same_queue_is_refused_and_the_first_keeps_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let proxy = Proxy::start(upstream_broker(), false).await;
+    let gw = Gateway::start(&d, proxy.port).await;
+    let sensor = Sensor::connect(gw.addr).await;
+    sensor
+        .publish("sensors/a/t/temperature", reading("t", 1))
+        .await;
+    wait_until("queued", || gw.queued("cloud") == 1).await;
+
+    // Same queue.path, every port its own.
+    let second = d.join("second.toml");
+    write(&second, &config_text(&d, proxy.port, ""));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgeferry"))
+        .args(["run", "-c", second.to_str().unwrap()])
+        .current_dir(&d)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > DEADLINE {
+            let _ = child.kill();
+            panic!("the second daemon kept running on the same queue");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(4), "{stderr}");
+    let db = d.join("queue.db");
+    assert!(
+        stderr.contains(&format!(
+            "queue {} is in use by pid {}",
+            db.display(),
+            std::process::id()
+        )),
+        "{stderr}"
+    );
+
+    sensor
+        .publish("sensors/a/t/temperature", reading("t", 2))
+        .await;
+    wait_until("the first still queues", || gw.queued("cloud") == 2).await;
+    let out = edgeferry(&["queue", "stats", "--db", db.to_str().unwrap()], &d);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cloud"));
+    gw.stop().await;
+
+    // Stopped: the file is free again.
+    let gw = Gateway::start(&d, proxy.port).await;
+    assert_eq!(gw.queued("cloud"), 2);
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_stats_and_export_read_the_queue_while_the_daemon_runs() {
     let dir = tempfile::tempdir().unwrap();
