@@ -284,9 +284,42 @@ async fn connack(addr: SocketAddr, v5: bool, user: &str, password: &str) -> Opti
     // CONNACK: type, length, flags, return code, in both versions.
     let mut ack = [0u8; 4];
     s.read_exact(&mut ack).await.ok()?;
-    let _ = s.write_all(&[0xE0, 0x00]).await;
+    if s.write_all(&[0xE0, 0x00]).await.is_ok() {
+        hang_up(&mut s, true).await;
+    }
     (ack[0] == 0x20).then_some(ack[3])
 }
+
+/// End a connection to the broker: wait until the broker closes it,
+/// discarding what it still sends, and give up after a while. After a
+/// DISCONNECT (`said_disconnect`) the broker closes it by itself; without
+/// one, our half-close tells it the client is gone.
+///
+/// Why wait: rumqttd 0.20 frees a connection's slot when its router reads
+/// a DISCONNECT, and disconnects that slot again when the connection's
+/// task then sees the socket close. A connection that took the slot in
+/// between is dropped, during its CONNECT even, and that leaves a stale
+/// entry in the listener's will table which panics at the next CONNECT of
+/// that client id, poisoning the table: the listener refuses every
+/// connection after it. Closing only once the broker has, the second
+/// disconnect never happens. And a session counts against
+/// `max_connections` until the broker has let go of it, so the broker's
+/// own limit (a refusal there leaves the same stale entry) is never hit.
+pub async fn hang_up(s: &mut tokio::net::TcpStream, said_disconnect: bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tokio::time::timeout(HANG_UP_WAIT, async {
+        if !said_disconnect {
+            let _ = s.shutdown().await;
+        }
+        let mut sink = [0u8; 512];
+        while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+/// How long [`hang_up`] waits: rumqttd closes within milliseconds; a
+/// broker that does not is past caring about.
+const HANG_UP_WAIT: Duration = Duration::from_secs(2);
 
 /// Connect as an MQTT client and wait for CONNACK, then check that a
 /// stranger's login is refused: proves the listener is rumqttd's and not

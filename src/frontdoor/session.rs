@@ -140,6 +140,10 @@ where
     let result = session
         .run(&mut client, cbuf, &mut broker, bbuf, outcomes, shutdown)
         .await;
+    if result.is_err() {
+        // The connection counts until the broker has let go of it too.
+        crate::broker::hang_up(&mut broker, false).await;
+    }
     session.door.metrics.door_connections.fetch_sub(1, Relaxed);
     session.door.subscribers.closed(session.subscribed);
     if result.is_err() {
@@ -740,7 +744,7 @@ impl Session {
     ) -> Result<(), SessionError> {
         self.flush(client, broker).await?;
         self.drain().await;
-        let _ = broker.shutdown().await;
+        crate::broker::hang_up(broker, true).await;
         Ok(())
     }
 

@@ -557,3 +557,71 @@ async fn only_what_a_local_subscriber_may_want_is_relayed_and_a_persistent_sessi
     assert_eq!(&payload[..], b"2");
     gw.stop().await;
 }
+
+/// A client that leaves (DISCONNECT) while another arrives never costs
+/// the other its session. rumqttd 0.20 frees a connection's slot when it
+/// reads the DISCONNECT and, once the socket closes, disconnects that slot
+/// a second time: a connection that took the slot in between was dropped,
+/// and if that happened during its CONNECT, rumqttd's internal listener
+/// panicked at that client id's next connect and refused every connection
+/// after it (found by a flaky test). The front door closes the socket late
+/// when it still hands the leaver's last events to a busy pipeline; it now
+/// waits for the broker to close a connection it said DISCONNECT on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_as_another_arrives_never_costs_the_other_its_session() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    // A pipeline of one event: the leaver's last publishes take a while to
+    // hand over after its DISCONNECT.
+    let text = config_text(dir.path(), free_port(), "")
+        .replace("[queue]\n", "[pipeline]\nbuffer = 1\n\n[queue]\n");
+    let gw = Gateway::start_with(dir.path(), &text).await;
+    const ROUNDS: usize = 1_500;
+    const BURST: usize = 50;
+    let mut lost = Vec::new();
+    for round in 0..ROUNDS {
+        let mut leaver = raw_connect(gw.addr, &format!("leaver-{round}"))
+            .await
+            .expect("leaver connects");
+        let mut burst = Vec::new();
+        for seq in 0..BURST {
+            let topic = format!("sensors/churn/l{round}/temperature");
+            let mut publish = (topic.len() as u16).to_be_bytes().to_vec();
+            publish.extend_from_slice(topic.as_bytes());
+            publish.extend_from_slice(&(seq as u16 + 1).to_be_bytes());
+            publish.extend_from_slice(&reading("l", seq));
+            burst.extend(raw_packet(0x32, &publish));
+        }
+        burst.extend([0xe0, 0]);
+        leaver.write_all(&burst).await.unwrap();
+        // The same client id every round, as a sensor that reconnects; a
+        // SUBACK comes only from the broker.
+        let outcome = async {
+            let mut s = raw_connect(gw.addr, "stayer").await?;
+            let filter = b"x/stayer";
+            let mut sub = vec![0, 1];
+            sub.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+            sub.extend_from_slice(filter);
+            sub.push(1);
+            s.write_all(&raw_packet(0x82, &sub))
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut suback = [0u8; 5];
+            match tokio::time::timeout(DEADLINE, s.read_exact(&mut suback)).await {
+                Ok(Ok(_)) if suback[0] == 0x90 => {}
+                other => return Err(format!("no SUBACK: {other:?} {suback:?}")),
+            }
+            let _ = s.write_all(&[0xe0, 0]).await;
+            Ok::<(), String>(())
+        }
+        .await;
+        if let Err(e) = outcome {
+            lost.push(format!("round {round}: {e}"));
+            if lost.len() >= 5 {
+                break;
+            }
+        }
+    }
+    assert!(lost.is_empty(), "sessions lost: {lost:#?}");
+    gw.stop().await;
+}

@@ -556,37 +556,13 @@ pub fn seq_of(payload: &[u8]) -> u64 {
 /// rumqttd accepts). Returns once the PUBACK arrives.
 pub async fn raw_publish(addr: SocketAddr, topic: &str, payload: &[u8]) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    fn packet(header: u8, body: &[u8]) -> Vec<u8> {
-        let mut out = vec![header];
-        let mut len = body.len();
-        loop {
-            let mut byte = (len % 128) as u8;
-            len /= 128;
-            if len > 0 {
-                byte |= 0x80;
-            }
-            out.push(byte);
-            if len == 0 {
-                break;
-            }
-        }
-        out.extend_from_slice(body);
-        out
-    }
-    let mut s = TcpStream::connect(addr).await.unwrap();
     let id = format!("raw-{}", uuid::Uuid::new_v4().simple());
-    let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60];
-    connect.extend_from_slice(&(id.len() as u16).to_be_bytes());
-    connect.extend_from_slice(id.as_bytes());
-    s.write_all(&packet(0x10, &connect)).await.unwrap();
-    let mut connack = [0u8; 4];
-    s.read_exact(&mut connack).await.unwrap();
-    assert_eq!(connack[0], 0x20, "CONNACK");
+    let mut s = raw_connect(addr, &id).await.expect("CONNACK");
     let mut publish = (topic.len() as u16).to_be_bytes().to_vec();
     publish.extend_from_slice(topic.as_bytes());
     publish.extend_from_slice(&[0, 1]);
     publish.extend_from_slice(payload);
-    s.write_all(&packet(0x32, &publish)).await.unwrap();
+    s.write_all(&raw_packet(0x32, &publish)).await.unwrap();
     let mut puback = [0u8; 4];
     tokio::time::timeout(DEADLINE, s.read_exact(&mut puback))
         .await
@@ -594,6 +570,48 @@ pub async fn raw_publish(addr: SocketAddr, topic: &str, payload: &[u8]) {
         .unwrap();
     assert_eq!(puback[0], 0x40, "PUBACK");
     s.write_all(&[0xe0, 0]).await.unwrap();
+}
+
+/// One MQTT packet: fixed header byte, remaining length, body.
+pub fn raw_packet(header: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![header];
+    let mut len = body.len();
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(body);
+    out
+}
+
+/// A hand-written MQTT 3.1.1 clean-session CONNECT with this client id;
+/// the stream once an accepting CONNACK came, or what went wrong.
+pub async fn raw_connect(addr: SocketAddr, id: &str) -> Result<TcpStream, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let mut connect = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60];
+    connect.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    connect.extend_from_slice(id.as_bytes());
+    s.write_all(&raw_packet(0x10, &connect))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut connack = [0u8; 4];
+    match tokio::time::timeout(DEADLINE, s.read_exact(&mut connack)).await {
+        Err(_) => return Err("no CONNACK".into()),
+        Ok(Err(e)) => return Err(format!("closed before CONNACK: {e}")),
+        Ok(Ok(_)) => {}
+    }
+    if connack[0] != 0x20 || connack[3] != 0 {
+        return Err(format!("not an accepting CONNACK: {connack:?}"));
+    }
+    Ok(s)
 }
 
 /// Assert `got` is exactly `expected`, in order, reporting the first
