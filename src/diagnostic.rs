@@ -63,6 +63,12 @@ impl Diagnostic {
         }
     }
 
+    /// This one, as the report of a file that could not be read (the
+    /// setting that names it keeps the location): exit code 3.
+    pub fn of_unreadable_file(self, unreadable: bool) -> Self {
+        Diagnostic { unreadable, ..self }
+    }
+
     /// From a TOML parse or deserialize error, keeping its span.
     pub fn from_toml(file: &Path, source: &str, err: &toml::de::Error) -> Self {
         // toml's Display repeats the source excerpt; the message alone reads

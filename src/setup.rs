@@ -61,10 +61,13 @@ impl Config {
     /// Parse config text (named `name` in messages), resolve relative paths
     /// against `base`, and load the rules it points at.
     pub fn from_toml(text: &str, name: &Path, base: &Path) -> Result<Config, Diagnostics> {
-        let file = ConfigFile::parse(text, name, base)?;
-
+        // Keys serde rejected, then what the checks find in the rest.
+        let (file, mut errors) = ConfigFile::parse_all(text, name, base);
+        let Some(file) = file else {
+            return Err(Diagnostics(errors));
+        };
         let loc = Locator { name, text };
-        let mut errors = crate::config::check(&file, &loc);
+        errors.extend(crate::config::check(&file, &loc));
         let (resolved, found) = resolve(&file, &loc);
         errors.extend(found);
         let rules = match file.load_rules(None) {
@@ -93,7 +96,15 @@ impl Config {
                 rules,
                 resolved,
             }),
-            _ => Err(Diagnostics(errors)),
+            _ => {
+                // This file's in line order, then the other files' (rules,
+                // the files it names) in the order they were found.
+                errors.sort_by_key(|d| match d.file == name {
+                    true => (false, d.line),
+                    false => (true, 0),
+                });
+                Err(Diagnostics(errors))
+            }
         }
     }
 
@@ -172,17 +183,24 @@ fn resolve_broker_files(b: &BrokerConfig, loc: &Locator, into: &mut Resolved) ->
                     TlsError::NotBuilt => "tls_listen",
                     _ => "tls_cert",
                 };
-                out.push(loc.at("broker", at, format!("broker.{at}: {e}")));
+                let unreadable = matches!(e, TlsError::Read { .. });
+                out.push(
+                    loc.at("broker", at, format!("broker.{at}: {e}"))
+                        .of_unreadable_file(unreadable),
+                );
             }
         }
     }
     if let Some(path) = &b.password_file {
         match Loaded::read(path, Passwords::load) {
-            Err(e) => out.push(loc.at(
-                "broker",
-                "password_file",
-                format!("broker.password_file: {e}"),
-            )),
+            Err(e) => out.push(
+                loc.at(
+                    "broker",
+                    "password_file",
+                    format!("broker.password_file: {e}"),
+                )
+                .of_unreadable_file(matches!(e, crate::passwd::PasswdError::Read { .. })),
+            ),
             Ok(p) if p.value.is_empty() => out.push(loc.at(
                 "broker",
                 "password_file",
@@ -213,7 +231,11 @@ fn resolve_upstream_files(
     let table = format!("upstream.{up_name}");
     let mut out = Vec::new();
     let password = crate::credentials::from_config(up).unwrap_or_else(|e| {
-        out.push(loc.at(&table, "password_file", format!("upstream.{up_name}.{e}")));
+        let unreadable = matches!(e, crate::credentials::CredentialError::File { .. });
+        out.push(
+            loc.at(&table, "password_file", format!("upstream.{up_name}.{e}"))
+                .of_unreadable_file(unreadable),
+        );
         None
     });
     let mut tls = None;
@@ -236,7 +258,11 @@ fn resolve_upstream_files(
                     // No system roots, or a build without TLS: the url asked for it.
                     _ => "url",
                 };
-                out.push(loc.at(&table, key, format!("upstream.{up_name}: {e}")));
+                let unreadable = matches!(e, TlsError::Read { .. });
+                out.push(
+                    loc.at(&table, key, format!("upstream.{up_name}: {e}"))
+                        .of_unreadable_file(unreadable),
+                );
             }
         }
     }

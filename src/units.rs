@@ -1,7 +1,8 @@
 //! Durations and sizes in the human form operators write: `"50ms"`, `"24h"`,
 //! `"512MiB"`. Parse errors surface through serde, so they carry the span of
-//! the offending value and end up as file:line:column diagnostics. And
-//! `Secret`, a password value that never prints.
+//! the offending value and end up as file:line:column diagnostics. Socket
+//! addresses, whose own parse error does not say what to write instead.
+//! And `Secret`, a password value that never prints.
 
 use std::fmt;
 use std::str::FromStr;
@@ -141,6 +142,38 @@ impl std::fmt::Display for Secret {
     }
 }
 
+/// A socket address (`"127.0.0.1:9184"`), with an error that shows the
+/// form expected: std's says only "invalid socket address syntax".
+pub fn parse_socket_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.trim().parse().map_err(|_| {
+        let port = s
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .unwrap_or(9184);
+        let why = match s.rsplit_once(':') {
+            Some((host, p)) if p.parse::<u16>().is_ok() && !host.is_empty() => {
+                "the host must be an IP address, not a name"
+            }
+            _ => "write an IP address and a port",
+        };
+        format!(
+            "invalid socket address {s:?}: {why}, e.g. \"127.0.0.1:{port}\" (\"0.0.0.0:{port}\" for every interface, \"[::1]:{port}\" for IPv6)"
+        )
+    })
+}
+
+/// serde's `deserialize_with` for a `SocketAddr` field.
+pub fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<std::net::SocketAddr, D::Error> {
+    parse_socket_addr(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+}
+
+/// serde's `deserialize_with` for an `Option<SocketAddr>` field.
+pub fn opt_socket_addr<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<std::net::SocketAddr>, D::Error> {
+    socket_addr(d).map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,5 +200,23 @@ mod tests {
             Duration::from_secs(86400)
         );
         assert!("soon".parse::<HumanDuration>().is_err());
+    }
+
+    #[test]
+    fn a_bad_socket_address_says_what_to_write() {
+        assert_eq!(
+            parse_socket_addr("0.0.0.0:1883").unwrap(),
+            std::net::SocketAddr::from(([0, 0, 0, 0], 1883))
+        );
+        let named = parse_socket_addr("localhost:1883").unwrap_err();
+        assert!(
+            named.contains("not a name") && named.contains("\"127.0.0.1:1883\""),
+            "{named}"
+        );
+        let bare = parse_socket_addr("localhost").unwrap_err();
+        assert!(
+            bare.contains("an IP address and a port") && bare.contains("\"127.0.0.1:9184\""),
+            "{bare}"
+        );
     }
 }

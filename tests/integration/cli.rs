@@ -401,6 +401,94 @@ fn check_tells_an_unreadable_file_from_an_invalid_one() {
     );
     let stderr = check_fails(d, "edgeferry.toml", 3);
     assert!(stderr.contains("cannot read rules directory"), "{stderr}");
+    // Every file a config names: unreadable is exit 3, at its key.
+    write(&d.join("rules/ok.toml"), "");
+    for (table, lines, key) in [
+        (
+            "broker",
+            "password_file = \"no-passwd\"",
+            "broker.password_file",
+        ),
+        ("broker", "acl_file = \"no-acl\"", "no-acl"),
+        (
+            "broker",
+            "tls_listen = \"127.0.0.1:8883\"\ntls_cert = \"no.pem\"\ntls_key = \"no.key\"",
+            "broker.tls_cert",
+        ),
+        (
+            "upstream.cloud",
+            "url = \"mqtts://h\"\nca_file = \"no-ca.pem\"",
+            "no-ca.pem",
+        ),
+        (
+            "upstream.cloud",
+            "url = \"mqtt://h\"\nusername = \"u\"\npassword_file = \"no-pw\"",
+            "no-pw",
+        ),
+    ] {
+        let cloud = match table {
+            "broker" => "\n[upstream.cloud]\nurl = \"mqtt://h\"\n",
+            _ => "",
+        };
+        write(
+            &d.join("edgeferry.toml"),
+            &format!("[rules]\ndir = \"rules\"\n[{table}]\n{lines}\n{cloud}"),
+        );
+        let stderr = check_fails(d, "edgeferry.toml", 3);
+        assert!(
+            stderr.contains(key) && stderr.contains("cannot read"),
+            "{key}: {stderr}"
+        );
+    }
+}
+
+/// Hostile-run finding, issue 17: `check` showed one config error per run.
+/// Four independent ones (a wrong type, an unknown key, a bad duration, a
+/// socket address that is a host name), plus one the checks find after
+/// parsing: all five, in line order, in one run, and the socket address
+/// error shows the form expected.
+#[test]
+fn check_reports_every_config_error_at_once_in_line_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(&d.join("rules/ok.toml"), "");
+    write(
+        &d.join("edgeferry.toml"),
+        "[broker]\n\
+         max_connections = \"many\"\n\
+         bogus = true\n\
+         \n\
+         [queue]\n\
+         path = \"q.db\"\n\
+         commit_interval = \"10 parsecs\"\n\
+         \n\
+         [metrics]\n\
+         listen = \"localhost:9184\"\n\
+         \n\
+         [upstream.cloud]\n\
+         url = \"mqtt://127.0.0.1:1884\"\n\
+         inflight = 0\n",
+    );
+    let stderr = check_fails(d, "edgeferry.toml", 2);
+    let lines: Vec<&str> = stderr.lines().collect();
+    let expected = [
+        ("edgeferry.toml:2:", "expected usize"),
+        ("edgeferry.toml:3:", "unknown field `bogus`"),
+        ("edgeferry.toml:7:", "invalid duration \"10 parsecs\""),
+        (
+            "edgeferry.toml:10:",
+            "invalid socket address \"localhost:9184\": the host must be an IP address, not a name, e.g. \"127.0.0.1:9184\"",
+        ),
+        ("edgeferry.toml:14:", "inflight must be at least 1"),
+    ];
+    assert_eq!(lines.len(), expected.len() + 1, "{stderr}");
+    for (line, (at, what)) in lines.iter().zip(expected) {
+        assert!(
+            line.contains(at) && line.contains(what),
+            "{at} {what}: {stderr}"
+        );
+    }
+    assert_eq!(lines[expected.len()], "5 error(s)");
 }
 
 #[test]
@@ -621,9 +709,12 @@ fn check_names_unusable_certificates_keys_and_password_files_at_their_key() {
             ),
         )
     };
+    // Exit 3 for a file that cannot be read, 2 for one that is wrong.
     let expect = |cloud: &str, line: usize, words: &[&str]| {
         config(cloud);
-        let stderr = check_fails(d, "edgeferry.toml", 2);
+        let unreadable = words.iter().any(|w| w.contains("cannot read"));
+        let code = if unreadable { 3 } else { 2 };
+        let stderr = check_fails(d, "edgeferry.toml", code);
         assert!(
             stderr.contains(&format!("edgeferry.toml:{line}:1:")),
             "line {line}: {stderr}"
@@ -660,7 +751,11 @@ fn check_names_unusable_certificates_keys_and_password_files_at_their_key() {
     expect(
         "username = \"gw\"\npassword = \"x\"\npassword_file = \"pw\"",
         7,
-        &["only one of password, password_file and password_env"],
+        // (and the file it names is missing too)
+        &[
+            "only one of password, password_file and password_env",
+            "cannot read",
+        ],
     );
     expect(
         "username = \"gw\"\npassword_file = \"pw\"",

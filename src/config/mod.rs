@@ -15,8 +15,10 @@ use crate::diagnostic::{Diagnostic, Diagnostics};
 use crate::rules::RuleSet;
 use crate::units::{ByteSize, HumanDuration, Secret};
 
+mod every_error;
+
 /// The embedded default configuration. It loads as it is.
-pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
+pub const DEFAULT_CONFIG: &str = include_str!("../default.toml");
 
 /// The configuration file as written, after defaults are applied.
 #[derive(Debug, Clone, Deserialize)]
@@ -52,9 +54,11 @@ pub struct GatewayConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
     /// The front door's listener (MQTT 3.1.1 and 5, told apart by CONNECT).
+    #[serde(deserialize_with = "crate::units::socket_addr")]
     pub listen: SocketAddr,
     /// A second plain listener, serving both protocols like `listen` (kept
     /// for configs from when MQTT 5 needed a port of its own).
+    #[serde(deserialize_with = "crate::units::opt_socket_addr")]
     pub listen_v5: Option<SocketAddr>,
     /// When a sensor's QoS 1/2 publish is acknowledged: once its event is
     /// safe (committed, or acknowledged by every upstream it goes to), or
@@ -75,6 +79,7 @@ pub struct BrokerConfig {
     /// Filters the embedded link subscribes to before the broker starts.
     pub ingest: Vec<String>,
     /// MQTT 3.1.1 over TLS, with `tls_cert` and `tls_key`; off unless set.
+    #[serde(deserialize_with = "crate::units::opt_socket_addr")]
     pub tls_listen: Option<SocketAddr>,
     /// PEM certificate chain and private key of the TLS listener.
     pub tls_cert: Option<PathBuf>,
@@ -430,6 +435,7 @@ pub struct MetricsConfig {
     /// Serve `/metrics` (Prometheus) and `/health` over HTTP.
     pub enabled: bool,
     /// Where; loopback by default (the numbers are nobody else's business).
+    #[serde(deserialize_with = "crate::units::socket_addr")]
     pub listen: SocketAddr,
 }
 
@@ -470,8 +476,26 @@ impl ConfigFile {
     /// paths against `base`. No validation and no rules: for tools that only
     /// need paths, like `edgeferry queue stats`.
     pub fn parse(text: &str, name: &Path, base: &Path) -> Result<ConfigFile, Diagnostics> {
-        let mut file: ConfigFile = toml::from_str(text)
-            .map_err(|e| Diagnostics(vec![Diagnostic::from_toml(name, text, &e)]))?;
+        match Self::parse_all(text, name, base) {
+            (Some(file), errors) if errors.is_empty() => Ok(file),
+            (_, errors) => Err(Diagnostics(errors)),
+        }
+    }
+
+    /// `parse`, reporting every rejected key (in line order) and, when the
+    /// rest of the file still loads, the config without them (their
+    /// defaults apply), so the checks after it can report theirs too.
+    pub fn parse_all(
+        text: &str,
+        name: &Path,
+        base: &Path,
+    ) -> (Option<ConfigFile>, Vec<Diagnostic>) {
+        let (file, errors) = every_error::deserialize::<ConfigFile>(text, name);
+        (file.map(|f| f.resolved_against(base)), errors)
+    }
+
+    fn resolved_against(mut self, base: &Path) -> ConfigFile {
+        let file = &mut self;
         file.rules.dir = base.join(&file.rules.dir);
         file.queue.path = base.join(&file.queue.path);
         for path in [
@@ -499,7 +523,7 @@ impl ConfigFile {
                 *path = base.join(&*path);
             }
         }
-        Ok(file)
+        self
     }
 
     /// This gateway's id: configured, else the hostname, else "edgeferry".
@@ -1024,7 +1048,7 @@ mod tests {
 
     #[test]
     fn the_readme_config_reference_shows_the_real_defaults() {
-        let readme = include_str!("../README.md");
+        let readme = include_str!("../../README.md");
         let section = &readme[readme.find("## Configuration").unwrap()..];
         let start = section.find("```toml\n").unwrap() + "```toml\n".len();
         let block = &section[start..start + section[start..].find("```").unwrap()];
@@ -1055,7 +1079,7 @@ mod tests {
 
     #[test]
     fn the_packaged_config_is_the_default_with_service_paths() {
-        let text = include_str!("../systemd/edgeferry.toml");
+        let text = include_str!("../../systemd/edgeferry.toml");
         let packaged = ConfigFile::parse(
             text,
             Path::new("edgeferry.toml"),

@@ -1,0 +1,240 @@
+//! Deserialize a config and report every key serde rejects, not only the
+//! first. serde stops at the first error, so each rejected entry is blanked
+//! out (replaced by spaces, so every offset and line number stays) and the
+//! text deserialized again, until it goes through or nothing more can be
+//! learnt. An operator fixing a file then sees all of its mistakes at once
+//! instead of one per run.
+//!
+//! What is blanked: the lines of a rejected `key = value` (all of a
+//! multi-line value), or a rejected table's whole section (an unknown
+//! `[table]`). It stops at the first error it cannot blank without making
+//! up others: no location, a syntax error (the text cannot be read past
+//! it), a `missing field` in a table it already blanked a line of (the
+//! consequence of its own blanking), or no progress.
+
+use std::ops::Range;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use crate::diagnostic::Diagnostic;
+
+/// More than any real file has; a bound on the retries.
+const MAX_ERRORS: usize = 100;
+
+/// The value, if the text went through once its rejected entries were
+/// blanked (their defaults then apply), and every rejection, in line order.
+pub fn deserialize<T: DeserializeOwned>(text: &str, name: &Path) -> (Option<T>, Vec<Diagnostic>) {
+    // A syntax error ends it: nothing after it can be read reliably.
+    if let Err(e) = toml::from_str::<toml::Table>(text) {
+        return (None, vec![Diagnostic::from_toml(name, text, &e)]);
+    }
+    let mut masked = text.to_string();
+    let mut errors: Vec<Diagnostic> = Vec::new();
+    let mut blanked: Vec<Range<usize>> = Vec::new();
+    let value = loop {
+        let err = match toml::from_str::<T>(&masked) {
+            Ok(v) => break Some(v),
+            Err(e) => e,
+        };
+        let consequence = err.message().starts_with("missing field")
+            && err.span().is_some_and(|s| {
+                blanked
+                    .iter()
+                    .any(|b| overlaps(&section(&masked, s.start), b))
+            });
+        if consequence {
+            break None;
+        }
+        let diagnostic = Diagnostic::from_toml(name, text, &err);
+        let repeated = errors
+            .iter()
+            .any(|d| d.line == diagnostic.line && d.message == diagnostic.message);
+        if !repeated {
+            errors.push(diagnostic);
+        }
+        let Some(span) = err.span() else { break None };
+        if repeated || errors.len() >= MAX_ERRORS {
+            break None;
+        }
+        let range = entry(&masked, span);
+        blank(&mut masked, range.clone());
+        blanked.push(range);
+        // Blanking a line of a multi-line value leaves the rest of it.
+        if toml::from_str::<toml::Table>(&masked).is_err() {
+            break None;
+        }
+    };
+    errors.sort_by_key(|d| d.line);
+    (value, errors)
+}
+
+/// The byte range to blank for an error at `span`: the whole `key = value`
+/// entry it falls in (all the lines of a multi-line value), else, at a
+/// table header, that table's whole section, else the span's lines.
+fn entry(text: &str, span: Range<usize>) -> Range<usize> {
+    let lines =
+        |r: Range<usize>| line_start(text, r.start)..line_end(text, r.end.max(r.start + 1) - 1);
+    if let Ok(root) = DeTable::parse(text) {
+        let mut found = Vec::new();
+        entries(text, root.get_ref(), &mut found);
+        if let Some(e) = found.into_iter().find(|e| e.contains(&span.start)) {
+            return lines(e);
+        }
+    }
+    if text[line_start(text, span.start)..]
+        .trim_start()
+        .starts_with('[')
+    {
+        return section(text, span.start);
+    }
+    lines(span)
+}
+
+/// Every `key = value` entry of the header tables (and the root): from
+/// its key to the end of its value. An inline table is one entry.
+fn entries(text: &str, table: &DeTable, out: &mut Vec<Range<usize>>) {
+    let header = |v: &Spanned<DeValue>| !text[v.span()].starts_with('{');
+    for (key, value) in table.iter() {
+        match value.get_ref() {
+            DeValue::Table(t) if header(value) => entries(text, t, out),
+            DeValue::Array(items)
+                if items
+                    .iter()
+                    .all(|i| matches!(i.get_ref(), DeValue::Table(_)) && header(i))
+                    && !items.is_empty()
+                    && text[value.span()].starts_with("[[") =>
+            {
+                for i in items.iter() {
+                    if let DeValue::Table(t) = i.get_ref() {
+                        entries(text, t, out);
+                    }
+                }
+            }
+            _ => out.push(key.span().start..value.span().end),
+        }
+    }
+}
+
+/// The table section around `pos`: from its header line (or the file's
+/// start) to the next header line (or the end).
+fn section(text: &str, pos: usize) -> Range<usize> {
+    let header = |l: &str| l.trim_start().starts_with('[');
+    let mut start = line_start(text, pos);
+    while start > 0 && !header(&text[start..line_end(text, start)]) {
+        start = line_start(text, start - 1);
+    }
+    let mut end = line_end(text, pos);
+    while end < text.len() {
+        let next = end + 1;
+        if header(&text[next..line_end(text, next)]) {
+            break;
+        }
+        end = line_end(text, next);
+    }
+    start..end
+}
+
+fn line_start(text: &str, pos: usize) -> usize {
+    text[..pos.min(text.len())].rfind('\n').map_or(0, |i| i + 1)
+}
+
+fn line_end(text: &str, pos: usize) -> usize {
+    let pos = pos.min(text.len());
+    text[pos..].find('\n').map_or(text.len(), |i| pos + i)
+}
+
+fn overlaps(a: &Range<usize>, b: &Range<usize>) -> bool {
+    a.start < b.end && b.start < a.end
+}
+
+/// Spaces instead of the bytes in `range` (newlines kept): the same length,
+/// so spans and line numbers still point into the original text.
+fn blank(text: &mut String, range: Range<usize>) {
+    let blanked: String = text[range.clone()]
+        .chars()
+        .map(|c| match c {
+            '\n' => "\n".to_string(),
+            c => " ".repeat(c.len_utf8()),
+        })
+        .collect();
+    text.replace_range(range, &blanked);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct File {
+        #[serde(default)]
+        a: A,
+        #[serde(default)]
+        b: Option<B>,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct A {
+        #[serde(default)]
+        n: u32,
+        #[serde(default)]
+        list: Vec<u32>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct B {
+        url: String,
+    }
+
+    fn run(text: &str) -> (Option<File>, Vec<(usize, String)>) {
+        let (v, e) = deserialize::<File>(text, Path::new("f.toml"));
+        (v, e.into_iter().map(|d| (d.line, d.message)).collect())
+    }
+
+    #[test]
+    fn every_rejected_key_is_reported_in_line_order_and_the_rest_still_loads() {
+        let text = "[a]\nn = \"x\"\nbogus = 1\nlist = [\n  1,\n  -2,\n]\n[nope]\nk = 1\n[b]\nurl = \"u\"\n";
+        let (v, e) = run(text);
+        let lines: Vec<usize> = e.iter().map(|(l, _)| *l).collect();
+        assert_eq!(lines, vec![2, 3, 6, 8], "{e:#?}");
+        assert!(e[1].1.contains("unknown field `bogus`"), "{e:#?}");
+        let v = v.expect("the rest loads");
+        assert_eq!(v.a.n, 0, "a rejected value gets its default");
+        assert!(v.a.list.is_empty(), "so does a rejected list");
+        assert_eq!(
+            v.b.unwrap().url,
+            "u",
+            "the table after a blanked one is intact"
+        );
+    }
+
+    #[test]
+    fn a_syntax_error_is_the_only_error_reported() {
+        let (v, e) = run("[a]\nn = \"x\"\nlist = [1,\n");
+        assert!(v.is_none());
+        assert_eq!(e.len(), 1, "{e:#?}");
+    }
+
+    #[test]
+    fn a_missing_field_caused_by_blanking_is_not_reported() {
+        let (v, e) = run("[b]\nurl = 5\n");
+        assert!(v.is_none());
+        assert_eq!(e.len(), 1, "only the bad url: {e:#?}");
+        assert_eq!(e[0].0, 2);
+    }
+
+    #[test]
+    fn blanking_keeps_offsets_even_with_multibyte_text() {
+        let mut s = "k = \"é\"\nx = 1\n".to_string();
+        let len = s.len();
+        blank(&mut s, 0..8);
+        assert_eq!(s.len(), len);
+        assert!(s.ends_with("\nx = 1\n"));
+    }
+}
