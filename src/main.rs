@@ -1,7 +1,7 @@
 //! The `edgeferry` command: parses arguments, sets up logging, and calls the
 //! library. Exit codes: 0 ok, 1 runtime failure (or a failed rule test),
 //! 2 invalid config or rules, 3 a config or rule file could not be read,
-//! 4 the queue file is held by another daemon.
+//! 4 the queue file is held by another daemon, 64 a usage error.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,8 +11,18 @@ use edgeferry::Config;
 use edgeferry::config::DEFAULT_CONFIG;
 
 #[derive(Parser)]
-#[command(version, about = "MQTT edge router with store-and-forward", long_about = None)]
+#[command(
+    version,
+    about = "MQTT edge router with store-and-forward",
+    long_about = None,
+    after_long_help = "Exit status: 0 ok; 1 runtime failure, a failed rule test, or (status) the daemon is not running; 2 invalid config or rules; 3 a file could not be read; 4 the queue file is held by another daemon; 64 a usage error."
+)]
+// (EXIT_CODES says the same for the man page.)
 struct Cli {
+    /// Config file; default: /etc/edgeferry/edgeferry.toml if it exists, else the embedded
+    /// default. Before or after the command.
+    #[arg(short, long, global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -20,31 +30,16 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon (the default when no command is given).
-    Run {
-        /// Config file; default: /etc/edgeferry/edgeferry.toml if it exists, else the embedded default.
-        #[arg(short, long)]
-        config: Option<PathBuf>,
-    },
+    Run,
     /// Load the config and rules, print every error, exit non-zero on any.
-    Check {
-        /// Config file; default: /etc/edgeferry/edgeferry.toml if it exists, else the embedded default.
-        #[arg(short, long)]
-        config: Option<PathBuf>,
-    },
+    Check,
     /// Run the [[test]] cases written in rule files; exit 1 if any fails.
     Test {
-        /// Config file; default: /etc/edgeferry/edgeferry.toml if it exists, else the embedded default.
-        #[arg(short, long)]
-        config: Option<PathBuf>,
         /// Rule files or directories to test instead of the config's rules.dir.
         paths: Vec<PathBuf>,
     },
     /// One screen on the running daemon (or, when it is down, its queue file).
-    Status {
-        /// Config file; default: /etc/edgeferry/edgeferry.toml if it exists, else the embedded default.
-        #[arg(short, long)]
-        config: Option<PathBuf>,
-    },
+    Status,
     /// Print the embedded default config (a starting point for your own).
     PrintDefaultConfig,
     /// Add or change a local broker user in a password file (Mosquitto's
@@ -62,6 +57,16 @@ enum Command {
     Queue {
         #[command(subcommand)]
         command: QueueCommand,
+    },
+    /// Print a shell completion script, e.g.
+    /// `edgeferry completions bash > /etc/bash_completion.d/edgeferry`.
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff; `edgeferry man | man -l -`), or write it
+    /// and one page per command into a directory.
+    Man {
+        /// Write edgeferry.1 and edgeferry-<command>.1 here instead.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -84,21 +89,17 @@ enum QueueCommand {
 
 #[derive(clap::Args)]
 struct DbArgs {
-    /// Config file naming the queue (queue.path); default: /etc/edgeferry/edgeferry.toml if it
-    /// exists, else the embedded default.
-    #[arg(short, long)]
-    config: Option<PathBuf>,
-    /// The queue file itself, instead of reading it from a config.
+    /// The queue file itself, instead of the config's queue.path.
     #[arg(long, conflicts_with = "config")]
     db: Option<PathBuf>,
 }
 
 impl DbArgs {
-    fn path(&self) -> Result<PathBuf, ExitCode> {
+    fn path(&self, config: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
         if let Some(db) = &self.db {
             return Ok(db.clone());
         }
-        match edgeferry::config::ConfigFile::read(installed_or(self.config.clone()).as_deref()) {
+        match edgeferry::config::ConfigFile::read(installed_or(config).as_deref()) {
             Ok(file) => Ok(file.queue.path),
             Err(errors) => {
                 eprintln!("{errors}");
@@ -113,6 +114,40 @@ const EXIT_CONFIG: u8 = 2;
 const EXIT_UNREADABLE: u8 = 3;
 /// Another daemon holds the queue file: nothing was started.
 const EXIT_QUEUE_IN_USE: u8 = 4;
+
+/// What each exit code means (the man page's EXIT STATUS).
+const EXIT_CODES: [(u8, &str); 6] = [
+    (0, "ok; for run, a clean stop"),
+    (
+        EXIT_FAILURE,
+        "a runtime failure, a failed rule test, or (status) the daemon is not running",
+    ),
+    (EXIT_CONFIG, "the config or the rules are invalid"),
+    (
+        EXIT_UNREADABLE,
+        "a file could not be read (the config, the rules directory, a file the config names)",
+    ),
+    (
+        EXIT_QUEUE_IN_USE,
+        "the queue file is held by another daemon",
+    ),
+    (EXIT_USAGE, "a usage error (an unknown command or option)"),
+];
+
+/// A command line clap could not take (EX_USAGE, sysexits.h): kept apart
+/// from 2, which means the config or rules are invalid.
+const EXIT_USAGE: u8 = 64;
+
+/// `--help` and `--version` print and exit 0; any other parse error is a
+/// usage error.
+fn usage(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let _ = e.print();
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+        _ => ExitCode::from(EXIT_USAGE),
+    }
+}
 
 /// Print every error and the exit code their kind calls for.
 fn config_errors(errors: &edgeferry::diagnostic::Diagnostics) -> ExitCode {
@@ -139,13 +174,17 @@ fn installed_or(config: Option<PathBuf>) -> Option<PathBuf> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Run { config: None }) {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage(e),
+    };
+    let config = cli.config;
+    match cli.command.unwrap_or(Command::Run) {
         Command::PrintDefaultConfig => {
             print!("{DEFAULT_CONFIG}");
             ExitCode::SUCCESS
         }
-        Command::Check { config } => match Config::load(installed_or(config).as_deref()) {
+        Command::Check => match Config::load(installed_or(config).as_deref()) {
             Ok(cfg) => {
                 println!(
                     "{}: ok ({} rules, {} upstreams)",
@@ -163,12 +202,63 @@ fn main() -> ExitCode {
             }
             Err(errors) => config_errors(&errors),
         },
-        Command::Test { config, paths } => test(config, paths),
-        Command::Status { config } => status(config),
-        Command::Run { config } => run(config),
-        Command::Queue { command } => queue_command(command),
+        Command::Test { paths } => test(config, paths),
+        Command::Status => status(config),
+        Command::Run => run(config),
+        Command::Queue { command } => queue_command(command, config),
         Command::Passwd { file, user, delete } => passwd(&file, &user, delete),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cli = Cli::command();
+            clap_complete::generate(shell, &mut cli, "edgeferry", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man { out } => man(out),
     }
+}
+
+fn man(out: Option<PathBuf>) -> ExitCode {
+    use clap::CommandFactory;
+    let written = match &out {
+        Some(dir) => std::fs::create_dir_all(dir)
+            .and_then(|()| clap_mangen::generate_to(Cli::command(), dir))
+            .and_then(|()| {
+                let mut page = Vec::new();
+                main_page(&mut page)?;
+                std::fs::write(dir.join("edgeferry.1"), page)
+            }),
+        None => main_page(&mut std::io::stdout()),
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let to = out.map_or("standard output".into(), |d| d.display().to_string());
+            eprintln!("edgeferry man: cannot write to {to}: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// edgeferry(1): clap_mangen's sections, with the exit codes under the
+/// conventional EXIT STATUS heading rather than its EXTRA.
+fn main_page(out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    let man = clap_mangen::Man::new(Cli::command());
+    man.render_title(out)?;
+    man.render_name_section(out)?;
+    man.render_synopsis_section(out)?;
+    man.render_description_section(out)?;
+    man.render_options_section(out)?;
+    man.render_subcommands_section(out)?;
+    writeln!(out, ".SH \"EXIT STATUS\"")?;
+    for (code, means) in EXIT_CODES {
+        writeln!(out, ".TP\n\\fB{code}\\fR\n{means}")?;
+    }
+    writeln!(
+        out,
+        ".SH FILES\n/etc/edgeferry/edgeferry.toml, /etc/edgeferry/rules/*.toml, /var/lib/edgeferry/queue.db"
+    )?;
+    man.render_version_section(out)
 }
 
 fn passwd(file: &std::path::Path, user: &str, delete: bool) -> ExitCode {
@@ -246,10 +336,10 @@ fn status(config: Option<PathBuf>) -> ExitCode {
     }
 }
 
-fn queue_command(command: QueueCommand) -> ExitCode {
+fn queue_command(command: QueueCommand, config: Option<PathBuf>) -> ExitCode {
     use edgeferry::inspect::{Show, command as inspect};
     let (QueueCommand::Stats { db } | QueueCommand::Export { db, .. }) = &command;
-    let path = match db.path() {
+    let path = match db.path(config) {
         Ok(path) => path,
         Err(code) => return code,
     };

@@ -32,6 +32,16 @@ pub enum Trigger {
     FileChange,
 }
 
+/// In a log line: `SIGHUP`, `file change`.
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Trigger::Signal => "SIGHUP",
+            Trigger::FileChange => "file change",
+        })
+    }
+}
+
 /// Run until shutdown: reload the rules whenever `requests` or the file
 /// watcher asks, publishing each good set on `rules`.
 pub async fn run(
@@ -74,10 +84,10 @@ pub async fn run(
             Ok(Ok(new)) => {
                 let changes = new.changes_from(&current);
                 if changes.is_empty() {
-                    info!(?trigger, rules = new.len(), "rules reloaded: no change");
+                    info!(%trigger, rules = new.len(), "rules reloaded: no change");
                 } else {
                     info!(
-                        ?trigger,
+                        %trigger,
                         rules = new.len(),
                         added = %Changes::summary(&changes.added, LOGGED_NAMES),
                         removed = %Changes::summary(&changes.removed, LOGGED_NAMES),
@@ -97,7 +107,7 @@ pub async fn run(
                     error!("{e}");
                 }
                 error!(
-                    ?trigger,
+                    %trigger,
                     errors = errors.0.len(),
                     rules = current.len(),
                     "rules NOT reloaded: the new rules have errors; the previous rules keep running"

@@ -25,6 +25,16 @@ impl FromStr for HumanDuration {
     }
 }
 
+impl HumanDuration {
+    /// For a log line: to the millisecond, as an operator writes it
+    /// (`1s 583ms`, not `1.583245113s`).
+    pub fn shown(d: Duration) -> HumanDuration {
+        HumanDuration(Duration::from_millis(
+            d.as_millis().try_into().unwrap_or(u64::MAX),
+        ))
+    }
+}
+
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", humantime::format_duration(self.0))

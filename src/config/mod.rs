@@ -371,6 +371,16 @@ pub enum Protocol {
     V5,
 }
 
+/// As the config writes it: `3.1.1`, `5`.
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::V311 => "3.1.1",
+            Protocol::V5 => "5",
+        })
+    }
+}
+
 /// `mqtt://host[:port]` (default port 1883) or `mqtts://host[:port]` (TLS,
 /// default port 8883).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -84,7 +84,7 @@ pub async fn run(
             }
             Ok(Err(_)) => return, // the writer is gone: shutting down
             Err(_) => {
-                error!(waited = ?every, "queue writer did not answer; withholding the watchdog ping");
+                error!(waited = %crate::units::HumanDuration::shown(every), "queue writer did not answer; withholding the watchdog ping");
             }
         }
     }

@@ -147,11 +147,11 @@ pub async fn run(
         let delay = backoff.next_delay();
         // WARN on a new reason, at most every 30 s; DEBUG otherwise.
         if reason != last_reason && last_warned.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
-            warn!(upstream = %settings.name, url = %up.url, %reason, retry_in = ?delay, "uplink down");
+            warn!(upstream = %settings.name, url = %up.url, %reason, retry_in = %crate::units::HumanDuration::shown(delay), "uplink down");
             last_reason = reason;
             last_warned = Some(Instant::now());
         } else {
-            debug!(upstream = %settings.name, %reason, retry_in = ?delay, "uplink still down");
+            debug!(upstream = %settings.name, %reason, retry_in = %crate::units::HumanDuration::shown(delay), "uplink still down");
         }
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,

@@ -227,7 +227,7 @@ impl<'a, W: Wire> Session<'a, W> {
         metrics.down_because.store(0, Relaxed);
         metrics.window.store(window as u64, Relaxed);
         *metrics.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        info!(upstream = %name, url = %up.url, protocol = ?up.protocol, session_present, window, "uplink connected");
+        info!(upstream = %name, url = %up.url, protocol = %up.protocol, session_present, window, "uplink connected");
         let live_first = up.drain_order == DrainOrder::LiveFirst;
         Session {
             wire,

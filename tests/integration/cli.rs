@@ -92,6 +92,97 @@ fn check_reports_a_broken_config_with_file_line_and_key() {
     );
 }
 
+/// `-c` before the command as after it; a command line that cannot be
+/// parsed exits 64 (EX_USAGE), never 2, which means a bad config.
+#[test]
+fn the_config_goes_before_or_after_the_command_and_usage_errors_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(&d.join("rules/ok.toml"), "");
+    write_small_config(d);
+    for args in [
+        &["-c", "edgeferry.toml", "check"][..],
+        &["check", "-c", "edgeferry.toml"],
+        &["--config", "edgeferry.toml", "check"],
+    ] {
+        let out = edgeferry(args, d);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        assert!(
+            stdout.starts_with("edgeferry.toml: ok"),
+            "{args:?}: {stdout}"
+        );
+    }
+    for args in [
+        &["frobnicate"][..],
+        &["check", "--frob"],
+        &["-c"],
+        &["queue", "stats", "--db", "q.db", "-c", "edgeferry.toml"],
+        &["completions", "tcsh"],
+    ] {
+        let out = edgeferry(args, d);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("error:"),
+            "{args:?}"
+        );
+    }
+    for args in [&["--help"][..], &["--version"], &["help", "queue"]] {
+        assert!(edgeferry(args, d).status.success(), "{args:?}");
+    }
+}
+
+/// Completions and man pages come from the clap definitions, so they name
+/// every command and option there is.
+#[test]
+fn completions_and_man_pages_are_generated_from_the_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (shell, marker) in [
+        ("bash", "_edgeferry()"),
+        ("zsh", "#compdef edgeferry"),
+        ("fish", "complete -c edgeferry"),
+    ] {
+        let out = edgeferry(&["completions", shell], d);
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && script.contains(marker),
+            "{shell}: {script}"
+        );
+        for word in ["print-default-config", "export", "config"] {
+            assert!(script.contains(word), "{shell} lacks {word}");
+        }
+    }
+    let out = edgeferry(&["man", "--out", "man"], d);
+    assert!(out.status.success(), "{out:?}");
+    let page = std::fs::read_to_string(d.join("man/edgeferry.1")).unwrap();
+    assert!(
+        page.starts_with(".ie") && page.contains(".SH \"EXIT STATUS\""),
+        "{page}"
+    );
+    assert!(
+        page.contains("\\fB64\\fR") && page.contains("edgeferry\\-queue(1)"),
+        "{page}"
+    );
+    for sub in [
+        "run",
+        "check",
+        "test",
+        "status",
+        "passwd",
+        "queue-stats",
+        "queue-export",
+    ] {
+        assert!(d.join(format!("man/edgeferry-{sub}.1")).is_file(), "{sub}");
+    }
+    let stdout = edgeferry(&["man"], d).stdout;
+    assert_eq!(
+        stdout,
+        page.as_bytes(),
+        "the printed page is the written one"
+    );
+}
+
 #[test]
 fn the_printed_default_config_loads_as_it_is() {
     let dir = tempfile::tempdir().unwrap();
