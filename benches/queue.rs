@@ -234,14 +234,14 @@ async fn main() {
     // window (dividing a longer window's count by the publishing time
     // alone overstated the rate; dividing by the whole window, acks' tail
     // included, understated it).
-    let (commits_before, window) = next_counter(&log, "commits").await;
+    let (commits_before, window) = next_counter(&log, "queue_commits").await;
     let written_before = written_bytes(pid);
     let start = Instant::now();
     publish(addr, events..events + steady, STEADY_RATE).await;
     let d = counter.distinct.clone();
     wait_until("steady events upstream", || d.load(Relaxed) >= steady).await;
     let secs = start.elapsed().as_secs_f64();
-    let (commits_after, window_end) = next_counter(&log, "commits").await;
+    let (commits_after, window_end) = next_counter(&log, "queue_commits").await;
     let commits = commits_after - commits_before;
     let window = (window_end - window).as_secs_f64();
     // The deletes of the last acknowledged events, for the bytes written.
@@ -270,7 +270,7 @@ async fn main() {
     let publish_secs = start.elapsed().as_secs_f64();
     // Every event is either committed or counted as dropped (the summary
     // line is a second behind).
-    let dropped = || last_counter(&log, "dropped_queue_unavailable");
+    let dropped = || last_counter(&log, "events_dropped_queue_unavailable");
     wait_until("backlog committed or counted", || {
         queued_in(&db, "cloud") + dropped() >= events
     })

@@ -101,10 +101,7 @@ impl DbArgs {
         }
         match edgeferry::config::ConfigFile::read(installed_or(config).as_deref()) {
             Ok(file) => Ok(file.queue.path),
-            Err(errors) => {
-                eprintln!("{errors}");
-                Err(ExitCode::from(EXIT_CONFIG))
-            }
+            Err(errors) => Err(config_errors(&errors)),
         }
     }
 }
@@ -369,6 +366,10 @@ fn run(path: Option<PathBuf>) -> ExitCode {
         }
     };
     edgeferry::ops::logging::init(&config.file.log);
+    // A closing plain line for a person at a terminal, not in the journal
+    // (it has the ERROR) nor among JSON lines (a shipper would choke).
+    let plain_end = !edgeferry::ops::logging::under_journald()
+        && config.file.log.format == edgeferry::config::LogFormat::Text;
     // Rule expressions evaluate recursively on the workers; the size
     // limits of `rules::expr` keep them well inside tokio's 2 MiB, and
     // 8 MiB (address space; only the pages used count) is the margin.
@@ -399,9 +400,7 @@ fn run(path: Option<PathBuf>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "edgeferry failed");
-            // On a terminal, end with the plain reason; the journal already
-            // has it from the line above, with its priority.
-            if !edgeferry::ops::logging::under_journald() {
+            if plain_end {
                 eprintln!("edgeferry: {e}");
             }
             ExitCode::from(match e {

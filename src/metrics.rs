@@ -197,32 +197,41 @@ impl Metrics {
         (started.elapsed().as_millis() as u64).max(1)
     }
 
-    /// One line for the periodic summary log.
+    /// One line for the periodic summary log. Each key is the name of its
+    /// metric without `edgeferry_` and `_total` (a label's value appended
+    /// after `_`, or the sum over it), so a line and a dashboard read alike.
     pub fn summary(&self) -> String {
+        let refused = [
+            &self.door_denied_publish,
+            &self.door_denied_subscribe,
+            &self.door_denied_delivery,
+            &self.door_rejected_topic,
+            &self.door_rejected_payload,
+        ];
         let mut s = format!(
-            "received={} matched={} queued={} commits={} rule_errors={} dead_letters={} shaped={} windows={} republished={} dropped_unmatched={} dropped_rule={} dropped_queue_unavailable={} connections={} held_ms={} denied={}",
+            "events_received={} events_matched={} queue_appended={} queue_commits={} rule_errors={} dead_letters={} events_dropped_throttled={} events_dropped_duplicate={} events_dropped_deadband={} window_events_emitted={} republished={} events_dropped_unmatched={} events_dropped_rule={} events_dropped_queue_unavailable={} local_connections={} local_publishers_held_seconds={:.1} local_refused={}",
             self.received.load(Relaxed),
             self.matched.load(Relaxed),
             self.queued.load(Relaxed),
             self.commits.load(Relaxed),
             self.rule_errors.load(Relaxed),
             self.dead_letters.load(Relaxed),
-            self.dropped_throttled.load(Relaxed)
-                + self.dropped_duplicate.load(Relaxed)
-                + self.dropped_deadband.load(Relaxed),
+            self.dropped_throttled.load(Relaxed),
+            self.dropped_duplicate.load(Relaxed),
+            self.dropped_deadband.load(Relaxed),
             self.window_emitted.load(Relaxed),
             self.republished.load(Relaxed),
             self.dropped_unmatched.load(Relaxed),
             self.dropped_rule.load(Relaxed),
             self.dropped_queue_unavailable.load(Relaxed),
             self.door_connections.load(Relaxed),
-            self.door_held_ms.load(Relaxed),
-            self.door_denied_publish.load(Relaxed) + self.door_denied_subscribe.load(Relaxed),
+            self.door_held_ms.load(Relaxed) as f64 / 1000.0,
+            refused.iter().map(|c| c.load(Relaxed)).sum::<u64>(),
         );
         for (name, u) in &self.uplinks {
             s.push_str(&format!(
-                " {name}=[{} acked={} resent={} dead_lettered={} evicted={} rejected={} expired={}]",
-                if u.connected.load(Relaxed) { "up" } else { "down" },
+                " {name}=[uplink_connected={} uplink_acked={} uplink_resent={} uplink_dead_lettered={} queue_evicted={} queue_rejected={} queue_expired={}]",
+                u8::from(u.connected.load(Relaxed)),
                 u.acked.load(Relaxed),
                 u.resent.load(Relaxed),
                 u.dead_lettered.load(Relaxed),

@@ -293,7 +293,7 @@ fn summary(out: &mut String, gateway: &str, addr: SocketAddr, health: &str, r: &
     let _ = writeln!(
         out,
         "memory: {} resident",
-        ByteSize(b.get("edgeferry_process_resident_memory_bytes") as u64)
+        ByteSize(b.get("process_resident_memory_bytes") as u64)
     );
 }
 

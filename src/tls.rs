@@ -234,13 +234,16 @@ pub fn client_config(up: &UpstreamConfig) -> Result<Arc<ClientConfig>, TlsError>
 /// A connection error from rumqttc, with what to do about the usual TLS
 /// failures appended. rustls words them as "invalid peer certificate:
 /// UnknownIssuer", "... certificate not valid for name ...", "...
-/// certificate expired ...", or a received alert.
+/// certificate expired ...", "... certificate not valid yet ...", or a
+/// received alert.
 pub fn explain(reason: &str) -> String {
     let r = reason.to_ascii_lowercase();
     let hint = if r.contains("unknownissuer") || r.contains("unknown issuer") {
         "the server's certificate is not signed by a trusted CA: check ca_file"
     } else if r.contains("not valid for name") || r.contains("notvalidforname") {
         "the server's certificate is not for this host name: check the url's host"
+    } else if r.contains("not valid yet") || r.contains("notvalidyet") {
+        "the server's certificate is not valid yet: this clock is behind (a board without a real-time clock before NTP has set it? see timedatectl)"
     } else if r.contains("expired") {
         "the server's certificate has expired (or this clock is wrong)"
     } else if r.contains("certificaterequired") || r.contains("certificate required") {
@@ -298,6 +301,10 @@ mod tests {
             (
                 "TLS: I/O: invalid peer certificate: certificate expired: verification time 1, but certificate is not valid after 0",
                 "expired",
+            ),
+            (
+                "TLS: I/O: invalid peer certificate: certificate not valid yet: verification time 0 (UNIX), but certificate is not valid before 1 (UNIX)",
+                "clock is behind",
             ),
             (
                 "TLS: I/O: received fatal alert: CertificateRequired",

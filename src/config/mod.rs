@@ -469,6 +469,19 @@ pub struct LogConfig {
     /// every ordinary client disconnect at ERROR. Set "warn" or "info" when
     /// debugging a sensor's connection.
     pub broker: String,
+    /// `text` for people, `json` (one object per line) for log shippers.
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `fields` (the
+    /// message and the event's fields), `target`.
+    Json,
 }
 
 impl Default for LogConfig {
@@ -477,6 +490,7 @@ impl Default for LogConfig {
             level: "info".into(),
             summary_interval: HumanDuration(Duration::from_secs(60)),
             broker: "off".into(),
+            format: LogFormat::Text,
         }
     }
 }
@@ -1057,13 +1071,12 @@ mod tests {
     use crate::setup::Config;
 
     #[test]
-    fn the_readme_config_reference_shows_the_real_defaults() {
-        let readme = include_str!("../../README.md");
-        let section = &readme[readme.find("## Configuration").unwrap()..];
-        let start = section.find("```toml\n").unwrap() + "```toml\n".len();
-        let block = &section[start..start + section[start..].find("```").unwrap()];
-        let shown = ConfigFile::parse(block, Path::new("README.md"), Path::new("."))
-            .unwrap_or_else(|e| panic!("README's config block: {e}"));
+    fn the_documented_config_reference_shows_the_real_defaults() {
+        let doc = include_str!("../../docs/configuration.md");
+        let start = doc.find("```toml\n").unwrap() + "```toml\n".len();
+        let block = &doc[start..start + doc[start..].find("```").unwrap()];
+        let shown = ConfigFile::parse(block, Path::new("docs/configuration.md"), Path::new("."))
+            .unwrap_or_else(|e| panic!("docs/configuration.md's config block: {e}"));
         let default = ConfigFile::parse(DEFAULT_CONFIG, Path::new("d"), Path::new(".")).unwrap();
         let all = |f: &ConfigFile| {
             format!(

@@ -183,7 +183,7 @@ async fn handle(
                     .and_then(Result::ok);
                 let snapshot = Snapshot {
                     queue,
-                    rss_bytes: prometheus::rss_bytes(),
+                    process: super::process::Process::read(),
                 };
                 (
                     200,

@@ -1,4 +1,5 @@
-//! Log setup: tracing to stderr, levels from `[log]` and `RUST_LOG`.
+//! Log setup: tracing to stderr, levels from `[log]` and `RUST_LOG`, as
+//! text or (`log.format = "json"`) one JSON object per line.
 //!
 //! Under systemd (`JOURNAL_STREAM` set) the journal adds the time, so lines
 //! carry none and no colours; each line starts with its syslog priority in
@@ -14,7 +15,7 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
-use crate::config::LogConfig;
+use crate::config::{LogConfig, LogFormat};
 
 /// Install the global subscriber (once, in the binary).
 pub fn init(log: &LogConfig) {
@@ -23,6 +24,23 @@ pub fn init(log: &LogConfig) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    if log.format == LogFormat::Json {
+        // The journal adds its own time, but a shipper reading the lines
+        // wants one: kept. Under journald the priority prefix still goes
+        // first (journald strips it, leaving the object).
+        let format = tracing_subscriber::fmt::format()
+            .json()
+            .flatten_event(false)
+            .with_current_span(false)
+            .with_span_list(false);
+        let builder = builder.json().with_ansi(false);
+        if under_journald() {
+            builder.event_format(Priority(format)).init();
+        } else {
+            builder.event_format(format).init();
+        }
+        return;
+    }
     if under_journald() {
         let format = tracing_subscriber::fmt::format()
             .without_time()

@@ -5,5 +5,6 @@ pub mod health;
 pub mod http;
 pub mod logging;
 pub mod memory;
+pub mod process;
 pub mod prometheus;
 pub mod systemd;

@@ -1,7 +1,8 @@
 //! The Prometheus exposition of edgeferry's counters, rendered per scrape
 //! with `prometheus-client`'s text encoder from a snapshot: the pipeline's
 //! atomics, the queue's depth per upstream and priority (a read-only query
-//! of the queue file, like `edgeferry queue stats`), and the process RSS.
+//! of the queue file, like `edgeferry queue stats`), the build, and the
+//! standard `process_*` series (not prefixed, as every exporter writes them).
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -13,6 +14,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
+use super::process::Process;
 use crate::event::now_ms;
 use crate::metrics::{Metrics, UplinkMetrics};
 use crate::queue::{Priority, Stats};
@@ -23,30 +25,80 @@ use crate::uplink::FailureKind;
 pub struct Snapshot {
     /// Per upstream and priority; `None` when the queue could not be read.
     pub queue: Option<Vec<Stats>>,
-    /// Resident set size of this process, bytes.
-    pub rss_bytes: Option<u64>,
+    /// This process's resources (`process_*`, unprefixed as is standard).
+    pub process: Option<Process>,
 }
 
 /// Render the text exposition format.
 pub fn render(metrics: &std::sync::Arc<Metrics>, snapshot: Snapshot) -> String {
-    let mut registry = Registry::with_prefix("edgeferry");
-    registry.register_collector(Box::new(Scrape {
-        metrics: metrics.clone(),
-        snapshot,
-    }));
+    let mut registry = Registry::default();
+    let process = snapshot.process;
+    registry
+        .sub_registry_with_prefix("edgeferry")
+        .register_collector(Box::new(Scrape {
+            metrics: metrics.clone(),
+            snapshot,
+        }));
+    if let Some(p) = process {
+        registry.register_collector(Box::new(ProcessMetrics(p)));
+    }
     let mut out = String::with_capacity(8192);
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
     out
 }
 
-/// Resident set size from /proc (Linux), in bytes.
-pub fn rss_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * u64::try_from(page).ok()?)
+/// The standard `process_*` series.
+#[derive(Debug)]
+struct ProcessMetrics(Process);
+
+impl Collector for ProcessMetrics {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let p = &self.0;
+        let counter = ConstCounter::new(p.cpu_seconds);
+        counter.encode(enc.encode_descriptor(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds",
+            None,
+            MetricType::Counter,
+        )?)?;
+        let gauges: [(&str, &str, f64); 6] = [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                p.resident_bytes as f64,
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                p.virtual_bytes as f64,
+            ),
+            (
+                "process_open_fds",
+                "Number of open file descriptors",
+                p.open_fds as f64,
+            ),
+            (
+                "process_max_fds",
+                "Maximum number of open file descriptors",
+                p.max_fds as f64,
+            ),
+            (
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds",
+                p.start_time_seconds,
+            ),
+            (
+                "process_threads",
+                "Number of OS threads in the process",
+                p.threads as f64,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            ConstGauge::new(v).encode(enc.encode_descriptor(name, help, None, Gauge)?)?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug)]
@@ -299,7 +351,7 @@ type PerKind = (
 const PER_KIND: &[PerKind] = &[
     (
         "uplink_failures",
-        "Failed connection attempts and lost sessions, by kind (tls, refused, unreachable, lost)",
+        "Failed connection attempts and lost sessions, by kind (tls, refused, unreachable, lost, stalled)",
         Counter,
         |u, i| u.failures[i].load(Relaxed),
     ),
@@ -402,15 +454,23 @@ impl Collector for Scrape {
             &[("ok", &m.reloads_ok), ("failed", &m.reloads_failed)],
         )?;
         plain(&mut enc, m, RULE_STATE)?;
-        if let Some(rss) = self.snapshot.rss_bytes {
-            let g = ConstGauge::new(rss as i64);
-            g.encode(enc.encode_descriptor(
-                "process_resident_memory_bytes",
-                "Resident set size of the edgeferry process",
+        let features = [
+            cfg!(feature = "regex").then_some("regex"),
+            cfg!(feature = "tls").then_some("tls"),
+        ];
+        let features = features.into_iter().flatten().collect::<Vec<_>>().join(",");
+        ConstGauge::new(1).encode(
+            enc.encode_descriptor(
+                "build_info",
+                "This build: version and features (always 1)",
                 None,
                 Gauge,
-            )?)?;
-        }
+            )?
+            .encode_family(&[
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("features", features.as_str()),
+            ])?,
+        )?;
         Ok(())
     }
 }

@@ -1,7 +1,7 @@
 //! The rule set: loaded from a directory of TOML files, compiled once, and
 //! applied to every event by the router.
 //!
-//! Order and semantics (documented in the README): files are read in file-name
+//! Order and semantics (documented in docs/rules.md): files are read in file-name
 //! order and rules in the order they appear; every rule whose pattern matches
 //! and whose `when` holds applies (fan-out), in that order, until one says
 //! `stop = true` or `drop = true`. Within a rule: match, `when`, shaping

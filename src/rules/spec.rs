@@ -1,4 +1,4 @@
-//! The rule file schema as operators write it (see README "Rules").
+//! The rule file schema as operators write it (see docs/rules.md).
 //! Parsed with serde; turned into the runtime form by `compile`.
 
 use std::collections::BTreeMap;

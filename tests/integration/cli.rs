@@ -64,6 +64,82 @@ fn check_reports_every_error_with_file_and_line_and_exits_non_zero() {
         "{stderr}"
     );
     assert!(stderr.contains("2 error(s)"), "{stderr}");
+    // The README shows exactly this run.
+    assert_eq!(
+        stderr,
+        doc_block("README.md", "A broken pattern and an unknown upstream")
+    );
+}
+
+/// The fenced block after `marker` in `doc` (a file of the repository),
+/// or the one `marker` is in.
+fn doc_block(doc: &str, marker: &str) -> String {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(doc)).unwrap();
+    let at = text
+        .find(marker)
+        .unwrap_or_else(|| panic!("{doc}: {marker:?}"));
+    let inside = text[..at].matches("```").count() % 2 == 1;
+    let after = match inside {
+        true => &text[text[..at].rfind("```").unwrap()..],
+        false => &text[at..],
+    };
+    let start = after.find("```").unwrap();
+    let body = &after[start..];
+    let body = &body[body.find('\n').unwrap() + 1..];
+    body[..body.find("```").unwrap()].to_string()
+}
+
+/// The README's first rule is a rule that loads and whose test passes.
+#[test]
+fn the_readmes_first_rule_checks_and_passes_its_test() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(
+        &d.join("rules/first.toml"),
+        &doc_block("README.md", "## A first rule"),
+    );
+    write_small_config(d);
+    let out = edgeferry(&["-c", "edgeferry.toml", "check"], d);
+    assert!(out.status.success(), "{out:?}");
+    let out = edgeferry(&["-c", "edgeferry.toml", "test"], d);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.ends_with("1 passed, 0 failed\n"),
+        "{stdout}"
+    );
+}
+
+/// docs/rules.md's `edgeferry test` example is what the example rules
+/// print with the expectation it names broken: every line it shows.
+#[test]
+fn the_documented_test_output_is_what_edgeferry_test_prints() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for f in ["10-sensors.toml", "20-devices.toml", "30-rollups.toml"] {
+        let mut text = std::fs::read_to_string(repo.join("rules").join(f)).unwrap();
+        if f == "10-sensors.toml" {
+            let at = "{ at = \"2m\", topic = \"sensors/barn/h1/humidity\", payload = { value = 57.9 }, expect = [{ upstream = \"cloud\", payload = { value = 57.9 } }] }";
+            assert!(text.contains(at), "the broken step is still there");
+            text = text.replace(
+                at,
+                &at.replacen("{ value = 57.9 } }]", "{ value = 57.0 } }]", 1),
+            );
+        }
+        write(&d.join("rules").join(f), &text);
+    }
+    write_small_config(d);
+    let out = edgeferry(&["test", "-c", "edgeferry.toml"], d);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let shown = doc_block("docs/rules.md", "after breaking one expectation on purpose");
+    let mut lines = stdout.lines();
+    for want in shown.lines().skip(1).filter(|l| *l != "...") {
+        assert!(
+            lines.any(|l| l == want),
+            "{want:?} not in order in:\n{stdout}"
+        );
+    }
 }
 
 #[test]
@@ -738,6 +814,68 @@ async fn status_reads_the_running_daemon_and_falls_back_to_the_queue_file() {
             .any(|l| l.split_whitespace().take(3).eq(["cloud", "normal", "3"])),
         "{stdout}"
     );
+}
+
+#[test]
+fn log_format_json_writes_one_object_per_line_under_journald_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let text = listen_on(
+        &config_text(d, free_port(), "[log]\nformat = \"json\"\n"),
+        port,
+    );
+    write(&d.join("edgeferry.toml"), &text);
+    for journal in [false, true] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgeferry"));
+        cmd.args(["-c", "edgeferry.toml"]).current_dir(d);
+        if journal {
+            cmd.env("JOURNAL_STREAM", "8:12345");
+        } else {
+            cmd.env_remove("JOURNAL_STREAM");
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        let objects: Vec<serde_json::Value> = stderr
+            .lines()
+            .map(|l| {
+                let l = match journal {
+                    true => l
+                        .strip_prefix("<6>")
+                        .or(l.strip_prefix("<3>"))
+                        .or(l.strip_prefix("<4>"))
+                        .unwrap_or_else(|| panic!("no priority: {l}")),
+                    false => l,
+                };
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))
+            })
+            .collect();
+        let opened = objects
+            .iter()
+            .find(|o| o["fields"]["message"] == "queue opened")
+            .expect("queue opened");
+        assert_eq!(opened["level"], "INFO");
+        assert!(
+            opened["timestamp"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("20")),
+            "{opened}"
+        );
+        assert!(
+            opened["fields"]["path"]
+                .as_str()
+                .is_some_and(|p| p.ends_with("queue.db")),
+            "{opened}"
+        );
+        assert!(
+            objects
+                .iter()
+                .any(|o| o["level"] == "ERROR" && o.to_string().contains("address already in use")),
+            "{stderr}"
+        );
+    }
 }
 
 #[test]

@@ -82,7 +82,22 @@ async fn the_metrics_endpoint_counts_a_known_workload_exactly() {
         sample(&m, "edgeferry_queue_commit_seconds_count"),
         sample(&m, "edgeferry_queue_commits_total")
     );
-    assert!(sample(&m, "edgeferry_process_resident_memory_bytes") > 1e6);
+    assert!(sample(&m, "process_resident_memory_bytes") > 1e6);
+    // The standard process series, unprefixed, and the build.
+    assert!(sample(&m, "process_cpu_seconds_total") > 0.0);
+    assert!(sample(&m, "process_open_fds") >= 3.0);
+    assert!(sample(&m, "process_max_fds") >= sample(&m, "process_open_fds"));
+    assert!(sample(&m, "process_start_time_seconds") > 1.7e9);
+    assert!(sample(&m, "process_threads") >= 2.0);
+    let version = format!(
+        "edgeferry_build_info{{version=\"{}\",",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with(&version) && l.ends_with(" 1")),
+        "{m}"
+    );
     assert_eq!(http_get(addr, "/health").await, (200, "ok\n".to_string()));
 
     proxy.set_up(true);
