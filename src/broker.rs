@@ -285,7 +285,8 @@ async fn connack(addr: SocketAddr, v5: bool, user: &str, password: &str) -> Opti
     let mut ack = [0u8; 4];
     s.read_exact(&mut ack).await.ok()?;
     if s.write_all(&[0xE0, 0x00]).await.is_ok() {
-        hang_up(&mut s, true).await;
+        // The answer is in; the close may take its time (not the probe's).
+        tokio::spawn(async move { hang_up(&mut s, true).await });
     }
     (ack[0] == 0x20).then_some(ack[3])
 }

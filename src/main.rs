@@ -89,13 +89,24 @@ enum QueueCommand {
 
 #[derive(clap::Args)]
 struct DbArgs {
-    /// The queue file itself, instead of the config's queue.path.
-    #[arg(long, conflicts_with = "config")]
+    /// The queue file itself, instead of the config's queue.path (not
+    /// with -c).
+    #[arg(long)]
     db: Option<PathBuf>,
 }
 
 impl DbArgs {
     fn path(&self, config: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
+        // By hand: clap's conflicts_with misses a global -c given before
+        // the command.
+        if let (Some(_), Some(_)) = (&self.db, &config) {
+            use clap::CommandFactory;
+            let e = Cli::command().error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "the argument '--db <DB>' cannot be used with '--config <CONFIG>'",
+            );
+            return Err(usage(e));
+        }
         if let Some(db) = &self.db {
             return Ok(db.clone());
         }

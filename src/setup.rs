@@ -61,16 +61,31 @@ impl Config {
     /// Parse config text (named `name` in messages), resolve relative paths
     /// against `base`, and load the rules it points at.
     pub fn from_toml(text: &str, name: &Path, base: &Path) -> Result<Config, Diagnostics> {
-        // Keys serde rejected, then what the checks find in the rest.
-        let (file, mut errors) = ConfigFile::parse_all(text, name, base);
-        let Some(file) = file else {
+        // Keys serde rejected, then what the checks find in the rest;
+        // not in a table where a default stands in for a rejected value
+        // (a follow-on, not a mistake of its own), and no rules when the
+        // tables they depend on lost a key.
+        let parsed = ConfigFile::parse_all(text, name, base);
+        let mut errors = parsed.errors;
+        let Some(file) = parsed.value else {
             return Err(Diagnostics(errors));
         };
+        let touched = parsed.touched;
+        let own = |d: &Diagnostic| {
+            d.file != name || !touched.iter().any(|(lines, _)| lines.contains(&d.line))
+        };
         let loc = Locator { name, text };
-        errors.extend(crate::config::check(&file, &loc));
+        errors.extend(crate::config::check(&file, &loc).into_iter().filter(own));
         let (resolved, found) = resolve(&file, &loc);
-        errors.extend(found);
-        let rules = match file.load_rules(None) {
+        errors.extend(found.into_iter().filter(own));
+        let rules_depend = touched.iter().any(|(_, header)| {
+            header.is_empty() || header == "[rules]" || header.starts_with("[upstream")
+        });
+        let loaded = match rules_depend {
+            true => Err(Diagnostics(Vec::new())),
+            false => file.load_rules(None),
+        };
+        let rules = match loaded {
             Ok(r) => Some(r),
             Err(Diagnostics(mut e)) => {
                 // Unmatched-policy problems belong to this file: locate them.

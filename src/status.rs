@@ -293,7 +293,11 @@ fn summary(out: &mut String, gateway: &str, addr: SocketAddr, health: &str, r: &
     let _ = writeln!(
         out,
         "memory: {} resident",
-        ByteSize(b.get("process_resident_memory_bytes") as u64)
+        // (Before 0.1's process_* series: edgeferry_process_resident_memory_bytes.)
+        ByteSize(
+            b.get("process_resident_memory_bytes")
+                .max(b.get("edgeferry_process_resident_memory_bytes")) as u64
+        )
     );
 }
 

@@ -24,28 +24,46 @@ use crate::diagnostic::Diagnostic;
 /// More than any real file has; a bound on the retries.
 const MAX_ERRORS: usize = 100;
 
-/// The value, if the text went through once its rejected entries were
-/// blanked (their defaults then apply), and every rejection, in line order.
-pub fn deserialize<T: DeserializeOwned>(text: &str, name: &Path) -> (Option<T>, Vec<Diagnostic>) {
+/// What deserializing with every error found gives.
+#[derive(Debug)]
+pub struct Parsed<T> {
+    /// The value, if the text went through once its rejected entries were
+    /// blanked (their defaults then apply).
+    pub value: Option<T>,
+    /// Every rejection, in line order.
+    pub errors: Vec<Diagnostic>,
+    /// The table sections (1-based line ranges, and their header lines,
+    /// "" for the top) that had an entry blanked: what later checks find
+    /// there may be a consequence of a default standing in for a rejected
+    /// value, not a mistake of its own.
+    pub touched: Vec<(Range<usize>, String)>,
+}
+
+pub fn deserialize<T: DeserializeOwned>(text: &str, name: &Path) -> Parsed<T> {
     // A syntax error ends it: nothing after it can be read reliably.
     if let Err(e) = toml::from_str::<toml::Table>(text) {
-        return (None, vec![Diagnostic::from_toml(name, text, &e)]);
+        return Parsed {
+            value: None,
+            errors: vec![Diagnostic::from_toml(name, text, &e)],
+            touched: Vec::new(),
+        };
     }
     let mut masked = text.to_string();
     let mut errors: Vec<Diagnostic> = Vec::new();
-    let mut blanked: Vec<Range<usize>> = Vec::new();
+    let mut blanked_keys: Vec<String> = Vec::new();
+    let mut touched = Vec::new();
     let value = loop {
         let err = match toml::from_str::<T>(&masked) {
             Ok(v) => break Some(v),
             Err(e) => e,
         };
-        let consequence = err.message().starts_with("missing field")
-            && err.span().is_some_and(|s| {
-                blanked
-                    .iter()
-                    .any(|b| overlaps(&section(&masked, s.start), b))
-            });
-        if consequence {
+        // A required key this loop blanked (its value was wrong) is not
+        // missing too.
+        let missing = err
+            .message()
+            .strip_prefix("missing field `")
+            .and_then(|m| m.split('`').next());
+        if missing.is_some_and(|k| blanked_keys.iter().any(|b| b == k)) {
             break None;
         }
         let diagnostic = Diagnostic::from_toml(name, text, &err);
@@ -60,15 +78,40 @@ pub fn deserialize<T: DeserializeOwned>(text: &str, name: &Path) -> (Option<T>, 
             break None;
         }
         let range = entry(&masked, span);
-        blank(&mut masked, range.clone());
-        blanked.push(range);
+        blanked_keys.push(key_of(&masked[range.clone()]));
+        let sect = section(&masked, range.start);
+        let header = masked[sect.clone()].lines().next().unwrap_or("").trim();
+        let header = if header.starts_with('[') { header } else { "" };
+        let lines = crate::diagnostic::line_col(text, sect.start).0
+            ..crate::diagnostic::line_col(text, sect.end).0 + 1;
+        touched.push((lines, header.to_string()));
+        blank(&mut masked, range);
         // Blanking a line of a multi-line value leaves the rest of it.
         if toml::from_str::<toml::Table>(&masked).is_err() {
             break None;
         }
     };
     errors.sort_by_key(|d| d.line);
-    (value, errors)
+    Parsed {
+        value,
+        errors,
+        touched,
+    }
+}
+
+/// The key an entry sets (`a` of `a = 1`, `x` of `[x]`), as serde names it.
+fn key_of(entry: &str) -> String {
+    let first = entry.trim_start().lines().next().unwrap_or("");
+    let key = match first.strip_prefix('[') {
+        Some(header) => header
+            .trim_start_matches('[')
+            .split(']')
+            .next()
+            .unwrap_or(""),
+        None => first.split('=').next().unwrap_or(""),
+    };
+    let last = key.rsplit('.').next().unwrap_or(key);
+    last.trim().trim_matches('"').trim_matches('\'').to_string()
 }
 
 /// The byte range to blank for an error at `span`: the whole `key = value`
@@ -146,10 +189,6 @@ fn line_end(text: &str, pos: usize) -> usize {
     text[pos..].find('\n').map_or(text.len(), |i| pos + i)
 }
 
-fn overlaps(a: &Range<usize>, b: &Range<usize>) -> bool {
-    a.start < b.end && b.start < a.end
-}
-
 /// Spaces instead of the bytes in `range` (newlines kept): the same length,
 /// so spans and line numbers still point into the original text.
 fn blank(text: &mut String, range: Range<usize>) {
@@ -193,8 +232,11 @@ mod tests {
     }
 
     fn run(text: &str) -> (Option<File>, Vec<(usize, String)>) {
-        let (v, e) = deserialize::<File>(text, Path::new("f.toml"));
-        (v, e.into_iter().map(|d| (d.line, d.message)).collect())
+        let p = deserialize::<File>(text, Path::new("f.toml"));
+        (
+            p.value,
+            p.errors.into_iter().map(|d| (d.line, d.message)).collect(),
+        )
     }
 
     #[test]
@@ -222,11 +264,29 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_field_caused_by_blanking_is_not_reported() {
+    fn a_missing_field_caused_by_blanking_is_not_reported_but_a_real_one_is() {
         let (v, e) = run("[b]\nurl = 5\n");
         assert!(v.is_none());
         assert_eq!(e.len(), 1, "only the bad url: {e:#?}");
         assert_eq!(e[0].0, 2);
+        let (_, e) = run("[b]\nbogus = 1\n");
+        assert_eq!(e.len(), 2, "{e:#?}");
+        assert!(
+            e[0].1.contains("missing field `url`") || e[1].1.contains("missing field `url`"),
+            "{e:#?}"
+        );
+    }
+
+    #[test]
+    fn the_sections_touched_are_named_with_their_lines() {
+        let p = deserialize::<File>(
+            "[a]\nn = 1\nbogus = 2\n[b]\nurl = \"u\"\n",
+            Path::new("f.toml"),
+        );
+        assert_eq!(p.touched, vec![(1..4, "[a]".to_string())]);
+        assert_eq!(key_of("  bogus = 2"), "bogus");
+        assert_eq!(key_of("[upstream.cloud]"), "cloud");
+        assert_eq!(key_of("a.\"b\" = 1"), "b");
     }
 
     #[test]

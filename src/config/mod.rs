@@ -15,7 +15,7 @@ use crate::diagnostic::{Diagnostic, Diagnostics};
 use crate::rules::RuleSet;
 use crate::units::{ByteSize, HumanDuration, Secret};
 
-mod every_error;
+pub mod every_error;
 
 /// The embedded default configuration. It loads as it is.
 pub const DEFAULT_CONFIG: &str = include_str!("../default.toml");
@@ -500,22 +500,20 @@ impl ConfigFile {
     /// paths against `base`. No validation and no rules: for tools that only
     /// need paths, like `edgeferry queue stats`.
     pub fn parse(text: &str, name: &Path, base: &Path) -> Result<ConfigFile, Diagnostics> {
-        match Self::parse_all(text, name, base) {
-            (Some(file), errors) if errors.is_empty() => Ok(file),
-            (_, errors) => Err(Diagnostics(errors)),
+        let parsed = Self::parse_all(text, name, base);
+        match parsed.value {
+            Some(file) if parsed.errors.is_empty() => Ok(file),
+            _ => Err(Diagnostics(parsed.errors)),
         }
     }
 
     /// `parse`, reporting every rejected key (in line order) and, when the
     /// rest of the file still loads, the config without them (their
     /// defaults apply), so the checks after it can report theirs too.
-    pub fn parse_all(
-        text: &str,
-        name: &Path,
-        base: &Path,
-    ) -> (Option<ConfigFile>, Vec<Diagnostic>) {
-        let (file, errors) = every_error::deserialize::<ConfigFile>(text, name);
-        (file.map(|f| f.resolved_against(base)), errors)
+    pub fn parse_all(text: &str, name: &Path, base: &Path) -> every_error::Parsed<ConfigFile> {
+        let mut parsed = every_error::deserialize::<ConfigFile>(text, name);
+        parsed.value = parsed.value.map(|f| f.resolved_against(base));
+        parsed
     }
 
     fn resolved_against(mut self, base: &Path) -> ConfigFile {

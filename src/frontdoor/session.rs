@@ -141,14 +141,14 @@ where
         .run(&mut client, cbuf, &mut broker, bbuf, outcomes, shutdown)
         .await;
     if result.is_err() {
+        session.route_will().await;
+        // Let go of the pipeline first: a stop must not wait for this.
+        session.events = None;
         // The connection counts until the broker has let go of it too.
         crate::broker::hang_up(&mut broker, false).await;
     }
     session.door.metrics.door_connections.fetch_sub(1, Relaxed);
     session.door.subscribers.closed(session.subscribed);
-    if result.is_err() {
-        session.route_will().await;
-    }
     result
 }
 

@@ -64,7 +64,10 @@ fn parse(stat: &str, boot: &str, limits: &str, ticks: u64, page: u64) -> Option<
         .lines()
         .find(|l| l.starts_with("Max open files"))
         .and_then(|l| l.split_whitespace().nth(3))
-        .and_then(|soft| soft.parse().ok())
+        .and_then(|soft| match soft {
+            "unlimited" => Some(u64::MAX),
+            n => n.parse().ok(),
+        })
         .unwrap_or(0);
     Some(Process {
         cpu_seconds: (field(14)? + field(15)?) as f64 / ticks,

@@ -13,6 +13,7 @@
 use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::QueueError;
@@ -50,11 +51,14 @@ impl QueueLock {
             action,
             source,
         };
+        // Only the daemon's user may open it: anyone who can open a file
+        // can flock it, and so keep the daemon from starting.
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(&path)
             .map_err(|e| io("open the lock file", e))?;
         // SAFETY: flock on a descriptor this function owns; no memory involved.

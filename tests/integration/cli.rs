@@ -194,6 +194,7 @@ fn the_config_goes_before_or_after_the_command_and_usage_errors_exit_64() {
         &["check", "--frob"],
         &["-c"],
         &["queue", "stats", "--db", "q.db", "-c", "edgeferry.toml"],
+        &["-c", "edgeferry.toml", "queue", "export", "--db", "q.db"],
         &["completions", "tcsh"],
     ] {
         let out = edgeferry(args, d);
@@ -656,6 +657,38 @@ fn check_reports_every_config_error_at_once_in_line_order() {
         );
     }
     assert_eq!(lines[expected.len()], "5 error(s)");
+
+    // What follows from a default standing in for a rejected value is not
+    // reported as a mistake of its own: that tls_cert needs tls_listen
+    // (whose value was refused), or that a rule routes to an upstream
+    // whose table had to go.
+    let only = |config: &str, want: &[(&str, &str)]| {
+        write(&d.join("edgeferry.toml"), config);
+        let stderr = check_fails(d, "edgeferry.toml", 2);
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), want.len() + 1, "{stderr}");
+        for (line, (at, what)) in lines.iter().zip(want) {
+            assert!(
+                line.starts_with(at) && line.contains(what),
+                "{at} {what}: {stderr}"
+            );
+        }
+    };
+    only(
+        "[broker]\ntls_listen = \"localhost:8883\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n\n[upstream.cloud]\nurl = \"mqtt://h\"\n",
+        &[("edgeferry.toml:2:", "not a name")],
+    );
+    write(
+        &d.join("rules/to-cloud.toml"),
+        "[[rule]]\nname = \"r\"\nmatch = \"a/#\"\nto = [{ upstream = \"cloud\" }]\n",
+    );
+    only(
+        "[upstream.cloud]\nbogus = 1\n",
+        &[
+            ("edgeferry.toml:1:", "missing field `url`"),
+            ("edgeferry.toml:2:", "unknown field `bogus`"),
+        ],
+    );
 }
 
 #[test]
