@@ -82,7 +82,10 @@ impl Config {
             header.is_empty() || header == "[rules]" || header.starts_with("[upstream")
         });
         let loaded = match rules_depend {
-            true => Err(Diagnostics(Vec::new())),
+            true => Err(Diagnostics(vec![Diagnostic::whole_file(
+                &file.rules.dir,
+                "rules not checked: they depend on the [rules] and [upstream] values refused above; check again once those are fixed",
+            )])),
             false => file.load_rules(None),
         };
         let rules = match loaded {

@@ -156,11 +156,17 @@ impl std::fmt::Display for Secret {
 /// form expected: std's says only "invalid socket address syntax".
 pub fn parse_socket_addr(s: &str) -> Result<std::net::SocketAddr, String> {
     s.trim().parse().map_err(|_| {
-        let port = s
-            .rsplit_once(':')
+        let split = s.rsplit_once(':');
+        let port = split
             .and_then(|(_, p)| p.parse::<u16>().ok())
             .unwrap_or(9184);
-        let why = match s.rsplit_once(':') {
+        let why = match split {
+            Some((host, _)) if host.contains(':') && !host.starts_with('[') => {
+                "an IPv6 address goes in brackets before the port"
+            }
+            Some((_, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_err() => {
+                "the port must be 0 to 65535"
+            }
             Some((host, p)) if p.parse::<u16>().is_ok() && !host.is_empty() => {
                 "the host must be an IP address, not a name"
             }
@@ -223,6 +229,13 @@ mod tests {
             named.contains("not a name") && named.contains("\"127.0.0.1:1883\""),
             "{named}"
         );
+        let v6 = parse_socket_addr("::1:1883").unwrap_err();
+        assert!(
+            v6.contains("brackets") && v6.contains("\"[::1]:1883\""),
+            "{v6}"
+        );
+        let big = parse_socket_addr("127.0.0.1:99999").unwrap_err();
+        assert!(big.contains("0 to 65535"), "{big}");
         let bare = parse_socket_addr("localhost").unwrap_err();
         assert!(
             bare.contains("an IP address and a port") && bare.contains("\"127.0.0.1:9184\""),

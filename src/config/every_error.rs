@@ -9,8 +9,9 @@
 //! multi-line value), or a rejected table's whole section (an unknown
 //! `[table]`). It stops at the first error it cannot blank without making
 //! up others: no location, a syntax error (the text cannot be read past
-//! it), a `missing field` in a table it already blanked a line of (the
-//! consequence of its own blanking), or no progress.
+//! it), or no progress; and after 100 errors, saying so. A `missing field`
+//! for a key it blanked in that table is its own doing: that table goes
+//! too, and the search goes on.
 
 use std::ops::Range;
 use std::path::Path;
@@ -50,41 +51,65 @@ pub fn deserialize<T: DeserializeOwned>(text: &str, name: &Path) -> Parsed<T> {
     }
     let mut masked = text.to_string();
     let mut errors: Vec<Diagnostic> = Vec::new();
-    let mut blanked_keys: Vec<String> = Vec::new();
+    // Each blanked entry's key and the section it was in.
+    let mut blanked: Vec<(String, Range<usize>)> = Vec::new();
     let mut touched = Vec::new();
-    let value = loop {
-        let err = match toml::from_str::<T>(&masked) {
-            Ok(v) => break Some(v),
-            Err(e) => e,
-        };
-        // A required key this loop blanked (its value was wrong) is not
-        // missing too.
-        let missing = err
-            .message()
-            .strip_prefix("missing field `")
-            .and_then(|m| m.split('`').next());
-        if missing.is_some_and(|k| blanked_keys.iter().any(|b| b == k)) {
-            break None;
-        }
-        let diagnostic = Diagnostic::from_toml(name, text, &err);
-        let repeated = errors
-            .iter()
-            .any(|d| d.line == diagnostic.line && d.message == diagnostic.message);
-        if !repeated {
-            errors.push(diagnostic);
-        }
-        let Some(span) = err.span() else { break None };
-        if repeated || errors.len() >= MAX_ERRORS {
-            break None;
-        }
-        let range = entry(&masked, span);
-        blanked_keys.push(key_of(&masked[range.clone()]));
-        let sect = section(&masked, range.start);
+    let mut touch = |masked: &str, sect: &Range<usize>| {
         let header = masked[sect.clone()].lines().next().unwrap_or("").trim();
         let header = if header.starts_with('[') { header } else { "" };
         let lines = crate::diagnostic::line_col(text, sect.start).0
             ..crate::diagnostic::line_col(text, sect.end).0 + 1;
         touched.push((lines, header.to_string()));
+    };
+    let value = loop {
+        let err = match toml::from_str::<T>(&masked) {
+            Ok(v) => break Some(v),
+            Err(e) => e,
+        };
+        let Some(span) = err.span() else {
+            errors.push(Diagnostic::from_toml(name, text, &err));
+            break None;
+        };
+        // A required key this loop blanked (its value was wrong) is not
+        // missing too: its table goes instead, and the search goes on.
+        let missing = err
+            .message()
+            .strip_prefix("missing field `")
+            .and_then(|m| m.split('`').next());
+        let here = section(&masked, span.start);
+        if missing.is_some_and(|k| blanked.iter().any(|(b, s)| b == k && *s == here)) {
+            touch(&masked, &here);
+            blank(&mut masked, here);
+            continue;
+        }
+        let diagnostic = Diagnostic::from_toml(name, text, &err);
+        if errors
+            .iter()
+            .any(|d| d.line == diagnostic.line && d.message == diagnostic.message)
+        {
+            break None; // no progress
+        }
+        errors.push(diagnostic);
+        if errors.len() >= MAX_ERRORS {
+            errors.sort_by_key(|d| d.line);
+            errors.push(Diagnostic::whole_file(
+                name,
+                format!("stopped after {MAX_ERRORS} errors; fix these and check again"),
+            ));
+            return Parsed {
+                value: None,
+                errors,
+                touched,
+            };
+        }
+        let range = entry(&masked, span);
+        let sect = section(&masked, range.start);
+        // An unknown key or table had no value standing in for it; a wrong
+        // one has its default now, which later checks must not judge.
+        if !err.message().starts_with("unknown field") {
+            touch(&masked, &sect);
+        }
+        blanked.push((key_of(&masked[range.clone()]), sect));
         blank(&mut masked, range);
         // Blanking a line of a multi-line value leaves the rest of it.
         if toml::from_str::<toml::Table>(&masked).is_err() {
@@ -265,10 +290,13 @@ mod tests {
 
     #[test]
     fn a_missing_field_caused_by_blanking_is_not_reported_but_a_real_one_is() {
-        let (v, e) = run("[b]\nurl = 5\n");
-        assert!(v.is_none());
-        assert_eq!(e.len(), 1, "only the bad url: {e:#?}");
-        assert_eq!(e[0].0, 2);
+        let (v, e) = run("[b]\nurl = 5\n[a]\nn = \"x\"\n");
+        assert_eq!(e.len(), 2, "the bad url, and the search went on: {e:#?}");
+        assert_eq!((e[0].0, e[1].0), (2, 4));
+        assert!(
+            v.unwrap().b.is_none(),
+            "the table whose key was refused is gone"
+        );
         let (_, e) = run("[b]\nbogus = 1\n");
         assert_eq!(e.len(), 2, "{e:#?}");
         assert!(
@@ -279,14 +307,36 @@ mod tests {
 
     #[test]
     fn the_sections_touched_are_named_with_their_lines() {
+        // A wrong value touches its table (a default stands in for it); an
+        // unknown key does not.
         let p = deserialize::<File>(
-            "[a]\nn = 1\nbogus = 2\n[b]\nurl = \"u\"\n",
+            "[a]\nn = \"x\"\n[b]\nurl = \"u\"\nbogus = 2\n",
             Path::new("f.toml"),
         );
-        assert_eq!(p.touched, vec![(1..4, "[a]".to_string())]);
+        assert_eq!(p.errors.len(), 2);
+        assert_eq!(p.touched, vec![(1..3, "[a]".to_string())]);
         assert_eq!(key_of("  bogus = 2"), "bogus");
         assert_eq!(key_of("[upstream.cloud]"), "cloud");
         assert_eq!(key_of("a.\"b\" = 1"), "b");
+    }
+
+    #[test]
+    fn the_search_stops_after_a_hundred_errors_and_says_so() {
+        let keys: String = (0..150).map(|i| format!("bad{i:03} = 1\n")).collect();
+        let p = deserialize::<File>(&format!("[a]\n{keys}"), Path::new("f.toml"));
+        assert_eq!(p.errors.len(), MAX_ERRORS + 1);
+        assert!(
+            p.errors
+                .last()
+                .unwrap()
+                .message
+                .contains("stopped after 100 errors")
+        );
+        let lines: Vec<usize> = p.errors[..MAX_ERRORS].iter().map(|d| d.line).collect();
+        assert!(
+            lines.windows(2).all(|w| w[0] < w[1]),
+            "in line order: {lines:?}"
+        );
     }
 
     #[test]

@@ -685,6 +685,7 @@ impl Locator<'_> {
 /// it found (the files it names are checked by `setup`).
 pub(crate) fn check(file: &ConfigFile, loc: &Locator) -> Vec<Diagnostic> {
     let mut errors = check_rules(file, loc);
+    errors.extend(check_addresses(file, loc));
     errors.extend(check_broker(&file.broker, loc));
     errors.extend(check_pipeline(file, loc));
     errors.extend(check_queue(&file.queue, loc));
@@ -693,6 +694,36 @@ pub(crate) fn check(file: &ConfigFile, loc: &Locator) -> Vec<Diagnostic> {
         errors.extend(check_upstream(up_name, up, loc));
     }
     errors
+}
+
+/// Two of edgeferry's own listeners on one port: the second would fail at
+/// start with "address already in use (is another MQTT broker running?)",
+/// which points away from the config. Same port and the same address, or
+/// either on every address (0.0.0.0, ::), is a clash.
+fn check_addresses(file: &ConfigFile, loc: &Locator) -> Vec<Diagnostic> {
+    let b = &file.broker;
+    let mut listeners: Vec<(&str, &str, SocketAddr)> = vec![("broker", "listen", b.listen)];
+    listeners.extend(b.listen_v5.map(|a| ("broker", "listen_v5", a)));
+    listeners.extend(b.tls_listen.map(|a| ("broker", "tls_listen", a)));
+    if file.metrics.enabled {
+        listeners.push(("metrics", "listen", file.metrics.listen));
+    }
+    let clash = |a: &SocketAddr, b: &SocketAddr| {
+        a.port() == b.port()
+            && a.port() != 0
+            && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    };
+    let mut out = Vec::new();
+    for (i, (table, key, addr)) in listeners.iter().enumerate() {
+        if let Some((t0, k0, a0)) = listeners[..i].iter().find(|(_, _, a)| clash(a, addr)) {
+            out.push(loc.at(
+                table,
+                key,
+                format!("{table}.{key} ({addr}) and {t0}.{k0} ({a0}) would listen on the same port; give each its own"),
+            ));
+        }
+    }
+    out
 }
 
 /// `check` when `ok` is false: a diagnostic at `table.key`.
@@ -1203,6 +1234,45 @@ mod tests {
                 "no error about {words} at line {line}: {found:#?}"
             );
         }
+    }
+
+    #[test]
+    fn two_listeners_on_one_port_are_a_config_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let check = |broker: &str, metrics: &str| {
+            let text = format!(
+                "[broker]\n{broker}\n[metrics]\n{metrics}\n[rules]\ndir = \"{}\"\n",
+                dir.path().display()
+            );
+            match Config::from_toml(&text, Path::new("gw.toml"), dir.path()) {
+                Ok(_) => Vec::new(),
+                Err(Diagnostics(errs)) => errs.iter().map(|d| d.to_string()).collect(),
+            }
+        };
+        let errs = check(
+            "listen = \"127.0.0.1:1883\"\nlisten_v5 = \"0.0.0.0:1883\"",
+            "listen = \"127.0.0.1:1883\"",
+        );
+        assert_eq!(errs.len(), 2, "{errs:#?}");
+        assert!(
+            errs[0].starts_with("gw.toml:3:")
+                && errs[0].contains("broker.listen_v5 (0.0.0.0:1883) and broker.listen"),
+            "{errs:#?}"
+        );
+        assert!(
+            errs[1].starts_with("gw.toml:5:") && errs[1].contains("metrics.listen"),
+            "{errs:#?}"
+        );
+        // Other addresses, other ports, or port 0 (any free one): fine.
+        assert!(
+            check(
+                "listen = \"127.0.0.1:1883\"\nlisten_v5 = \"127.0.0.2:1883\"",
+                "listen = \"127.0.0.1:9184\""
+            )
+            .is_empty()
+        );
+        assert!(check("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:0\"").is_empty());
+        assert!(check("listen = \"127.0.0.1:9184\"", "enabled = false").is_empty());
     }
 
     #[test]

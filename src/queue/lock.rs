@@ -24,6 +24,25 @@ pub struct QueueLock {
     _file: File,
 }
 
+/// The file a path names, through any symlinks (of its directories, and
+/// of the database itself if it is one), so that two names for one queue
+/// share one lock. A hard link is still a second name; nobody makes those
+/// by accident.
+fn real_path(db: &Path) -> PathBuf {
+    if let Ok(real) = std::fs::canonicalize(db) {
+        return real;
+    }
+    // Not there yet: its directory is (`take` created it).
+    let dir = db
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    match (std::fs::canonicalize(dir), db.file_name()) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => db.to_path_buf(),
+    }
+}
+
 /// `<db>.lock`, beside the database.
 pub fn lock_path(db: &Path) -> PathBuf {
     let mut p = db.as_os_str().to_owned();
@@ -45,7 +64,7 @@ impl QueueLock {
         // A read-only or foreign directory is the database's problem, and
         // named as such, not as the lock file's.
         super::schema::check_writable(db)?;
-        let path = lock_path(db);
+        let path = lock_path(&real_path(db));
         let io = |action, source| QueueError::Io {
             path: path.clone(),
             action,
@@ -109,6 +128,28 @@ mod tests {
             lock_path(&db).exists(),
             "the file stays; only the lock goes"
         );
+    }
+
+    #[test]
+    fn a_second_name_for_the_same_queue_is_refused_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, dir.path().join("link")).unwrap();
+        let _first = QueueLock::take(&real.join("queue.db")).unwrap();
+        for other in [dir.path().join("link/queue.db"), real.join("./queue.db")] {
+            assert!(
+                matches!(QueueLock::take(&other), Err(QueueError::InUse { .. })),
+                "{other:?}"
+            );
+        }
+        // And a database that is itself a symlink to the queue.
+        std::fs::write(real.join("queue.db"), b"").unwrap();
+        std::os::unix::fs::symlink(real.join("queue.db"), dir.path().join("alias.db")).unwrap();
+        assert!(matches!(
+            QueueLock::take(&dir.path().join("alias.db")),
+            Err(QueueError::InUse { .. })
+        ));
     }
 
     #[test]

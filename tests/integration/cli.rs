@@ -687,6 +687,25 @@ fn check_reports_every_config_error_at_once_in_line_order() {
         &[
             ("edgeferry.toml:1:", "missing field `url`"),
             ("edgeferry.toml:2:", "unknown field `bogus`"),
+            ("./rules: ", "rules not checked"),
+        ],
+    );
+    // But an unknown key hides nothing (no default stands in for it), and
+    // a refused value hides neither the other tables' checks nor that the
+    // rules went unchecked.
+    only(
+        "[broker]\nbogus = 1\nmax_connections = 0\n[upstream.cloud]\nurl = \"mqtt://h\"\n",
+        &[
+            ("edgeferry.toml:2:", "unknown field `bogus`"),
+            ("edgeferry.toml:3:", "max_connections"),
+        ],
+    );
+    only(
+        "[broker]\nmax_connections = 0\n[upstream.cloud]\nurl = 5\n",
+        &[
+            ("edgeferry.toml:2:", "max_connections"),
+            ("edgeferry.toml:4:", "invalid type"),
+            ("./rules: ", "rules not checked"),
         ],
     );
 }
