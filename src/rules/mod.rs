@@ -142,6 +142,31 @@ pub struct Verdict {
     pub dead_letter: Option<String>,
     /// Routed by the `unmatched` policy.
     pub unmatched_routed: bool,
+    /// What each rule whose pattern matched did with the event, in
+    /// evaluation order; only from [`RuleSet::route_traced`] (for `tail`),
+    /// so routing without a watcher records nothing.
+    pub trace: Option<Vec<(Arc<str>, Step)>>,
+}
+
+/// What one rule whose pattern matched did with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The event is this rule's own republish: not offered to it again.
+    OwnRepublish,
+    /// Its `when` was false.
+    WhenFalse,
+    /// It failed on the event (`when`, a shaping key, a transform; the
+    /// reason is in [`Verdict::errors`]).
+    Failed,
+    /// `drop = true`: evaluation ended here.
+    Dropped,
+    /// Its throttle, dedupe or deadband held the event back.
+    Held(DropReason),
+    /// Folded into its window.
+    Absorbed,
+    /// It sent the event to `outputs` destinations; `stop`: no rule after
+    /// it was tried.
+    Applied { outputs: usize, stop: bool },
 }
 
 /// All rules, in evaluation order, with an index over their patterns.
@@ -393,7 +418,20 @@ impl RuleSet {
 
     /// Apply the rules to one event.
     pub fn route(&self, event: &Event, state: &mut State) -> Verdict {
-        let mut verdict = Verdict::default();
+        self.route_into(event, state, Verdict::default())
+    }
+
+    /// `route`, also recording what each rule whose pattern matched did
+    /// ([`Verdict::trace`]).
+    pub fn route_traced(&self, event: &Event, state: &mut State) -> Verdict {
+        let verdict = Verdict {
+            trace: Some(Vec::new()),
+            ..Verdict::default()
+        };
+        self.route_into(event, state, verdict)
+    }
+
+    fn route_into(&self, event: &Event, state: &mut State, mut verdict: Verdict) -> Verdict {
         if let Payload::Malformed(why) = &event.payload {
             verdict.dead_letter = Some(why.clone());
             return verdict;
@@ -408,6 +446,7 @@ impl RuleSet {
         for i in candidates {
             let rule = &self.rules[i];
             if event.origin.as_ref().is_some_and(|o| *o.rule == *rule.name) {
+                verdict.step(&rule.name, Step::OwnRepublish);
                 continue;
             }
             // The index only returns patterns that match, so captures exist.
@@ -422,9 +461,13 @@ impl RuleSet {
             if let (Some(when), Some(rv)) = (&rule.when, &rv) {
                 match when.eval_bool(&self.env, rv) {
                     Ok(true) => {}
-                    Ok(false) => continue,
+                    Ok(false) => {
+                        verdict.step(&rule.name, Step::WhenFalse);
+                        continue;
+                    }
                     Err(e) => {
                         verdict.fail(&rule.name, format!("when {:?}: {e}", when.source()));
+                        verdict.step(&rule.name, Step::Failed);
                         continue;
                     }
                 }
@@ -432,6 +475,7 @@ impl RuleSet {
             verdict.matched += 1;
             if rule.drop {
                 verdict.dropped_by = Some(rule.name.clone());
+                verdict.step(&rule.name, Step::Dropped);
                 break;
             }
             let mut pass = true;
@@ -441,18 +485,37 @@ impl RuleSet {
                     captures: &captures,
                     vars: rv.as_ref(),
                 };
+                let absorbed = verdict.absorbed;
                 match self.shape(rule, shape, shaper, offered, &mut verdict) {
                     Shaped::Pass => {}
-                    Shaped::Held => pass = false,
+                    Shaped::Held => {
+                        pass = false;
+                        let step = match verdict.shaped.last() {
+                            _ if verdict.absorbed > absorbed => Step::Absorbed,
+                            Some(reason) => Step::Held(*reason),
+                            None => Step::Absorbed,
+                        };
+                        verdict.step(&rule.name, step);
+                    }
                     Shaped::Failed => {
                         // Like a failing `when`: the rule does not apply.
                         verdict.matched -= 1;
+                        verdict.step(&rule.name, Step::Failed);
                         continue;
                     }
                 }
             }
             if pass {
+                let (before, errors) = (verdict.outputs(), verdict.errors.len());
                 self.outputs(rule, event, &id, rv.as_ref(), &captures, &mut verdict);
+                let step = match verdict.errors.len() > errors {
+                    true => Step::Failed,
+                    false => Step::Applied {
+                        outputs: verdict.outputs() - before,
+                        stop: rule.stop,
+                    },
+                };
+                verdict.step(&rule.name, step);
             }
             if rule.stop {
                 break;
@@ -744,6 +807,18 @@ impl Rule {
 impl Verdict {
     fn fail(&mut self, rule: &Arc<str>, why: String) {
         self.errors.push((rule.clone(), why));
+    }
+
+    /// Record what `rule` did, when tracing.
+    fn step(&mut self, rule: &Arc<str>, step: Step) {
+        if let Some(trace) = &mut self.trace {
+            trace.push((rule.clone(), step));
+        }
+    }
+
+    /// Destinations so far: routes upstream and local republishes.
+    fn outputs(&self) -> usize {
+        self.routes.len() + self.republish.len()
     }
 }
 

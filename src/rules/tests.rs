@@ -475,3 +475,110 @@ fn schema_errors_name_the_rule_and_broken_rules_still_count_for_duplicates() {
         errs[1]
     );
 }
+
+#[test]
+fn a_traced_route_says_what_each_matching_rule_did_and_an_untraced_one_records_nothing() {
+    let set = load(
+        r##"
+[[rule]]
+name = "cold-only"
+match = "sensors/{site}/{device}/temperature"
+when = "value < 0.0"
+to = [{ upstream = "cloud" }]
+
+[[rule]]
+name = "alarm"
+match = "sensors/{site}/{device}/temperature"
+throttle = { key = "device", every = "1m" }
+to = [{ local = "alerts/{device}" }]
+
+[[rule]]
+name = "broken"
+match = "sensors/#"
+when = "payload.missing.deeper > 1"
+to = [{ upstream = "cloud" }]
+
+[[rule]]
+name = "forward"
+match = "sensors/#"
+to = [{ upstream = "cloud" }, { upstream = "cloud", topic = "copy" }]
+stop = true
+
+[[rule]]
+name = "never-tried"
+match = "sensors/#"
+drop = true
+"##,
+    )
+    .unwrap();
+    let mut state = set.new_state();
+    let event = Event::for_test("sensors/yard/t1/temperature", br#"{"value": 21.5}"#);
+    let first = set.route_traced(&event, &mut state);
+    let second = set.route_traced(&event, &mut state);
+    let steps = |v: &Verdict| -> Vec<(String, Step)> {
+        let trace = v.trace.as_ref().expect("traced");
+        trace.iter().map(|(r, s)| (r.to_string(), *s)).collect()
+    };
+    let applied = |outputs, stop| Step::Applied { outputs, stop };
+    assert_eq!(
+        steps(&first),
+        [
+            ("cold-only".to_string(), Step::WhenFalse),
+            ("alarm".to_string(), applied(1, false)),
+            ("broken".to_string(), Step::Failed),
+            ("forward".to_string(), applied(2, true)),
+        ]
+    );
+    assert_eq!(
+        steps(&second)[1],
+        ("alarm".to_string(), Step::Held(DropReason::Throttled))
+    );
+    // The trace changes nothing else, and costs nothing when not asked for.
+    let plain = set.route(&event, &mut set.new_state());
+    assert!(plain.trace.is_none());
+    assert_eq!(
+        Verdict {
+            trace: None,
+            ..first
+        },
+        plain
+    );
+    let other = set.route_traced(&Event::for_test("sensors/x", b"{}"), &mut state);
+    assert_eq!(
+        steps(&other),
+        [
+            ("broken".to_string(), Step::Failed),
+            ("forward".to_string(), applied(2, true)),
+        ]
+    );
+}
+
+#[test]
+fn a_traced_route_shows_drops_and_windows() {
+    let set = load(
+        r##"
+[[rule]]
+name = "quiet"
+match = "debug/#"
+drop = true
+
+[[rule]]
+name = "per-minute"
+match = "power/{meter}"
+window = { key = "meter", every = "1m", fields = ["value"], aggregates = ["sum"] }
+to = [{ upstream = "cloud" }]
+"##,
+    )
+    .unwrap();
+    let mut state = set.new_state();
+    let v = set.route_traced(&Event::for_test("debug/x", b"{}"), &mut state);
+    assert_eq!(v.trace.unwrap(), [(Arc::from("quiet"), Step::Dropped)]);
+    let v = set.route_traced(
+        &Event::for_test("power/m1", br#"{"value": 2.0}"#),
+        &mut state,
+    );
+    assert_eq!(
+        v.trace.unwrap(),
+        [(Arc::from("per-minute"), Step::Absorbed)]
+    );
+}
