@@ -58,6 +58,16 @@ enum Command {
         #[command(subcommand)]
         command: QueueCommand,
     },
+    /// Watch events go through the running daemon: the rules each one
+    /// matched and what they did, and where it went (at most 500 events a
+    /// second are shown; the rest are counted).
+    Tail {
+        /// Only events on topics this MQTT filter matches, e.g. 'sensors/#'.
+        filter: Option<String>,
+        /// One JSON object per event, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a shell completion script, e.g.
     /// `edgeferry completions bash > /etc/bash_completion.d/edgeferry`.
     Completions { shell: clap_complete::Shell },
@@ -222,6 +232,33 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Man { out } => man(out),
+        Command::Tail { filter, json } => tail(config, filter.as_deref(), json),
+    }
+}
+
+fn tail(config: Option<PathBuf>, filter: Option<&str>, json: bool) -> ExitCode {
+    let file = match edgeferry::config::ConfigFile::read(installed_or(config).as_deref()) {
+        Ok(f) => f,
+        Err(errors) => return config_errors(&errors),
+    };
+    let mut print = |line: &str| {
+        use std::io::Write;
+        let text = match json {
+            true => format!("{line}\n"),
+            false => match serde_json::from_str(line) {
+                Ok(v) => edgeferry::ops::trace::human(&v),
+                Err(_) => format!("{line}\n"),
+            },
+        };
+        // A closed pipe (`| head`) ends it quietly.
+        std::io::stdout().write_all(text.as_bytes()).is_ok()
+    };
+    match edgeferry::status::follow_trace(&file, filter, &mut print) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edgeferry tail: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
     }
 }
 

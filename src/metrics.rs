@@ -8,6 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 /// Pipeline-wide counters. Each is monotonic unless noted.
 #[derive(Debug, Default)]
 pub struct Metrics {
+    /// The live trace `edgeferry tail` reads (here because the router and
+    /// the metrics endpoint both hold the metrics).
+    pub trace: crate::ops::trace::Tracer,
     /// Publishes the front door took into the pipeline (on an ingested
     /// topic; wills included).
     pub received: AtomicU64,

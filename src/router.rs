@@ -71,6 +71,7 @@ pub async fn run(
         warns: WarnLimit::default(),
         ingest,
         loopback: VecDeque::new(),
+        trace_budget: Default::default(),
     };
     let mut batch = Vec::with_capacity(BATCH);
     let mut rules_open = true;
@@ -132,8 +133,12 @@ const WINDOW_GRACE_MS: u64 = 1000;
 /// `set.route`, with a panic inside it (a bug in the rule engine or a
 /// dependency, on some odd input) turned into a dead letter for that one
 /// event instead of the end of the router: the daemon keeps running.
-fn route_guarded(set: &RuleSet, event: &Event, state: &mut State) -> Verdict {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| set.route(event, state))) {
+fn route_guarded(set: &RuleSet, event: &Event, state: &mut State, traced: bool) -> Verdict {
+    let route = || match traced {
+        true => set.route_traced(event, state),
+        false => set.route(event, state),
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(route)) {
         Ok(v) => v,
         Err(_) => Verdict {
             dead_letter: Some(
@@ -163,6 +168,8 @@ struct Router {
     ingest: Vec<crate::topic::Pattern>,
     /// Republished events to route again after the current ones.
     loopback: VecDeque<Event>,
+    /// How many events a second `tail` may see.
+    trace_budget: crate::ops::trace::Budget,
 }
 
 /// One WARN per `WARN_EVERY` at most, saying how many were held back.
@@ -196,8 +203,14 @@ impl Router {
     ) -> Result<(), QueueError> {
         let mut rows = Vec::with_capacity(batch.len());
         let mut receipts = Vec::new();
+        let watched = self.metrics.trace.watched();
         for Inbound { event, receipt } in batch.drain(..) {
-            let verdict = route_guarded(set, &event, &mut self.state);
+            let traced = watched && self.trace_budget.take();
+            let verdict = route_guarded(set, &event, &mut self.state, traced);
+            if traced {
+                let skipped = std::mem::take(&mut self.trace_budget.skipped);
+                self.metrics.trace.send(&event, &verdict, skipped);
+            }
             self.apply(Some(&event), verdict, &mut rows, receipt.as_ref());
             self.metrics.routed.fetch_add(1, Relaxed);
             receipts.extend(receipt);
@@ -213,7 +226,7 @@ impl Router {
     /// Route the republished events (and what they republish in turn).
     fn route_loopback(&mut self, set: &RuleSet, rows: &mut Vec<NewRow>) {
         while let Some(event) = self.loopback.pop_front() {
-            let verdict = route_guarded(set, &event, &mut self.state);
+            let verdict = route_guarded(set, &event, &mut self.state, false);
             self.apply(Some(&event), verdict, rows, None);
         }
     }

@@ -88,6 +88,65 @@ pub fn show(file: &crate::config::ConfigFile) -> Result<String, ShowError> {
     ))
 }
 
+/// Follow the running daemon's trace (`edgeferry tail`): each line to
+/// `line` until it returns false (stdout closed), the daemon stops or the
+/// connection drops.
+pub fn follow_trace(
+    file: &crate::config::ConfigFile,
+    filter: Option<&str>,
+    line: &mut dyn FnMut(&str) -> bool,
+) -> Result<(), StatusError> {
+    use std::io::BufRead;
+    let addr = file.metrics.listen;
+    let not_running = |source| StatusError::NotRunning { addr, source };
+    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(not_running)?;
+    s.set_write_timeout(Some(TIMEOUT)).map_err(not_running)?;
+    let query = filter.map_or(String::new(), |f| format!("?filter={}", percent_encode(f)));
+    write!(s, "GET /trace{query} HTTP/1.1\r\nHost: {addr}\r\n\r\n").map_err(not_running)?;
+    let mut r = std::io::BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status).map_err(not_running)?;
+    let code: u16 = status
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let mut header = String::new();
+    while r.read_line(&mut header).map_err(not_running)? > 0 && header.trim() != "" {
+        header.clear();
+    }
+    if code != 200 {
+        let mut body = String::new();
+        let _ = std::io::Read::read_to_string(&mut r, &mut body);
+        return Err(StatusError::BadAnswer {
+            addr,
+            why: match code {
+                0 => "no HTTP status".to_string(),
+                _ => format!("HTTP {code}: {}", body.trim()),
+            },
+        });
+    }
+    for l in r.lines() {
+        let l = l.map_err(not_running)?;
+        if !line(&l) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// A filter in a query string: `#`, `+` and the like encoded.
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'/' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// GET `path` from `addr`: the body of a 200 answer.
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, StatusError> {
     match fetch(addr, path)? {

@@ -1,5 +1,8 @@
-//! The metrics endpoint: `GET /metrics` (Prometheus / OpenMetrics text) and
-//! `GET /health` (200 while the pipeline answers, 503 when it is stuck).
+//! The metrics endpoint: `GET /metrics` (Prometheus / OpenMetrics text),
+//! `GET /health` (200 while the pipeline answers, 503 when it is stuck) and
+//! `GET /trace[?filter=F]` (the live trace `edgeferry tail` reads: JSON
+//! lines until the client goes; at most four at once, outside the limits
+//! below).
 //!
 //! A few dozen lines of HTTP/1.1 on a tokio listener rather than a web
 //! framework: two read-only GETs do not need routing or keep-alive, and the
@@ -64,6 +67,7 @@ pub async fn serve(
         info!(%addr, "metrics on http://{addr}/metrics, health on /health");
     }
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let traces = Arc::new(Semaphore::new(MAX_TRACES));
     let overflow = Arc::new(Semaphore::new(OVERFLOW_HANDLERS));
     loop {
         let accepted = tokio::select! {
@@ -116,10 +120,21 @@ pub async fn serve(
         };
         let metrics = metrics.clone();
         let queue = queue.clone();
+        let traces = traces.clone();
+        let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let served = tokio::time::timeout(CONNECTION_TIMEOUT, handle(stream, &metrics, &queue));
+            let served = tokio::time::timeout(
+                CONNECTION_TIMEOUT,
+                handle(stream, &metrics, &queue, &traces),
+            );
             match served.await {
-                Ok(Ok(())) => {}
+                Ok(Ok(None)) => {}
+                Ok(Ok(Some(trace))) => {
+                    // A tail: no deadline, its own limit, not a slot.
+                    drop(slot);
+                    trace_stream(trace, &metrics, shutdown).await;
+                    return;
+                }
                 Ok(Err(e)) => debug!(%peer, error = %e, "metrics request failed"),
                 Err(_) => debug!(%peer, "metrics request timed out"),
             }
@@ -131,6 +146,11 @@ pub async fn serve(
 /// The request line's method and path, once the head is complete; `None`
 /// for a head that is incomplete, too large or not a request.
 async fn read_head(stream: &mut TcpStream) -> Option<(String, String)> {
+    read_request(stream).await.map(|(m, p, _)| (m, p))
+}
+
+/// The request line's method, path and query (after `?`, "" if none).
+async fn read_request(stream: &mut TcpStream) -> Option<(String, String, String)> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
@@ -149,25 +169,35 @@ async fn read_head(stream: &mut TcpStream) -> Option<(String, String)> {
     let line = String::from_utf8_lossy(&buf);
     let mut parts = line.lines().next().unwrap_or("").split_whitespace();
     let method = parts.next().unwrap_or("").to_string();
-    let path = parts
-        .next()
-        .unwrap_or("")
-        .split('?')
-        .next()
-        .unwrap_or("")
-        .to_string();
-    Some((method, path))
+    let target = parts.next().unwrap_or("");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    Some((method, path.to_string(), query.to_string()))
+}
+
+/// A `GET /trace` whose answer has begun: what to stream, to whom.
+struct TraceRequest {
+    stream: TcpStream,
+    filter: Option<crate::topic::Pattern>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 async fn handle(
     mut stream: TcpStream,
     metrics: &Arc<Metrics>,
     queue: &QueueHandle,
-) -> std::io::Result<()> {
-    let head = tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream))
+    traces: &Arc<Semaphore>,
+) -> std::io::Result<Option<TraceRequest>> {
+    let request = tokio::time::timeout(READ_TIMEOUT, read_request(&mut stream))
         .await
         .ok()
         .flatten();
+    if let Some((method, path, query)) = &request
+        && method == "GET"
+        && path == "/trace"
+    {
+        return trace_request(stream, query, traces).await;
+    }
+    let head = request.map(|(m, p, _)| (m, p));
     let (status, content_type, body) = match &head {
         None => (400, "text/plain", "bad request\n".to_string()),
         Some((method, _)) if method != "GET" && method != "HEAD" => {
@@ -196,12 +226,119 @@ async fn handle(
             _ => (
                 404,
                 "text/plain",
-                "not found: try /metrics or /health\n".to_string(),
+                "not found: try /metrics, /health or /trace\n".to_string(),
             ),
         },
     };
     let head_only = head.as_ref().is_some_and(|(m, _)| m == "HEAD");
-    respond(&mut stream, status, content_type, &body, head_only).await
+    respond(&mut stream, status, content_type, &body, head_only).await?;
+    Ok(None)
+}
+
+/// Tails at once; one more is told so.
+const MAX_TRACES: usize = 4;
+
+/// Start answering `GET /trace[?filter=F]`: the head of a stream of JSON
+/// lines (`trace_stream` sends them), or why not.
+async fn trace_request(
+    mut stream: TcpStream,
+    query: &str,
+    traces: &Arc<Semaphore>,
+) -> std::io::Result<Option<TraceRequest>> {
+    let filter = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("filter="))
+        .map(percent_decode)
+        .filter(|f| !f.is_empty());
+    let filter = match filter.as_deref().map(crate::topic::Pattern::parse) {
+        None => None,
+        Some(Ok(p)) => Some(p),
+        Some(Err(e)) => {
+            let body = format!("invalid filter: {e}\n");
+            respond(&mut stream, 400, "text/plain", &body, false).await?;
+            return Ok(None);
+        }
+    };
+    let Ok(permit) = traces.clone().try_acquire_owned() else {
+        let body = format!("busy: {MAX_TRACES} tails are already reading the trace\n");
+        respond(&mut stream, 503, "text/plain", &body, false).await?;
+        return Ok(None);
+    };
+    stream
+        .write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n",
+        )
+        .await?;
+    Ok(Some(TraceRequest {
+        stream,
+        filter,
+        _permit: permit,
+    }))
+}
+
+/// Send each traced event the filter matches, one JSON line each, until
+/// the client goes or the daemon stops. A client that reads too slowly is
+/// told how many lines it lost.
+async fn trace_stream(mut t: TraceRequest, metrics: &Metrics, mut shutdown: watch::Receiver<bool>) {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut watch = metrics.trace.watch();
+    let mut sink = [0u8; 256];
+    loop {
+        let line = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            // The client closing (or sending anything) ends it.
+            _ = t.stream.read(&mut sink) => return,
+            line = watch.lines.recv() => line,
+        };
+        let text = match line {
+            Ok(line) => {
+                let wanted = t.filter.as_ref().is_none_or(|f| {
+                    serde_json::from_str::<serde_json::Value>(&line)
+                        .ok()
+                        .and_then(|v| v["topic"].as_str().map(|topic| f.captures(topic).is_some()))
+                        .unwrap_or(false)
+                });
+                if !wanted {
+                    continue;
+                }
+                format!("{line}\n")
+            }
+            Err(RecvError::Lagged(n)) => format!("{{\"lost\":{n}}}\n"),
+            Err(RecvError::Closed) => return,
+        };
+        if t.stream.write_all(text.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// `%2F` and friends back to bytes (a filter's `#` and `+` arrive encoded).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b'+', ..) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (c, ..) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 async fn respond(

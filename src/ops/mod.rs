@@ -8,3 +8,4 @@ pub mod memory;
 pub mod process;
 pub mod prometheus;
 pub mod systemd;
+pub mod trace;

@@ -1206,3 +1206,95 @@ fn check_warns_that_durability_is_deprecated_and_says_what_it_maps_to() {
         );
     }
 }
+
+/// `edgeferry tail` against a running daemon: for each event on the
+/// filter, what each matching rule did (applied, throttled, `when`
+/// false) and where it went; events off the filter are not shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_shows_what_each_rule_did_with_each_event() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let gw = Gateway::start(d, free_port()).await;
+    let metrics = gw.running.metrics_addr.expect("metrics on");
+    write(
+        &d.join("tail.toml"),
+        &format!("[metrics]\nlisten = \"{metrics}\"\n"),
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgeferry"))
+        .args(["-c", "tail.toml", "tail", "sensors/#", "--json"])
+        .current_dir(d)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let m = gw.running.metrics.clone();
+    wait_until("tail is watching", || m.trace.watched()).await;
+    let sensor = Sensor::connect_as(gw.addr, "t-sensor").await;
+    let hot = r#"{"value": 31.0, "unit": "C"}"#;
+    sensor.publish("lab/not-shown", "{}").await;
+    sensor.publish("sensors/yard/t1/temperature", hot).await;
+    sensor.publish("sensors/yard/t1/temperature", hot).await;
+    sensor
+        .publish(
+            "sensors/yard/t1/temperature",
+            r#"{"value": 12.0, "unit": "C"}"#,
+        )
+        .await;
+    sensor.wait_acked(4).await;
+    let lines: Vec<serde_json::Value> = (0..3)
+        .map(|i| {
+            let line = rx
+                .recv_timeout(DEADLINE)
+                .unwrap_or_else(|_| panic!("traced event {i}"));
+            serde_json::from_str(&line).unwrap()
+        })
+        .collect();
+    let _ = child.kill();
+    let _ = child.wait();
+    let alarm = |l: &serde_json::Value| {
+        l["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["rule"] == "temperature-alarm")
+            .cloned()
+            .unwrap()
+    };
+    for l in &lines {
+        assert_eq!(l["topic"], "sensors/yard/t1/temperature", "{l}");
+        assert_eq!(l["client_id"], "t-sensor");
+        assert!(
+            l["to"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|t| t["upstream"] == "cloud"),
+            "{l}"
+        );
+    }
+    assert_eq!(alarm(&lines[0])["step"], "applied", "{}", lines[0]);
+    assert!(
+        lines[0]["to"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["local"] == "alerts/yard/t1")
+    );
+    assert_eq!(alarm(&lines[1])["step"], "held", "{}", lines[1]);
+    assert_eq!(alarm(&lines[1])["reason"], "throttled");
+    assert_eq!(alarm(&lines[2])["step"], "when false", "{}", lines[2]);
+    // Nobody watches once the tail is gone: routing goes back to untraced.
+    wait_until("the tail's watch ended", || !m.trace.watched()).await;
+    gw.stop().await;
+}

@@ -1,0 +1,240 @@
+//! The live trace behind `edgeferry tail`: while someone watches, the
+//! router describes each routed event (who sent it, what each matching rule
+//! did, where it went) as one JSON line on a broadcast channel that the
+//! metrics endpoint streams from `GET /trace`.
+//!
+//! Off the hot path when nobody watches: the router asks `watched()` once
+//! per batch (one atomic load). While someone watches, at most `RATE`
+//! events a second are described (a token bucket in the router), so a
+//! busy gateway is not slowed by its watchers; the others are counted in
+//! the next line's `skipped`. A watcher that reads too slowly loses the
+//! oldest lines (the channel is bounded) and is told how many.
+
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::Instant;
+
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+use crate::event::Event;
+use crate::rules::{Step, Verdict};
+
+/// Events described per second at most, while someone watches.
+pub const RATE: u32 = 500;
+/// Lines a watcher may fall behind before it loses the oldest.
+const BACKLOG: usize = 1024;
+
+#[derive(Debug)]
+pub struct Tracer {
+    lines: broadcast::Sender<std::sync::Arc<str>>,
+    watchers: AtomicUsize,
+}
+
+impl Default for Tracer {
+    fn default() -> Self {
+        Tracer {
+            lines: broadcast::channel(BACKLOG).0,
+            watchers: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// A watcher's end; dropping it stops the tracing when it was the last.
+pub struct Watch<'a> {
+    tracer: &'a Tracer,
+    pub lines: broadcast::Receiver<std::sync::Arc<str>>,
+}
+
+impl Drop for Watch<'_> {
+    fn drop(&mut self) {
+        self.tracer.watchers.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Tracer {
+    /// Whether anyone watches (the router's one question per batch).
+    pub fn watched(&self) -> bool {
+        self.watchers.load(Relaxed) > 0
+    }
+
+    pub fn watch(&self) -> Watch<'_> {
+        self.watchers.fetch_add(1, Relaxed);
+        Watch {
+            tracer: self,
+            lines: self.lines.subscribe(),
+        }
+    }
+
+    /// Describe one routed event (nobody listening: nothing happens).
+    pub fn send(&self, event: &Event, verdict: &Verdict, skipped: u64) {
+        let line = describe(event, verdict, skipped).to_string();
+        let _ = self.lines.send(line.into());
+    }
+}
+
+/// The token bucket the router keeps: `RATE` a second, a second's burst.
+#[derive(Debug)]
+pub struct Budget {
+    tokens: f64,
+    at: Instant,
+    /// Events not described since the last one that was.
+    pub skipped: u64,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget {
+            tokens: f64::from(RATE),
+            at: Instant::now(),
+            skipped: 0,
+        }
+    }
+}
+
+impl Budget {
+    /// Whether this event may be described.
+    pub fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let rate = f64::from(RATE);
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * rate).min(rate);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            self.skipped += 1;
+            false
+        }
+    }
+}
+
+/// One event as a JSON object: topic, client, each matching rule's step,
+/// the destinations, and what went wrong.
+pub fn describe(event: &Event, verdict: &Verdict, skipped: u64) -> Value {
+    let rules: Vec<Value> = verdict
+        .trace
+        .iter()
+        .flatten()
+        .map(|(rule, step)| {
+            let mut r = json!({"rule": &**rule, "step": step_name(step)});
+            match step {
+                Step::Held(reason) => r["reason"] = json!(reason.as_str()),
+                Step::Applied { outputs, stop } => {
+                    r["outputs"] = json!(outputs);
+                    if *stop {
+                        r["stop"] = json!(true);
+                    }
+                }
+                _ => {}
+            }
+            r
+        })
+        .collect();
+    let mut to: Vec<Value> = verdict
+        .routes
+        .iter()
+        .map(|r| json!({"upstream": &*r.upstream, "topic": r.topic}))
+        .collect();
+    to.extend(verdict.republish.iter().map(|r| json!({"local": r.topic})));
+    let mut line = json!({
+        "at_ms": event.received_ms,
+        "topic": event.topic,
+        "client_id": &*event.client_id,
+        "rules": rules,
+        "to": to,
+    });
+    if let Some(user) = &event.username {
+        line["username"] = json!(&**user);
+    }
+    if verdict.matched == 0 && verdict.trace.as_ref().is_some_and(|t| t.is_empty()) {
+        line["unmatched"] = json!(true);
+    }
+    if !verdict.errors.is_empty() {
+        line["errors"] = verdict
+            .errors
+            .iter()
+            .map(|(rule, why)| json!({"rule": &**rule, "error": why}))
+            .collect();
+    }
+    if let Some(why) = &verdict.dead_letter {
+        line["dead_letter"] = json!(why);
+    }
+    if skipped > 0 {
+        line["skipped"] = json!(skipped);
+    }
+    line
+}
+
+fn step_name(step: &Step) -> &'static str {
+    match step {
+        Step::OwnRepublish => "own republish",
+        Step::WhenFalse => "when false",
+        Step::Failed => "failed",
+        Step::Dropped => "dropped",
+        Step::Held(_) => "held",
+        Step::Absorbed => "absorbed into window",
+        Step::Applied { .. } => "applied",
+    }
+}
+
+/// A traced event as a person reads it: one line for the event, one per
+/// matching rule, one per destination.
+pub fn human(line: &Value) -> String {
+    if let Some(lost) = line["lost"].as_u64() {
+        return format!("... {lost} events not shown (this tail read too slowly)\n");
+    }
+    let mut out = format!(
+        "{} from {:?}",
+        line["topic"].as_str().unwrap_or("?"),
+        line["client_id"].as_str().unwrap_or("")
+    );
+    if let Some(n) = line["skipped"].as_u64() {
+        out += &format!(" ({n} events before it not traced: rate cap)");
+    }
+    out.push('\n');
+    let rules = line["rules"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    if rules.is_empty() {
+        out += "  no rule matched\n";
+    }
+    for r in rules {
+        let rule = r["rule"].as_str().unwrap_or("?");
+        let step = r["step"].as_str().unwrap_or("?");
+        let detail = match (r["reason"].as_str(), r["outputs"].as_u64()) {
+            (Some(reason), _) => format!(" ({reason})"),
+            (_, Some(n)) if r["stop"] == true => format!(" ({}, stop)", destinations(n)),
+            (_, Some(n)) => format!(" ({})", destinations(n)),
+            _ => String::new(),
+        };
+        out += &format!("  rule {rule:?}: {step}{detail}\n");
+    }
+    for e in line["errors"].as_array().into_iter().flatten() {
+        out += &format!(
+            "  rule {:?} failed: {}\n",
+            e["rule"].as_str().unwrap_or("?"),
+            e["error"].as_str().unwrap_or("?")
+        );
+    }
+    for to in line["to"].as_array().into_iter().flatten() {
+        match (to["upstream"].as_str(), to["local"].as_str()) {
+            (Some(up), _) => {
+                out += &format!(
+                    "  -> upstream {up}: {}\n",
+                    to["topic"].as_str().unwrap_or("")
+                )
+            }
+            (_, Some(local)) => out += &format!("  -> local {local}\n"),
+            _ => {}
+        }
+    }
+    if let Some(why) = line["dead_letter"].as_str() {
+        out += &format!("  dead letter: {why}\n");
+    }
+    out
+}
+
+fn destinations(n: u64) -> String {
+    match n {
+        1 => "1 destination".to_string(),
+        n => format!("{n} destinations"),
+    }
+}
