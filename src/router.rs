@@ -258,6 +258,7 @@ impl Router {
         receipt: Option<&Receipt>,
     ) {
         self.count(event, &verdict);
+        let traced = verdict.trace.is_some();
         if let (Some(event), Some(reason)) = (event, &verdict.dead_letter) {
             self.dead_letter(event, reason);
         }
@@ -284,6 +285,7 @@ impl Router {
                 received_ms: route.received_ms,
                 payload: route.payload,
                 receipt: receipt.cloned(),
+                traced,
             });
         }
     }

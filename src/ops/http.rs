@@ -283,6 +283,12 @@ async fn trace_stream(mut t: TraceRequest, metrics: &Metrics, mut shutdown: watc
     use tokio::sync::broadcast::error::RecvError;
     let mut watch = metrics.trace.watch();
     let mut sink = [0u8; 256];
+    // What this client was shown, so that a row's `queued` and `acked`
+    // lines follow their event through the filter (bounded: forgotten
+    // wholesale past SHOWN, which only costs a few such lines).
+    const SHOWN: usize = 10_000;
+    let mut events: std::collections::HashSet<String> = Default::default();
+    let mut rows: std::collections::HashSet<i64> = Default::default();
     loop {
         let line = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
@@ -292,12 +298,34 @@ async fn trace_stream(mut t: TraceRequest, metrics: &Metrics, mut shutdown: watc
         };
         let text = match line {
             Ok(line) => {
-                let wanted = t.filter.as_ref().is_none_or(|f| {
-                    serde_json::from_str::<serde_json::Value>(&line)
-                        .ok()
-                        .and_then(|v| v["topic"].as_str().map(|topic| f.captures(topic).is_some()))
-                        .unwrap_or(false)
-                });
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                let wanted = if let Some(q) = v.get("queued") {
+                    let shown = q["event_id"].as_str().is_some_and(|e| events.contains(e));
+                    if shown && let Some(id) = q["id"].as_i64() {
+                        rows.insert(id);
+                    }
+                    shown
+                } else if let Some(a) = v.get("acked") {
+                    a["id"].as_i64().is_some_and(|id| rows.remove(&id))
+                } else {
+                    let topic = v["topic"].as_str().unwrap_or("");
+                    let shown = t
+                        .filter
+                        .as_ref()
+                        .is_none_or(|f| f.captures(topic).is_some());
+                    if shown && let Some(e) = v["event_id"].as_str() {
+                        if events.len() >= SHOWN {
+                            events.clear();
+                        }
+                        events.insert(e.to_string());
+                    }
+                    shown
+                };
+                if rows.len() >= SHOWN {
+                    rows.clear();
+                }
                 if !wanted {
                     continue;
                 }

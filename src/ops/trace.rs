@@ -65,6 +65,18 @@ impl Tracer {
         }
     }
 
+    /// The row a traced event got in `upstream`'s queue.
+    pub fn row_queued(&self, id: i64, upstream: &str, event_id: &str) {
+        let line = json!({"queued": {"id": id, "upstream": upstream, "event_id": event_id}});
+        let _ = self.lines.send(line.to_string().into());
+    }
+
+    /// A traced event's row acknowledged by its upstream.
+    pub fn row_acked(&self, id: i64, upstream: &str) {
+        let line = json!({"acked": {"id": id, "upstream": upstream}});
+        let _ = self.lines.send(line.to_string().into());
+    }
+
     /// Describe one routed event (nobody listening: nothing happens).
     pub fn send(&self, event: &Event, verdict: &Verdict, skipped: u64) {
         let line = describe(event, verdict, skipped).to_string();
@@ -137,6 +149,7 @@ pub fn describe(event: &Event, verdict: &Verdict, skipped: u64) -> Value {
         .collect();
     to.extend(verdict.republish.iter().map(|r| json!({"local": r.topic})));
     let mut line = json!({
+        "event_id": event.id.to_string(),
         "at_ms": event.received_ms,
         "topic": event.topic,
         "client_id": &*event.client_id,
@@ -182,6 +195,21 @@ fn step_name(step: &Step) -> &'static str {
 pub fn human(line: &Value) -> String {
     if let Some(lost) = line["lost"].as_u64() {
         return format!("... {lost} events not shown (this tail read too slowly)\n");
+    }
+    if let Some(q) = line.get("queued") {
+        return format!(
+            "  queued for {} as row {} (event {})\n",
+            q["upstream"].as_str().unwrap_or("?"),
+            q["id"],
+            q["event_id"].as_str().unwrap_or("?")
+        );
+    }
+    if let Some(a) = line.get("acked") {
+        return format!(
+            "  row {} acknowledged by {}\n",
+            a["id"],
+            a["upstream"].as_str().unwrap_or("?")
+        );
     }
     let mut out = format!(
         "{} from {:?}",

@@ -84,6 +84,9 @@ pub struct NewRow {
     /// the row is committed, acknowledged from RAM, or disposed of by a
     /// policy (overflow, TTL); dropped unsettled if the row is lost.
     pub receipt: Option<crate::receipt::Receipt>,
+    /// Its event is being traced (`edgeferry tail`): the writer says which
+    /// row id it got, and when it is acknowledged.
+    pub traced: bool,
 }
 
 impl NewRow {

@@ -14,6 +14,7 @@ fn row(up: &str, n: u8, priority: Priority) -> NewRow {
         received_ms: 0,
         payload: Bytes::from(vec![n; 5]), // + 5 = 10 bytes per row
         receipt: None,
+        traced: false,
     }
 }
 

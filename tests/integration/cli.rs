@@ -1209,13 +1209,16 @@ fn check_warns_that_durability_is_deprecated_and_says_what_it_maps_to() {
 
 /// `edgeferry tail` against a running daemon: for each event on the
 /// filter, what each matching rule did (applied, throttled, `when`
-/// false) and where it went; events off the filter are not shown.
+/// false) and where it went, then the row it got in the queue and that
+/// row's acknowledgement; events off the filter are not shown.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tail_shows_what_each_rule_did_with_each_event() {
+async fn tail_shows_what_each_rule_did_with_each_event_and_its_rows_ack() {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let gw = Gateway::start(d, free_port()).await;
+    let upstream = upstream_broker();
+    let cloud = Subscriber::start(upstream, "plant/#").await;
+    let gw = Gateway::start(d, upstream.port()).await;
     let metrics = gw.running.metrics_addr.expect("metrics on");
     write(
         &d.join("tail.toml"),
@@ -1252,14 +1255,22 @@ async fn tail_shows_what_each_rule_did_with_each_event() {
         )
         .await;
     sensor.wait_acked(4).await;
-    let lines: Vec<serde_json::Value> = (0..3)
-        .map(|i| {
-            let line = rx
-                .recv_timeout(DEADLINE)
-                .unwrap_or_else(|_| panic!("traced event {i}"));
-            serde_json::from_str(&line).unwrap()
-        })
-        .collect();
+    cloud.wait_for(3).await;
+    // Every line until the three events and their rows' acks are in.
+    let (mut events, mut queued, mut acked) = (Vec::new(), Vec::new(), Vec::new());
+    while events.len() < 3 || acked.len() < 3 {
+        let line = rx
+            .recv_timeout(DEADLINE)
+            .unwrap_or_else(|_| panic!("traced lines so far: {events:?} {queued:?} {acked:?}"));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if let Some(q) = v.get("queued") {
+            queued.push(q.clone());
+        } else if let Some(a) = v.get("acked") {
+            acked.push(a.clone());
+        } else {
+            events.push(v);
+        }
+    }
     let _ = child.kill();
     let _ = child.wait();
     let alarm = |l: &serde_json::Value| {
@@ -1271,7 +1282,7 @@ async fn tail_shows_what_each_rule_did_with_each_event() {
             .cloned()
             .unwrap()
     };
-    for l in &lines {
+    for l in &events {
         assert_eq!(l["topic"], "sensors/yard/t1/temperature", "{l}");
         assert_eq!(l["client_id"], "t-sensor");
         assert!(
@@ -1283,17 +1294,28 @@ async fn tail_shows_what_each_rule_did_with_each_event() {
             "{l}"
         );
     }
-    assert_eq!(alarm(&lines[0])["step"], "applied", "{}", lines[0]);
+    assert_eq!(alarm(&events[0])["step"], "applied", "{}", events[0]);
     assert!(
-        lines[0]["to"]
+        events[0]["to"]
             .as_array()
             .unwrap()
             .iter()
             .any(|t| t["local"] == "alerts/yard/t1")
     );
-    assert_eq!(alarm(&lines[1])["step"], "held", "{}", lines[1]);
-    assert_eq!(alarm(&lines[1])["reason"], "throttled");
-    assert_eq!(alarm(&lines[2])["step"], "when false", "{}", lines[2]);
+    assert_eq!(alarm(&events[1])["step"], "held", "{}", events[1]);
+    assert_eq!(alarm(&events[1])["reason"], "throttled");
+    assert_eq!(alarm(&events[2])["step"], "when false", "{}", events[2]);
+    // Each event's cloud row, by its event id, and that row acknowledged.
+    for (e, q) in events.iter().zip(&queued) {
+        assert_eq!(q["event_id"], e["event_id"], "{q} {e}");
+        assert_eq!(q["upstream"], "cloud");
+    }
+    let ids = |v: &[serde_json::Value]| {
+        let mut ids: Vec<i64> = v.iter().map(|x| x["id"].as_i64().unwrap()).collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(ids(&acked), ids(&queued), "{acked:?} {queued:?}");
     // Nobody watches once the tail is gone: routing goes back to untraced.
     wait_until("the tail's watch ended", || !m.trace.watched()).await;
     gw.stop().await;

@@ -12,6 +12,11 @@ impl Writer {
     /// An upstream acknowledged row `id`: forget it if it is still only in
     /// RAM, else delete it at the next commit.
     pub(super) fn ack(&mut self, id: i64) {
+        if !self.traced.is_empty()
+            && let Some(upstream) = self.traced.remove(&id)
+        {
+            self.metrics.trace.row_acked(id, &upstream);
+        }
         if let Some(mut held) = self.rows.remove(&id) {
             held.row.settle();
             let size = held.row.size();
@@ -79,6 +84,12 @@ impl Writer {
         self.ram_bytes += size;
         let id = self.next_id;
         self.next_id += 1;
+        if row.traced && self.traced.len() < super::TRACED_ROWS {
+            self.metrics
+                .trace
+                .row_queued(id, &row.upstream, &row.event_id);
+            self.traced.insert(id, row.upstream.clone());
+        }
         self.rows.insert(
             id,
             Held {

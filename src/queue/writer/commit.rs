@@ -362,6 +362,7 @@ mod tests {
             received_ms: 0,
             payload: bytes::Bytes::from_static(b"x"),
             receipt: None,
+            traced: false,
         });
         // A commit failed a while ago; the retry is due.
         w.schedule.retry_at = Some(Instant::now() - Duration::from_secs(1));

@@ -96,7 +96,14 @@ pub(super) struct Writer {
     /// Upstreams whose uplink said it is connected (`Cmd::Online`).
     online: HashSet<Arc<str>>,
     schedule: Schedule,
+    /// Rows of traced events (`edgeferry tail`) not yet acknowledged: their
+    /// upstream, for the line that says so. Bounded by `TRACED_ROWS`.
+    traced: HashMap<i64, Arc<str>>,
 }
+
+/// Traced rows remembered at once; past it a row's ack is not traced (a
+/// tail that watches a stalled upstream would otherwise grow this).
+const TRACED_ROWS: usize = 10_000;
 
 impl Writer {
     pub(super) fn new(
@@ -150,6 +157,7 @@ impl Writer {
             metrics,
             waiting: HashMap::new(),
             rows: BTreeMap::new(),
+            traced: HashMap::new(),
             ram_bytes: 0,
             next_id,
             acks: Vec::new(),
