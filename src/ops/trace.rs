@@ -211,11 +211,11 @@ pub fn human(line: &Value) -> String {
             a["upstream"].as_str().unwrap_or("?")
         );
     }
-    let mut out = format!(
-        "{} from {:?}",
-        line["topic"].as_str().unwrap_or("?"),
-        line["client_id"].as_str().unwrap_or("")
-    );
+    let from = match line["client_id"].as_str().unwrap_or("") {
+        "" => "a client without a client id".to_string(),
+        id => format!("{id:?}"),
+    };
+    let mut out = format!("{} from {from}", line["topic"].as_str().unwrap_or("?"));
     if let Some(n) = line["skipped"].as_u64() {
         out += &format!(" ({n} events before it not traced: rate cap)");
     }
@@ -264,5 +264,48 @@ fn destinations(n: u64) -> String {
     match n {
         1 => "1 destination".to_string(),
         n => format!("{n} destinations"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_traced_line_reads_as_an_operator_writes_it() {
+        let line = json!({"topic": "a/b", "client_id": "", "rules": [
+            {"rule": "r1", "step": "when false"},
+            {"rule": "r2", "step": "held", "reason": "deadband"},
+            {"rule": "r3", "step": "applied", "outputs": 2, "stop": true},
+        ], "to": [{"upstream": "cloud", "topic": "x/y"}, {"local": "alerts/b"}], "skipped": 7});
+        assert_eq!(
+            human(&line),
+            "a/b from a client without a client id (7 events before it not traced: rate cap)\n\
+             \x20 rule \"r1\": when false\n\
+             \x20 rule \"r2\": held (deadband)\n\
+             \x20 rule \"r3\": applied (2 destinations, stop)\n\
+             \x20 -> upstream cloud: x/y\n\
+             \x20 -> local alerts/b\n"
+        );
+        assert_eq!(
+            human(&json!({"lost": 3})),
+            "... 3 events not shown (this tail read too slowly)\n"
+        );
+        assert_eq!(
+            human(&json!({"acked": {"id": 5, "upstream": "cloud"}})),
+            "  row 5 acknowledged by cloud\n"
+        );
+    }
+
+    #[test]
+    fn the_budget_allows_its_rate_and_counts_the_rest() {
+        let mut b = Budget::default();
+        let taken = (0..RATE * 2).filter(|_| b.take()).count();
+        // A second's burst, and whatever refilled while counting.
+        assert!(
+            taken >= RATE as usize && taken < (RATE as usize) * 2,
+            "{taken}"
+        );
+        assert_eq!(b.skipped as usize, (RATE * 2) as usize - taken);
     }
 }
