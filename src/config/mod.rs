@@ -511,6 +511,14 @@ impl ConfigFile {
     /// rest of the file still loads, the config without them (their
     /// defaults apply), so the checks after it can report theirs too.
     pub fn parse_all(text: &str, name: &Path, base: &Path) -> every_error::Parsed<ConfigFile> {
+        let shape = tables_that_are_not(text, name);
+        if !shape.is_empty() {
+            return every_error::Parsed {
+                value: None,
+                errors: shape,
+                touched: Vec::new(),
+            };
+        }
         let mut parsed = every_error::deserialize::<ConfigFile>(text, name);
         parsed.value = parsed.value.map(|f| f.resolved_against(base));
         parsed
@@ -597,6 +605,55 @@ impl ConfigFile {
         let source = Source::read(path)?;
         Self::parse(&source.text, &source.name, &source.base)
     }
+}
+
+/// The config's tables written as something else: serde reads a struct
+/// from an array by position, so `queue = ["x.db"]` set the queue's path
+/// and `broker = []` passed; and `[[broker]]` (an array of tables) gave
+/// "invalid type: map, expected a string".
+fn tables_that_are_not(text: &str, name: &Path) -> Vec<Diagnostic> {
+    use toml::de::{DeTable, DeValue};
+    const TABLES: [&str; 8] = [
+        "gateway", "broker", "rules", "queue", "pipeline", "metrics", "log", "upstream",
+    ];
+    let Ok(root) = DeTable::parse(text) else {
+        return Vec::new(); // a syntax error: reported by the parse itself
+    };
+    let mut out = Vec::new();
+    let mut check = |key: &str, value: &toml::Spanned<DeValue>, what: String| {
+        let written = match value.get_ref() {
+            DeValue::Table(_) => return,
+            DeValue::Array(a)
+                if a.iter().all(|i| matches!(i.get_ref(), DeValue::Table(_))) && !a.is_empty() =>
+            {
+                format!("[[{key}]] (an array of tables)")
+            }
+            _ => format!("{key} = {}", value.get_ref().type_str()),
+        };
+        out.push(Diagnostic::at(
+            name,
+            text,
+            Some(value.span()),
+            format!("{written}: {what} must be a table, written [{key}]"),
+        ));
+    };
+    for (key, value) in root.get_ref().iter() {
+        let key = key.get_ref().as_ref();
+        if !TABLES.contains(&key) {
+            continue; // serde names unknown keys
+        }
+        check(key, value, key.to_string());
+        if key == "upstream"
+            && let DeValue::Table(ups) = value.get_ref()
+        {
+            for (up, v) in ups.iter() {
+                let full = format!("upstream.{}", up.get_ref());
+                check(&full, v, full.clone());
+            }
+        }
+    }
+    out.sort_by_key(|d| d.line);
+    out
 }
 
 /// Config text with the name it is reported under and the directory its
@@ -975,6 +1032,15 @@ fn check_upstream(up_name: &str, up: &UpstreamConfig, loc: &Locator) -> Vec<Diag
     let table = format!("upstream.{up_name}");
     let mut out = Vec::new();
     let mut fail = |key: &str, what: String| out.push(loc.at(&table, key, what));
+    // The name goes into client ids, metric labels and the summary line.
+    if up_name.is_empty() || up_name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        fail(
+            "url",
+            format!(
+                "upstream name {up_name:?}: give the upstream a name without spaces, e.g. [upstream.cloud]"
+            ),
+        );
+    }
     let sources = [
         up.password.is_some(),
         up.password_file.is_some(),
@@ -1234,6 +1300,57 @@ mod tests {
                 "no error about {words} at line {line}: {found:#?}"
             );
         }
+    }
+
+    #[test]
+    fn a_table_written_as_an_array_or_a_value_is_a_config_error() {
+        for (text, line, what) in [
+            (
+                "queue = [\"elsewhere.db\"]\n",
+                1,
+                "queue = array: queue must be a table",
+            ),
+            ("broker = []\n", 1, "broker = array"),
+            (
+                "[[broker]]\nlisten = \"127.0.0.1:1\"\n",
+                1,
+                "[[broker]] (an array of tables)",
+            ),
+            ("log = 5\n", 1, "log = integer"),
+            (
+                "[upstream]\ncloud = \"mqtt://h\"\n",
+                2,
+                "upstream.cloud = string",
+            ),
+        ] {
+            let Err(Diagnostics(errs)) =
+                ConfigFile::parse(text, Path::new("gw.toml"), Path::new("."))
+            else {
+                panic!("{text:?} parsed");
+            };
+            assert_eq!(errs.len(), 1, "{text:?}: {errs:#?}");
+            let shown = errs[0].to_string();
+            assert!(
+                shown.starts_with(&format!("gw.toml:{line}:")) && shown.contains(what),
+                "{text:?}: {shown}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_upstream_needs_a_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[rules]\ndir = \"{}\"\n[upstream.\"\"]\nurl = \"mqtt://h\"\n",
+            dir.path().display()
+        );
+        let Diagnostics(errs) =
+            Config::from_toml(&text, Path::new("gw.toml"), dir.path()).unwrap_err();
+        assert!(
+            errs.iter()
+                .any(|d| d.message.contains("upstream name \"\"")),
+            "{errs:#?}"
+        );
     }
 
     #[test]
