@@ -1125,6 +1125,25 @@ fn check_upstream(up_name: &str, up: &UpstreamConfig, loc: &Locator) -> Vec<Diag
 /// Byte span where `key` is set inside the table `[table]`; else the
 /// table's header; `None` if the table is not written at all.
 fn find_key_in(text: &str, table: &str, key: &str) -> Option<std::ops::Range<usize>> {
+    // From toml's own spans: `[ broker ]`, `[broker] # note`,
+    // `[upstream."cloud"]` and `broker.max_connections = 0` are all found.
+    if let Ok(root) = toml::de::DeTable::parse(text) {
+        use toml::de::DeValue;
+        let mut here = root.get_ref();
+        let mut table_span = None;
+        for part in table.split('.') {
+            let (_, value) = here.get_key_value(part)?;
+            let DeValue::Table(t) = value.get_ref() else {
+                return None;
+            };
+            table_span = Some(value.span());
+            here = t;
+        }
+        return match here.get_key_value(key) {
+            Some((k, _)) => Some(k.span()),
+            None => table_span,
+        };
+    }
     let header = format!("[{table}]");
     let mut offset = 0;
     let mut inside = false;
@@ -1349,6 +1368,40 @@ mod tests {
         assert!(
             errs.iter()
                 .any(|d| d.message.contains("upstream name \"\"")),
+            "{errs:#?}"
+        );
+    }
+
+    #[test]
+    fn a_value_error_is_located_however_its_table_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        for broker in [
+            "[ broker ]\nmax_connections = 0\n",
+            "[broker] # the front door\nmax_connections = 0\n",
+            "broker.max_connections = 0\n\n",
+        ] {
+            let text = format!("{broker}[rules]\ndir = \"{}\"\n", dir.path().display());
+            let Diagnostics(errs) =
+                Config::from_toml(&text, Path::new("gw.toml"), dir.path()).unwrap_err();
+            let shown: Vec<String> = errs.iter().map(|d| d.to_string()).collect();
+            let want = if broker.starts_with("broker.") {
+                "gw.toml:1:"
+            } else {
+                "gw.toml:2:"
+            };
+            assert!(
+                shown
+                    .iter()
+                    .any(|d| d.starts_with(want) && d.contains("max_connections")),
+                "{broker:?}: {shown:#?}"
+            );
+        }
+        let text = "[upstream.\"cloud\"]\nurl = \"mqtt://h\"\ninflight = 0\n";
+        let Diagnostics(errs) =
+            Config::from_toml(text, Path::new("gw.toml"), dir.path()).unwrap_err();
+        assert!(
+            errs.iter()
+                .any(|d| d.line == 3 && d.message.contains("inflight")),
             "{errs:#?}"
         );
     }
