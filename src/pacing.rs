@@ -8,8 +8,9 @@ use tokio::time::Instant;
 
 /// One token bucket. Refills at `rate` per second up to `burst`; may go
 /// into debt (a large event is sent whole), which delays what follows.
+/// Also the trace's rate cap (`ops::trace`).
 #[derive(Debug, Clone)]
-struct Bucket {
+pub(crate) struct Bucket {
     rate: f64,
     burst: f64,
     tokens: f64,
@@ -19,13 +20,27 @@ struct Bucket {
 impl Bucket {
     fn new(rate: f64, now: Instant) -> Bucket {
         // A tenth of a second of traffic, at least one event's worth.
-        let burst = (rate / 10.0).max(1.0);
+        Bucket::with_burst(rate, (rate / 10.0).max(1.0), now)
+    }
+
+    /// Full, holding `burst` tokens.
+    pub(crate) fn with_burst(rate: f64, burst: f64, now: Instant) -> Bucket {
         Bucket {
             rate,
             burst,
             tokens: burst,
             at: now,
         }
+    }
+
+    /// Take one token if there is one.
+    pub(crate) fn try_take(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        let ok = self.tokens >= 1.0;
+        if ok {
+            self.tokens -= 1.0;
+        }
+        ok
     }
 
     fn refill(&mut self, now: Instant) {

@@ -99,8 +99,9 @@ pub fn follow_trace(
     use std::io::BufRead;
     let addr = file.metrics.listen;
     let not_running = |source| StatusError::NotRunning { addr, source };
-    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(not_running)?;
-    s.set_write_timeout(Some(TIMEOUT)).map_err(not_running)?;
+    let mut s = connect(addr)?;
+    // The stream waits for events as long as it takes.
+    s.set_read_timeout(None).map_err(not_running)?;
     let query = filter.map_or(String::new(), |f| format!("?filter={}", percent_encode(f)));
     write!(s, "GET /trace{query} HTTP/1.1\r\nHost: {addr}\r\n\r\n").map_err(not_running)?;
     let mut r = std::io::BufReader::new(s);
@@ -158,12 +159,19 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<String, StatusError> {
     }
 }
 
+/// A connection to the metrics endpoint at `addr`, with timeouts.
+fn connect(addr: SocketAddr) -> Result<TcpStream, StatusError> {
+    let not_running = |source| StatusError::NotRunning { addr, source };
+    let s = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(not_running)?;
+    s.set_read_timeout(Some(TIMEOUT)).map_err(not_running)?;
+    s.set_write_timeout(Some(TIMEOUT)).map_err(not_running)?;
+    Ok(s)
+}
+
 /// GET `path` from `addr`: status code and body.
 pub fn fetch(addr: SocketAddr, path: &str) -> Result<(u16, String), StatusError> {
     let not_running = |source| StatusError::NotRunning { addr, source };
-    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(not_running)?;
-    s.set_read_timeout(Some(TIMEOUT)).map_err(not_running)?;
-    s.set_write_timeout(Some(TIMEOUT)).map_err(not_running)?;
+    let mut s = connect(addr)?;
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"

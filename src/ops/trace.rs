@@ -11,12 +11,14 @@
 //! oldest lines (the channel is bounded) and is told how many.
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::time::Instant;
+
+use tokio::time::Instant;
 
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
 use crate::event::Event;
+use crate::pacing::Bucket;
 use crate::rules::{Step, Verdict};
 
 /// Events described per second at most, while someone watches.
@@ -87,17 +89,16 @@ impl Tracer {
 /// The token bucket the router keeps: `RATE` a second, a second's burst.
 #[derive(Debug)]
 pub struct Budget {
-    tokens: f64,
-    at: Instant,
+    bucket: Bucket,
     /// Events not described since the last one that was.
     pub skipped: u64,
 }
 
 impl Default for Budget {
     fn default() -> Self {
+        let rate = f64::from(RATE);
         Budget {
-            tokens: f64::from(RATE),
-            at: Instant::now(),
+            bucket: Bucket::with_burst(rate, rate, Instant::now()),
             skipped: 0,
         }
     }
@@ -106,17 +107,11 @@ impl Default for Budget {
 impl Budget {
     /// Whether this event may be described.
     pub fn take(&mut self) -> bool {
-        let now = Instant::now();
-        let rate = f64::from(RATE);
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * rate).min(rate);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
+        let ok = self.bucket.try_take(Instant::now());
+        if !ok {
             self.skipped += 1;
-            false
         }
+        ok
     }
 }
 
