@@ -213,8 +213,9 @@ fn rumqttd_config(cfg: &BrokerConfig, internal: &Internal) -> rumqttd::Config {
     rumqttd::Config {
         id: 0,
         router: rumqttd::RouterConfig {
-            // The front door's connections, the link and the probes.
-            max_connections: cfg.max_connections + 4,
+            // The front door's connections, the link, the probes and the
+            // republisher's client for local QoS 1 and 2.
+            max_connections: cfg.max_connections + 5,
             max_outgoing_packet_count: MAX_OUTGOING_PACKETS,
             max_segment_size: cfg.segment_size.as_usize(),
             max_segment_count: cfg.segment_count,

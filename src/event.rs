@@ -8,6 +8,9 @@ use uuid::Uuid;
 
 use crate::codec::{self, Payload};
 
+/// `meta.source` of an event a local client published.
+pub const LOCAL_SOURCE: &str = "local";
+
 /// One message as it travels through the pipeline.
 #[derive(Debug, Clone)]
 pub struct Event {
@@ -29,6 +32,10 @@ pub struct Event {
     /// edgeferry's own events; shared by every event of one connection.
     pub client_id: Arc<str>,
     pub username: Option<Arc<str>>,
+    /// The upstream a downlink event came down from (`meta.source`);
+    /// `None` for local events. A local republish of a downlink event keeps
+    /// it, so only rules that name the upstream (`from`) ever see it.
+    pub source: Option<Arc<str>>,
 }
 
 /// Which rule republished an event locally, and how many republishes deep it is.
@@ -52,7 +59,13 @@ impl Event {
             origin: None,
             client_id: Arc::from(""),
             username: None,
+            source: None,
         }
+    }
+
+    /// What `meta.source` reads: the upstream's name, or `"local"`.
+    pub fn source_name(&self) -> &str {
+        self.source.as_deref().unwrap_or(LOCAL_SOURCE)
     }
 
     /// A convenience for tests.

@@ -192,7 +192,10 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         warn!("{w}");
     }
     // An unset password_env stops the start before anything listens.
-    let uplinks = uplink_settings(&config)?;
+    let started_ms = metrics
+        .started_ms
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let uplinks = uplink_settings(&config, started_ms)?;
     // The queue first: if the database is unusable there is no point
     // accepting sensor data.
     let (queue, queue_thread) = queue::open(&file.queue.path, file.into(), metrics.clone())?;
@@ -212,7 +215,7 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
     let shutdown = stages.shutdown();
     let link = (broker.link_tx, broker.link_rx);
     let door = Arc::new(front_door(&config, &internal, &metrics)?);
-    let (reload_tx, republish_thread) = spawn_pipeline(
+    let (reload_tx, republish_thread, downlink) = spawn_pipeline(
         &mut stages,
         &config,
         listeners,
@@ -221,11 +224,18 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
         &queue,
         &metrics,
     )?;
+    let shared = uplink::Shared {
+        metrics: metrics.clone(),
+        router: uplinks
+            .iter()
+            .any(|u| !u.subscriptions.is_empty())
+            .then_some(downlink),
+    };
     for settings in uplinks {
-        let uplink_metrics = metrics.uplinks[&settings.name].clone();
-        let uplink = uplink::run(settings, queue.clone(), uplink_metrics, shutdown.clone());
+        let uplink = uplink::run(settings, queue.clone(), shared.clone(), shutdown.clone());
         stages.spawn("uplink", uplink);
     }
+    drop(shared);
     let listening = ops::health::Listening {
         front: [Some(listen), listen_v5].into_iter().flatten().collect(),
         internal,
@@ -277,10 +287,11 @@ fn spawn_pipeline(
     (link_tx, link_rx): (rumqttd::local::LinkTx, rumqttd::local::LinkRx),
     queue: &queue::QueueHandle,
     metrics: &Arc<Metrics>,
-) -> Result<(mpsc::Sender<reload::Trigger>, std::thread::JoinHandle<()>), RunError> {
+) -> Result<Pipeline, RunError> {
     let file = &config.file;
     let shutdown = stages.shutdown();
     let (events_tx, events_rx) = mpsc::channel(file.pipeline.buffer);
+    let downlink = events_tx.clone();
     let front = frontdoor::run(
         listeners,
         door.clone(),
@@ -289,11 +300,13 @@ fn spawn_pipeline(
         shutdown.clone(),
     );
     stages.spawn("front door", front);
-    let (republisher, republish_thread) = republish::spawn(link_tx, link_rx, metrics.clone())
-        .map_err(|source| RunError::Thread {
-            what: "republish",
-            source,
-        })?;
+    let (republisher, republish_thread) =
+        republish::spawn(link_tx, link_rx, door.broker.clone(), metrics.clone()).map_err(
+            |source| RunError::Thread {
+                what: "republish",
+                source,
+            },
+        )?;
     let (rules_tx, rules_rx) = watch::channel(Arc::new(config.rules.clone()));
     let router = router::run(
         events_rx,
@@ -313,22 +326,41 @@ fn spawn_pipeline(
         shutdown,
     );
     stages.spawn("reload", reloader);
-    Ok((reload_tx, republish_thread))
+    Ok((reload_tx, republish_thread, downlink))
 }
 
+/// What `spawn_pipeline` hands back: the reload trigger, the republisher's
+/// thread, and the router's input for what comes down the uplinks.
+type Pipeline = (
+    mpsc::Sender<reload::Trigger>,
+    std::thread::JoinHandle<()>,
+    mpsc::Sender<router::Inbound>,
+);
+
 /// Each upstream's settings, from the files read when the config was loaded.
-fn uplink_settings(config: &Config) -> Result<Vec<uplink::UplinkSettings>, RunError> {
+fn uplink_settings(
+    config: &Config,
+    started_ms: u64,
+) -> Result<Vec<uplink::UplinkSettings>, RunError> {
     let resolved = &config.resolved.upstreams;
     let mut out = Vec::new();
     for (name, up) in &config.file.upstream {
         let files = resolved
             .get(name)
             .ok_or_else(|| RunError::NotResolved(format!("upstream.{name}")))?;
-        let settings = uplink::UplinkSettings::new(name, config.client_id(name), up, files)
-            .map_err(|source| RunError::Upstream {
-                name: name.clone(),
-                source,
-            })?;
+        let gateway = config.file.gateway_id();
+        let settings = uplink::UplinkSettings::new(
+            name,
+            config.client_id(name),
+            up,
+            files,
+            &gateway,
+            started_ms,
+        )
+        .map_err(|source| RunError::Upstream {
+            name: name.clone(),
+            source,
+        })?;
         out.push(settings);
     }
     Ok(out)

@@ -27,6 +27,9 @@ pub struct Metrics {
     pub routed: AtomicU64,
     /// Events no rule matched (unmatched policy "drop").
     pub dropped_unmatched: AtomicU64,
+    /// Downlink events no `from` rule matched (`rules.unmatched_downlink`
+    /// = "drop").
+    pub dropped_unmatched_downlink: AtomicU64,
     /// Events a `drop = true` rule dropped.
     pub dropped_rule: AtomicU64,
     /// Events that matched at least one rule.
@@ -60,8 +63,10 @@ pub struct Metrics {
     /// whether it was applied.
     pub last_reload_ms: AtomicU64,
     pub last_reload_ok: AtomicBool,
-    /// Rules in the set the router is using (a gauge).
+    /// Rules in the set the router is using (a gauge), and its digest
+    /// (`RuleSet::digest`: which rule files a gateway runs).
     pub rules: AtomicU64,
+    pub rules_digest: std::sync::Mutex<String>,
     /// Duration of the queue writer's successful SQLite commits.
     pub commit_seconds: Histogram,
     /// Commits that failed (disk full, I/O error, a lock held too long);
@@ -165,6 +170,20 @@ pub struct UplinkMetrics {
     pub last_error: std::sync::Mutex<Option<String>>,
     /// MQTT 5 PUBACKs with a failure reason code, by reason.
     pub refusals: std::sync::Mutex<BTreeMap<&'static str, u64>>,
+    /// Publishes that arrived on the downlink subscriptions and went to
+    /// the rules.
+    pub downlink_received: AtomicU64,
+    /// Publishes that arrived on the downlink and were edgeferry's own,
+    /// echoed back by a 3.1.1 broker (MQTT 5 has No Local): dropped, so a
+    /// rule set cannot loop through the cloud.
+    pub downlink_echoes: AtomicU64,
+    /// Downlink filters the upstream refused in its SUBACK.
+    pub downlink_refused: AtomicU64,
+    /// Downlink filters the upstream granted on this session (a gauge; 0
+    /// while down).
+    pub downlink_subscribed: AtomicU64,
+    /// Status messages (birth, heartbeats, offline) handed to the link.
+    pub status_sent: AtomicU64,
 }
 
 impl UplinkMetrics {
@@ -183,6 +202,21 @@ impl UplinkMetrics {
 pub const FAILURE_KINDS: usize = 5;
 
 impl Metrics {
+    /// `events_dropped` by reason: the metric's label values and the
+    /// status topic's heartbeat read the same table.
+    pub fn dropped(&self) -> [(&'static str, &AtomicU64); 8] {
+        [
+            ("unmatched", &self.dropped_unmatched),
+            ("unmatched_downlink", &self.dropped_unmatched_downlink),
+            ("rule", &self.dropped_rule),
+            ("throttled", &self.dropped_throttled),
+            ("duplicate", &self.dropped_duplicate),
+            ("deadband", &self.dropped_deadband),
+            ("queue_unavailable", &self.dropped_queue_unavailable),
+            ("loop", &self.dropped_loop),
+        ]
+    }
+
     pub fn new<'a>(upstreams: impl IntoIterator<Item = &'a String>) -> Metrics {
         Metrics {
             uplinks: upstreams

@@ -2,6 +2,13 @@
 //! letters, published into the embedded broker (for local subscribers)
 //! through its in-process link.
 //!
+//! rumqttd's link publishes at QoS 0 only (its `Publish` keeps the QoS
+//! private). A destination with `qos = 1` or `2` (a command a device must
+//! get) goes instead through an MQTT client of edgeferry's own on the
+//! internal listener, opened on first use, so rumqttd delivers it at that
+//! QoS and queues it for a persistent session that is away. Retain works
+//! on both paths.
+//!
 //! rumqttd's `LinkTx::send` blocks when the broker's router is busy, so it
 //! runs on a thread of its own, fed by a bounded channel the router never
 //! waits on (a full channel drops the publish and counts it).
@@ -20,6 +27,7 @@ use rumqttd::protocol::{Packet, Publish};
 use tokio::sync::mpsc;
 use tracing::warn;
 
+use crate::broker::{Internal, RESERVED_ID_PREFIX};
 use crate::event::Origin;
 use crate::metrics::Metrics;
 
@@ -28,6 +36,10 @@ use crate::metrics::Metrics;
 pub struct Local {
     pub topic: String,
     pub payload: Bytes,
+    /// Towards local subscribers: 0 through the link, 1 or 2 through the
+    /// internal client.
+    pub qos: u8,
+    pub retain: bool,
     /// `Some` for a rule's republish, `None` for a dead letter.
     pub origin: Option<Origin>,
 }
@@ -62,6 +74,7 @@ impl Republisher {
 pub fn spawn(
     mut link: LinkTx,
     link_rx: LinkRx,
+    internal: Internal,
     metrics: Arc<Metrics>,
 ) -> std::io::Result<(Republisher, std::thread::JoinHandle<()>)> {
     let (tx, mut rx) = mpsc::channel::<Local>(BUFFER);
@@ -71,7 +84,10 @@ pub fn spawn(
         .spawn(move || {
             // `send` is an async fn that never awaits; a small runtime
             // drives it (and the channel) on this thread.
-            let rt = match tokio::runtime::Builder::new_current_thread().build() {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     warn!(error = %e, "cannot start the local republish thread");
@@ -81,15 +97,87 @@ pub fn spawn(
             // Held so the link stays registered; nothing arrives on it.
             let _link_rx = link_rx;
             rt.block_on(async {
+                let mut client: Option<QosClient> = None;
                 while let Some(local) = rx.recv().await {
-                    // QoS 0, like every local-link publish.
-                    let publish =
-                        Publish::new(Bytes::from(local.topic.into_bytes()), local.payload, false);
-                    if link.send(Packet::Publish(publish, None)).await.is_err() {
+                    let failed = match local.qos {
+                        // QoS 0, like every local-link publish.
+                        0 => {
+                            let topic = Bytes::from(local.topic.into_bytes());
+                            let publish = Publish::new(topic, local.payload, local.retain);
+                            link.send(Packet::Publish(publish, None)).await.is_err()
+                        }
+                        _ => {
+                            let c = client.get_or_insert_with(|| QosClient::open(&internal));
+                            c.publish(local).await.is_err()
+                        }
+                    };
+                    if failed {
                         m.republish_failed.fetch_add(1, Relaxed);
                     }
+                }
+                if let Some(c) = client {
+                    c.close().await;
                 }
             });
         })?;
     Ok((Republisher { tx, metrics }, thread))
+}
+
+/// edgeferry's own MQTT 3.1.1 client on the embedded broker's internal
+/// listener, for local publishes at QoS 1 and 2. Its event loop is polled
+/// by a task on the republish thread's runtime; rumqttc reconnects on the
+/// next poll after an error.
+struct QosClient {
+    client: rumqttc::AsyncClient,
+    poller: tokio::task::JoinHandle<()>,
+}
+
+/// Local publishes waiting for the internal client's event loop.
+const CLIENT_BUFFER: usize = 256;
+
+impl QosClient {
+    fn open(internal: &Internal) -> QosClient {
+        let id = format!("{RESERVED_ID_PREFIX}qos-{}", uuid::Uuid::new_v4().simple());
+        let mut opts =
+            rumqttc::MqttOptions::new(id, internal.v4.ip().to_string(), internal.v4.port());
+        opts.set_credentials(&internal.user, &internal.secret)
+            .set_clean_session(true)
+            .set_keep_alive(std::time::Duration::from_secs(30))
+            .set_max_packet_size(usize::MAX >> 1, usize::MAX >> 1);
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, CLIENT_BUFFER);
+        let poller = tokio::spawn(async move {
+            let mut warned = false;
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+                    Ok(_) => warned = false,
+                    Err(e) => {
+                        if !warned {
+                            warn!(error = %e, "local QoS 1/2 publishing: the embedded broker dropped edgeferry's client; reconnecting");
+                            warned = true;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        });
+        QosClient { client, poller }
+    }
+
+    async fn publish(&self, local: Local) -> Result<(), rumqttc::ClientError> {
+        let qos = match local.qos {
+            1 => rumqttc::QoS::AtLeastOnce,
+            _ => rumqttc::QoS::ExactlyOnce,
+        };
+        self.client
+            .publish(local.topic, qos, local.retain, local.payload)
+            .await
+    }
+
+    /// A polite DISCONNECT once what is queued is written (at most 2 s),
+    /// so rumqttd closes the connection itself (see `broker::hang_up`).
+    async fn close(self) {
+        let _ = self.client.disconnect().await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.poller).await;
+    }
 }

@@ -63,6 +63,7 @@ pub async fn run(
 ) -> Result<(), QueueError> {
     let mut set = rules.borrow_and_update().clone();
     metrics.rules.store(set.len() as u64, Relaxed);
+    set_digest(&metrics, &set);
     let mut router = Router {
         state: set.new_state(),
         local,
@@ -96,6 +97,7 @@ pub async fn run(
                 router.state = state;
                 router.dead_letter_topic = new.dead_letter_topic().map(str::to_string);
                 router.metrics.rules.store(new.len() as u64, Relaxed);
+                set_digest(&router.metrics, &new);
                 set = new;
                 router.send(&set, flushed, &queue).await?;
             }
@@ -123,6 +125,14 @@ pub async fn run(
             }
         }
     }
+}
+
+/// The digest of the rules in use, for the status topic's heartbeat.
+fn set_digest(metrics: &Metrics, set: &RuleSet) {
+    *metrics
+        .rules_digest
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = set.digest();
 }
 
 /// Windows close this long after their end, so that events received just
@@ -270,8 +280,9 @@ impl Router {
                 warn!(rule = %rule, suppressed, "window not sent: {why}");
             }
         }
+        let source = event.and_then(|e| e.source.clone());
         for r in verdict.republish {
-            self.republish(r);
+            self.republish(r, source.clone());
         }
         for route in verdict.routes {
             rows.push(NewRow {
@@ -299,8 +310,18 @@ impl Router {
                 m.matched.fetch_add(1, Relaxed);
             } else if verdict.unmatched_routed {
                 m.unmatched_routed.fetch_add(1, Relaxed);
-            } else if verdict.errors.is_empty() && verdict.dead_letter.is_none() {
-                m.dropped_unmatched.fetch_add(1, Relaxed);
+            } else if let Some(e) = event
+                && e.origin.is_none()
+                && verdict.errors.is_empty()
+                && verdict.dead_letter.is_none()
+            {
+                // (A republish no rule takes again was still delivered
+                // locally: not a drop.)
+                match e.source.is_some() {
+                    true => &m.dropped_unmatched_downlink,
+                    false => &m.dropped_unmatched,
+                }
+                .fetch_add(1, Relaxed);
             }
             if verdict.dropped_by.is_some() && verdict.routes.is_empty() {
                 m.dropped_rule.fetch_add(1, Relaxed);
@@ -340,18 +361,22 @@ impl Router {
             self.local.send(Local {
                 topic: topic.clone(),
                 payload: dead_letter(event, reason),
+                qos: 0,
+                retain: false,
                 origin: None,
             });
         }
     }
 
     /// A `local` destination's publish: to the embedded broker, and back
-    /// through the rules when an ingest filter takes its topic.
-    fn republish(&mut self, r: crate::rules::Republish) {
+    /// through the rules when an ingest filter takes its topic (keeping the
+    /// event's source: a republished command is still a command).
+    fn republish(&mut self, r: crate::rules::Republish, source: Option<Arc<str>>) {
         if self.ingest.iter().any(|f| f.captures(&r.topic).is_some()) {
             if self.loopback.len() < LOOPBACK_MAX {
                 let mut again = Event::from_publish(r.topic.clone(), r.payload.clone());
                 again.origin = Some(r.origin.clone());
+                again.source = source;
                 self.loopback.push_back(again);
             } else {
                 self.metrics.dropped_loop.fetch_add(1, Relaxed);
@@ -360,6 +385,8 @@ impl Router {
         self.local.send(Local {
             topic: r.topic,
             payload: r.payload,
+            qos: r.qos,
+            retain: r.retain,
             origin: Some(r.origin),
         });
     }

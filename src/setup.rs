@@ -93,13 +93,13 @@ impl Config {
             Err(Diagnostics(mut e)) => {
                 // Unmatched-policy problems belong to this file: locate them.
                 for d in &mut e {
-                    if d.file == file.rules.dir && d.message.starts_with("rules.unmatched") {
-                        *d = Diagnostic::at(
-                            name,
-                            text,
-                            find_key(text, "unmatched"),
-                            d.message.clone(),
-                        );
+                    let setting = d
+                        .message
+                        .strip_prefix("rules.")
+                        .and_then(|m| m.split('.').next())
+                        .filter(|k| k.starts_with("unmatched"));
+                    if let (true, Some(setting)) = (d.file == file.rules.dir, setting) {
+                        *d = Diagnostic::at(name, text, find_key(text, setting), d.message.clone());
                     }
                 }
                 errors.append(&mut e);

@@ -133,6 +133,9 @@ pub struct RulesConfig {
     /// Directory of `*.toml` rule files.
     pub dir: PathBuf,
     pub unmatched: UnmatchedPolicy,
+    /// The same for events that came down from an upstream (a downlink
+    /// subscription) and match no rule with `from` naming it.
+    pub unmatched_downlink: UnmatchedPolicy,
     /// Local topic that receives a JSON report for each event with a
     /// malformed payload or a failing rule; unset: counted and logged only.
     pub dead_letter: Option<String>,
@@ -145,6 +148,7 @@ impl Default for RulesConfig {
         RulesConfig {
             dir: PathBuf::from("rules"),
             unmatched: UnmatchedPolicy::Keyword(Keyword::Drop),
+            unmatched_downlink: UnmatchedPolicy::Keyword(Keyword::Drop),
             dead_letter: None,
             watch: true,
         }
@@ -157,6 +161,16 @@ impl Default for RulesConfig {
 pub enum UnmatchedPolicy {
     Keyword(Keyword),
     Route(crate::rules::DestinationSpec),
+}
+
+impl UnmatchedPolicy {
+    /// The destination, or `None` for "drop".
+    pub fn destination(&self) -> Option<crate::rules::DestinationSpec> {
+        match self {
+            UnmatchedPolicy::Keyword(Keyword::Drop) => None,
+            UnmatchedPolicy::Route(d) => Some(d.clone()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -320,6 +334,80 @@ pub struct UpstreamConfig {
     pub reconnect_min: HumanDuration,
     #[serde(default = "defaults::reconnect_max")]
     pub reconnect_max: HumanDuration,
+    /// Downlink: filters subscribed on this upstream's session (again
+    /// after every reconnect); what arrives goes through the rules with
+    /// `meta.source` = this upstream's name. `{gateway}` is the gateway id.
+    #[serde(default)]
+    pub subscribe: Vec<Subscription>,
+    /// Gateway health: a retained birth on every connect, a retained will
+    /// (`offline`) the broker publishes if the gateway disappears, a
+    /// retained `offline` on a clean stop, and heartbeats. `{gateway}` is
+    /// the gateway id. Off unless set.
+    pub status_topic: Option<String>,
+    /// Period of the heartbeat on `status_topic`.
+    #[serde(default = "defaults::status_interval")]
+    pub status_interval: HumanDuration,
+}
+
+/// One downlink filter: `"gw/{gateway}/cmd/#"` (QoS 1), or
+/// `{ filter = "...", qos = 0 }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    pub filter: String,
+    pub qos: u8,
+}
+
+impl Subscription {
+    /// The filter with `{gateway}` replaced.
+    pub fn expand(&self, gateway: &str) -> String {
+        expand_gateway(&self.filter, gateway)
+    }
+}
+
+/// `{gateway}` in a topic or filter, replaced by the gateway id.
+pub fn expand_gateway(template: &str, gateway: &str) -> String {
+    template.replace("{gateway}", gateway)
+}
+
+/// A string is a QoS 1 filter; a table names filter and qos. Hand-written
+/// so a table's own error (an unknown key) is not "matched no variant".
+impl<'de> Deserialize<'de> for Subscription {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            filter: String,
+            #[serde(default = "one")]
+            qos: u8,
+        }
+        fn one() -> u8 {
+            1
+        }
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Subscription;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a topic filter, or { filter = \"gw/{gateway}/cmd/#\", qos = 1 }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Subscription {
+                    filter: v.to_string(),
+                    qos: 1,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let t = Table::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(Subscription {
+                    filter: t.filter,
+                    qos: t.qos,
+                })
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 mod defaults {
@@ -344,6 +432,9 @@ mod defaults {
     }
     pub fn reconnect_max() -> HumanDuration {
         HumanDuration(Duration::from_secs(30))
+    }
+    pub fn status_interval() -> HumanDuration {
+        HumanDuration(Duration::from_secs(60))
     }
 }
 
@@ -591,7 +682,7 @@ impl ConfigFile {
             .configure(&rule_settings(self), &names)
         {
             errors.extend(problems.into_iter().map(|(key, msg)| {
-                Diagnostic::whole_file(&self.rules.dir, format!("rules.unmatched.{key}: {msg}"))
+                Diagnostic::whole_file(&self.rules.dir, format!("rules.{key}: {msg}"))
             }));
         }
         match rules {
@@ -711,10 +802,8 @@ fn hostname() -> Option<String> {
 fn rule_settings(file: &ConfigFile) -> crate::rules::Settings {
     crate::rules::Settings {
         gateway: file.gateway_id(),
-        unmatched: match &file.rules.unmatched {
-            UnmatchedPolicy::Keyword(Keyword::Drop) => None,
-            UnmatchedPolicy::Route(d) => Some(d.clone()),
-        },
+        unmatched: file.rules.unmatched.destination(),
+        unmatched_downlink: file.rules.unmatched_downlink.destination(),
         dead_letter: file.rules.dead_letter.clone(),
     }
 }
@@ -747,8 +836,10 @@ pub(crate) fn check(file: &ConfigFile, loc: &Locator) -> Vec<Diagnostic> {
     errors.extend(check_pipeline(file, loc));
     errors.extend(check_queue(&file.queue, loc));
     errors.extend(check_log(&file.log, loc));
+    let gateway = file.gateway_id();
     for (up_name, up) in &file.upstream {
         errors.extend(check_upstream(up_name, up, loc));
+        errors.extend(check_downlink(up_name, up, &gateway, loc));
     }
     errors
 }
@@ -1122,6 +1213,104 @@ fn check_upstream(up_name: &str, up: &UpstreamConfig, loc: &Locator) -> Vec<Diag
     out
 }
 
+/// `subscribe`, `status_topic` and `status_interval` of an upstream.
+fn check_downlink(
+    up_name: &str,
+    up: &UpstreamConfig,
+    gateway: &str,
+    loc: &Locator,
+) -> Vec<Diagnostic> {
+    let table = format!("upstream.{up_name}");
+    let mut out = Vec::new();
+    let mut fail = |key: &str, what: String| out.push(loc.at(&table, key, what));
+    // Its downlink events would be indistinguishable from local ones.
+    if up_name == crate::event::LOCAL_SOURCE && !up.subscribe.is_empty() {
+        fail(
+            "subscribe",
+            format!(
+                "an upstream named {up_name:?} cannot subscribe: rules call local events \"local\" (`from`, `meta.source`); give the upstream another name"
+            ),
+        );
+    }
+    let wild = gateway.contains(['+', '#', '{', '}']) || gateway.is_empty();
+    let mut uses_gateway = false;
+    for (i, sub) in up.subscribe.iter().enumerate() {
+        let n = i + 1;
+        uses_gateway |= sub.filter.contains("{gateway}");
+        let filter = sub.expand(gateway);
+        // An unusable gateway id is reported once, below.
+        let id_at_fault = wild && sub.filter.contains("{gateway}");
+        if sub.filter.is_empty() {
+            fail(
+                "subscribe",
+                format!(
+                    "upstream.{up_name}.subscribe entry {n} is empty; write a topic filter such as \"gw/{{gateway}}/cmd/#\""
+                ),
+            );
+        } else if id_at_fault {
+        } else if filter.contains(['{', '}']) {
+            fail(
+                "subscribe",
+                format!(
+                    "upstream.{up_name}.subscribe entry {n} ({:?}): only {{gateway}} may be written in braces (rules capture topic levels, subscriptions do not)",
+                    sub.filter
+                ),
+            );
+        } else if let Err(e) = crate::topic::Pattern::parse(&filter) {
+            fail(
+                "subscribe",
+                format!(
+                    "upstream.{up_name}.subscribe entry {n} ({:?}): {e}",
+                    sub.filter
+                ),
+            );
+        }
+        if sub.qos > 2 {
+            fail(
+                "subscribe",
+                format!(
+                    "upstream.{up_name}.subscribe entry {n}: qos {} does not exist; use 0, 1 or 2",
+                    sub.qos
+                ),
+            );
+        }
+    }
+    if let Some(t) = &up.status_topic {
+        uses_gateway |= t.contains("{gateway}");
+        let topic = expand_gateway(t, gateway);
+        if t.is_empty() {
+            fail(
+                "status_topic",
+                format!(
+                    "upstream.{up_name}.status_topic is empty; write a topic such as \"gw/{{gateway}}/status\", or leave it out"
+                ),
+            );
+        } else if topic.contains(['+', '#', '{', '}']) && !(wild && t.contains("{gateway}")) {
+            fail(
+                "status_topic",
+                format!(
+                    "upstream.{up_name}.status_topic {t:?}: a topic to publish on has no wildcards, and only {{gateway}} may be written in braces"
+                ),
+            );
+        }
+    }
+    if up.status_interval.0 < Duration::from_secs(1) {
+        fail(
+            "status_interval",
+            format!("upstream.{up_name}.status_interval must be at least 1s"),
+        );
+    }
+    if wild && uses_gateway {
+        fail(
+            "subscribe",
+            format!(
+                "the gateway id {gateway:?} cannot stand in for {{gateway}} in a topic: it is empty or holds + # {{ }}; set [gateway] id"
+            ),
+        );
+    }
+    out
+}
+
 /// Byte span where `key` is set inside the table `[table]`; else the
 /// table's header; `None` if the table is not written at all.
 fn find_key_in(text: &str, table: &str, key: &str) -> Option<std::ops::Range<usize>> {
@@ -1402,6 +1591,51 @@ mod tests {
         assert!(
             errs.iter()
                 .any(|d| d.line == 3 && d.message.contains("inflight")),
+            "{errs:#?}"
+        );
+    }
+
+    #[test]
+    fn downlink_keys_are_checked_at_their_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let check = |gateway: &str, upstream: &str| {
+            let text = format!(
+                "[gateway]\nid = \"{gateway}\"\n[rules]\ndir = \"{}\"\n[upstream.cloud]\nurl = \"mqtt://h\"\n{upstream}\n",
+                dir.path().display()
+            );
+            match Config::from_toml(&text, Path::new("gw.toml"), dir.path()) {
+                Ok(_) => Vec::new(),
+                Err(Diagnostics(errs)) => errs.iter().map(|d| d.to_string()).collect(),
+            }
+        };
+        let good = "subscribe = [\"gw/{gateway}/cmd/#\", { filter = \"fleet/+/all\", qos = 0 }]\nstatus_topic = \"gw/{gateway}/status\"\nstatus_interval = \"30s\"";
+        assert_eq!(check("g1", good), Vec::<String>::new());
+        let errs = check(
+            "g1",
+            "subscribe = [\"gw/{site}/cmd\", \"a/#/b\", { filter = \"x\", qos = 3 }, \"\"]\nstatus_topic = \"gw/+/status\"\nstatus_interval = \"10ms\"",
+        );
+        assert_eq!(errs.len(), 6, "{errs:#?}");
+        for (e, (line, what)) in errs.iter().zip([
+            (7, "only {gateway} may be written in braces"),
+            (7, "'#' is only allowed as the last level"),
+            (7, "qos 3 does not exist"),
+            (7, "entry 4 is empty"),
+            (8, "a topic to publish on has no wildcards"),
+            (9, "status_interval must be at least 1s"),
+        ]) {
+            assert!(
+                e.starts_with(&format!("gw.toml:{line}:")) && e.contains(what),
+                "{e}"
+            );
+        }
+        let errs = check("a+b", "subscribe = [\"gw/{gateway}/cmd\"]");
+        assert!(
+            errs.len() == 1 && errs[0].contains("cannot stand in for {gateway}"),
+            "{errs:#?}"
+        );
+        let errs = check("g1", "subscribe = [{ filter = \"x\", qs = 1 }]");
+        assert!(
+            errs.len() == 1 && errs[0].starts_with("gw.toml:7:") && errs[0].contains("qs"),
             "{errs:#?}"
         );
     }

@@ -338,6 +338,36 @@ const PER_UPLINK: &[PerUplink] = &[
         Counter,
         |u| u.dead_lettered.load(Relaxed),
     ),
+    (
+        "downlink_received",
+        "Publishes that arrived on the upstream's downlink subscriptions and went to the rules",
+        Counter,
+        |u| u.downlink_received.load(Relaxed),
+    ),
+    (
+        "downlink_echoes_dropped",
+        "Downlink publishes that were edgeferry's own, echoed back by a 3.1.1 broker (dropped: no loop)",
+        Counter,
+        |u| u.downlink_echoes.load(Relaxed),
+    ),
+    (
+        "downlink_subscribed",
+        "Downlink filters the upstream granted on this session (0 while down)",
+        Gauge,
+        |u| u.downlink_subscribed.load(Relaxed),
+    ),
+    (
+        "downlink_refused",
+        "Downlink filters the upstream refused in its SUBACK",
+        Counter,
+        |u| u.downlink_refused.load(Relaxed),
+    ),
+    (
+        "status_sent",
+        "Messages on the upstream's status_topic (birth, heartbeats, offline)",
+        Counter,
+        |u| u.status_sent.load(Relaxed),
+    ),
 ];
 
 /// One per-upstream metric by failure kind.
@@ -423,15 +453,7 @@ impl Collector for Scrape {
             "events_dropped",
             "Events dropped inside edgeferry, by reason",
             "reason",
-            &[
-                ("unmatched", &m.dropped_unmatched),
-                ("rule", &m.dropped_rule),
-                ("throttled", &m.dropped_throttled),
-                ("duplicate", &m.dropped_duplicate),
-                ("deadband", &m.dropped_deadband),
-                ("queue_unavailable", &m.dropped_queue_unavailable),
-                ("loop", &m.dropped_loop),
-            ],
+            &m.dropped(),
         )?;
         plain(&mut enc, m, PIPELINE)?;
         let (sum, count, buckets) = m.commit_seconds.snapshot();

@@ -19,6 +19,7 @@ use super::template::Template;
 use super::transform::Transform;
 use super::{Destination, Rule, Shape, Target, UpstreamTarget};
 use crate::diagnostic::Diagnostic;
+use crate::event::LOCAL_SOURCE;
 use crate::rules::TestSpec;
 use crate::topic::Pattern;
 
@@ -178,6 +179,7 @@ fn compile_rule(
         c.err(&["name"], "name must not be empty".into());
     }
     let pattern = c.pattern(&spec.pattern);
+    let sources = c.sources(spec.from.as_deref(), upstreams);
     let when = spec.when.as_deref().and_then(|w| c.expr(&["when"], w));
     let transform = c.transform(&spec);
     let shape = c.shape(&spec);
@@ -206,6 +208,7 @@ fn compile_rule(
     Some(Rule {
         name: Arc::from(spec.name.as_str()),
         pattern: pattern?,
+        sources,
         when,
         transform,
         shape,
@@ -270,6 +273,37 @@ impl RuleCheck<'_, '_> {
             }
         }
         Some(p)
+    }
+
+    /// `from`: which events the rule serves, `"local"` when unset.
+    fn sources(&mut self, from: Option<&[String]>, upstreams: &BTreeSet<String>) -> Vec<Arc<str>> {
+        let Some(from) = from else {
+            return vec![Arc::from(LOCAL_SOURCE)];
+        };
+        if from.is_empty() {
+            self.err(
+                &["from"],
+                "from = [] matches nothing; name \"local\" or an upstream (or leave it out for local events)".into(),
+            );
+        }
+        for (i, name) in from.iter().enumerate() {
+            if name != LOCAL_SOURCE && !upstreams.contains(name) {
+                let known: Vec<&str> = upstreams.iter().map(String::as_str).collect();
+                let path = i.to_string();
+                let path: &[&str] = match from.len() {
+                    1 => &["from"],
+                    _ => &["from", &path],
+                };
+                self.err(
+                    path,
+                    format!(
+                        "from {name:?} is neither \"local\" nor a configured upstream (configured: {}); a downlink rule names the [upstream.<name>] it subscribes on",
+                        if known.is_empty() { "none".to_string() } else { known.join(", ") },
+                    ),
+                );
+            }
+        }
+        from.iter().map(|n| Arc::from(n.as_str())).collect()
     }
 
     /// `set`, `drop_fields` and `rename`.
@@ -383,10 +417,7 @@ pub fn compile_destination(
             None
         }
         (Some(name), None) => Some(upstream_target(d, name, upstreams, &mut problems)),
-        (None, Some(_)) => {
-            local_only_keys(d, &mut problems);
-            Some(Target::Local)
-        }
+        (None, Some(_)) => Some(local_target(d, &mut problems)),
     };
     let template = |t: &str, key, problems: &mut Vec<_>| {
         let captures = pattern.into_iter().flat_map(|p| p.capture_names());
@@ -428,6 +459,12 @@ fn upstream_target(
             ),
         ));
     }
+    if d.retain.is_some() {
+        problems.push((
+            "retain",
+            "`retain` applies to a local destination (an upstream's queued events are not retained)".into(),
+        ));
+    }
     let qos = d.qos.unwrap_or(1);
     if qos > 1 {
         problems.push((
@@ -451,18 +488,18 @@ fn upstream_target(
     })
 }
 
-/// Keys that only an upstream destination has, set on a local one.
-fn local_only_keys(d: &DestinationSpec, problems: &mut Vec<(&'static str, String)>) {
+/// `{ local = "<topic>", qos, retain }`; keys that only an upstream
+/// destination has are errors.
+fn local_target(d: &DestinationSpec, problems: &mut Vec<(&'static str, String)>) -> Target {
+    let qos = d.qos.unwrap_or(0);
+    if qos > 2 {
+        problems.push(("qos", format!("qos {qos} does not exist; use 0, 1 or 2")));
+    }
     let upstream_only = [
         (
             d.topic.is_some(),
             "topic",
             "the local topic is the `local` value itself",
-        ),
-        (
-            d.qos.is_some(),
-            "qos",
-            "local republish is QoS 0 inside the gateway",
         ),
         (
             d.priority.is_some(),
@@ -483,6 +520,10 @@ fn local_only_keys(d: &DestinationSpec, problems: &mut Vec<(&'static str, String
                 format!("`{key}` does not apply to a local destination ({why})"),
             ));
         }
+    }
+    Target::Local {
+        qos,
+        retain: d.retain.unwrap_or(false),
     }
 }
 

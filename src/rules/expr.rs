@@ -11,7 +11,8 @@
 //! - `topic` (string), `payload` (the whole decoded payload: a map, list or
 //!   scalar for JSON and CBOR; a string or bytes for anything else) and
 //!   `meta` (`meta.id`, `meta.received_ms`, `meta.gateway`, `meta.format`,
-//!   `meta.size`);
+//!   `meta.size`, `meta.client_id`, `meta.username`, `meta.source`: `"local"`
+//!   or the upstream a downlink event came from);
 //! - the rule's topic captures by name (`site` for `sensors/{site}/#`);
 //! - the top-level fields of an object payload by name (`value`, `unit`).
 //!
@@ -313,6 +314,7 @@ impl<'e> EventVars<'e> {
             Box::new(CelInt::from(event.received_ms as i64)),
         );
         put("gateway", Box::new(CelString::from(gateway)));
+        put("source", Box::new(CelString::from(event.source_name())));
         put("format", Box::new(CelString::from(event.payload.format())));
         put("size", Box::new(CelInt::from(event.raw.len() as i64)));
         put("client_id", Box::new(CelString::from(&*event.client_id)));

@@ -53,6 +53,8 @@ pub const MAX_HOPS: u8 = 4;
 pub struct Rule {
     pub name: Arc<str>,
     pub pattern: Pattern,
+    /// The `meta.source` values it serves: `"local"`, upstream names.
+    sources: Vec<Arc<str>>,
     /// As written, to tell changed rules from unchanged ones on reload.
     spec: RuleSpec,
     when: Option<Expr>,
@@ -82,7 +84,11 @@ pub struct Destination {
 #[derive(Debug, Clone)]
 enum Target {
     Upstream(UpstreamTarget),
-    Local,
+    /// QoS and retain of the publish towards local subscribers.
+    Local {
+        qos: u8,
+        retain: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -115,6 +121,8 @@ pub struct Route {
 pub struct Republish {
     pub topic: String,
     pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
     /// Stamped on it so the rules can tell it came from here.
     pub origin: Origin,
 }
@@ -177,9 +185,15 @@ pub struct RuleSet {
     env: Arc<Env>,
     gateway: Arc<str>,
     unmatched: Option<Destination>,
+    /// The same for downlink events (`rules.unmatched_downlink`).
+    unmatched_downlink: Option<Destination>,
     dead_letter: Option<Arc<str>>,
     /// `[[test]]` cases found next to the rules, with their file and line.
     tests: Vec<(TestSpec, PathBuf, usize)>,
+    /// The configured upstreams (a test's `from` may name one).
+    upstreams: BTreeSet<String>,
+    /// SHA-256 chained over each file's name and text, in load order.
+    digest: [u8; 32],
 }
 
 /// What the config says about the rules beyond the rule files.
@@ -189,6 +203,8 @@ pub struct Settings {
     pub gateway: String,
     /// Destination of events no rule matched; `None` drops them.
     pub unmatched: Option<DestinationSpec>,
+    /// Destination of downlink events no rule matched; `None` drops them.
+    pub unmatched_downlink: Option<DestinationSpec>,
     /// Local topic for dead letters; `None`: counted only.
     pub dead_letter: Option<String>,
 }
@@ -229,6 +245,16 @@ impl RuleSet {
 
     pub fn rules(&self) -> &[Rule] {
         &self.rules
+    }
+
+    /// Which rule files these are: the first 16 hex digits of a SHA-256
+    /// over each file's name and contents, in load order. Two gateways
+    /// with the same digest run the same rules.
+    pub fn digest(&self) -> String {
+        self.digest[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     /// Local topic for dead letters, if configured.
@@ -305,6 +331,13 @@ impl RuleSet {
         seen: &mut HashMap<Arc<str>, String>,
         errors: &mut Vec<Diagnostic>,
     ) {
+        self.upstreams.clone_from(upstreams);
+        let mut d = ring::digest::Context::new(&ring::digest::SHA256);
+        d.update(&self.digest);
+        d.update(file.file_name().unwrap_or_default().as_encoded_bytes());
+        d.update(&[0]);
+        d.update(text.as_bytes());
+        self.digest.copy_from_slice(d.finish().as_ref());
         let contents = compile::parse_file(file, text, upstreams, errors);
         let mut duplicates = Vec::new();
         for (name, at) in contents.names {
@@ -345,20 +378,31 @@ impl RuleSet {
         );
     }
 
-    /// Apply the config's settings: gateway id, unmatched policy, dead
-    /// letters. The unmatched destination was checked with the config.
+    /// Apply the config's settings: gateway id, unmatched policies, dead
+    /// letters. A problem with a policy's destination comes back as
+    /// (`"unmatched.<key>"` or `"unmatched_downlink.<key>"`, message).
     pub fn configure(
         &mut self,
         settings: &Settings,
         upstreams: &BTreeSet<String>,
-    ) -> Result<(), Vec<(&'static str, String)>> {
+    ) -> Result<(), Vec<(String, String)>> {
         self.gateway = Arc::from(settings.gateway.as_str());
         self.dead_letter = settings.dead_letter.as_deref().map(Arc::from);
-        self.unmatched = match &settings.unmatched {
-            Some(d) => Some(compile::compile_destination(d, None, upstreams, false)?),
-            None => None,
+        let mut problems = Vec::new();
+        let mut policy = |setting: &str, d: &Option<DestinationSpec>| {
+            let d = d.as_ref()?;
+            compile::compile_destination(d, None, upstreams, false)
+                .map_err(|p| {
+                    problems.extend(p.into_iter().map(|(k, m)| (format!("{setting}.{k}"), m)))
+                })
+                .ok()
         };
-        Ok(())
+        self.unmatched = policy("unmatched", &settings.unmatched);
+        self.unmatched_downlink = policy("unmatched_downlink", &settings.unmatched_downlink);
+        match problems.is_empty() {
+            true => Ok(()),
+            false => Err(problems),
+        }
     }
 
     /// Which rules were added, removed or changed from `old` to `self`.
@@ -437,14 +481,25 @@ impl RuleSet {
             return verdict;
         }
         let candidates = self.index.matches(&event.topic);
-        if candidates.is_empty() && self.unmatched.is_none() {
+        let unmatched = match event.source {
+            None => self.unmatched.as_ref(),
+            Some(_) => self.unmatched_downlink.as_ref(),
+        };
+        if candidates.is_empty() && unmatched.is_none() {
             return verdict;
         }
+        let source = event.source_name();
         let id = event.id.to_string();
         // Built on first use, then shared by every rule this event reaches.
         let mut vars: Option<EventVars<'_>> = None;
         for i in candidates {
             let rule = &self.rules[i];
+            // A rule serves local events or named downlinks, never both by
+            // accident: a downlink event reaches only the rules that name
+            // its upstream in `from`.
+            if !rule.serves(source) {
+                continue;
+            }
             if event.origin.as_ref().is_some_and(|o| *o.rule == *rule.name) {
                 verdict.step(&rule.name, Step::OwnRepublish);
                 continue;
@@ -525,7 +580,7 @@ impl RuleSet {
         // would otherwise go to the unmatched destination (or loop on it).
         if verdict.matched == 0
             && event.origin.is_none()
-            && let Some(d) = &self.unmatched
+            && let Some(d) = unmatched
         {
             let name: Arc<str> = Arc::from("unmatched");
             let before = verdict.routes.len() + verdict.republish.len();
@@ -722,7 +777,7 @@ impl RuleSet {
                 event_id: id.to_string(),
                 received_ms: event.received_ms,
             }),
-            Target::Local => {
+            Target::Local { qos, retain } => {
                 let hops = event.origin.as_ref().map_or(0, |o| o.hops) + 1;
                 if hops > MAX_HOPS {
                     verdict.loop_dropped += 1;
@@ -731,6 +786,8 @@ impl RuleSet {
                 verdict.republish.push(Republish {
                     topic,
                     payload,
+                    qos: *qos,
+                    retain: *retain,
                     origin: Origin {
                         rule: rule.to_string(),
                         hops,
@@ -796,6 +853,11 @@ pub fn toml_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 impl Rule {
+    /// Whether the rule serves events from `source` (`meta.source`).
+    fn serves(&self, source: &str) -> bool {
+        self.sources.iter().any(|s| **s == *source)
+    }
+
     /// Whether any expression of this rule reads the event.
     fn needs_vars(&self) -> bool {
         self.when.is_some()

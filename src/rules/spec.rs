@@ -18,6 +18,11 @@ pub struct RuleSpec {
     /// MQTT topic pattern with `+`, `#` and `{name}` captures.
     #[serde(rename = "match")]
     pub pattern: String,
+    /// Which events the rule serves: `"local"` (what local clients publish,
+    /// the default), an upstream's name (what arrives on its downlink
+    /// subscriptions), or a list of these.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub from: Option<Vec<String>>,
     /// CEL predicate; the rule applies only where it is true.
     pub when: Option<String>,
     /// Fields added or replaced: field name -> CEL expression.
@@ -59,8 +64,12 @@ pub struct DestinationSpec {
     /// Topic template; `{name}` is replaced by the capture of that name and
     /// `{payload.field}` by a payload field. Defaults to the event's own topic.
     pub topic: Option<String>,
-    /// 0 or 1 (default 1). Upstreams only, like the three below.
+    /// Upstream: 0 or 1 (default 1). Local: 0, 1 or 2 towards local
+    /// subscribers (default 0).
     pub qos: Option<u8>,
+    /// Local only: publish retained, so a device that subscribes later
+    /// still gets the last one (setpoints, desired state).
+    pub retain: Option<bool>,
     /// Send order in the queue: "low", "normal" (default) or "high".
     pub priority: Option<Priority>,
     /// Not sent after this long in the queue (e.g. "24h"); unset: never expires.
@@ -74,6 +83,31 @@ pub struct DestinationSpec {
     /// Output encoding: "json", "cbor" or "raw" (the bytes as received,
     /// untouched by transforms). Default: the input's own format.
     pub encode: Option<Encoding>,
+}
+
+/// A string or a list of strings, as a list.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("\"local\", an upstream name, or a list of them")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(vec![v.to_string()])
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(s) = seq.next_element::<String>()? {
+                out.push(s);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(V).map(Some)
 }
 
 /// How a destination's payload is written.

@@ -28,7 +28,7 @@ use serde_json::Value;
 use super::spec::Encoding;
 use super::{RuleSet, Verdict};
 use crate::codec::{self, Payload};
-use crate::event::Event;
+use crate::event::{Event, LOCAL_SOURCE};
 use crate::units::HumanDuration;
 
 /// Test time starts at a UTC midnight, so windows of any period that divides
@@ -64,6 +64,9 @@ pub struct InputSpec {
     /// Who published it (`meta.client_id`, `meta.username`).
     pub client_id: Option<String>,
     pub username: Option<String>,
+    /// Where it comes from: `"local"` (default) or an upstream's name, for
+    /// a command arriving on that upstream's downlink (`meta.source`).
+    pub from: Option<String>,
 }
 
 /// One step of a sequence.
@@ -80,6 +83,8 @@ pub struct StepSpec {
     /// Who published it (`meta.client_id`, `meta.username`).
     pub client_id: Option<String>,
     pub username: Option<String>,
+    /// `"local"` (default) or the upstream a downlink event came from.
+    pub from: Option<String>,
     #[serde(default)]
     pub expect: Vec<ExpectSpec>,
     /// This step's input is expected to make a rule fail; otherwise a rule
@@ -98,6 +103,8 @@ pub struct ExpectSpec {
     /// Fields the payload must have (a subset match).
     pub payload: Option<Value>,
     pub qos: Option<u8>,
+    /// A local output's retain flag.
+    pub retain: Option<bool>,
     pub priority: Option<crate::queue::Priority>,
     /// The output's encoding: "json", "cbor" or "raw" (neither).
     pub encode: Option<Encoding>,
@@ -110,6 +117,7 @@ struct Output {
     local: Option<String>,
     topic: String,
     qos: Option<u8>,
+    retain: bool,
     priority: Option<crate::queue::Priority>,
     payload: Payload,
 }
@@ -124,7 +132,15 @@ impl std::fmt::Display for Output {
                 self.qos.unwrap_or(1),
                 format!("{:?}", self.priority.unwrap_or_default()).to_lowercase()
             )?,
-            (None, _) => write!(f, "local {:?}", self.topic)?,
+            (None, _) => {
+                write!(f, "local {:?}", self.topic)?;
+                if let Some(q) = self.qos.filter(|q| *q > 0) {
+                    write!(f, " qos {q}")?;
+                }
+                if self.retain {
+                    write!(f, " retained")?;
+                }
+            }
         }
         match &self.payload {
             Payload::Json(v) => write!(f, " json {v}"),
@@ -171,6 +187,7 @@ fn run_one(set: &RuleSet, spec: &TestSpec) -> Result<(), String> {
             raw: i.raw.clone(),
             client_id: i.client_id.clone(),
             username: i.username.clone(),
+            from: i.from.clone(),
             expect: e.clone(),
             errors: spec.errors,
         }],
@@ -202,6 +219,15 @@ fn run_one(set: &RuleSet, spec: &TestSpec) -> Result<(), String> {
                 event.client_id = id.as_str().into();
             }
             event.username = step.username.as_deref().map(Into::into);
+            event.source = match step.from.as_deref() {
+                None | Some(LOCAL_SOURCE) => None,
+                Some(name) if set.upstreams.contains(name) => Some(name.into()),
+                Some(name) => {
+                    let msg =
+                        format!("  from {name:?} is neither \"local\" nor a configured upstream");
+                    return Err(in_step(steps.len(), n, topic, msg));
+                }
+            };
             let verdict = set.route(&event, &mut state);
             outputs.extend(collect(&verdict));
             let _ = write!(what, ", {topic}");
@@ -288,6 +314,7 @@ fn collect(v: &Verdict) -> Vec<Output> {
             local: None,
             topic: r.topic.clone(),
             qos: Some(r.qos),
+            retain: false,
             priority: Some(r.priority),
             payload: codec::decode(&r.payload),
         })
@@ -296,7 +323,8 @@ fn collect(v: &Verdict) -> Vec<Output> {
         upstream: None,
         local: Some(r.topic.clone()),
         topic: r.topic.clone(),
-        qos: None,
+        qos: Some(r.qos),
+        retain: r.retain,
         priority: None,
         payload: codec::decode(&r.payload),
     }));
@@ -346,6 +374,9 @@ fn describe(e: &ExpectSpec) -> String {
     if let Some(q) = e.qos {
         let _ = write!(s, " qos {q}");
     }
+    if let Some(r) = e.retain {
+        let _ = write!(s, "{}", if r { " retained" } else { " not retained" });
+    }
     if let Some(p) = e.priority {
         let _ = write!(s, " priority {}", format!("{p:?}").to_lowercase());
     }
@@ -379,6 +410,9 @@ fn mismatch(e: &ExpectSpec, o: &Output) -> Option<String> {
     }
     if e.qos.is_some() && e.qos != o.qos {
         return Some("different qos".into());
+    }
+    if e.retain.is_some_and(|r| r != o.retain) {
+        return Some("different retain".into());
     }
     if e.priority.is_some() && e.priority != o.priority {
         return Some("different priority".into());

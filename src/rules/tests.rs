@@ -399,7 +399,7 @@ mtch = "a"
 name = "bad-cel"
 match = "a"
 when = "value > > 3"
-to = [{ local = "x", qos = 1 }]
+to = [{ local = "x", qos = 3 }]
 
 [[rule]]
 name = "bad-shape"
@@ -581,4 +581,155 @@ to = [{ upstream = "cloud" }]
         v.trace.unwrap(),
         [(Arc::from("per-minute"), Step::Absorbed)]
     );
+}
+
+/// A downlink event: what came down `upstream`'s subscriptions.
+fn from_upstream(topic: &str, payload: &'static [u8], upstream: &str) -> Event {
+    let mut e = Event::for_test(topic, payload);
+    e.source = Some(upstream.into());
+    e
+}
+
+#[test]
+fn a_rule_serves_local_events_unless_its_from_names_an_upstream() {
+    let set = load(
+        r##"
+[[rule]]
+name = "sensors"
+match = "#"
+to = [{ upstream = "cloud" }]
+
+[[rule]]
+name = "commands"
+from = "cloud"
+match = "gw/+/cmd/{device}"
+set = { device = "device", via = "meta.source" }
+to = [{ local = "devices/{device}/set", qos = 1, retain = true }]
+
+[[rule]]
+name = "both"
+from = ["local", "cloud"]
+match = "gw/+/cmd/#"
+to = [{ local = "audit" }]
+"##,
+    )
+    .unwrap();
+    let cmd = from_upstream("gw/g1/cmd/relay", b"{\"on\":true}", "cloud");
+    let v = set.route(&cmd, &mut set.new_state());
+    assert!(
+        v.routes.is_empty(),
+        "a rule without `from` never sees a command: {v:?}"
+    );
+    assert_eq!(v.republish.len(), 2);
+    let r = &v.republish[0];
+    assert_eq!(
+        (r.topic.as_str(), r.qos, r.retain),
+        ("devices/relay/set", 1, true)
+    );
+    assert_eq!(
+        json_of(&r.payload),
+        json!({"on": true, "device": "relay", "via": "cloud"})
+    );
+    assert_eq!((v.republish[1].qos, v.republish[1].retain), (0, false));
+
+    let local = route(&set, "gw/g1/cmd/relay", b"{}");
+    assert_eq!(
+        local.routes.len(),
+        1,
+        "local events still reach the rule without `from`"
+    );
+    assert_eq!(
+        local.republish.len(),
+        1,
+        "and the rule that names local, not the downlink one"
+    );
+}
+
+#[test]
+fn from_and_local_delivery_are_checked_with_their_line() {
+    let Diagnostics(errs) = load(
+        r##"[[rule]]
+name = "a"
+from = "clod"
+match = "x"
+to = [{ local = "y", qos = 3 }]
+
+[[rule]]
+name = "b"
+from = ["local", "nowhere"]
+match = "x"
+to = [{ upstream = "cloud", retain = true }]
+
+[[rule]]
+name = "c"
+from = []
+match = "x"
+drop = true
+"##,
+    )
+    .unwrap_err();
+    let got: Vec<(usize, &str)> = errs.iter().map(|d| (d.line, d.message.as_str())).collect();
+    assert_eq!(got.len(), 5, "{got:#?}");
+    assert_eq!(got[0].0, 3);
+    assert!(
+        got[0].1.contains(
+            "from \"clod\" is neither \"local\" nor a configured upstream (configured: cloud)"
+        ),
+        "{}",
+        got[0].1
+    );
+    assert_eq!(got[1].0, 5);
+    assert!(got[1].1.contains("qos 3 does not exist"), "{}", got[1].1);
+    assert_eq!(got[2].0, 9);
+    assert!(got[2].1.contains("\"nowhere\""), "{}", got[2].1);
+    assert_eq!(got[3].0, 11);
+    assert!(
+        got[3].1.contains("`retain` applies to a local destination"),
+        "{}",
+        got[3].1
+    );
+    assert_eq!(got[4].0, 15);
+    assert!(
+        got[4].1.contains("from = [] matches nothing"),
+        "{}",
+        got[4].1
+    );
+}
+
+#[test]
+fn a_downlink_event_no_rule_takes_follows_its_own_unmatched_policy() {
+    let text = "[[rule]]\nname = \"a\"\nmatch = \"a\"\nto = [{ upstream = \"cloud\" }]\n";
+    let mut set = load(text).unwrap();
+    let keep: DestinationSpec = toml::from_str("local = \"unhandled/commands\"\n").unwrap();
+    set.configure(
+        &Settings {
+            unmatched_downlink: Some(keep),
+            ..Default::default()
+        },
+        &upstreams(),
+    )
+    .unwrap();
+    let v = set.route(&from_upstream("gw/x", b"1", "cloud"), &mut set.new_state());
+    assert!(v.unmatched_routed);
+    assert_eq!(v.republish[0].topic, "unhandled/commands");
+    let v = set.route(&from_upstream("a", b"1", "cloud"), &mut set.new_state());
+    assert!(
+        v.routes.is_empty(),
+        "a local rule does not take a command on its topic"
+    );
+    let v = route(&set, "nothing", b"1");
+    assert!(
+        !v.unmatched_routed && v.republish.is_empty(),
+        "local events keep `unmatched` (drop)"
+    );
+}
+
+#[test]
+fn the_digest_names_the_files_and_their_text() {
+    let a = load("[[rule]]\nname = \"a\"\nmatch = \"a\"\ndrop = true\n").unwrap();
+    let same = load("[[rule]]\nname = \"a\"\nmatch = \"a\"\ndrop = true\n").unwrap();
+    let other = load("[[rule]]\nname = \"b\"\nmatch = \"a\"\ndrop = true\n").unwrap();
+    assert_eq!(a.digest(), same.digest());
+    assert_ne!(a.digest(), other.digest());
+    assert_eq!(a.digest().len(), 16);
 }

@@ -64,6 +64,14 @@ pub enum LinkEvent {
     Written(u16),
     /// A PUBACK. `refused`: an MQTT 5 reason code other than success.
     Acked { pkid: u16, refused: Option<Refusal> },
+    /// A publish on one of the downlink subscriptions.
+    Received {
+        topic: String,
+        payload: bytes::Bytes,
+    },
+    /// The SUBACK of the downlink subscriptions: how many filters the
+    /// broker granted, and refused (not authorised, invalid, no wildcards).
+    Subscribed { granted: usize, refused: usize },
     /// Our DISCONNECT went out.
     Disconnected,
     /// Anything else (pings, ...); liveness is stamped by the poller.
@@ -138,6 +146,15 @@ impl Link {
                 if let Some(t) = transport {
                     opts.set_transport(t);
                 }
+                if let Some(s) = &settings.status {
+                    let will = s.will();
+                    opts.set_last_will(rumqttc::LastWill::new(
+                        &s.topic,
+                        will,
+                        QoS::AtLeastOnce,
+                        true,
+                    ));
+                }
                 let (client, eventloop) = rumqttc::AsyncClient::new(opts, capacity);
                 let incoming = |e: &rumqttc::Event| matches!(e, rumqttc::Event::Incoming(_));
                 spawn_poller!(eventloop, incoming, v4_event, v4_error, tx, stamp);
@@ -158,6 +175,15 @@ impl Link {
                 if let Some(t) = transport {
                     opts.set_transport(t);
                 }
+                if let Some(s) = &settings.status {
+                    opts.set_last_will(v5::mqttbytes::v5::LastWill::new(
+                        &s.topic,
+                        s.will(),
+                        v5::mqttbytes::QoS::AtLeastOnce,
+                        true,
+                        None,
+                    ));
+                }
                 let (client, eventloop) = v5::AsyncClient::new(opts, capacity);
                 let incoming = |e: &v5::Event| matches!(e, v5::Event::Incoming(_));
                 spawn_poller!(eventloop, incoming, v5_event, v5_error, tx, stamp);
@@ -170,6 +196,40 @@ impl Link {
             heard_ms,
         };
         (Link { client }, events)
+    }
+
+    /// Subscribe to the downlink filters (filter, QoS). On MQTT 5 with
+    /// No Local, so the broker never sends back what edgeferry published.
+    pub fn subscribe(&self, filters: &[(String, u8)]) -> Result<(), String> {
+        if filters.is_empty() {
+            return Ok(());
+        }
+        match &self.client {
+            Client::V4(c) => {
+                let qos = |q: u8| match q {
+                    0 => QoS::AtMostOnce,
+                    1 => QoS::AtLeastOnce,
+                    _ => QoS::ExactlyOnce,
+                };
+                c.try_subscribe_many(
+                    filters
+                        .iter()
+                        .map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), qos(*q))),
+                )
+                .map_err(|e| e.to_string())
+            }
+            Client::V5(c) => {
+                use rumqttc::v5::mqttbytes::{self, v5::Filter};
+                let qos = |q: u8| mqttbytes::qos(q.min(2)).unwrap_or(mqttbytes::QoS::AtLeastOnce);
+                // (2 is the largest valid QoS, so `qos` never fails here.)
+                c.try_subscribe_many(filters.iter().map(|(f, q)| {
+                    let mut filter = Filter::new(f.clone(), qos(*q));
+                    filter.nolocal = true;
+                    filter
+                }))
+                .map_err(|e| e.to_string())
+            }
+        }
     }
 
     pub fn try_disconnect(&self) {
@@ -187,10 +247,14 @@ impl Wire for Link {
     fn publish(&self, p: Publish<'_>) -> Result<(), String> {
         match &self.client {
             Client::V4(c) => c
-                .try_publish(p.topic, p.qos, false, p.payload)
+                .try_publish(p.topic, p.qos, p.retain, p.payload)
                 .map_err(|e| e.to_string()),
             Client::V5(c) => {
-                let mut user_properties = vec![("event_id".to_string(), p.event_id)];
+                // The gateway's own status messages are no events: no id.
+                let mut user_properties = Vec::new();
+                if !p.event_id.is_empty() {
+                    user_properties.push(("event_id".to_string(), p.event_id));
+                }
                 if let Some(name) = p.replay_marker {
                     user_properties.push((name.to_string(), "true".to_string()));
                 }
@@ -203,7 +267,7 @@ impl Wire for Link {
                     QoS::AtMostOnce => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
                     _ => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
                 };
-                c.try_publish_with_properties(p.topic, qos, false, p.payload, props)
+                c.try_publish_with_properties(p.topic, qos, p.retain, p.payload, props)
                     .map_err(|e| e.to_string())
             }
         }
@@ -241,6 +305,21 @@ fn v4_event(ev: rumqttc::Event) -> LinkEvent {
             pkid: ack.pkid,
             refused: None,
         },
+        Event::Incoming(Incoming::Publish(p)) => LinkEvent::Received {
+            topic: p.topic,
+            payload: p.payload,
+        },
+        Event::Incoming(Incoming::SubAck(ack)) => {
+            let codes = &ack.return_codes;
+            let refused = codes
+                .iter()
+                .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                .count();
+            LinkEvent::Subscribed {
+                granted: codes.len() - refused,
+                refused,
+            }
+        }
         Event::Outgoing(Outgoing::Disconnect) => LinkEvent::Disconnected,
         _ => LinkEvent::Other,
     }
@@ -261,7 +340,7 @@ fn v4_error(e: rumqttc::ConnectionError) -> LinkError {
 fn v5_event(ev: rumqttc::v5::Event) -> LinkEvent {
     use rumqttc::Outgoing;
     use rumqttc::v5::Event;
-    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
     match ev {
         Event::Incoming(Packet::ConnAck(ack)) => LinkEvent::Connected {
             session_present: ack.session_present,
@@ -284,6 +363,21 @@ fn v5_event(ev: rumqttc::v5::Event) -> LinkEvent {
             LinkEvent::Acked {
                 pkid: ack.pkid,
                 refused: refused.map(|(reason, permanent)| Refusal { reason, permanent }),
+            }
+        }
+        Event::Incoming(Packet::Publish(p)) => LinkEvent::Received {
+            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+            payload: p.payload,
+        },
+        Event::Incoming(Packet::SubAck(ack)) => {
+            let codes = &ack.return_codes;
+            let refused = codes
+                .iter()
+                .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+                .count();
+            LinkEvent::Subscribed {
+                granted: codes.len() - refused,
+                refused,
             }
         }
         Event::Outgoing(Outgoing::Disconnect) => LinkEvent::Disconnected,

@@ -24,7 +24,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 mod backoff;
+mod downlink;
 pub mod failure;
+pub mod fleet;
 mod link;
 mod packet;
 mod poison;
@@ -34,16 +36,18 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::config::{DrainOrder, UpstreamConfig};
+use crate::config::{DrainOrder, Protocol, UpstreamConfig};
 use crate::credentials::{self, CredentialError, Secret};
-use crate::metrics::UplinkMetrics;
+use crate::metrics::{Metrics, UplinkMetrics};
 use crate::queue::{QueueError, QueueHandle, Row, Waiting};
+use crate::router::Inbound;
 use crate::tls;
 use backoff::Backoff;
 pub use failure::FailureKind;
 use link::{Events, Link, LinkEvent};
 use poison::{POISON_AFTER, Suspect};
-use session::{Connected, Ended, Outcome, Position, Room, Sent, Session};
+use session::{Connected, Ended, Outcome, Position, Room, Sent, Session, Wire};
+use tokio::sync::mpsc;
 
 /// Connection failures are logged at WARN at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(30);
@@ -58,6 +62,20 @@ pub struct UplinkSettings {
     pub password: Option<Secret>,
     /// For `mqtts://` upstreams.
     pub tls: Option<Arc<tls::ClientConfig>>,
+    /// Downlink filters with `{gateway}` replaced, and their QoS.
+    pub subscriptions: Vec<(String, u8)>,
+    /// The gateway's health topic, if configured.
+    pub status: Option<fleet::StatusTopic>,
+}
+
+/// What an uplink shares with the rest of the daemon beyond its queue:
+/// the router, for what comes down the subscriptions, and the counters,
+/// for the heartbeat.
+#[derive(Clone)]
+pub struct Shared {
+    pub metrics: Arc<Metrics>,
+    /// `None` when no upstream subscribes to anything.
+    pub router: Option<mpsc::Sender<Inbound>>,
 }
 
 /// What an upstream's files hold, read once when the config is loaded
@@ -81,22 +99,38 @@ impl UplinkSettings {
     /// The upstream's settings from the files read when the config was
     /// loaded, and its `password_env`, read now, so an unset variable fails
     /// the start with a message instead of every connection attempt.
+    /// `gateway` replaces `{gateway}` in the subscriptions and status
+    /// topic; `started_ms` is when this daemon started.
     pub fn new(
         name: &str,
         client_id: String,
         upstream: &UpstreamConfig,
         files: &UpstreamFiles,
+        gateway: &str,
+        started_ms: u64,
     ) -> Result<UplinkSettings, SetupError> {
         let password = match credentials::from_env(upstream)? {
             Some(p) => Some(p),
             None => files.password.clone(),
         };
+        let status = upstream.status_topic.as_ref().map(|t| fleet::StatusTopic {
+            topic: crate::config::expand_gateway(t, gateway),
+            interval: upstream.status_interval.0,
+            gateway: gateway.to_string(),
+            started_ms,
+        });
         Ok(UplinkSettings {
             name: name.to_string(),
             client_id,
             upstream: upstream.clone(),
             password,
             tls: files.tls.clone(),
+            subscriptions: upstream
+                .subscribe
+                .iter()
+                .map(|s| (s.expand(gateway), s.qos))
+                .collect(),
+            status,
         })
     }
 }
@@ -105,10 +139,18 @@ impl UplinkSettings {
 pub async fn run(
     settings: UplinkSettings,
     queue: QueueHandle,
-    metrics: Arc<UplinkMetrics>,
+    shared: Shared,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let Some(metrics) = shared.metrics.uplinks.get(&settings.name).cloned() else {
+        return;
+    };
     let up = &settings.upstream;
+    let mut fleet = Fleet {
+        shared,
+        echoes: downlink::Echoes::new(&settings.subscriptions, up.protocol == Protocol::V311),
+        rates: fleet::Rates::default(),
+    };
     let mut backoff = Backoff::new(up.reconnect_min.0, up.reconnect_max.0);
     // Rows sent but not acknowledged when the last session ended: sending
     // one of them again is a re-send.
@@ -123,7 +165,15 @@ pub async fn run(
             strike,
             healthy,
             ..
-        } = session(&settings, &queue, &metrics, &mut shutdown, &mut unacked).await;
+        } = session(
+            &settings,
+            &queue,
+            &metrics,
+            &mut fleet,
+            &mut shutdown,
+            &mut unacked,
+        )
+        .await;
         // Down only once it says why: whoever sees it down reads the reason.
         let lost = match ended {
             Ended::Lost { kind, reason } => Some(record_failure(&metrics, kind, &reason)),
@@ -177,6 +227,7 @@ async fn session(
     settings: &UplinkSettings,
     queue: &QueueHandle,
     metrics: &UplinkMetrics,
+    fleet: &mut Fleet,
     shutdown: &mut watch::Receiver<bool>,
     unacked: &mut HashSet<i64>,
 ) -> Outcome {
@@ -187,6 +238,11 @@ async fn session(
         Ok(connack) => connack,
         Err(ended) => return Outcome::before_connecting(ended),
     };
+    // Again on every connect: a broker that lost the session (or never
+    // kept it) has lost the subscriptions too.
+    if let Err(reason) = link.subscribe(&settings.subscriptions) {
+        return Outcome::before_connecting(Ended::lost(FailureKind::Lost, reason));
+    }
     // The session starts at the CONNACK, not after the queue round trips
     // below: rows received before this are the backlog (replay marker).
     let (connected_at, connected_ms) = (Instant::now(), crate::event::now_ms());
@@ -207,6 +263,7 @@ async fn session(
         up,
         metrics,
         unacked,
+        echoes: &mut fleet.echoes,
         session_present,
         receive_max,
         boundary,
@@ -214,14 +271,30 @@ async fn session(
         connected_ms,
     };
     let mut s = Session::connected(link, connected);
-    let ended = drive(&mut s, queue, &mut events, shutdown).await;
+    let status = settings.status.as_ref();
+    let ended = match status.map(|st| s.publish_status(&st.topic, st.birth())) {
+        Some(Err(ended)) => ended,
+        _ => {
+            let mut around = Around {
+                status,
+                next_beat: status.map(|st| Instant::now() + st.interval),
+                rates: &mut fleet.rates,
+                shared: &fleet.shared,
+            };
+            drive(&mut s, queue, &mut events, &mut around, shutdown).await
+        }
+    };
     let (mut outcome, link) = s.end(ended);
     let _ = queue.online(name, false).await;
     if !outcome.acks.is_empty() {
         let _ = queue.ack(std::mem::take(&mut outcome.acks)).await;
     }
     if matches!(outcome.ended, Ended::Shutdown) {
-        // Polite DISCONNECT; unacknowledged rows stay queued for next time.
+        // Retained `offline` first (a DISCONNECT discards the will), then a
+        // polite DISCONNECT; unacknowledged rows stay queued for next time.
+        if let Some(st) = status {
+            let _ = link.publish(packet::Publish::status(&st.topic, st.stopped()));
+        }
         link.try_disconnect();
         events.closed(Duration::from_secs(1)).await;
         info!(upstream = %name, "uplink closed");
@@ -261,6 +334,7 @@ async fn drive(
     s: &mut Session<'_, Link>,
     queue: &QueueHandle,
     events: &mut Events,
+    around: &mut Around<'_>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Ended {
     let name = s.name_of();
@@ -308,13 +382,22 @@ async fn drive(
                 Some(ended) => return ended,
                 None => continue,
             },
+            _ = sleep_until_opt(around.next_beat) => None,
             _ = tokio::time::sleep_until(s.silence_deadline(events.last_heard())) => {
                 match s.silent(events.last_heard(), Instant::now()) {
                     Some(ended) => return ended,
                     None => continue, // heard meanwhile
                 }
             }
-            p = events.rx.recv() => p,
+            p = events.rx.recv() => Some(p),
+        };
+        // (Awaited here, not in its branch: the select's output holds the
+        // shutdown watch's guard, which is not Send.)
+        let Some(polled) = polled else {
+            if let Err(ended) = around.heartbeat(s, queue).await {
+                return ended;
+            }
+            continue;
         };
         match polled {
             Some(Ok(LinkEvent::Written(pkid))) => s.written(pkid),
@@ -323,10 +406,62 @@ async fn drive(
                     return ended;
                 }
             }
+            Some(Ok(LinkEvent::Received { topic, payload })) => {
+                if let (Some(event), Some(router)) =
+                    (s.received(topic, payload), &around.shared.router)
+                {
+                    // Waits while the router is full: the poller stops
+                    // reading and the broker holds the rest (backpressure).
+                    let inbound = Inbound {
+                        event,
+                        receipt: None,
+                    };
+                    tokio::select! {
+                        _ = shutdown.wait_for(|s| *s) => return Ended::Shutdown,
+                        sent = router.send(inbound) => if sent.is_err() {
+                            return Ended::Shutdown;
+                        }
+                    }
+                }
+            }
+            Some(Ok(LinkEvent::Subscribed { granted, refused })) => s.subscribed(granted, refused),
             Some(Ok(_)) => {}
             Some(Err(e)) => return s.failed(e),
             None => return Ended::lost(FailureKind::Lost, "event loop ended"),
         }
+    }
+}
+
+/// What an uplink carries across its sessions besides its rows: the
+/// daemon's shared parts, the echo bookkeeping, the heartbeat's rates.
+struct Fleet {
+    shared: Shared,
+    echoes: downlink::Echoes,
+    rates: fleet::Rates,
+}
+
+/// What a connected session does besides sending rows: heartbeats.
+struct Around<'a> {
+    status: Option<&'a fleet::StatusTopic>,
+    next_beat: Option<Instant>,
+    rates: &'a mut fleet::Rates,
+    shared: &'a Shared,
+}
+
+impl Around<'_> {
+    /// A heartbeat on the status topic, and the next one due.
+    async fn heartbeat(
+        &mut self,
+        s: &mut Session<'_, Link>,
+        queue: &QueueHandle,
+    ) -> Result<(), Ended> {
+        let Some(st) = self.status else {
+            self.next_beat = None;
+            return Ok(());
+        };
+        self.next_beat = Some(Instant::now() + st.interval);
+        let beat = st.heartbeat(&self.shared.metrics, queue, self.rates).await;
+        s.publish_status(&st.topic, beat)
     }
 }
 

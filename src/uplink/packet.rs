@@ -20,9 +20,24 @@ pub(super) struct Publish<'a> {
     pub expiry_secs: Option<u32>,
     /// MQTT 5: a user property `<name>` = "true" marking a replayed event.
     pub replay_marker: Option<&'a str>,
+    /// Only the gateway's status messages are retained; events never are.
+    pub retain: bool,
 }
 
 impl Publish<'_> {
+    /// The gateway's own status message: retained, QoS 1, no event id.
+    pub fn status(topic: &str, payload: bytes::Bytes) -> Publish<'static> {
+        Publish {
+            topic: topic.to_string(),
+            qos: QoS::AtLeastOnce,
+            payload,
+            event_id: String::new(),
+            expiry_secs: None,
+            replay_marker: None,
+            retain: true,
+        }
+    }
+
     /// Payload and topic bytes: what the pace counts.
     pub fn size(&self) -> usize {
         self.payload.len() + self.topic.len()
@@ -84,6 +99,7 @@ impl<'a> Packets<'a> {
                 .expires_ms
                 .map(|e| e.saturating_sub(now_ms).div_ceil(1000).max(1) as u32),
             replay_marker: marker.filter(|_| self.v5),
+            retain: false,
         };
         let extra = if self.v5 { properties_len(&publish) } else { 0 };
         match sendable(

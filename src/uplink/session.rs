@@ -13,6 +13,7 @@ use rumqttc::QoS;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::downlink::Echoes;
 use super::failure::FailureKind;
 use super::link::{LinkError, Refusal};
 use super::packet::{Packets, Publish};
@@ -156,10 +157,13 @@ pub(super) struct Session<'a, W: Wire> {
     /// of the window is free.
     refill: usize,
     pub position: Position,
-    /// Published but pkid not yet assigned, in publish order: (row id, qos).
-    awaiting: VecDeque<(i64, QoS)>,
-    /// pkid -> row id, for QoS 1 publishes on the wire.
-    inflight: HashMap<u16, i64>,
+    /// Published but pkid not yet assigned, in publish order: (row id, or
+    /// `None` for the gateway's own status message, qos).
+    awaiting: VecDeque<(Option<i64>, QoS)>,
+    /// pkid -> row id (or `None`), for QoS 1 publishes on the wire.
+    inflight: HashMap<u16, Option<i64>>,
+    /// What went up that a 3.1.1 broker could echo down again.
+    echoes: &'a mut Echoes,
     /// Acknowledged (or dead-lettered) ids not yet handed to the queue.
     acks: Vec<i64>,
     ack_deadline: Option<Instant>,
@@ -188,6 +192,7 @@ pub(super) struct Connected<'a> {
     pub up: &'a UpstreamConfig,
     pub metrics: &'a UplinkMetrics,
     pub unacked: &'a mut HashSet<i64>,
+    pub echoes: &'a mut Echoes,
     pub session_present: bool,
     /// An MQTT 5 server's Receive Maximum.
     pub receive_max: Option<u16>,
@@ -209,6 +214,7 @@ impl<'a, W: Wire> Session<'a, W> {
             up,
             metrics,
             unacked,
+            echoes,
             session_present,
             receive_max,
             boundary,
@@ -247,6 +253,7 @@ impl<'a, W: Wire> Session<'a, W> {
             },
             awaiting: VecDeque::with_capacity(window),
             inflight: HashMap::with_capacity(window),
+            echoes,
             acks: Vec::with_capacity(window),
             ack_deadline: None,
             drained: false,
@@ -311,6 +318,8 @@ impl<'a, W: Wire> Session<'a, W> {
                 }
             };
             let (qos, size) = (publish.qos, publish.size());
+            self.echoes
+                .sent(&publish.topic, &publish.payload, Instant::now());
             // Capacity is window + 16 and at most `window` are outstanding,
             // so this only fails if the event loop is gone.
             if let Err(reason) = self.wire.publish(publish) {
@@ -318,7 +327,7 @@ impl<'a, W: Wire> Session<'a, W> {
             }
             self.pacer.spend(size);
             published += 1;
-            self.awaiting.push_back((id, qos));
+            self.awaiting.push_back((Some(id), qos));
             self.metrics.sent.fetch_add(1, Relaxed);
             if self.unacked.remove(&id) {
                 self.metrics.resent.fetch_add(1, Relaxed);
@@ -330,6 +339,49 @@ impl<'a, W: Wire> Session<'a, W> {
         Ok(Sent::Wait)
     }
 
+    /// The gateway's own status message (retained, QoS 1), straight onto
+    /// the wire: no queue, no window, no backlog in front of it.
+    pub fn publish_status(&mut self, topic: &str, payload: bytes::Bytes) -> Result<(), Ended> {
+        self.wire
+            .publish(Publish::status(topic, payload))
+            .map_err(|reason| Ended::lost(FailureKind::Lost, reason))?;
+        self.awaiting.push_back((None, QoS::AtLeastOnce));
+        self.metrics.status_sent.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    /// A publish came down a subscription: the event for the rules, or
+    /// `None` for an echo of edgeferry's own publish (counted).
+    pub fn received(
+        &mut self,
+        topic: String,
+        payload: bytes::Bytes,
+    ) -> Option<crate::event::Event> {
+        if self.echoes.is_echo(&topic, &payload, Instant::now()) {
+            self.metrics.downlink_echoes.fetch_add(1, Relaxed);
+            debug!(upstream = %self.name, %topic, "dropped the echo of an own publish");
+            return None;
+        }
+        self.metrics.downlink_received.fetch_add(1, Relaxed);
+        let mut event = crate::event::Event::from_publish(topic, payload);
+        event.source = Some(self.name.into());
+        Some(event)
+    }
+
+    /// The SUBACK of the downlink filters; a refusal is the upstream's
+    /// ACL, most likely.
+    pub fn subscribed(&self, granted: usize, refused: usize) {
+        self.metrics
+            .downlink_subscribed
+            .store(granted as u64, Relaxed);
+        if refused > 0 {
+            self.metrics
+                .downlink_refused
+                .fetch_add(refused as u64, Relaxed);
+            warn!(upstream = %self.name, granted, refused, "the upstream refused downlink subscriptions (is the gateway allowed to subscribe to them?); commands on those filters will not arrive");
+        }
+    }
+
     /// A publish went out with this packet id.
     pub fn written(&mut self, pkid: u16) {
         let Some((id, qos)) = self.awaiting.pop_front() else {
@@ -337,8 +389,10 @@ impl<'a, W: Wire> Session<'a, W> {
         };
         if qos == QoS::AtMostOnce {
             // QoS 0: done once written; nothing will acknowledge it.
-            self.acks.push(id);
-            self.metrics.acked.fetch_add(1, Relaxed);
+            if let Some(id) = id {
+                self.acks.push(id);
+                self.metrics.acked.fetch_add(1, Relaxed);
+            }
         } else {
             if self.inflight.is_empty() {
                 // The ack clock starts with the first outstanding one.
@@ -351,11 +405,18 @@ impl<'a, W: Wire> Session<'a, W> {
     /// A PUBACK: the row is done, dead-lettered (a permanent refusal) or,
     /// refused for now, ends the session to be sent again after a pause.
     pub fn acked(&mut self, pkid: u16, refused: Option<Refusal>) -> Result<(), Ended> {
-        let Some(id) = self.inflight.remove(&pkid) else {
+        let Some(entry) = self.inflight.remove(&pkid) else {
             debug!(upstream = %self.name, pkid, "ignoring PUBACK for unknown packet id");
             return Ok(());
         };
         self.last_progress = Instant::now();
+        let Some(id) = entry else {
+            // A status message: nothing queued waits on it.
+            if let Some(r) = refused {
+                warn!(upstream = %self.name, reason = r.reason, "the upstream refused the gateway's status message (may it publish on status_topic?)");
+            }
+            return Ok(());
+        };
         let Some(r) = refused else {
             self.acks.push(id);
             self.metrics.acked.fetch_add(1, Relaxed);
@@ -460,11 +521,13 @@ impl<'a, W: Wire> Session<'a, W> {
     /// (`connected` stays set until the driver has recorded why.)
     pub fn end(self, ended: Ended) -> (Outcome, W) {
         self.metrics.inflight.store(0, Relaxed);
+        self.metrics.downlink_subscribed.store(0, Relaxed);
         let on_wire: Vec<i64> = self
             .awaiting
             .iter()
             .map(|(id, _)| *id)
             .chain(self.inflight.values().copied())
+            .flatten()
             .collect();
         self.unacked.extend(on_wire.iter().copied());
         // The upstream dropped us without acknowledging anything, though
@@ -549,6 +612,7 @@ mod tests {
         up: UpstreamConfig,
         metrics: UplinkMetrics,
         unacked: HashSet<i64>,
+        echoes: Echoes,
         wire: FakeWire,
     }
 
@@ -558,6 +622,7 @@ mod tests {
                 up: upstream(extra),
                 metrics: UplinkMetrics::default(),
                 unacked: HashSet::new(),
+                echoes: Echoes::default(),
                 wire: FakeWire::default(),
             }
         }
@@ -577,6 +642,7 @@ mod tests {
                 up: &self.up,
                 metrics: &self.metrics,
                 unacked: &mut self.unacked,
+                echoes: &mut self.echoes,
                 session_present: false,
                 receive_max,
                 boundary,

@@ -116,8 +116,9 @@ fn the_documented_test_output_is_what_edgeferry_test_prints() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for f in ["10-sensors.toml", "20-devices.toml", "30-rollups.toml"] {
-        let mut text = std::fs::read_to_string(repo.join("rules").join(f)).unwrap();
+    for f in edgeferry::rules::toml_files(&repo.join("rules")).unwrap() {
+        let f = f.file_name().unwrap().to_str().unwrap().to_string();
+        let mut text = std::fs::read_to_string(repo.join("rules").join(&f)).unwrap();
         if f == "10-sensors.toml" {
             let at = "{ at = \"2m\", topic = \"sensors/barn/h1/humidity\", payload = { value = 57.9 }, expect = [{ upstream = \"cloud\", payload = { value = 57.9 } }] }";
             assert!(text.contains(at), "the broken step is still there");
@@ -832,7 +833,7 @@ async fn status_reads_the_running_daemon_and_falls_back_to_the_queue_file() {
     );
     assert!(stdout.contains("healthy"), "{stdout}");
     assert!(
-        stdout.contains("rules:  9 loaded, never reloaded"),
+        stdout.contains("rules:  11 loaded, never reloaded"),
         "{stdout}"
     );
     let cloud: Vec<&str> = stdout

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::util::*;
 
-struct Daemon {
+pub struct Daemon {
     child: Child,
     port: u16,
 }
@@ -19,7 +19,7 @@ struct Daemon {
 impl Daemon {
     /// Start the binary on `config` (which listens on `port`) and wait until
     /// its broker accepts connections.
-    async fn start(dir: &Path, config: &Path, port: u16) -> Daemon {
+    pub async fn start(dir: &Path, config: &Path, port: u16) -> Daemon {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -50,11 +50,11 @@ impl Daemon {
         d
     }
 
-    fn addr(&self) -> std::net::SocketAddr {
+    pub fn addr(&self) -> std::net::SocketAddr {
         ([127, 0, 0, 1], self.port).into()
     }
 
-    fn signal(&mut self, sig: &str) -> std::process::ExitStatus {
+    pub fn signal(&mut self, sig: &str) -> std::process::ExitStatus {
         Command::new("kill")
             .args([sig, &self.child.id().to_string()])
             .status()

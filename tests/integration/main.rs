@@ -6,6 +6,7 @@ mod cli;
 mod crash;
 mod damage;
 mod disk;
+mod downlink;
 mod durability;
 mod faults;
 mod frontdoor;

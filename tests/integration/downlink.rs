@@ -1,0 +1,314 @@
+//! Both directions, with Mosquitto as the cloud broker: commands come down
+//! an upstream's subscriptions, through `from` rules, to local devices
+//! (QoS 1, retained); a rule set that would loop through the cloud does
+//! not; the gateway's health goes up on its status topic (birth,
+//! heartbeats with exact counters, the will on SIGKILL, `offline` on a
+//! clean stop).
+
+use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+
+use rumqttc::QoS;
+use serde_json::{Value, json};
+
+use crate::crash::Daemon;
+use crate::util::*;
+
+const RULES: &str = r#"
+[[rule]]
+name = "relay-command"
+from = "cloud"
+match = "gw/+/cmd/{device}/relay"
+set = { device = "device", via = "meta.source" }
+to = [{ local = "devices/{device}/relay/set", qos = 1, retain = true }]
+
+# Would loop: what comes down goes straight back up on the same topic.
+[[rule]]
+name = "echo-back"
+from = "cloud"
+match = "gw/+/echo/#"
+to = [{ upstream = "cloud" }]
+
+[[rule]]
+name = "ping"
+from = "cloud"
+match = "gw/+/ping"
+to = [{ local = "devices/ping" }]
+
+[[rule]]
+name = "readings"
+match = "sensors/#"
+to = [{ upstream = "cloud", topic = "plant/readings" }]
+"#;
+
+const SUBSCRIBE: &str = r#"subscribe = ["gw/{gateway}/cmd/#", "gw/{gateway}/echo/#", { filter = "gw/{gateway}/ping", qos = 1 }]"#;
+
+/// Config text for a gateway ("test") on the cloud at `port`, with
+/// [`RULES`] and `upstream` keys for `[upstream.cloud]`.
+fn config(d: &Path, port: u16, upstream: &str) -> String {
+    let rules = d.join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::write(rules.join("commands.toml"), RULES).unwrap();
+    rules_at(&config_text(d, port, upstream), &rules, "")
+}
+
+fn json_of(m: &Message) -> Value {
+    serde_json::from_slice(&m.payload).unwrap_or_else(|e| panic!("{e}: {m:?}"))
+}
+
+async fn subscribed(gw: &Gateway, filters: u64) {
+    let up = gw.running.metrics.uplinks["cloud"].clone();
+    wait_until("downlink subscribed", || {
+        up.downlink_subscribed.load(Relaxed) == filters
+    })
+    .await;
+}
+
+async fn a_command_reaches_a_device_retained_at_qos_1(protocol: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mosq = Mosquitto::start(&d.join("mosquitto"), &[""]).await;
+    let text = config(
+        d,
+        mosq.ports[0],
+        &format!("protocol = \"{protocol}\"\n{SUBSCRIBE}"),
+    );
+    let gw = Gateway::start_with(d, &text).await;
+    subscribed(&gw, 3).await;
+    let device = Subscriber::start(gw.addr, "devices/+/relay/set").await;
+    let cloud = Sensor::connect(mosq.addr(0)).await;
+
+    cloud
+        .publish("gw/test/cmd/d1/relay", br#"{"state":"on"}"#.to_vec())
+        .await;
+    let got = device.wait_for(1).await;
+    assert_eq!(got[0].topic, "devices/d1/relay/set");
+    assert_eq!(
+        got[0].qos,
+        QoS::AtLeastOnce,
+        "delivered at the rule's QoS 1"
+    );
+    assert_eq!(
+        json_of(&got[0]),
+        json!({"state": "on", "device": "d1", "via": "cloud"})
+    );
+
+    // A device that connects later still gets the last command.
+    let late = Subscriber::start(gw.addr, "devices/d1/relay/set").await;
+    let kept = late.wait_for(1).await;
+    assert!(kept[0].retain, "retained: {kept:?}");
+    assert_eq!(json_of(&kept[0])["state"], "on");
+    let up = &gw.running.metrics.uplinks["cloud"];
+    assert_eq!(up.downlink_received.load(Relaxed), 1);
+    assert_eq!(gw.count(|m| &m.dropped_unmatched_downlink), 0);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt311_a_command_from_the_cloud_reaches_a_device_retained_at_qos_1() {
+    a_command_reaches_a_device_retained_at_qos_1("3.1.1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_a_command_from_the_cloud_reaches_a_device_retained_at_qos_1() {
+    a_command_reaches_a_device_retained_at_qos_1("5").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_sent_while_the_uplink_is_down_arrives_when_the_session_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mosq = Mosquitto::start(&d.join("mosquitto"), &[""]).await;
+    let proxy = Proxy::start(mosq.addr(0), true).await;
+    let gw = Gateway::start_with(d, &config(d, proxy.port, SUBSCRIBE)).await;
+    subscribed(&gw, 3).await;
+    let device = Subscriber::start(gw.addr, "devices/#").await;
+    let cloud = Sensor::connect(mosq.addr(0)).await;
+    let up = gw.running.metrics.uplinks["cloud"].clone();
+    let connects = up.connects.load(Relaxed);
+
+    proxy.set_up(false);
+    wait_until("uplink down", || !up.connected.load(Relaxed)).await;
+    cloud
+        .publish("gw/test/cmd/d7/relay", br#"{"state":"off"}"#.to_vec())
+        .await;
+    cloud.wait_acked(1).await;
+    proxy.set_up(true);
+
+    let got = device.wait_for(1).await;
+    assert_eq!(got[0].topic, "devices/d7/relay/set");
+    assert_eq!(json_of(&got[0])["state"], "off");
+    assert!(up.connects.load(Relaxed) > connects);
+    assert!(
+        up.session_present.load(Relaxed),
+        "the broker kept the session"
+    );
+    gw.stop().await;
+}
+
+/// `echo-back` sends what comes down straight back up on the same topic,
+/// which the gateway subscribes to: each round would come down again
+/// (MQTT 3.1.1 brokers send a client its own publishes). Exactly one
+/// forward reaches the cloud.
+async fn a_rule_set_that_would_loop_through_the_cloud_does_not(protocol: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mosq = Mosquitto::start(&d.join("mosquitto"), &[""]).await;
+    let text = config(
+        d,
+        mosq.ports[0],
+        &format!("protocol = \"{protocol}\"\n{SUBSCRIBE}"),
+    );
+    let gw = Gateway::start_with(d, &text).await;
+    subscribed(&gw, 3).await;
+    let watcher = Subscriber::start(mosq.addr(0), "gw/test/echo/#").await;
+    let device = Subscriber::start(gw.addr, "devices/ping").await;
+    let cloud = Sensor::connect(mosq.addr(0)).await;
+    let up = gw.running.metrics.uplinks["cloud"].clone();
+
+    cloud.publish("gw/test/echo/x", b"hello".to_vec()).await;
+    watcher.wait_for(2).await;
+    wait_until("the forward acknowledged", || up.acked.load(Relaxed) >= 1).await;
+    // A later command on the same session: once it is through, whatever
+    // the broker sent back for the forward has arrived before it.
+    cloud.publish("gw/test/ping", b"1".to_vec()).await;
+    device.wait_for(1).await;
+
+    assert_eq!(
+        watcher.count(),
+        2,
+        "the command and one forward: {:?}",
+        watcher.take()
+    );
+    assert_eq!(up.acked.load(Relaxed), 1);
+    let echoes = up.downlink_echoes.load(Relaxed);
+    match protocol {
+        // The broker sent the forward back; edgeferry knew it for its own.
+        "3.1.1" => assert_eq!(echoes, 1),
+        // No Local: the broker never sent it.
+        _ => assert_eq!(echoes, 0),
+    }
+    assert_eq!(
+        up.downlink_received.load(Relaxed),
+        2,
+        "the command and the ping"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt311_a_rule_set_that_would_loop_through_the_cloud_does_not() {
+    a_rule_set_that_would_loop_through_the_cloud_does_not("3.1.1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_a_rule_set_that_would_loop_through_the_cloud_does_not() {
+    a_rule_set_that_would_loop_through_the_cloud_does_not("5").await;
+}
+
+const STATUS: &str = "status_topic = \"gw/{gateway}/status\"\nstatus_interval = \"1s\"";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_topic_has_a_birth_heartbeats_with_exact_counters_and_offline_on_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mosq = Mosquitto::start(&d.join("mosquitto"), &[""]).await;
+    let status = Subscriber::start(mosq.addr(0), "gw/test/status").await;
+    let gw = Gateway::start_with(d, &config(d, mosq.ports[0], STATUS)).await;
+
+    let birth = json_of(&status.wait_for(1).await[0]);
+    assert_eq!(birth["gateway"], "test");
+    assert_eq!(birth["state"], "online");
+    assert_eq!(birth["version"], env!("CARGO_PKG_VERSION"));
+
+    let sensor = Sensor::connect(gw.addr).await;
+    for i in 0..7 {
+        sensor
+            .publish(&format!("sensors/s{i}"), reading("s", i))
+            .await;
+    }
+    sensor.publish("nowhere/x", b"{}".to_vec()).await;
+    sensor.wait_acked(8).await;
+    let up = gw.running.metrics.uplinks["cloud"].clone();
+    wait_until("every reading acknowledged", || up.acked.load(Relaxed) == 7).await;
+    // The first heartbeat taken after that shows the exact totals.
+    let settled = status.count();
+    let beat = loop {
+        let all = status.wait_for(settled + 1).await;
+        let last = json_of(all.last().unwrap());
+        if last["upstreams"]["cloud"]["acked"] == 7 && last["upstreams"]["cloud"]["queued"] == 0 {
+            break last;
+        }
+    };
+    assert_eq!(beat["state"], "online");
+    assert_eq!(beat["events"]["received"], 8);
+    assert_eq!(beat["events"]["matched"], 7);
+    assert_eq!(beat["dropped"]["unmatched"], 1);
+    assert_eq!(beat["upstreams"]["cloud"]["connected"], true);
+    assert_eq!(beat["upstreams"]["cloud"]["sent"], 7);
+    assert_eq!(beat["rules"]["count"], 4);
+    let digest = gw.running.metrics.rules_digest.lock().unwrap().clone();
+    assert_eq!(beat["rules"]["digest"], digest.as_str());
+    assert!(beat["rss_bytes"].as_u64().unwrap() > 0);
+    assert!(beat["rates"]["received_per_s"].is_number(), "{beat}");
+
+    gw.stop().await;
+    // What the broker keeps for whoever asks next.
+    let later = Subscriber::start(mosq.addr(0), "gw/test/status").await;
+    let kept = later.wait_for(1).await;
+    assert!(kept[0].retain);
+    let kept = json_of(&kept[0]);
+    assert_eq!(
+        (kept["state"].as_str(), kept["reason"].as_str()),
+        (Some("offline"), Some("stopped"))
+    );
+}
+
+/// The binary: SIGKILL leaves the broker to publish the will; restarted,
+/// it is born again; SIGTERM leaves a retained `offline`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_delivers_the_will_and_sigterm_leaves_offline_retained() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mosq = Mosquitto::start(&d.join("mosquitto"), &[""]).await;
+    let status = Subscriber::start(mosq.addr(0), "gw/test/status").await;
+    let port = free_port();
+    let config_path = d.join("edgeferry.toml");
+    let text = listen_on(&config(d, mosq.ports[0], STATUS), port);
+    std::fs::write(
+        &config_path,
+        text.replace("status_interval = \"1s\"", "status_interval = \"1h\""),
+    )
+    .unwrap();
+    let mut daemon = Daemon::start(d, &config_path, port).await;
+    let got = status.wait_for(1).await;
+    assert_eq!(json_of(&got[0])["state"], "online");
+    daemon.signal("-KILL");
+    let got = status.wait_for(2).await;
+    let will = json_of(&got[1]);
+    assert_eq!(
+        (will["state"].as_str(), will["reason"].as_str()),
+        (Some("offline"), Some("lost")),
+        "{will}"
+    );
+    assert_eq!(will["gateway"], "test");
+
+    let mut daemon = Daemon::start(d, &config_path, port).await;
+    let got = status.wait_for(3).await;
+    assert_eq!(json_of(&got[2])["state"], "online");
+    assert!(daemon.signal("-TERM").success());
+    let got = status.wait_for(4).await;
+    let last = json_of(&got[3]);
+    assert_eq!(
+        (last["state"].as_str(), last["reason"].as_str()),
+        (Some("offline"), Some("stopped"))
+    );
+    let later = Subscriber::start(mosq.addr(0), "gw/test/status").await;
+    let kept = later.wait_for(1).await;
+    assert!(kept[0].retain);
+    assert_eq!(
+        json_of(&kept[0])["reason"],
+        "stopped",
+        "the will was not sent after a clean stop"
+    );
+}
