@@ -20,6 +20,7 @@ pub mod passwd;
 pub mod queue;
 pub mod receipt;
 pub mod reload;
+pub mod remote;
 pub mod republish;
 pub mod router;
 pub mod rules;
@@ -98,7 +99,7 @@ pub struct Running {
     /// Live counters.
     pub metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
-    reload: mpsc::Sender<reload::Trigger>,
+    reload: mpsc::Sender<reload::Request>,
     supervisor: JoinHandle<Result<(), RunError>>,
 }
 
@@ -106,7 +107,9 @@ impl Running {
     /// Reload the rules (what SIGHUP does); the outcome shows in the log and
     /// in `metrics.reloads_ok` / `reloads_failed`.
     pub fn reload(&self) {
-        let _ = self.reload.try_send(reload::Trigger::Signal);
+        let _ = self
+            .reload
+            .try_send(reload::Request::Reload(reload::Trigger::Signal));
     }
 
     /// Ask every stage to stop; `wait` returns when they have.
@@ -230,6 +233,7 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
             .iter()
             .any(|u| !u.subscriptions.is_empty())
             .then_some(downlink),
+        reload: reload_tx.clone(),
     };
     for settings in uplinks {
         let uplink = uplink::run(settings, queue.clone(), shared.clone(), shutdown.clone());
@@ -332,7 +336,7 @@ fn spawn_pipeline(
 /// What `spawn_pipeline` hands back: the reload trigger, the republisher's
 /// thread, and the router's input for what comes down the uplinks.
 type Pipeline = (
-    mpsc::Sender<reload::Trigger>,
+    mpsc::Sender<reload::Request>,
     std::thread::JoinHandle<()>,
     mpsc::Sender<router::Inbound>,
 );

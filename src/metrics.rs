@@ -184,6 +184,8 @@ pub struct UplinkMetrics {
     pub downlink_subscribed: AtomicU64,
     /// Status messages (birth, heartbeats, offline) handed to the link.
     pub status_sent: AtomicU64,
+    /// Commands that arrived on the control topic (each gets a result).
+    pub control_commands: AtomicU64,
 }
 
 impl UplinkMetrics {

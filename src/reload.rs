@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
 use crate::metrics::Metrics;
@@ -30,6 +30,41 @@ const DEBOUNCE: Duration = Duration::from_millis(300);
 pub enum Trigger {
     Signal,
     FileChange,
+    /// A command on an upstream's control topic.
+    Remote,
+}
+
+/// What the reloader is asked to do.
+#[derive(Debug)]
+pub enum Request {
+    /// Reload from `rules.dir` (SIGHUP).
+    Reload(Trigger),
+    /// From the control topic: reload or install rules, and say how it went.
+    Remote {
+        rules: RemoteRules,
+        reply: oneshot::Sender<Applied>,
+    },
+}
+
+/// Which rules a remote request asks for.
+#[derive(Debug)]
+pub enum RemoteRules {
+    /// `rules.dir` as it is (the `reload` command).
+    Disk,
+    /// A new file set (the `rules` command).
+    Files(Vec<(String, String)>),
+    /// The set the last `rules` command replaced (`rollback`).
+    Previous,
+}
+
+/// How a remote request went: the set now running, or why not (and the
+/// previous set keeps running).
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub result: Result<Changes, Vec<String>>,
+    /// Rules and digest of the set running afterwards.
+    pub rules: usize,
+    pub digest: String,
 }
 
 /// In a log line: `SIGHUP`, `file change`.
@@ -38,6 +73,7 @@ impl std::fmt::Display for Trigger {
         f.write_str(match self {
             Trigger::Signal => "SIGHUP",
             Trigger::FileChange => "file change",
+            Trigger::Remote => "control topic",
         })
     }
 }
@@ -47,7 +83,7 @@ impl std::fmt::Display for Trigger {
 pub async fn run(
     config: Config,
     rules: watch::Sender<Arc<RuleSet>>,
-    mut requests: mpsc::Receiver<Trigger>,
+    mut requests: mpsc::Receiver<Request>,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -59,20 +95,33 @@ pub async fn run(
         None
     };
     loop {
-        let trigger = tokio::select! {
+        let request = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
             r = requests.recv() => match r {
-                Some(t) => t,
+                Some(r) => r,
                 None => return,
             },
-            Some(()) = file_rx.recv() => Trigger::FileChange,
+            Some(()) = file_rx.recv() => Request::Reload(Trigger::FileChange),
+        };
+        let (trigger, wanted, reply) = match request {
+            Request::Reload(t) => (t, RemoteRules::Disk, None),
+            Request::Remote { rules, reply } => (Trigger::Remote, rules, Some(reply)),
         };
         if trigger == Trigger::FileChange {
             // Wait for the burst of changes to settle.
             while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, file_rx.recv()).await {}
         }
         let cfg = config.clone();
-        let loaded = tokio::task::spawn_blocking(move || cfg.reload_rules()).await;
+        let loaded = tokio::task::spawn_blocking(move || match wanted {
+            RemoteRules::Disk => cfg
+                .reload_rules()
+                .map_err(|d| d.0.iter().map(|d| d.to_string()).collect()),
+            RemoteRules::Files(files) => crate::remote::install(&cfg, &files).map_err(|r| r.0),
+            RemoteRules::Previous => crate::remote::previous(&cfg)
+                .and_then(|files| crate::remote::install(&cfg, &files))
+                .map_err(|r| r.0),
+        })
+        .await;
         metrics
             .last_reload_ok
             .store(matches!(loaded, Ok(Ok(_))), Relaxed);
@@ -80,7 +129,7 @@ pub async fn run(
             .last_reload_ms
             .store(crate::event::now_ms(), Relaxed);
         let current = rules.borrow().clone();
-        match loaded {
+        let result = match loaded {
             Ok(Ok(new)) => {
                 let changes = new.changes_from(&current);
                 if changes.is_empty() {
@@ -100,23 +149,34 @@ pub async fn run(
                 rules.send_replace(Arc::new(new));
                 // Counted once the router can see the new set.
                 metrics.reloads_ok.fetch_add(1, Relaxed);
+                Ok(changes)
             }
             Ok(Err(errors)) => {
                 metrics.reloads_failed.fetch_add(1, Relaxed);
-                for e in &errors.0 {
+                for e in &errors {
                     error!("{e}");
                 }
                 error!(
                     %trigger,
-                    errors = errors.0.len(),
+                    errors = errors.len(),
                     rules = current.len(),
                     "rules NOT reloaded: the new rules have errors; the previous rules keep running"
                 );
+                Err(errors)
             }
             Err(e) => {
                 metrics.reloads_failed.fetch_add(1, Relaxed);
                 error!(error = %e, "rule reload failed");
+                Err(vec![format!("rule reload failed: {e}")])
             }
+        };
+        if let Some(reply) = reply {
+            let running = rules.borrow().clone();
+            let _ = reply.send(Applied {
+                result,
+                rules: running.len(),
+                digest: running.digest(),
+            });
         }
     }
 }

@@ -347,6 +347,10 @@ pub struct UpstreamConfig {
     /// Period of the heartbeat on `status_topic`.
     #[serde(default = "defaults::status_interval")]
     pub status_interval: HumanDuration,
+    /// Remote operations (off unless set): commands (`reload`, `status`,
+    /// `rules`, `rollback`) on this topic, results on `<topic>/result`.
+    /// Whoever may publish here may change the gateway's rules.
+    pub control_topic: Option<String>,
 }
 
 /// One downlink filter: `"gw/{gateway}/cmd/#"` (QoS 1), or
@@ -1294,6 +1298,32 @@ fn check_downlink(
             );
         }
     }
+    if let Some(t) = &up.control_topic {
+        uses_gateway |= t.contains("{gateway}");
+        let topic = expand_gateway(t, gateway);
+        if t.is_empty() {
+            fail(
+                "control_topic",
+                format!(
+                    "upstream.{up_name}.control_topic is empty; write a topic such as \"gw/{{gateway}}/control\", or leave it out"
+                ),
+            );
+        } else if topic.contains(['+', '#', '{', '}']) && !(wild && t.contains("{gateway}")) {
+            fail(
+                "control_topic",
+                format!(
+                    "upstream.{up_name}.control_topic {t:?}: one topic, no wildcards, and only {{gateway}} may be written in braces"
+                ),
+            );
+        } else if up.status_topic.as_ref() == Some(t) {
+            fail(
+                "control_topic",
+                format!(
+                    "upstream.{up_name}.control_topic is the status_topic; give commands a topic of their own"
+                ),
+            );
+        }
+    }
     if up.status_interval.0 < Duration::from_secs(1) {
         fail(
             "status_interval",
@@ -1631,6 +1661,20 @@ mod tests {
         let errs = check("a+b", "subscribe = [\"gw/{gateway}/cmd\"]");
         assert!(
             errs.len() == 1 && errs[0].contains("cannot stand in for {gateway}"),
+            "{errs:#?}"
+        );
+        let errs = check("g1", "control_topic = \"gw/#\"");
+        assert!(
+            errs.len() == 1
+                && errs[0].starts_with("gw.toml:7:")
+                && errs[0].contains("no wildcards"),
+            "{errs:#?}"
+        );
+        let errs = check("g1", "status_topic = \"gw/s\"\ncontrol_topic = \"gw/s\"");
+        assert!(
+            errs.len() == 1
+                && errs[0].starts_with("gw.toml:8:")
+                && errs[0].contains("is the status_topic"),
             "{errs:#?}"
         );
         let errs = check("g1", "subscribe = [{ filter = \"x\", qs = 1 }]");

@@ -368,6 +368,12 @@ const PER_UPLINK: &[PerUplink] = &[
         Counter,
         |u| u.status_sent.load(Relaxed),
     ),
+    (
+        "control_commands",
+        "Commands that arrived on the upstream's control_topic (each answered on <control_topic>/result)",
+        Counter,
+        |u| u.control_commands.load(Relaxed),
+    ),
 ];
 
 /// One per-upstream metric by failure kind.

@@ -24,6 +24,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 mod backoff;
+mod control;
 mod downlink;
 pub mod failure;
 pub mod fleet;
@@ -40,9 +41,11 @@ use crate::config::{DrainOrder, Protocol, UpstreamConfig};
 use crate::credentials::{self, CredentialError, Secret};
 use crate::metrics::{Metrics, UplinkMetrics};
 use crate::queue::{QueueError, QueueHandle, Row, Waiting};
+use crate::reload::{RemoteRules, Request};
 use crate::router::Inbound;
 use crate::tls;
 use backoff::Backoff;
+use bytes::Bytes;
 pub use failure::FailureKind;
 use link::{Events, Link, LinkEvent};
 use poison::{POISON_AFTER, Suspect};
@@ -66,6 +69,12 @@ pub struct UplinkSettings {
     pub subscriptions: Vec<(String, u8)>,
     /// The gateway's health topic, if configured.
     pub status: Option<fleet::StatusTopic>,
+    /// The control topic (remote operations), if configured; it is among
+    /// the subscriptions.
+    pub control: Option<String>,
+    /// This gateway's id and when it started (status messages).
+    pub gateway: String,
+    pub started_ms: u64,
 }
 
 /// What an uplink shares with the rest of the daemon beyond its queue:
@@ -76,6 +85,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// `None` when no upstream subscribes to anything.
     pub router: Option<mpsc::Sender<Inbound>>,
+    /// The rule reloader, for remote operations.
+    pub reload: mpsc::Sender<crate::reload::Request>,
 }
 
 /// What an upstream's files hold, read once when the config is loaded
@@ -119,18 +130,27 @@ impl UplinkSettings {
             gateway: gateway.to_string(),
             started_ms,
         });
+        let control = upstream
+            .control_topic
+            .as_ref()
+            .map(|t| crate::config::expand_gateway(t, gateway));
+        let mut subscriptions: Vec<(String, u8)> = upstream
+            .subscribe
+            .iter()
+            .map(|s| (s.expand(gateway), s.qos))
+            .collect();
+        subscriptions.extend(control.iter().map(|t| (t.clone(), 1)));
         Ok(UplinkSettings {
             name: name.to_string(),
             client_id,
             upstream: upstream.clone(),
             password,
             tls: files.tls.clone(),
-            subscriptions: upstream
-                .subscribe
-                .iter()
-                .map(|s| (s.expand(gateway), s.qos))
-                .collect(),
+            subscriptions,
             status,
+            control,
+            gateway: gateway.to_string(),
+            started_ms,
         })
     }
 }
@@ -150,6 +170,7 @@ pub async fn run(
         shared,
         echoes: downlink::Echoes::new(&settings.subscriptions, up.protocol == Protocol::V311),
         rates: fleet::Rates::default(),
+        results: mpsc::channel(RESULTS),
     };
     let mut backoff = Backoff::new(up.reconnect_min.0, up.reconnect_max.0);
     // Rows sent but not acknowledged when the last session ended: sending
@@ -280,6 +301,10 @@ async fn session(
                 next_beat: status.map(|st| Instant::now() + st.interval),
                 rates: &mut fleet.rates,
                 shared: &fleet.shared,
+                control: settings.control.as_deref(),
+                settings,
+                results_tx: fleet.results.0.clone(),
+                results: &mut fleet.results.1,
             };
             drive(&mut s, queue, &mut events, &mut around, shutdown).await
         }
@@ -293,7 +318,7 @@ async fn session(
         // Retained `offline` first (a DISCONNECT discards the will), then a
         // polite DISCONNECT; unacknowledged rows stay queued for next time.
         if let Some(st) = status {
-            let _ = link.publish(packet::Publish::status(&st.topic, st.stopped()));
+            let _ = link.publish(packet::Publish::own(&st.topic, st.stopped(), true));
         }
         link.try_disconnect();
         events.closed(Duration::from_secs(1)).await;
@@ -383,6 +408,14 @@ async fn drive(
                 None => continue,
             },
             _ = sleep_until_opt(around.next_beat) => None,
+            Some(result) = around.results.recv() => {
+                if let Some(topic) = around.control
+                    && let Err(ended) = s.publish_own(&format!("{topic}/result"), result, false)
+                {
+                    return ended;
+                }
+                continue;
+            }
             _ = tokio::time::sleep_until(s.silence_deadline(events.last_heard())) => {
                 match s.silent(events.last_heard(), Instant::now()) {
                     Some(ended) => return ended,
@@ -403,6 +436,13 @@ async fn drive(
             Some(Ok(LinkEvent::Written(pkid))) => s.written(pkid),
             Some(Ok(LinkEvent::Acked { pkid, refused })) => {
                 if let Err(ended) = s.acked(pkid, refused) {
+                    return ended;
+                }
+            }
+            Some(Ok(LinkEvent::Received { topic, payload }))
+                if around.control == Some(topic.as_str()) =>
+            {
+                if let Err(ended) = around.command(s, queue, &payload).await {
                     return ended;
                 }
             }
@@ -438,14 +478,25 @@ struct Fleet {
     shared: Shared,
     echoes: downlink::Echoes,
     rates: fleet::Rates,
+    /// Control results waiting to be published (a result that is ready
+    /// while the uplink is down goes out on the next session).
+    results: (mpsc::Sender<Bytes>, mpsc::Receiver<Bytes>),
 }
 
-/// What a connected session does besides sending rows: heartbeats.
+/// Control results held at most (one per command being worked on).
+const RESULTS: usize = 16;
+
+/// What a connected session does besides sending rows: heartbeats and
+/// control commands.
 struct Around<'a> {
     status: Option<&'a fleet::StatusTopic>,
     next_beat: Option<Instant>,
     rates: &'a mut fleet::Rates,
     shared: &'a Shared,
+    control: Option<&'a str>,
+    settings: &'a UplinkSettings,
+    results_tx: mpsc::Sender<Bytes>,
+    results: &'a mut mpsc::Receiver<Bytes>,
 }
 
 impl Around<'_> {
@@ -462,6 +513,82 @@ impl Around<'_> {
         self.next_beat = Some(Instant::now() + st.interval);
         let beat = st.heartbeat(&self.shared.metrics, queue, self.rates).await;
         s.publish_status(&st.topic, beat)
+    }
+
+    /// The `status` command: the heartbeat now (also on the status topic,
+    /// if there is one), as the result's `status`.
+    async fn status_now(
+        &mut self,
+        s: &mut Session<'_, Link>,
+        queue: &QueueHandle,
+        request_id: &serde_json::Value,
+    ) -> Result<Bytes, Ended> {
+        let st = self.status.cloned().unwrap_or_else(|| fleet::StatusTopic {
+            topic: String::new(),
+            interval: Duration::ZERO,
+            gateway: self.settings.gateway.clone(),
+            started_ms: self.settings.started_ms,
+        });
+        let beat = st.heartbeat(&self.shared.metrics, queue, self.rates).await;
+        if self.status.is_some() {
+            s.publish_status(&st.topic, beat.clone())?;
+        }
+        let status: serde_json::Value = serde_json::from_slice(&beat).unwrap_or_default();
+        Ok(control::result(
+            request_id,
+            "status",
+            Ok(Default::default()),
+            Some(("status", status)),
+        ))
+    }
+
+    /// A command on the control topic. `status` is answered here; the
+    /// others go to the reloader, whose answer is published when it comes
+    /// (checking and testing a rule set may take a while: the session
+    /// goes on meanwhile).
+    async fn command(
+        &mut self,
+        s: &mut Session<'_, Link>,
+        queue: &QueueHandle,
+        payload: &[u8],
+    ) -> Result<(), Ended> {
+        let Some(topic) = self.control else {
+            return Ok(());
+        };
+        s.count_command();
+        let result_topic = format!("{topic}/result");
+        let c = match control::parse(payload) {
+            Ok(c) => c,
+            Err(refusal) => {
+                warn!(upstream = %s.name_of(), "control command refused: not a command this gateway knows");
+                return s.publish_own(&result_topic, refusal, false);
+            }
+        };
+        let name = c.op.name();
+        info!(upstream = %s.name_of(), command = name, request_id = %c.request_id, "control command");
+        let rules = match c.op {
+            control::Op::Status => {
+                let result = self.status_now(s, queue, &c.request_id).await?;
+                return s.publish_own(&result_topic, result, false);
+            }
+            control::Op::Reload => RemoteRules::Disk,
+            control::Op::Rules(files) => RemoteRules::Files(files),
+            control::Op::Rollback => RemoteRules::Previous,
+        };
+        let reload = self.shared.reload.clone();
+        let results = self.results_tx.clone();
+        tokio::spawn(async move {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            if reload.send(Request::Remote { rules, reply }).await.is_err() {
+                return; // shutting down
+            }
+            if let Ok(applied) = answer.await {
+                let _ = results
+                    .send(control::applied(&c.request_id, name, applied))
+                    .await;
+            }
+        });
+        Ok(())
     }
 }
 

@@ -25,8 +25,9 @@ pub(super) struct Publish<'a> {
 }
 
 impl Publish<'_> {
-    /// The gateway's own status message: retained, QoS 1, no event id.
-    pub fn status(topic: &str, payload: bytes::Bytes) -> Publish<'static> {
+    /// The gateway's own message (status, a control result): QoS 1, no
+    /// event id.
+    pub fn own(topic: &str, payload: bytes::Bytes, retain: bool) -> Publish<'static> {
         Publish {
             topic: topic.to_string(),
             qos: QoS::AtLeastOnce,
@@ -34,7 +35,7 @@ impl Publish<'_> {
             event_id: String::new(),
             expiry_secs: None,
             replay_marker: None,
-            retain: true,
+            retain,
         }
     }
 

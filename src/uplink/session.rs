@@ -339,13 +339,30 @@ impl<'a, W: Wire> Session<'a, W> {
         Ok(Sent::Wait)
     }
 
-    /// The gateway's own status message (retained, QoS 1), straight onto
-    /// the wire: no queue, no window, no backlog in front of it.
-    pub fn publish_status(&mut self, topic: &str, payload: bytes::Bytes) -> Result<(), Ended> {
+    /// The gateway's own message (a status message, retained; a control
+    /// result), QoS 1, straight onto the wire: no queue, no window, no
+    /// backlog in front of it.
+    pub fn publish_own(
+        &mut self,
+        topic: &str,
+        payload: bytes::Bytes,
+        retain: bool,
+    ) -> Result<(), Ended> {
         self.wire
-            .publish(Publish::status(topic, payload))
+            .publish(Publish::own(topic, payload, retain))
             .map_err(|reason| Ended::lost(FailureKind::Lost, reason))?;
         self.awaiting.push_back((None, QoS::AtLeastOnce));
+        Ok(())
+    }
+
+    /// A command arrived on the control topic.
+    pub fn count_command(&self) {
+        self.metrics.control_commands.fetch_add(1, Relaxed);
+    }
+
+    /// A status message: retained, and counted.
+    pub fn publish_status(&mut self, topic: &str, payload: bytes::Bytes) -> Result<(), Ended> {
+        self.publish_own(topic, payload, true)?;
         self.metrics.status_sent.fetch_add(1, Relaxed);
         Ok(())
     }

@@ -312,3 +312,117 @@ async fn sigkill_delivers_the_will_and_sigterm_leaves_offline_retained() {
         "the will was not sent after a clean stop"
     );
 }
+
+/// Remote operations on the control topic: `status`, a refused bad set
+/// (file:line in the result, the old rules still running), a set whose own
+/// test fails, a good set applied, and `rollback`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_rules_are_checked_and_tested_before_they_replace_the_running_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mosq = Mosquitto::start(&d.join("mosquitto"), &[""]).await;
+    let text = config(d, mosq.ports[0], "control_topic = \"gw/{gateway}/control\"");
+    let gw = Gateway::start_with(d, &text).await;
+    subscribed(&gw, 1).await;
+    let results = Subscriber::start(mosq.addr(0), "gw/test/control/result").await;
+    let plant = Subscriber::start(mosq.addr(0), "plant/#").await;
+    let cloud = Sensor::connect(mosq.addr(0)).await;
+    let sensor = Sensor::connect(gw.addr).await;
+    let m = gw.running.metrics.clone();
+    let digest = || m.rules_digest.lock().unwrap().clone();
+    let before = digest();
+    let mut asked = 0;
+    let mut ask = async |command: Value| {
+        asked += 1;
+        cloud
+            .publish("gw/test/control", command.to_string().into_bytes())
+            .await;
+        let got = results.wait_for(asked).await;
+        json_of(&got[asked - 1])
+    };
+
+    let r = ask(json!({"request_id": "s1", "command": "status"})).await;
+    assert_eq!(
+        (r["request_id"].as_str(), r["ok"].as_bool()),
+        (Some("s1"), Some(true)),
+        "{r}"
+    );
+    assert_eq!(r["status"]["gateway"], "test");
+    assert_eq!(r["status"]["rules"]["count"], 4);
+
+    let bad = "[[rule]]\nname = \"bad\"\nmatch = \"a/#/b\"\ndrop = true\n";
+    let r =
+        ask(json!({"request_id": "r1", "command": "rules", "files": {"10-bad.toml": bad}})).await;
+    assert_eq!(r["ok"], false, "{r}");
+    let e = r["errors"][0].as_str().unwrap();
+    assert!(
+        e.starts_with("10-bad.toml:3:") && e.contains("'#' is only allowed as the last level"),
+        "{r}"
+    );
+    assert_eq!(
+        r["rules"]["digest"],
+        before.as_str(),
+        "the old set still runs"
+    );
+
+    let untested = "[[rule]]\nname = \"new\"\nmatch = \"sensors/#\"\nto = [{ upstream = \"cloud\", topic = \"plant/new\" }]\n\n[[test]]\nname = \"goes to plant/old\"\ninput = { topic = \"sensors/x\", payload = {} }\nexpect = [{ upstream = \"cloud\", topic = \"plant/old\" }]\n";
+    let r =
+        ask(json!({"request_id": "r2", "command": "rules", "files": {"10-new.toml": untested}}))
+            .await;
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("test failed: 10-new.toml:6: goes to plant/old"),
+        "{r}"
+    );
+    assert_eq!(digest(), before);
+
+    let good = untested
+        .replace("plant/old", "plant/new")
+        .replace("goes to plant/old", "goes to plant/new");
+    let r =
+        ask(json!({"request_id": "r3", "command": "rules", "files": {"10-new.toml": good}})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["added"], json!(["new"]));
+    assert_eq!(r["rules"]["count"], 1);
+    assert_ne!(r["rules"]["digest"], before.as_str());
+    let rules = d.join("rules");
+    assert!(rules.join("10-new.toml").is_file() && !rules.join("commands.toml").exists());
+    assert!(
+        rules.join(".previous/commands.toml").is_file(),
+        "kept for rollback"
+    );
+    sensor.publish("sensors/x", b"{}".to_vec()).await;
+    assert_eq!(
+        plant.wait_for(1).await[0].topic,
+        "plant/new",
+        "the new set runs"
+    );
+
+    let r = ask(json!({"request_id": "r4", "command": "rollback"})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["rules"]["digest"], before.as_str());
+    assert!(rules.join("commands.toml").is_file() && !rules.join("10-new.toml").exists());
+
+    let r = ask(json!({"request_id": "x", "command": "reboot"})).await;
+    assert!(
+        r["errors"][0].as_str().unwrap().contains("unknown command"),
+        "{r}"
+    );
+    assert_eq!(
+        gw.running.metrics.uplinks["cloud"]
+            .control_commands
+            .load(Relaxed),
+        6
+    );
+    assert_eq!(
+        gw.running.metrics.uplinks["cloud"]
+            .downlink_received
+            .load(Relaxed),
+        0,
+        "commands are not events"
+    );
+    gw.stop().await;
+}
