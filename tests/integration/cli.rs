@@ -109,6 +109,30 @@ fn the_readmes_first_rule_checks_and_passes_its_test() {
     );
 }
 
+/// The README's "Commands from the cloud" config and rule: the config
+/// checks with the rule, and the rule's test passes.
+#[test]
+fn the_readmes_command_example_checks_and_passes_its_test() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(
+        &d.join("edgeferry.toml"),
+        &doc_block("README.md", "# /etc/edgeferry/edgeferry.toml"),
+    );
+    write(
+        &d.join("rules/40-commands.toml"),
+        &doc_block("README.md", "# /etc/edgeferry/rules/40-commands.toml"),
+    );
+    let out = edgeferry(&["-c", "edgeferry.toml", "check"], d);
+    assert!(out.status.success(), "{out:?}");
+    let out = edgeferry(&["-c", "edgeferry.toml", "test"], d);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.ends_with("1 passed, 0 failed\n"),
+        "{stdout}"
+    );
+}
+
 /// docs/rules.md's `edgeferry test` example is what the example rules
 /// print with the expectation it names broken: every line it shows.
 #[test]
