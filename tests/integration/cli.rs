@@ -133,6 +133,38 @@ fn the_readmes_command_example_checks_and_passes_its_test() {
     );
 }
 
+/// `check` on the downlink keys and `from`: file:line for each, in one run.
+#[test]
+fn check_names_bad_downlink_keys_and_unknown_from_upstreams_at_their_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(
+        &d.join("rules/c.toml"),
+        "[[rule]]\nname = \"c\"\nfrom = \"clud\"\nmatch = \"gw/#\"\nto = [{ local = \"x\", qos = 1 }]\n",
+    );
+    write(
+        &d.join("edgeferry.toml"),
+        "[gateway]\nid = \"g1\"\n[metrics]\nenabled = false\n[upstream.cloud]\nurl = \"mqtt://h\"\nsubscribe = [\"gw/{gateway}/cmd/#/x\"]\ncontrol_topic = \"gw/+/control\"\n",
+    );
+    let stderr = check_fails(d, "edgeferry.toml", 2);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 4, "{stderr}");
+    assert!(
+        lines[0].starts_with(
+            "edgeferry.toml:7:1: upstream.cloud.subscribe entry 1 (\"gw/{gateway}/cmd/#/x\")"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        lines[1].starts_with("edgeferry.toml:8:1: upstream.cloud.control_topic"),
+        "{stderr}"
+    );
+    assert!(
+        lines[2].ends_with("c.toml:3:8: rule \"c\": from \"clud\" is neither \"local\" nor a configured upstream (configured: cloud); a downlink rule names the [upstream.<name>] it subscribes on"),
+        "{stderr}"
+    );
+}
+
 /// docs/rules.md's `edgeferry test` example is what the example rules
 /// print with the expectation it names broken: every line it shows.
 #[test]
