@@ -10,13 +10,22 @@
 //! 3.1.1 edgeferry remembers what it published on topics its own filters
 //! match, and drops a publish that comes back with the same topic and
 //! payload (counted as an echo).
+//!
+//! A QoS 1 or 2 command is acknowledged to the broker only once the
+//! router has routed it (its receipt settled, as for a sensor's publish at
+//! the front door), in the order the commands came (MQTT requires it):
+//! until then the broker holds it for the session and sends it again
+//! after a reconnect.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::link::AckHandle;
+use crate::receipt::{Outcome, Receipt};
 use crate::topic::Pattern;
 
 /// Publishes remembered at most (a window's worth many times over) and for
@@ -118,9 +127,140 @@ impl Echoes {
     }
 }
 
+/// The commands of one connection waiting to be acknowledged, oldest
+/// first.
+pub(super) struct Deliveries {
+    next: u64,
+    /// (receipt number, what acknowledging takes, safe once known).
+    pending: VecDeque<(u64, AckHandle, Option<bool>)>,
+    /// Safe, in order, and not yet taken by the link (its channel was full).
+    ready: VecDeque<AckHandle>,
+    tx: mpsc::UnboundedSender<Outcome>,
+    pub rx: mpsc::UnboundedReceiver<Outcome>,
+}
+
+/// A command the router could not take safely (a receipt dropped unsettled).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct NotSafe;
+
+impl Deliveries {
+    pub fn new() -> Deliveries {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Deliveries {
+            next: 0,
+            pending: VecDeque::new(),
+            ready: VecDeque::new(),
+            tx,
+            rx,
+        }
+    }
+
+    /// A command to acknowledge once its receipt says it is safe.
+    pub fn receipt(&mut self, ack: AckHandle) -> Receipt {
+        self.next += 1;
+        self.pending.push_back((self.next, ack, None));
+        Receipt::new(self.next, self.tx.clone())
+    }
+
+    /// One to acknowledge as soon as those before it are (an echo, a
+    /// control command: nothing more to wait for).
+    pub fn now(&mut self, ack: AckHandle) {
+        self.next += 1;
+        self.pending.push_back((self.next, ack, Some(true)));
+        self.advance();
+    }
+
+    /// `now`, for a QoS 1 or 2 publish (a QoS 0 one has nothing to ack).
+    pub fn now_opt(&mut self, ack: Option<AckHandle>) {
+        if let Some(a) = ack {
+            self.now(a);
+        }
+    }
+
+    /// A receipt's outcome: the commands now acknowledgeable in order are
+    /// ready; one that is not safe stops the line.
+    pub fn outcome(&mut self, (seq, safe): Outcome) -> Result<(), NotSafe> {
+        if let Some(p) = self.pending.iter_mut().find(|p| p.0 == seq) {
+            p.2 = Some(safe);
+        }
+        self.advance();
+        match self.pending.front() {
+            Some((_, _, Some(false))) => Err(NotSafe),
+            _ => Ok(()),
+        }
+    }
+
+    fn advance(&mut self) {
+        while let Some((_, _, Some(true))) = self.pending.front() {
+            if let Some((_, ack, _)) = self.pending.pop_front() {
+                self.ready.push_back(ack);
+            }
+        }
+    }
+
+    /// Hand the ready acknowledgements to `ack` in order, until it has no
+    /// room (the rest go next time).
+    pub fn flush(&mut self, mut ack: impl FnMut(&AckHandle) -> bool) {
+        while let Some(h) = self.ready.front() {
+            if !ack(h) {
+                return;
+            }
+            self.ready.pop_front();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn handle(pkid: u16) -> AckHandle {
+        let mut p = rumqttc::Publish::new("c", rumqttc::QoS::AtLeastOnce, "x");
+        p.pkid = pkid;
+        AckHandle::V4(p)
+    }
+
+    fn pkids(d: &mut Deliveries) -> Vec<u16> {
+        let mut out = Vec::new();
+        d.flush(|h| {
+            if let AckHandle::V4(p) = h {
+                out.push(p.pkid);
+            }
+            true
+        });
+        out
+    }
+
+    #[test]
+    fn commands_are_acknowledged_in_order_once_routed() {
+        let mut d = Deliveries::new();
+        let a = d.receipt(handle(1));
+        let b = d.receipt(handle(2));
+        d.now(handle(3));
+        b.settle();
+        let o = d.rx.try_recv().unwrap();
+        assert_eq!(d.outcome(o), Ok(()));
+        assert!(pkids(&mut d).is_empty(), "the first is not routed yet");
+        a.settle();
+        let o = d.rx.try_recv().unwrap();
+        assert_eq!(d.outcome(o), Ok(()));
+        assert_eq!(pkids(&mut d), [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_link_without_room_gets_the_rest_later_and_an_unsafe_command_stops_the_line() {
+        let mut d = Deliveries::new();
+        d.now(handle(1));
+        d.now(handle(2));
+        let mut first = true;
+        d.flush(|_| std::mem::take(&mut first));
+        assert_eq!(pkids(&mut d), [2]);
+        let lost = d.receipt(handle(3));
+        drop(lost);
+        let o = d.rx.try_recv().unwrap();
+        assert_eq!(d.outcome(o), Err(NotSafe));
+        assert!(pkids(&mut d).is_empty());
+    }
 
     fn filters() -> Vec<(String, u8)> {
         vec![("gw/g1/cmd/#".to_string(), 1)]

@@ -64,10 +64,13 @@ pub enum LinkEvent {
     Written(u16),
     /// A PUBACK. `refused`: an MQTT 5 reason code other than success.
     Acked { pkid: u16, refused: Option<Refusal> },
-    /// A publish on one of the downlink subscriptions.
+    /// A publish on one of the downlink subscriptions; `ack` is what
+    /// acknowledging it takes (QoS 1 and 2: acknowledged by edgeferry,
+    /// once the event is routed, not by rumqttc when it is read).
     Received {
         topic: String,
         payload: bytes::Bytes,
+        ack: Option<Box<AckHandle>>,
     },
     /// The SUBACK of the downlink subscriptions: how many filters the
     /// broker granted, and refused (not authorised, invalid, no wildcards).
@@ -76,6 +79,13 @@ pub enum LinkEvent {
     Disconnected,
     /// Anything else (pings, ...); liveness is stamped by the poller.
     Other,
+}
+
+/// A received QoS 1 or 2 publish, kept until it may be acknowledged.
+#[derive(Debug, Clone)]
+pub enum AckHandle {
+    V4(rumqttc::Publish),
+    V5(rumqttc::v5::mqttbytes::v5::Publish),
 }
 
 /// An MQTT 5 PUBACK reason code that is not a success.
@@ -135,7 +145,8 @@ impl Link {
             Protocol::V311 => {
                 let mut opts =
                     rumqttc::MqttOptions::new(&settings.client_id, &up.url.host, up.url.port);
-                opts.set_clean_session(false)
+                opts.set_manual_acks(!settings.subscriptions.is_empty())
+                    .set_clean_session(false)
                     .set_keep_alive(up.keep_alive.0)
                     .set_inflight(up.inflight)
                     .set_max_packet_size(max_packet, max_packet)
@@ -163,7 +174,8 @@ impl Link {
             Protocol::V5 => {
                 use rumqttc::v5;
                 let mut opts = v5::MqttOptions::new(&settings.client_id, &up.url.host, up.url.port);
-                opts.set_clean_start(false)
+                opts.set_manual_acks(!settings.subscriptions.is_empty())
+                    .set_clean_start(false)
                     .set_keep_alive(up.keep_alive.0)
                     .set_session_expiry_interval(Some(SESSION_EXPIRY_SECS))
                     .set_outgoing_inflight_upper_limit(up.inflight)
@@ -242,6 +254,17 @@ impl Link {
 }
 
 impl Wire for Link {
+    /// Acknowledge a downlink publish; false if the event loop has no
+    /// room now (try again later) or is gone.
+    fn ack(&self, h: &AckHandle) -> bool {
+        match (&self.client, h) {
+            (Client::V4(c), AckHandle::V4(p)) => c.try_ack(p).is_ok(),
+            (Client::V5(c), AckHandle::V5(p)) => c.try_ack(p).is_ok(),
+            // A handle of the other protocol cannot come from this link.
+            _ => true,
+        }
+    }
+
     /// Hand a publish to the event loop (never waits: the channel has room
     /// for the whole window).
     fn publish(&self, p: Publish<'_>) -> Result<(), String> {
@@ -306,6 +329,7 @@ fn v4_event(ev: rumqttc::Event) -> LinkEvent {
             refused: None,
         },
         Event::Incoming(Incoming::Publish(p)) => LinkEvent::Received {
+            ack: (p.qos != QoS::AtMostOnce).then(|| Box::new(AckHandle::V4(p.clone()))),
             topic: p.topic,
             payload: p.payload,
         },
@@ -366,6 +390,8 @@ fn v5_event(ev: rumqttc::v5::Event) -> LinkEvent {
             }
         }
         Event::Incoming(Packet::Publish(p)) => LinkEvent::Received {
+            ack: (p.qos != rumqttc::v5::mqttbytes::QoS::AtMostOnce)
+                .then(|| Box::new(AckHandle::V5(p.clone()))),
             topic: String::from_utf8_lossy(&p.topic).into_owned(),
             payload: p.payload,
         },

@@ -254,7 +254,15 @@ async fn session(
 ) -> Outcome {
     let up = &settings.upstream;
     let name = settings.name.as_str();
-    let (link, mut events) = Link::open(settings, usize::from(up.inflight) + 16);
+    // Room for the window, the gateway's own messages and, with downlink
+    // subscriptions, the acknowledgements of commands (a broker keeps a
+    // few dozen unacknowledged at most).
+    let acks = if settings.subscriptions.is_empty() {
+        0
+    } else {
+        256
+    };
+    let (link, mut events) = Link::open(settings, usize::from(up.inflight) + 16 + acks);
     let (session_present, receive_max) = match connect(&mut events, shutdown).await {
         Ok(connack) => connack,
         Err(ended) => return Outcome::before_connecting(ended),
@@ -305,6 +313,7 @@ async fn session(
                 settings,
                 results_tx: fleet.results.0.clone(),
                 results: &mut fleet.results.1,
+                deliveries: downlink::Deliveries::new(),
             };
             drive(&mut s, queue, &mut events, &mut around, shutdown).await
         }
@@ -366,6 +375,7 @@ async fn drive(
     let mut reads = Reads::default();
     loop {
         s.report_inflight();
+        around.deliveries.flush(|a| s.ack_downlink(a));
         let room = s.room();
         match reads.read(s, room, queue, name).await {
             Err(ended) => return ended,
@@ -408,6 +418,14 @@ async fn drive(
                 None => continue,
             },
             _ = sleep_until_opt(around.next_beat) => None,
+            Some(outcome) = around.deliveries.rx.recv() => {
+                if around.deliveries.outcome(outcome).is_err() {
+                    // Unacknowledged, so the broker sends it again on the
+                    // next session.
+                    return Ended::lost(FailureKind::Lost, "a command could not be routed safely; reconnecting so the upstream sends it again");
+                }
+                continue;
+            }
             Some(result) = around.results.recv() => {
                 if let Some(topic) = around.control
                     && let Err(ended) = s.publish_own(&format!("{topic}/result"), result, false)
@@ -439,28 +457,37 @@ async fn drive(
                     return ended;
                 }
             }
-            Some(Ok(LinkEvent::Received { topic, payload }))
-                if around.control == Some(topic.as_str()) =>
-            {
+            Some(Ok(LinkEvent::Received {
+                topic,
+                payload,
+                ack,
+            })) if around.control == Some(topic.as_str()) => {
+                // Taken as soon as it is read: the result says what came of it.
+                around.deliveries.now_opt(ack.map(|a| *a));
                 if let Err(ended) = around.command(s, queue, &payload).await {
                     return ended;
                 }
             }
-            Some(Ok(LinkEvent::Received { topic, payload })) => {
-                if let (Some(event), Some(router)) =
+            Some(Ok(LinkEvent::Received {
+                topic,
+                payload,
+                ack,
+            })) => {
+                let (Some(event), Some(router)) =
                     (s.received(topic, payload), &around.shared.router)
-                {
-                    // Waits while the router is full: the poller stops
-                    // reading and the broker holds the rest (backpressure).
-                    let inbound = Inbound {
-                        event,
-                        receipt: None,
-                    };
-                    tokio::select! {
-                        _ = shutdown.wait_for(|s| *s) => return Ended::Shutdown,
-                        sent = router.send(inbound) => if sent.is_err() {
-                            return Ended::Shutdown;
-                        }
+                else {
+                    // An echo of an own publish: nothing to deliver.
+                    around.deliveries.now_opt(ack.map(|a| *a));
+                    continue;
+                };
+                let receipt = ack.map(|a| around.deliveries.receipt(*a));
+                // Waits while the router is full: the poller stops reading
+                // and the broker holds the rest (backpressure).
+                let inbound = Inbound { event, receipt };
+                tokio::select! {
+                    _ = shutdown.wait_for(|s| *s) => return Ended::Shutdown,
+                    sent = router.send(inbound) => if sent.is_err() {
+                        return Ended::Shutdown;
                     }
                 }
             }
@@ -497,6 +524,8 @@ struct Around<'a> {
     settings: &'a UplinkSettings,
     results_tx: mpsc::Sender<Bytes>,
     results: &'a mut mpsc::Receiver<Bytes>,
+    /// This connection's commands waiting to be acknowledged.
+    deliveries: downlink::Deliveries,
 }
 
 impl Around<'_> {

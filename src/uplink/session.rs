@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 
 use super::downlink::Echoes;
 use super::failure::FailureKind;
-use super::link::{LinkError, Refusal};
+use super::link::{AckHandle, LinkError, Refusal};
 use super::packet::{Packets, Publish};
 use super::poison::Strike;
 use crate::config::{DrainOrder, UpstreamConfig};
@@ -38,6 +38,8 @@ pub(super) trait Wire {
     /// Hand a publish over without waiting; an error means the connection
     /// is gone.
     fn publish(&self, p: Publish<'_>) -> Result<(), String>;
+    /// Acknowledge a downlink publish; false if there is no room now.
+    fn ack(&self, a: &AckHandle) -> bool;
 }
 
 /// How a session ended.
@@ -355,6 +357,11 @@ impl<'a, W: Wire> Session<'a, W> {
         Ok(())
     }
 
+    /// Acknowledge a command now routed (see `downlink::Deliveries`).
+    pub fn ack_downlink(&self, a: &AckHandle) -> bool {
+        self.wire.ack(a)
+    }
+
     /// A command arrived on the control topic.
     pub fn count_command(&self) {
         self.metrics.control_commands.fetch_add(1, Relaxed);
@@ -601,6 +608,10 @@ mod tests {
             }
             self.sent.borrow_mut().push((p.topic, p.qos, p.payload));
             Ok(())
+        }
+
+        fn ack(&self, _: &AckHandle) -> bool {
+            true
         }
     }
 
