@@ -406,7 +406,13 @@ fn queue_command(command: QueueCommand, config: Option<PathBuf>) -> ExitCode {
 fn run(path: Option<PathBuf>) -> ExitCode {
     edgeferry::ops::memory::limit_arenas();
     raise_open_files_limit();
-    let config = match Config::load(installed_or(path).as_deref()) {
+    let path = installed_or(path);
+    // Before the rules are loaded: a remote rule install a crash cut short
+    // is finished (or discarded), never run half done.
+    let recovered = edgeferry::config::ConfigFile::read(path.as_deref())
+        .ok()
+        .and_then(|f| edgeferry::remote::recover(&f.rules.dir));
+    let config = match Config::load(path.as_deref()) {
         Ok(c) => c,
         Err(errors) => {
             eprintln!("edgeferry: not started: the configuration has errors");
@@ -414,6 +420,9 @@ fn run(path: Option<PathBuf>) -> ExitCode {
         }
     };
     edgeferry::ops::logging::init(&config.file.log);
+    if let Some(what) = recovered {
+        tracing::warn!(dir = %config.file.rules.dir.display(), "{what}");
+    }
     // A closing plain line for a person at a terminal, not in the journal
     // (it has the ERROR) nor among JSON lines (a shipper would choke).
     let plain_end = !edgeferry::ops::logging::under_journald()

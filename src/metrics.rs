@@ -184,8 +184,16 @@ pub struct UplinkMetrics {
     pub downlink_subscribed: AtomicU64,
     /// Status messages (birth, heartbeats, offline) handed to the link.
     pub status_sent: AtomicU64,
-    /// Commands that arrived on the control topic (each gets a result).
+    /// Commands that arrived on the control topic (each taken one gets a
+    /// result), and those dropped for arriving faster than 10 a second.
     pub control_commands: AtomicU64,
+    pub control_dropped: AtomicU64,
+    /// The gateway's own messages (status, control results) not sent
+    /// because the link had no room for them then.
+    pub own_dropped: AtomicU64,
+    /// Commands too large for max_packet_size: the session they were
+    /// queued in was dropped (a fresh one started).
+    pub downlink_oversized: AtomicU64,
 }
 
 impl UplinkMetrics {

@@ -5,10 +5,15 @@
 //! `rules.dir/.previous/` for `rollback`.
 //!
 //! The files are staged in `rules.dir/.incoming/` (the same filesystem, so
-//! each lands with a rename); the directory loader skips dot-directories.
+//! each lands with a rename; the directory loader skips dot-directories)
+//! and synced. Writing `.incoming/MANIFEST` (the new set's names) is the
+//! commit point: before it nothing in `rules.dir` has changed; after it
+//! the swap is finished, by this install or, after a crash, by the next
+//! start (`recover`), never left half done. A swap that fails midway (a
+//! file that cannot be renamed) is undone, the previous files put back.
 //! The router gets the compiled set in one step (the reloader hands it
-//! over), so it never runs a half-written set; the file watcher's reload
-//! that follows finds no change.
+//! over, and runs one request at a time, so the file watcher's reload
+//! comes after the swap and finds no change).
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +25,7 @@ pub const MAX_FILES: usize = 64;
 
 const INCOMING: &str = ".incoming";
 const PREVIOUS: &str = ".previous";
+const MANIFEST: &str = "MANIFEST";
 
 /// Why a set was refused: every problem, each a line (`file:line: ...`
 /// for rule errors, named by the file name as sent).
@@ -41,10 +47,33 @@ pub fn install(config: &Config, files: &[(String, String)]) -> Result<RuleSet, R
             return Err(refused);
         }
     };
-    let swapped = swap(dir, &incoming, files);
+    let swapped = swap(dir);
     let _ = std::fs::remove_dir_all(&incoming);
     swapped.map_err(|e| writable(dir, e))?;
     Ok(set)
+}
+
+/// At start, before the rules are loaded: finish an install a crash
+/// interrupted after its commit point, or throw away one interrupted
+/// before it. What was done, for the log.
+pub fn recover(dir: &Path) -> Option<String> {
+    let incoming = dir.join(INCOMING);
+    if !incoming.exists() {
+        return None;
+    }
+    let done = match incoming.join(MANIFEST).exists() {
+        true => match roll_forward(dir) {
+            Ok(()) => "finished a remote rule install that was interrupted (the new set is in place; the previous one is in .previous)".to_string(),
+            Err(e) => {
+                undo(dir);
+                format!("could not finish an interrupted remote rule install ({e}); the previous rules were put back")
+            }
+        },
+        false => "removed a remote rule upload that was interrupted before it was applied".to_string(),
+    };
+    let _ = std::fs::remove_dir_all(&incoming);
+    sync_dir(dir);
+    Some(done)
 }
 
 /// The set kept by the last install, for `rollback`.
@@ -117,11 +146,25 @@ fn stage(incoming: &Path, files: &[(String, String)]) -> std::io::Result<Vec<Pat
     let mut paths = Vec::new();
     for (name, text) in files {
         let path = incoming.join(name);
-        std::fs::write(&path, text)?;
+        write_synced(&path, text.as_bytes())?;
         paths.push(path);
     }
+    sync_dir(incoming);
     paths.sort();
     Ok(paths)
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
 }
 
 /// What `edgeferry check` and `edgeferry test` would say of the staged
@@ -146,35 +189,84 @@ fn check(config: &Config, incoming: &Path, staged: &[PathBuf]) -> Result<RuleSet
     }
 }
 
-/// Move the current files to `.previous/` and the staged ones in, each by
-/// a rename; on a failure midway, the previous files are put back.
-fn swap(dir: &Path, incoming: &Path, files: &[(String, String)]) -> std::io::Result<()> {
+/// The staged set (verified) replaces the current one: `.previous` is
+/// emptied, the manifest written (the commit point), then `roll_forward`;
+/// a failure in that is undone.
+fn swap(dir: &Path) -> std::io::Result<()> {
+    let incoming = dir.join(INCOMING);
     let previous = dir.join(PREVIOUS);
     if previous.exists() {
         std::fs::remove_dir_all(&previous)?;
     }
     std::fs::create_dir_all(&previous)?;
-    let current = crate::rules::toml_files(dir)?;
-    for p in &current {
-        std::fs::rename(p, previous.join(p.file_name().unwrap_or_default()))?;
-    }
-    let moved = files
+    let mut names: Vec<String> = crate::rules::toml_files(&incoming)?
         .iter()
-        .try_for_each(|(name, _)| std::fs::rename(incoming.join(name), dir.join(name)));
-    if let Err(e) = moved {
-        for (name, _) in files {
-            let _ = std::fs::remove_file(dir.join(name));
+        .filter_map(|p| Some(p.file_name()?.to_str()?.to_string()))
+        .collect();
+    names.sort();
+    let tmp = incoming.join(".MANIFEST.tmp");
+    write_synced(&tmp, names.join("\n").as_bytes())?;
+    std::fs::rename(&tmp, incoming.join(MANIFEST))?;
+    sync_dir(&incoming);
+    roll_forward(dir).inspect_err(|_| undo(dir))
+}
+
+/// The names of the committed set.
+fn manifest(dir: &Path) -> std::io::Result<Vec<String>> {
+    let text = std::fs::read_to_string(dir.join(INCOMING).join(MANIFEST))?;
+    Ok(text
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
+/// Make `rules.dir` hold exactly the manifest's files: every current file
+/// that is not in it, or is replaced, to `.previous`, then the staged ones
+/// in. Each step is a rename, and a step already done is skipped, so it can
+/// be run again after a crash at any point.
+fn roll_forward(dir: &Path) -> std::io::Result<()> {
+    let (incoming, previous) = (dir.join(INCOMING), dir.join(PREVIOUS));
+    let names = manifest(dir)?;
+    std::fs::create_dir_all(&previous)?;
+    for p in crate::rules::toml_files(dir)? {
+        let name = p.file_name().unwrap_or_default();
+        let replaced = incoming.join(name).exists();
+        if replaced || !names.iter().any(|n| std::ffi::OsStr::new(n) == name) {
+            std::fs::rename(&p, previous.join(name))?;
         }
-        for p in &current {
-            let _ = std::fs::rename(previous.join(p.file_name().unwrap_or_default()), p);
+    }
+    for name in &names {
+        let staged = incoming.join(name);
+        if staged.exists() {
+            std::fs::rename(&staged, dir.join(name))?;
         }
-        return Err(e);
     }
-    // The renames are durable once the directory is.
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
+    sync_dir(&previous);
+    sync_dir(dir);
     Ok(())
+}
+
+/// Put the previous files back after a swap failed midway: the new ones
+/// moved in go back to staging, the previous ones return, and the
+/// manifest goes (the install did not happen). Best effort: each step is
+/// tried whatever the others did.
+fn undo(dir: &Path) {
+    let (incoming, previous) = (dir.join(INCOMING), dir.join(PREVIOUS));
+    for name in manifest(dir).unwrap_or_default() {
+        let (now, staged) = (dir.join(&name), incoming.join(&name));
+        if now.exists() && !staged.exists() {
+            let _ = std::fs::rename(&now, &staged);
+        }
+    }
+    for p in crate::rules::toml_files(&previous).unwrap_or_default() {
+        let back = dir.join(p.file_name().unwrap_or_default());
+        if !back.exists() {
+            let _ = std::fs::rename(&p, back);
+        }
+    }
+    let _ = std::fs::remove_file(incoming.join(MANIFEST));
+    sync_dir(dir);
 }
 
 /// An I/O failure, with what to do when the directory is read-only (the
@@ -202,6 +294,106 @@ mod tests {
             .iter()
             .map(|n| (n.to_string(), String::new()))
             .collect()
+    }
+
+    /// `rules.dir` after `recover`: its *.toml names and texts.
+    fn contents(dir: &Path) -> Vec<(String, String)> {
+        crate::rules::toml_files(dir)
+            .unwrap()
+            .iter()
+            .map(|p| {
+                let name = p.file_name().unwrap().to_str().unwrap().to_string();
+                (name, std::fs::read_to_string(p).unwrap())
+            })
+            .collect()
+    }
+
+    fn rules_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        for (n, t) in files {
+            std::fs::write(d.path().join(n), t).unwrap();
+        }
+        d
+    }
+
+    fn staged(dir: &Path, files: &[(&str, &str)], committed: bool) {
+        let incoming = dir.join(INCOMING);
+        std::fs::create_dir_all(&incoming).unwrap();
+        for (n, t) in files {
+            std::fs::write(incoming.join(n), t).unwrap();
+        }
+        if committed {
+            let names: Vec<&str> = files.iter().map(|(n, _)| *n).collect();
+            std::fs::write(incoming.join(MANIFEST), names.join("\n")).unwrap();
+        }
+    }
+
+    fn owned(files: &[(&str, &str)]) -> Vec<(String, String)> {
+        files
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn a_crash_after_the_commit_point_is_finished_at_start_at_any_step() {
+        let old = [("10-a.toml", "old a"), ("20-b.toml", "old b")];
+        let new = [("10-a.toml", "new a"), ("30-c.toml", "new c")];
+        // Every point of the roll-forward: k of its renames done.
+        for k in 0..=4 {
+            let d = rules_dir(&old);
+            staged(d.path(), &new, true);
+            let steps: [(&str, &str, &str); 4] = [
+                ("10-a.toml", "", PREVIOUS),
+                ("20-b.toml", "", PREVIOUS),
+                ("10-a.toml", INCOMING, ""),
+                ("30-c.toml", INCOMING, ""),
+            ];
+            std::fs::create_dir_all(d.path().join(PREVIOUS)).unwrap();
+            for (name, from, to) in &steps[..k] {
+                std::fs::rename(d.path().join(from).join(name), d.path().join(to).join(name))
+                    .unwrap();
+            }
+            assert!(recover(d.path()).unwrap().starts_with("finished"));
+            assert_eq!(contents(d.path()), owned(&new), "after {k} steps");
+            assert_eq!(
+                contents(&d.path().join(PREVIOUS)),
+                owned(&old),
+                "after {k} steps"
+            );
+            assert!(!d.path().join(INCOMING).exists());
+        }
+    }
+
+    #[test]
+    fn a_crash_before_the_commit_point_changes_nothing() {
+        let old = [("10-a.toml", "old a")];
+        let d = rules_dir(&old);
+        staged(
+            d.path(),
+            &[("10-a.toml", "new a"), ("30-c.toml", "new c")],
+            false,
+        );
+        assert!(recover(d.path()).unwrap().starts_with("removed"));
+        assert_eq!(contents(d.path()), owned(&old));
+        assert!(recover(d.path()).is_none(), "nothing left to do");
+    }
+
+    #[test]
+    fn a_swap_that_fails_midway_puts_the_previous_files_back() {
+        let old = [("10-a.toml", "old a"), ("20-b.toml", "old b")];
+        let d = rules_dir(&old);
+        staged(
+            d.path(),
+            &[("10-a.toml", "new a"), ("30-c.toml", "new c")],
+            false,
+        );
+        // A directory where a staged file should land: its rename fails.
+        std::fs::create_dir_all(d.path().join("30-c.toml/x")).unwrap();
+        assert!(swap(d.path()).is_err());
+        std::fs::remove_dir_all(d.path().join("30-c.toml")).unwrap();
+        assert_eq!(contents(d.path()), owned(&old));
+        assert!(!d.path().join(INCOMING).join(MANIFEST).exists());
     }
 
     #[test]

@@ -40,6 +40,10 @@ pub struct Local {
     /// internal client.
     pub qos: u8,
     pub retain: bool,
+    /// A command's receipt (downlink events only): settled once the
+    /// publish is handed to the embedded broker, failed if it is dropped,
+    /// so the cloud is not told a dropped command was delivered.
+    pub receipt: Option<crate::receipt::Receipt>,
     /// `Some` for a rule's republish, `None` for a dead letter.
     pub origin: Option<Origin>,
 }
@@ -98,7 +102,8 @@ pub fn spawn(
             let _link_rx = link_rx;
             rt.block_on(async {
                 let mut client: Option<QosClient> = None;
-                while let Some(local) = rx.recv().await {
+                while let Some(mut local) = rx.recv().await {
+                    let receipt = local.receipt.take();
                     let failed = match local.qos {
                         // QoS 0, like every local-link publish.
                         0 => {
@@ -108,11 +113,13 @@ pub fn spawn(
                         }
                         _ => {
                             let c = client.get_or_insert_with(|| QosClient::open(&internal));
-                            c.publish(local).await.is_err()
+                            c.publish(local).is_err()
                         }
                     };
                     if failed {
                         m.republish_failed.fetch_add(1, Relaxed);
+                    } else if let Some(r) = receipt {
+                        r.settle();
                     }
                 }
                 if let Some(c) = client {
@@ -164,20 +171,24 @@ impl QosClient {
         QosClient { client, poller }
     }
 
-    async fn publish(&self, local: Local) -> Result<(), rumqttc::ClientError> {
+    /// Never waits: with the embedded broker unreachable the buffer fills
+    /// and publishes fail (counted) instead of holding the thread.
+    fn publish(&self, local: Local) -> Result<(), rumqttc::ClientError> {
         let qos = match local.qos {
             1 => rumqttc::QoS::AtLeastOnce,
             _ => rumqttc::QoS::ExactlyOnce,
         };
         self.client
-            .publish(local.topic, qos, local.retain, local.payload)
-            .await
+            .try_publish(local.topic, qos, local.retain, local.payload)
     }
 
-    /// A polite DISCONNECT once what is queued is written (at most 2 s),
-    /// so rumqttd closes the connection itself (see `broker::hang_up`).
+    /// A DISCONNECT once what is queued is written, waiting at most 2 s in
+    /// all (the event loop ends after writing it).
     async fn close(self) {
-        let _ = self.client.disconnect().await;
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.poller).await;
+        let close = async {
+            let _ = self.client.disconnect().await;
+            let _ = self.poller.await;
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), close).await;
     }
 }

@@ -282,7 +282,9 @@ impl Router {
         }
         let source = event.and_then(|e| e.source.clone());
         for r in verdict.republish {
-            self.republish(r, source.clone());
+            // A command is delivered only once the embedded broker has it.
+            let receipt = source.as_ref().and(receipt).cloned();
+            self.republish(r, source.clone(), receipt);
         }
         for route in verdict.routes {
             rows.push(NewRow {
@@ -364,6 +366,7 @@ impl Router {
                 qos: 0,
                 retain: false,
                 origin: None,
+                receipt: None,
             });
         }
     }
@@ -371,7 +374,12 @@ impl Router {
     /// A `local` destination's publish: to the embedded broker, and back
     /// through the rules when an ingest filter takes its topic (keeping the
     /// event's source: a republished command is still a command).
-    fn republish(&mut self, r: crate::rules::Republish, source: Option<Arc<str>>) {
+    fn republish(
+        &mut self,
+        r: crate::rules::Republish,
+        source: Option<Arc<str>>,
+        receipt: Option<Receipt>,
+    ) {
         if self.ingest.iter().any(|f| f.captures(&r.topic).is_some()) {
             if self.loopback.len() < LOOPBACK_MAX {
                 let mut again = Event::from_publish(r.topic.clone(), r.payload.clone());
@@ -388,6 +396,7 @@ impl Router {
             qos: r.qos,
             retain: r.retain,
             origin: Some(r.origin),
+            receipt,
         });
     }
 }

@@ -834,7 +834,10 @@ impl Locator<'_> {
 /// Every check of a parsed config that needs no I/O, each returning what
 /// it found (the files it names are checked by `setup`).
 pub(crate) fn check(file: &ConfigFile, loc: &Locator) -> Vec<Diagnostic> {
-    let mut errors = check_rules(file, loc);
+    let mut errors = check_gateway(&file.gateway, loc);
+    // (A bad configured id is reported once, there.)
+    let id_reported = !errors.is_empty();
+    errors.extend(check_rules(file, loc));
     errors.extend(check_addresses(file, loc));
     errors.extend(check_broker(&file.broker, loc));
     errors.extend(check_pipeline(file, loc));
@@ -843,7 +846,7 @@ pub(crate) fn check(file: &ConfigFile, loc: &Locator) -> Vec<Diagnostic> {
     let gateway = file.gateway_id();
     for (up_name, up) in &file.upstream {
         errors.extend(check_upstream(up_name, up, loc));
-        errors.extend(check_downlink(up_name, up, &gateway, loc));
+        errors.extend(check_downlink(up_name, up, &gateway, id_reported, loc));
     }
     errors
 }
@@ -882,6 +885,26 @@ fn check_addresses(file: &ConfigFile, loc: &Locator) -> Vec<Diagnostic> {
 fn require(out: &mut Vec<Diagnostic>, loc: &Locator, table: &str, key: &str, ok: bool, what: &str) {
     if !ok {
         out.push(loc.at(table, key, what));
+    }
+}
+
+/// The gateway id goes into client ids and, as `{gateway}`, into topics:
+/// one printable topic level.
+fn check_gateway(g: &GatewayConfig, loc: &Locator) -> Vec<Diagnostic> {
+    let Some(id) = &g.id else {
+        return Vec::new();
+    };
+    let bad = id.trim().is_empty()
+        || id.trim() != id
+        || id.contains(['+', '#', '/', '{', '}'])
+        || id.chars().any(char::is_control);
+    match bad {
+        true => vec![loc.at(
+            "gateway",
+            "id",
+            format!("gateway.id {id:?}: use one printable word such as \"gw-001\" (no spaces at the ends, no / + # {{ }} or control characters: it goes into client ids and topics)"),
+        )],
+        false => Vec::new(),
     }
 }
 
@@ -1222,6 +1245,7 @@ fn check_downlink(
     up_name: &str,
     up: &UpstreamConfig,
     gateway: &str,
+    id_reported: bool,
     loc: &Locator,
 ) -> Vec<Diagnostic> {
     let table = format!("upstream.{up_name}");
@@ -1269,11 +1293,15 @@ fn check_downlink(
                 ),
             );
         }
-        if sub.qos > 2 {
+        // QoS 2 across reconnects would need rumqttc's packet-id state,
+        // which each new connection starts without (a resent PUBREL it does
+        // not know ends the connection, again and again); commands are
+        // at least once anyway (acknowledged once routed).
+        if sub.qos > 1 {
             fail(
                 "subscribe",
                 format!(
-                    "upstream.{up_name}.subscribe entry {n}: qos {} does not exist; use 0, 1 or 2",
+                    "upstream.{up_name}.subscribe entry {n}: qos {} is not supported for commands; use 0 or 1 (a command is acknowledged once routed: at least once)",
                     sub.qos
                 ),
             );
@@ -1315,11 +1343,24 @@ fn check_downlink(
                     "upstream.{up_name}.control_topic {t:?}: one topic, no wildcards, and only {{gateway}} may be written in braces"
                 ),
             );
-        } else if up.status_topic.as_ref() == Some(t) {
+        } else if up.status_topic.as_ref() == Some(t)
+            || up.status_topic.as_ref() == Some(&format!("{t}/result"))
+        {
             fail(
                 "control_topic",
                 format!(
-                    "upstream.{up_name}.control_topic is the status_topic; give commands a topic of their own"
+                    "upstream.{up_name}.control_topic: the status_topic is the control topic or its /result; give each its own topic"
+                ),
+            );
+        } else if let Some(sub) = up.subscribe.iter().find(|s| {
+            crate::topic::Pattern::parse(&s.expand(gateway))
+                .is_ok_and(|p| p.captures(&topic).is_some())
+        }) {
+            fail(
+                "control_topic",
+                format!(
+                    "upstream.{up_name}.control_topic {t:?} is also under subscribe filter {:?}: commands would be taken for events too; keep them apart",
+                    sub.filter
                 ),
             );
         }
@@ -1330,7 +1371,7 @@ fn check_downlink(
             format!("upstream.{up_name}.status_interval must be at least 1s"),
         );
     }
-    if wild && uses_gateway {
+    if wild && uses_gateway && !id_reported {
         fail(
             "subscribe",
             format!(
@@ -1648,7 +1689,7 @@ mod tests {
         for (e, (line, what)) in errs.iter().zip([
             (7, "only {gateway} may be written in braces"),
             (7, "'#' is only allowed as the last level"),
-            (7, "qos 3 does not exist"),
+            (7, "qos 3 is not supported for commands"),
             (7, "entry 4 is empty"),
             (8, "a topic to publish on has no wildcards"),
             (9, "status_interval must be at least 1s"),
@@ -1660,7 +1701,7 @@ mod tests {
         }
         let errs = check("a+b", "subscribe = [\"gw/{gateway}/cmd\"]");
         assert!(
-            errs.len() == 1 && errs[0].contains("cannot stand in for {gateway}"),
+            errs.len() == 1 && errs[0].contains("gateway.id \"a+b\": use one printable word"),
             "{errs:#?}"
         );
         let errs = check("g1", "control_topic = \"gw/#\"");
@@ -1674,9 +1715,34 @@ mod tests {
         assert!(
             errs.len() == 1
                 && errs[0].starts_with("gw.toml:8:")
-                && errs[0].contains("is the status_topic"),
+                && errs[0].contains("the status_topic is the control topic or its /result"),
             "{errs:#?}"
         );
+        let errs = check(
+            "g1",
+            "status_topic = \"gw/c/result\"\ncontrol_topic = \"gw/c\"",
+        );
+        assert!(
+            errs.len() == 1 && errs[0].starts_with("gw.toml:8:"),
+            "{errs:#?}"
+        );
+        let errs = check(
+            "g1",
+            "subscribe = [\"gw/#\"]\ncontrol_topic = \"gw/{gateway}/control\"",
+        );
+        assert!(
+            errs.len() == 1 && errs[0].contains("is also under subscribe filter \"gw/#\""),
+            "{errs:#?}"
+        );
+        for id in ["a/b", " g", "g\\u0000x", ""] {
+            let errs = check(id, "");
+            assert!(
+                errs.len() == 1
+                    && errs[0].starts_with("gw.toml:2:")
+                    && errs[0].contains("one printable word"),
+                "{id:?}: {errs:#?}"
+            );
+        }
         let errs = check("g1", "subscribe = [{ filter = \"x\", qs = 1 }]");
         assert!(
             errs.len() == 1 && errs[0].starts_with("gw.toml:7:") && errs[0].contains("qs"),

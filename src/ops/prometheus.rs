@@ -374,6 +374,24 @@ const PER_UPLINK: &[PerUplink] = &[
         Counter,
         |u| u.control_commands.load(Relaxed),
     ),
+    (
+        "control_dropped",
+        "Control commands dropped for arriving faster than 10 a second",
+        Counter,
+        |u| u.control_dropped.load(Relaxed),
+    ),
+    (
+        "own_messages_dropped",
+        "Status messages and control results not sent: the link had no room for them then",
+        Counter,
+        |u| u.own_dropped.load(Relaxed),
+    ),
+    (
+        "downlink_oversized",
+        "Commands larger than max_packet_size: the session holding them was replaced by a fresh one",
+        Counter,
+        |u| u.downlink_oversized.load(Relaxed),
+    ),
 ];
 
 /// One per-upstream metric by failure kind.

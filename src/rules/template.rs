@@ -111,9 +111,15 @@ impl Template {
                             ));
                         }
                     };
-                    if text.is_empty() || text.contains(['+', '#', '\0']) {
+                    // One field fills one level: a `/` would move the
+                    // event to another topic tree (a command to another
+                    // device's topic).
+                    if text.is_empty()
+                        || text.contains(['+', '#', '/'])
+                        || text.chars().any(char::is_control)
+                    {
                         return Err(format!(
-                            "topic field payload.{} = {text:?} cannot go into a topic",
+                            "topic field payload.{} = {text:?} cannot go into a topic (it fills one level: no / + # or control characters, not empty)",
                             path.join(".")
                         ));
                     }
@@ -121,9 +127,20 @@ impl Template {
                 }
             }
         }
+        // MQTT writes a topic's length in two bytes; a longer one would be
+        // cut on the wire, onto another topic.
+        if out.len() > MAX_TOPIC {
+            return Err(format!(
+                "the topic would be {} bytes; MQTT allows {MAX_TOPIC}",
+                out.len()
+            ));
+        }
         Ok(out)
     }
 }
+
+/// The longest topic MQTT can carry, in bytes.
+pub const MAX_TOPIC: usize = 65_535;
 
 #[cfg(test)]
 mod tests {
@@ -149,6 +166,13 @@ mod tests {
             Ok("fleet/42/x".to_string())
         );
         assert!(t.render(&[("d", "x")], Some(&json!({}))).is_err());
+        for bad in ["a/b", "", "+", "x#", "a\u{1}b"] {
+            let p = json!({"meta": {"serial": bad}});
+            assert!(t.render(&[("d", "x")], Some(&p)).is_err(), "{bad:?}");
+        }
+        let long = json!({"meta": {"serial": "a".repeat(70_000)}});
+        let e = t.render(&[("d", "x")], Some(&long)).unwrap_err();
+        assert!(e.contains("MQTT allows 65535"), "{e}");
         assert!(t.render(&[("d", "x")], None).is_err());
         let wild = json!({"meta": {"serial": "a/#"}});
         assert!(t.render(&[("d", "x")], Some(&wild)).is_err());

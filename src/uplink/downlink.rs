@@ -127,6 +127,15 @@ impl Echoes {
     }
 }
 
+/// Whether a connection ended on a packet larger than `max_packet_size`
+/// (rumqttc cannot read it and drops the connection; the broker keeps it
+/// for the session and would send it again on every reconnect).
+pub(super) fn too_large(reason: &str) -> bool {
+    reason
+        .to_ascii_lowercase()
+        .contains("payload size limit exceeded")
+}
+
 /// The commands of one connection waiting to be acknowledged, oldest
 /// first.
 pub(super) struct Deliveries {

@@ -46,9 +46,12 @@ macro_rules! spawn_poller {
     }};
 }
 
-/// How long an MQTT 5 session is kept by the broker after a disconnect.
-/// edgeferry only publishes, so the session holds little; keeping it
-/// lets a broker that supports it report `session_present` on return.
+/// Commands an MQTT 5 broker may send before the first is acknowledged.
+const DOWNLINK_WINDOW: u16 = 64;
+
+/// How long an MQTT 5 session is kept by the broker after a disconnect:
+/// its downlink subscriptions and the QoS 1 commands that came while the
+/// gateway was away (dropped after this long), and `session_present`.
 const SESSION_EXPIRY_SECS: u32 = 24 * 3600;
 
 /// What happened on the connection.
@@ -70,6 +73,7 @@ pub enum LinkEvent {
     Received {
         topic: String,
         payload: bytes::Bytes,
+        retain: bool,
         ack: Option<Box<AckHandle>>,
     },
     /// The SUBACK of the downlink subscriptions: how many filters the
@@ -131,7 +135,9 @@ pub struct Events {
 
 impl Link {
     /// Start connecting; the first event is `Connected` or an error.
-    pub fn open(settings: &UplinkSettings, capacity: usize) -> (Link, Events) {
+    /// `fresh`: a clean session this once (the broker drops what it
+    /// queued for the gateway).
+    pub fn open(settings: &UplinkSettings, capacity: usize, fresh: bool) -> (Link, Events) {
         let up = &settings.upstream;
         let max_packet = up.max_packet_size.as_usize();
         let password = settings.password.as_ref().map_or("", |p| p.expose());
@@ -146,7 +152,7 @@ impl Link {
                 let mut opts =
                     rumqttc::MqttOptions::new(&settings.client_id, &up.url.host, up.url.port);
                 opts.set_manual_acks(!settings.subscriptions.is_empty())
-                    .set_clean_session(false)
+                    .set_clean_session(fresh)
                     .set_keep_alive(up.keep_alive.0)
                     .set_inflight(up.inflight)
                     .set_max_packet_size(max_packet, max_packet)
@@ -175,7 +181,10 @@ impl Link {
                 use rumqttc::v5;
                 let mut opts = v5::MqttOptions::new(&settings.client_id, &up.url.host, up.url.port);
                 opts.set_manual_acks(!settings.subscriptions.is_empty())
-                    .set_clean_start(false)
+                    // Commands unacknowledged at once, at most: the broker
+                    // holds the rest (bounded memory while routing waits).
+                    .set_receive_maximum(Some(DOWNLINK_WINDOW))
+                    .set_clean_start(fresh)
                     .set_keep_alive(up.keep_alive.0)
                     .set_session_expiry_interval(Some(SESSION_EXPIRY_SECS))
                     .set_outgoing_inflight_upper_limit(up.inflight)
@@ -231,12 +240,18 @@ impl Link {
                 .map_err(|e| e.to_string())
             }
             Client::V5(c) => {
-                use rumqttc::v5::mqttbytes::{self, v5::Filter};
+                use rumqttc::v5::mqttbytes::{
+                    self,
+                    v5::{Filter, RetainForwardRule},
+                };
                 let qos = |q: u8| mqttbytes::qos(q.min(2)).unwrap_or(mqttbytes::QoS::AtLeastOnce);
                 // (2 is the largest valid QoS, so `qos` never fails here.)
                 c.try_subscribe_many(filters.iter().map(|(f, q)| {
                     let mut filter = Filter::new(f.clone(), qos(*q));
                     filter.nolocal = true;
+                    // Retained messages only for a new subscription, so a
+                    // resumed session does not repeat a retained command.
+                    filter.retain_forward_rule = RetainForwardRule::OnNewSubscribe;
                     filter
                 }))
                 .map_err(|e| e.to_string())
@@ -329,7 +344,13 @@ fn v4_event(ev: rumqttc::Event) -> LinkEvent {
             refused: None,
         },
         Event::Incoming(Incoming::Publish(p)) => LinkEvent::Received {
-            ack: (p.qos != QoS::AtMostOnce).then(|| Box::new(AckHandle::V4(p.clone()))),
+            ack: (p.qos != QoS::AtMostOnce).then(|| {
+                // Only the packet id and QoS are needed to acknowledge it.
+                let mut a = rumqttc::Publish::new("", p.qos, Vec::new());
+                a.pkid = p.pkid;
+                Box::new(AckHandle::V4(a))
+            }),
+            retain: p.retain,
             topic: p.topic,
             payload: p.payload,
         },
@@ -390,8 +411,12 @@ fn v5_event(ev: rumqttc::v5::Event) -> LinkEvent {
             }
         }
         Event::Incoming(Packet::Publish(p)) => LinkEvent::Received {
-            ack: (p.qos != rumqttc::v5::mqttbytes::QoS::AtMostOnce)
-                .then(|| Box::new(AckHandle::V5(p.clone()))),
+            ack: (p.qos != rumqttc::v5::mqttbytes::QoS::AtMostOnce).then(|| {
+                let mut a = rumqttc::v5::mqttbytes::v5::Publish::new("", p.qos, Vec::new(), None);
+                a.pkid = p.pkid;
+                Box::new(AckHandle::V5(a))
+            }),
+            retain: p.retain,
             topic: String::from_utf8_lossy(&p.topic).into_owned(),
             payload: p.payload,
         },

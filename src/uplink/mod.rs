@@ -35,7 +35,7 @@ mod session;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{DrainOrder, Protocol, UpstreamConfig};
 use crate::credentials::{self, CredentialError, Secret};
@@ -171,6 +171,14 @@ pub async fn run(
         echoes: downlink::Echoes::new(&settings.subscriptions, up.protocol == Protocol::V311),
         rates: fleet::Rates::default(),
         results: mpsc::channel(RESULTS),
+        fresh_session: false,
+        subscribed: false,
+        control_pace: crate::pacing::Bucket::with_burst(
+            CONTROL_RATE,
+            CONTROL_BURST,
+            Instant::now(),
+        ),
+        control_busy: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
     };
     let mut backoff = Backoff::new(up.reconnect_min.0, up.reconnect_max.0);
     // Rows sent but not acknowledged when the last session ended: sending
@@ -197,7 +205,14 @@ pub async fn run(
         .await;
         // Down only once it says why: whoever sees it down reads the reason.
         let lost = match ended {
-            Ended::Lost { kind, reason } => Some(record_failure(&metrics, kind, &reason)),
+            Ended::Lost { kind, reason } => {
+                fleet.fresh_session = downlink::too_large(&reason);
+                if fleet.fresh_session {
+                    metrics.downlink_oversized.fetch_add(1, Relaxed);
+                    error!(upstream = %settings.name, %reason, max_packet_size = %up.max_packet_size, "the upstream sent a command larger than max_packet_size; it would send it again on every reconnect, so the next connection starts a fresh session: commands queued for this gateway while it was away are dropped with it");
+                }
+                Some(record_failure(&metrics, kind, &reason))
+            }
             Ended::Shutdown | Ended::QueueClosed => None,
         };
         metrics.connected.store(false, Relaxed);
@@ -262,15 +277,32 @@ async fn session(
     } else {
         256
     };
-    let (link, mut events) = Link::open(settings, usize::from(up.inflight) + 16 + acks);
+    let fresh = std::mem::take(&mut fleet.fresh_session);
+    let (link, mut events) = Link::open(settings, usize::from(up.inflight) + 16 + acks, fresh);
     let (session_present, receive_max) = match connect(&mut events, shutdown).await {
         Ok(connack) => connack,
         Err(ended) => return Outcome::before_connecting(ended),
     };
-    // Again on every connect: a broker that lost the session (or never
-    // kept it) has lost the subscriptions too.
-    if let Err(reason) = link.subscribe(&settings.subscriptions) {
-        return Outcome::before_connecting(Ended::lost(FailureKind::Lost, reason));
+    // The will the broker published if the last connection died comes
+    // down a filter that covers the status topic: it is ours, no command.
+    if let Some(st) = &settings.status {
+        fleet.echoes.sent(&st.topic, &st.will(), Instant::now());
+    }
+    // When the broker has no session (it lost it, or never kept it), and
+    // on this process's first connect (the filters may have changed since
+    // the session was made). Not on every connect: a 3.1.1 broker sends
+    // the retained messages of a filter again at each SUBSCRIBE, so every
+    // reconnect would repeat a retained command (MQTT 5 subscribes with
+    // Retain Handling 1 as well: retained only for a new subscription).
+    if !session_present || !fleet.subscribed {
+        if let Err(reason) = link.subscribe(&settings.subscriptions) {
+            return Outcome::before_connecting(Ended::lost(FailureKind::Lost, reason));
+        }
+        fleet.subscribed = true;
+    } else if !settings.subscriptions.is_empty() {
+        metrics
+            .downlink_subscribed
+            .store(settings.subscriptions.len() as u64, Relaxed);
     }
     // The session starts at the CONNACK, not after the queue round trips
     // below: rows received before this are the backlog (replay marker).
@@ -301,22 +333,31 @@ async fn session(
     };
     let mut s = Session::connected(link, connected);
     let status = settings.status.as_ref();
-    let ended = match status.map(|st| s.publish_status(&st.topic, st.birth())) {
-        Some(Err(ended)) => ended,
-        _ => {
-            let mut around = Around {
-                status,
-                next_beat: status.map(|st| Instant::now() + st.interval),
-                rates: &mut fleet.rates,
-                shared: &fleet.shared,
-                control: settings.control.as_deref(),
-                settings,
-                results_tx: fleet.results.0.clone(),
-                results: &mut fleet.results.1,
-                deliveries: downlink::Deliveries::new(),
-            };
-            drive(&mut s, queue, &mut events, &mut around, shutdown).await
+    if let Some(st) = status {
+        s.publish_status(&st.topic, st.birth());
+    }
+    let ended = {
+        let mut around = Around {
+            status,
+            next_beat: status.map(|st| Instant::now() + st.interval),
+            rates: &mut fleet.rates,
+            shared: &fleet.shared,
+            control: settings.control.as_deref(),
+            settings,
+            results_tx: fleet.results.0.clone(),
+            results: &mut fleet.results.1,
+            deliveries: downlink::Deliveries::new(),
+            pace: &mut fleet.control_pace,
+            busy: fleet.control_busy.clone(),
+        };
+        let ended = drive(&mut s, queue, &mut events, &mut around, shutdown).await;
+        // Commands routed by now are acknowledged before the DISCONNECT (the
+        // others come again on the next session).
+        while let Ok(outcome) = around.deliveries.rx.try_recv() {
+            let _ = around.deliveries.outcome(outcome);
         }
+        around.deliveries.flush(|a| s.ack_downlink(a));
+        ended
     };
     let (mut outcome, link) = s.end(ended);
     let _ = queue.online(name, false).await;
@@ -422,15 +463,13 @@ async fn drive(
                 if around.deliveries.outcome(outcome).is_err() {
                     // Unacknowledged, so the broker sends it again on the
                     // next session.
-                    return Ended::lost(FailureKind::Lost, "a command could not be routed safely; reconnecting so the upstream sends it again");
+                    return s.end_blameless("a command could not be routed safely; reconnecting so the upstream sends it again");
                 }
                 continue;
             }
             Some(result) = around.results.recv() => {
-                if let Some(topic) = around.control
-                    && let Err(ended) = s.publish_own(&format!("{topic}/result"), result, false)
-                {
-                    return ended;
+                if let Some(topic) = around.control {
+                    s.publish_own(&format!("{topic}/result"), result, false);
                 }
                 continue;
             }
@@ -445,9 +484,7 @@ async fn drive(
         // (Awaited here, not in its branch: the select's output holds the
         // shutdown watch's guard, which is not Send.)
         let Some(polled) = polled else {
-            if let Err(ended) = around.heartbeat(s, queue).await {
-                return ended;
-            }
+            around.heartbeat(s, queue).await;
             continue;
         };
         match polled {
@@ -460,18 +497,25 @@ async fn drive(
             Some(Ok(LinkEvent::Received {
                 topic,
                 payload,
+                retain,
                 ack,
             })) if around.control == Some(topic.as_str()) => {
                 // Taken as soon as it is read: the result says what came of it.
                 around.deliveries.now_opt(ack.map(|a| *a));
-                if let Err(ended) = around.command(s, queue, &payload).await {
-                    return ended;
+                if retain {
+                    // A retained command would run again at every new
+                    // subscription (a rollback flipping the rules back
+                    // and forth): commands are sent, not kept.
+                    warn!(upstream = %s.name_of(), "ignored a retained message on the control topic: publish commands without retain");
+                    continue;
                 }
+                around.command(s, queue, &payload).await;
             }
             Some(Ok(LinkEvent::Received {
                 topic,
                 payload,
                 ack,
+                ..
             })) => {
                 let (Some(event), Some(router)) =
                     (s.received(topic, payload), &around.shared.router)
@@ -508,7 +552,24 @@ struct Fleet {
     /// Control results waiting to be published (a result that is ready
     /// while the uplink is down goes out on the next session).
     results: (mpsc::Sender<Bytes>, mpsc::Receiver<Bytes>),
+    /// The next connection starts a clean session (the last one ended on a
+    /// command too large to read, which the broker would send again).
+    fresh_session: bool,
+    /// The downlink filters were subscribed by this process.
+    subscribed: bool,
+    /// Control commands are taken at most this fast; more are dropped
+    /// (counted): a flood must not take the uplink down.
+    control_pace: crate::pacing::Bucket,
+    /// `reload`, `rules` and `rollback` commands being worked on.
+    control_busy: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// Control commands a second, and the burst allowed.
+const CONTROL_RATE: f64 = 10.0;
+const CONTROL_BURST: f64 = 20.0;
+
+/// Commands that go to the reloader, at most, waiting at once.
+const CONTROL_BUSY: usize = 4;
 
 /// Control results held at most (one per command being worked on).
 const RESULTS: usize = 16;
@@ -526,22 +587,20 @@ struct Around<'a> {
     results: &'a mut mpsc::Receiver<Bytes>,
     /// This connection's commands waiting to be acknowledged.
     deliveries: downlink::Deliveries,
+    pace: &'a mut crate::pacing::Bucket,
+    busy: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Around<'_> {
     /// A heartbeat on the status topic, and the next one due.
-    async fn heartbeat(
-        &mut self,
-        s: &mut Session<'_, Link>,
-        queue: &QueueHandle,
-    ) -> Result<(), Ended> {
+    async fn heartbeat(&mut self, s: &mut Session<'_, Link>, queue: &QueueHandle) {
         let Some(st) = self.status else {
             self.next_beat = None;
-            return Ok(());
+            return;
         };
         self.next_beat = Some(Instant::now() + st.interval);
         let beat = st.heartbeat(&self.shared.metrics, queue, self.rates).await;
-        s.publish_status(&st.topic, beat)
+        s.publish_status(&st.topic, beat);
     }
 
     /// The `status` command: the heartbeat now (also on the status topic,
@@ -551,7 +610,7 @@ impl Around<'_> {
         s: &mut Session<'_, Link>,
         queue: &QueueHandle,
         request_id: &serde_json::Value,
-    ) -> Result<Bytes, Ended> {
+    ) -> Bytes {
         let st = self.status.cloned().unwrap_or_else(|| fleet::StatusTopic {
             topic: String::new(),
             interval: Duration::ZERO,
@@ -560,55 +619,72 @@ impl Around<'_> {
         });
         let beat = st.heartbeat(&self.shared.metrics, queue, self.rates).await;
         if self.status.is_some() {
-            s.publish_status(&st.topic, beat.clone())?;
+            s.publish_status(&st.topic, beat.clone());
         }
         let status: serde_json::Value = serde_json::from_slice(&beat).unwrap_or_default();
-        Ok(control::result(
+        control::result(
             request_id,
             "status",
             Ok(Default::default()),
             Some(("status", status)),
-        ))
+        )
     }
 
     /// A command on the control topic. `status` is answered here; the
     /// others go to the reloader, whose answer is published when it comes
     /// (checking and testing a rule set may take a while: the session
     /// goes on meanwhile).
-    async fn command(
-        &mut self,
-        s: &mut Session<'_, Link>,
-        queue: &QueueHandle,
-        payload: &[u8],
-    ) -> Result<(), Ended> {
+    async fn command(&mut self, s: &mut Session<'_, Link>, queue: &QueueHandle, payload: &[u8]) {
         let Some(topic) = self.control else {
-            return Ok(());
+            return;
         };
         s.count_command();
+        if !self.pace.try_take(Instant::now()) {
+            // More than CONTROL_RATE a second: dropped, no result (answering
+            // a flood would be a flood).
+            s.count_command_dropped();
+            return;
+        }
         let result_topic = format!("{topic}/result");
         let c = match control::parse(payload) {
             Ok(c) => c,
             Err(refusal) => {
                 warn!(upstream = %s.name_of(), "control command refused: not a command this gateway knows");
-                return s.publish_own(&result_topic, refusal, false);
+                s.publish_own(&result_topic, refusal, false);
+                return;
             }
         };
         let name = c.op.name();
         info!(upstream = %s.name_of(), command = name, request_id = %c.request_id, "control command");
         let rules = match c.op {
             control::Op::Status => {
-                let result = self.status_now(s, queue, &c.request_id).await?;
-                return s.publish_own(&result_topic, result, false);
+                let result = self.status_now(s, queue, &c.request_id).await;
+                s.publish_own(&result_topic, result, false);
+                return;
             }
             control::Op::Reload => RemoteRules::Disk,
             control::Op::Rules(files) => RemoteRules::Files(files),
             control::Op::Rollback => RemoteRules::Previous,
         };
+        if self.busy.load(Relaxed) >= CONTROL_BUSY {
+            let why = format!(
+                "busy: {CONTROL_BUSY} commands are being worked on; send it again once their results are in"
+            );
+            s.publish_own(
+                &result_topic,
+                control::result(&c.request_id, name, Err(vec![why]), None),
+                false,
+            );
+            return;
+        }
+        self.busy.fetch_add(1, Relaxed);
+        let busy = self.busy.clone();
         let reload = self.shared.reload.clone();
         let results = self.results_tx.clone();
         tokio::spawn(async move {
             let (reply, answer) = tokio::sync::oneshot::channel();
             if reload.send(Request::Remote { rules, reply }).await.is_err() {
+                busy.fetch_sub(1, Relaxed);
                 return; // shutting down
             }
             if let Ok(applied) = answer.await {
@@ -616,8 +692,8 @@ impl Around<'_> {
                     .send(control::applied(&c.request_id, name, applied))
                     .await;
             }
+            busy.fetch_sub(1, Relaxed);
         });
-        Ok(())
     }
 }
 

@@ -173,6 +173,8 @@ pub(super) struct Session<'a, W: Wire> {
     /// send some.
     pub drained: bool,
     acked_any: bool,
+    /// The session was ended by edgeferry itself (`end_blameless`).
+    blameless: bool,
     connected_at: Instant,
     /// The last PUBACK, or when the first publish went out unanswered.
     last_progress: Instant,
@@ -260,6 +262,7 @@ impl<'a, W: Wire> Session<'a, W> {
             ack_deadline: None,
             drained: false,
             acked_any: false,
+            blameless: false,
             connected_at,
             last_progress: connected_at,
             ack_limit: up.keep_alive.0 * 3,
@@ -343,18 +346,29 @@ impl<'a, W: Wire> Session<'a, W> {
 
     /// The gateway's own message (a status message, retained; a control
     /// result), QoS 1, straight onto the wire: no queue, no window, no
-    /// backlog in front of it.
-    pub fn publish_own(
-        &mut self,
-        topic: &str,
-        payload: bytes::Bytes,
-        retain: bool,
-    ) -> Result<(), Ended> {
-        self.wire
+    /// backlog in front of it. Not sent (counted) when the link has no room
+    /// for it now: a flood of commands must not end the session, and a
+    /// link that is gone ends it through the rows.
+    pub fn publish_own(&mut self, topic: &str, payload: bytes::Bytes, retain: bool) -> bool {
+        self.echoes.sent(topic, &payload, Instant::now());
+        if self
+            .wire
             .publish(Publish::own(topic, payload, retain))
-            .map_err(|reason| Ended::lost(FailureKind::Lost, reason))?;
+            .is_err()
+        {
+            self.metrics.own_dropped.fetch_add(1, Relaxed);
+            return false;
+        }
         self.awaiting.push_back((None, QoS::AtLeastOnce));
-        Ok(())
+        true
+    }
+
+    /// End the session for a reason of edgeferry's own (a command that was
+    /// not routed safely, so the upstream must send it again): counted as
+    /// lost, but no strike against the rows on the wire.
+    pub fn end_blameless(&mut self, reason: &str) -> Ended {
+        self.blameless = true;
+        Ended::lost(FailureKind::Lost, reason)
     }
 
     /// Acknowledge a command now routed (see `downlink::Deliveries`).
@@ -367,11 +381,16 @@ impl<'a, W: Wire> Session<'a, W> {
         self.metrics.control_commands.fetch_add(1, Relaxed);
     }
 
+    /// One arrived faster than commands are taken, and was dropped.
+    pub fn count_command_dropped(&self) {
+        self.metrics.control_dropped.fetch_add(1, Relaxed);
+    }
+
     /// A status message: retained, and counted.
-    pub fn publish_status(&mut self, topic: &str, payload: bytes::Bytes) -> Result<(), Ended> {
-        self.publish_own(topic, payload, true)?;
-        self.metrics.status_sent.fetch_add(1, Relaxed);
-        Ok(())
+    pub fn publish_status(&mut self, topic: &str, payload: bytes::Bytes) {
+        if self.publish_own(topic, payload, true) {
+            self.metrics.status_sent.fetch_add(1, Relaxed);
+        }
     }
 
     /// A publish came down a subscription: the event for the rules, or
@@ -433,14 +452,15 @@ impl<'a, W: Wire> Session<'a, W> {
             debug!(upstream = %self.name, pkid, "ignoring PUBACK for unknown packet id");
             return Ok(());
         };
-        self.last_progress = Instant::now();
         let Some(id) = entry else {
-            // A status message: nothing queued waits on it.
+            // The gateway's own message: nothing queued waits on it (and it
+            // says nothing about whether rows are being acknowledged).
             if let Some(r) = refused {
-                warn!(upstream = %self.name, reason = r.reason, "the upstream refused the gateway's status message (may it publish on status_topic?)");
+                warn!(upstream = %self.name, reason = r.reason, "the upstream refused a message of the gateway's own (may it publish on status_topic and <control_topic>/result?)");
             }
             return Ok(());
         };
+        self.last_progress = Instant::now();
         let Some(r) = refused else {
             self.acks.push(id);
             self.metrics.acked.fetch_add(1, Relaxed);
@@ -561,6 +581,8 @@ impl<'a, W: Wire> Session<'a, W> {
         let head = on_wire.iter().copied().min();
         let strike = match (&ended, head) {
             _ if self.acked_any => Strike::Cleared,
+            // edgeferry ended it itself: nothing against the rows.
+            _ if self.blameless => Strike::Unchanged,
             (
                 Ended::Lost {
                     kind: FailureKind::Lost,

@@ -469,3 +469,133 @@ async fn routed_commands_are_acknowledged_so_a_resumed_session_does_not_repeat_t
     );
     gw.stop().await;
 }
+
+/// A command too large for max_packet_size cannot be read; the broker
+/// would send it again on every reconnect. The next connection starts a
+/// fresh session, and commands flow again (a hostile run found the uplink
+/// reconnecting twice a second for good, the sensors' data stuck).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_too_large_to_read_does_not_wedge_the_uplink() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mosq = Mosquitto::start(&d.join("mosquitto"), &[""]).await;
+    let text = config(
+        d,
+        mosq.ports[0],
+        &format!("{SUBSCRIBE}\nmax_packet_size = \"4KiB\""),
+    );
+    let gw = Gateway::start_with(d, &text).await;
+    subscribed(&gw, 3).await;
+    let device = Subscriber::start(gw.addr, "devices/#").await;
+    let cloud = Sensor::connect(mosq.addr(0)).await;
+    let up = gw.running.metrics.uplinks["cloud"].clone();
+
+    cloud.publish("gw/test/ping", vec![b'x'; 10_000]).await;
+    wait_until("the oversized command noticed", || {
+        up.downlink_oversized.load(Relaxed) == 1
+    })
+    .await;
+    subscribed(&gw, 3).await;
+    cloud.publish("gw/test/ping", b"small".to_vec()).await;
+    let got = device.wait_for(1).await;
+    assert_eq!(got[0].payload, b"small");
+    assert_eq!(up.downlink_oversized.load(Relaxed), 1, "once, not a loop");
+    gw.stop().await;
+}
+
+/// A flood of control commands is cut to 10 a second (the rest dropped,
+/// counted) and never ends the session (a hostile run took the uplink
+/// down with 20,000 `status` commands).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_control_commands_is_paced_and_the_uplink_stays_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mosq = Mosquitto::start(&d.join("mosquitto"), &[""]).await;
+    let text = config(d, mosq.ports[0], "control_topic = \"gw/{gateway}/control\"");
+    let gw = Gateway::start_with(d, &text).await;
+    subscribed(&gw, 1).await;
+    let results = Subscriber::start(mosq.addr(0), "gw/test/control/result").await;
+    let cloud = Sensor::connect(mosq.addr(0)).await;
+    let up = gw.running.metrics.uplinks["cloud"].clone();
+    const N: u64 = 300;
+    for i in 0..N {
+        let c = json!({"request_id": i, "command": "status"}).to_string();
+        cloud
+            .client
+            .publish("gw/test/control", QoS::AtMostOnce, false, c.into_bytes())
+            .await
+            .unwrap();
+    }
+    wait_until("every command read", || {
+        up.control_commands.load(Relaxed) == N
+    })
+    .await;
+    results.wait_for(20).await;
+    assert!(
+        up.control_dropped.load(Relaxed) >= N - 100,
+        "{}",
+        up.control_dropped.load(Relaxed)
+    );
+    assert_eq!(up.connects.load(Relaxed), 1, "the session stayed up");
+    assert!(up.connected.load(Relaxed));
+    gw.stop().await;
+}
+
+/// A retained command is not delivered again when the session resumes
+/// (re-subscribing made a 3.1.1 broker send it at every reconnect), and
+/// the gateway's own status messages that come back down a wide filter
+/// are known for echoes, not taken as commands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_session_repeats_no_retained_command_and_own_messages_are_not_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mosq = Mosquitto::start(&d.join("mosquitto"), &[""]).await;
+    let proxy = Proxy::start(mosq.addr(0), true).await;
+    let upstream = "subscribe = [\"gw/{gateway}/#\"]\nstatus_topic = \"gw/{gateway}/status\"";
+    let gw = Gateway::start_with(d, &config(d, proxy.port, upstream)).await;
+    subscribed(&gw, 1).await;
+    let up = gw.running.metrics.uplinks["cloud"].clone();
+    wait_until("the birth came back and was known", || {
+        up.downlink_echoes.load(Relaxed) == 1
+    })
+    .await;
+    let device = Subscriber::start(gw.addr, "devices/#").await;
+    let cloud = Sensor::connect(mosq.addr(0)).await;
+    cloud
+        .client
+        .publish(
+            "gw/test/cmd/d1/relay",
+            QoS::AtLeastOnce,
+            true,
+            br#"{"state":"on"}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    device.wait_for(1).await;
+
+    let connects = up.connects.load(Relaxed);
+    proxy.set_up(false);
+    wait_until("uplink down", || !up.connected.load(Relaxed)).await;
+    proxy.set_up(true);
+    wait_until("uplink back", || {
+        up.connects.load(Relaxed) > connects && up.connected.load(Relaxed)
+    })
+    .await;
+    assert!(up.session_present.load(Relaxed));
+    // The will the broker published when the link was cut, and the new
+    // birth: both the gateway's own.
+    wait_until("the will and the new birth known too", || {
+        up.downlink_echoes.load(Relaxed) == 3
+    })
+    .await;
+    cloud.publish("gw/test/ping", b"after".to_vec()).await;
+    let got = device.wait_for(2).await;
+    assert_eq!(got.len(), 2, "the relay once, then the ping: {got:?}");
+    assert_eq!(got[1].payload, b"after");
+    assert_eq!(
+        up.downlink_received.load(Relaxed),
+        2,
+        "the relay and the ping; no status"
+    );
+    gw.stop().await;
+}
