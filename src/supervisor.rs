@@ -106,9 +106,11 @@ impl Supervisor {
         crate::ops::systemd::stopping();
         let _ = self.shutdown.send(true);
         // Stop order follows ownership: the front door's sessions hand what
-        // they read to the pipeline and drop their senders, the router
-        // drains into the queue and drops its handle, uplinks close; the
-        // queue thread commits once the last handle is gone.
+        // they read to the pipeline and drop their senders, uplinks close
+        // (dropping theirs: the router's input ends with the last sender,
+        // front door and uplinks alike), the router drains into the queue
+        // and drops its handle; the queue thread commits once the last
+        // handle is gone.
         while let Some(done) = self.stages.join_next().await {
             match done {
                 Ok((stage, Err(e))) => error!(stage, error = %e, "stage failed while stopping"),
