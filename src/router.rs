@@ -280,11 +280,10 @@ impl Router {
                 warn!(rule = %rule, suppressed, "window not sent: {why}");
             }
         }
-        let source = event.and_then(|e| e.source.clone());
         for r in verdict.republish {
             // A command is delivered only once the embedded broker has it.
-            let receipt = source.as_ref().and(receipt).cloned();
-            self.republish(r, source.clone(), receipt);
+            let receipt = r.source.as_ref().and(receipt).cloned();
+            self.republish(r, receipt);
         }
         for route in verdict.routes {
             rows.push(NewRow {
@@ -374,17 +373,12 @@ impl Router {
     /// A `local` destination's publish: to the embedded broker, and back
     /// through the rules when an ingest filter takes its topic (keeping the
     /// event's source: a republished command is still a command).
-    fn republish(
-        &mut self,
-        r: crate::rules::Republish,
-        source: Option<Arc<str>>,
-        receipt: Option<Receipt>,
-    ) {
+    fn republish(&mut self, r: crate::rules::Republish, receipt: Option<Receipt>) {
         if self.ingest.iter().any(|f| f.captures(&r.topic).is_some()) {
             if self.loopback.len() < LOOPBACK_MAX {
                 let mut again = Event::from_publish(r.topic.clone(), r.payload.clone());
                 again.origin = Some(r.origin.clone());
-                again.source = source;
+                again.source = r.source.clone();
                 self.loopback.push_back(again);
             } else {
                 self.metrics.dropped_loop.fetch_add(1, Relaxed);

@@ -1240,7 +1240,8 @@ fn check_upstream(up_name: &str, up: &UpstreamConfig, loc: &Locator) -> Vec<Diag
     out
 }
 
-/// `subscribe`, `status_topic` and `status_interval` of an upstream.
+/// `subscribe`, `status_topic`, `status_interval` and `control_topic` of an
+/// upstream.
 fn check_downlink(
     up_name: &str,
     up: &UpstreamConfig,
@@ -1275,8 +1276,7 @@ fn check_downlink(
                     "upstream.{up_name}.subscribe entry {n} is empty; write a topic filter such as \"gw/{{gateway}}/cmd/#\""
                 ),
             );
-        } else if id_at_fault {
-        } else if filter.contains(['{', '}']) {
+        } else if !id_at_fault && filter.contains(['{', '}']) {
             fail(
                 "subscribe",
                 format!(
@@ -1284,7 +1284,7 @@ fn check_downlink(
                     sub.filter
                 ),
             );
-        } else if let Err(e) = crate::topic::Pattern::parse(&filter) {
+        } else if let (false, Err(e)) = (id_at_fault, crate::topic::Pattern::parse(&filter)) {
             fail(
                 "subscribe",
                 format!(

@@ -123,6 +123,9 @@ pub struct Republish {
     pub payload: Bytes,
     pub qos: u8,
     pub retain: bool,
+    /// The source of the event it was made from (a republished command is
+    /// still a command).
+    pub source: Option<Arc<str>>,
     /// Stamped on it so the rules can tell it came from here.
     pub origin: Origin,
 }
@@ -687,6 +690,12 @@ impl RuleSet {
         let mut event = Event::from_publish(emit.ctx.topic, raw);
         event.received_ms = emit.window_end_ms;
         event.payload = Payload::Json(emit.payload);
+        // A window of a rule that serves one downlink is that downlink's.
+        if let [only] = &rule.sources[..]
+            && **only != *crate::event::LOCAL_SOURCE
+        {
+            event.source = Some(only.clone());
+        }
         let id = event.id.to_string();
         let captures: Vec<(&str, &str)> = emit
             .ctx
@@ -788,6 +797,7 @@ impl RuleSet {
                     payload,
                     qos: *qos,
                     retain: *retain,
+                    source: event.source.clone(),
                     origin: Origin {
                         rule: rule.to_string(),
                         hops,

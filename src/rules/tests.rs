@@ -733,3 +733,22 @@ fn the_digest_names_the_files_and_their_text() {
     assert_ne!(a.digest(), other.digest());
     assert_eq!(a.digest().len(), 16);
 }
+
+#[test]
+fn a_window_of_a_downlink_rule_stays_a_downlink_event() {
+    let text = "[[rule]]\nname = \"w\"\nfrom = \"cloud\"\nmatch = \"c/{m}\"\nwindow = { key = \"m\", every = \"1m\" }\nto = [{ local = \"agg/{m}\" }]\n";
+    let set = load(text).unwrap();
+    let mut state = set.new_state();
+    let mut e = from_upstream("c/x", b"{}", "cloud");
+    e.received_ms = testing::T0_MS;
+    assert_eq!(set.route(&e, &mut state).absorbed, 1);
+    let v = set.tick(testing::T0_MS + 120_000, &mut state);
+    assert_eq!(v.republish.len(), 1);
+    assert_eq!(v.republish[0].source.as_deref(), Some("cloud"));
+    // A command's republish keeps its source too.
+    let cmd =
+        load("[[rule]]\nname = \"c\"\nfrom = \"cloud\"\nmatch = \"c\"\nto = [{ local = \"d\" }]\n")
+            .unwrap();
+    let v = cmd.route(&from_upstream("c", b"1", "cloud"), &mut cmd.new_state());
+    assert_eq!(v.republish[0].source.as_deref(), Some("cloud"));
+}
