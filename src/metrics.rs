@@ -63,6 +63,8 @@ pub struct Metrics {
     /// whether it was applied.
     pub last_reload_ms: AtomicU64,
     pub last_reload_ok: AtomicBool,
+    /// Events that broke a schema's contract, by schema name.
+    pub schema_failures: std::sync::Mutex<BTreeMap<String, u64>>,
     /// Rules in the set the router is using (a gauge), and its digest
     /// (`RuleSet::digest`: which rule files a gateway runs).
     pub rules: AtomicU64,

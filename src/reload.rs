@@ -194,7 +194,7 @@ fn watch_dir(config: &Config, tx: mpsc::Sender<()>) -> Option<notify::Recommende
         ) && event
             .paths
             .iter()
-            .any(|p| p.extension().is_some_and(|x| x == "toml"));
+            .any(|p| p.extension().is_some_and(|x| x == "toml" || x == "json"));
         if relevant {
             let _ = tx.try_send(());
         }

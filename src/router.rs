@@ -269,8 +269,17 @@ impl Router {
     ) {
         self.count(event, &verdict);
         let traced = verdict.trace.is_some();
+        if let Some(f) = &verdict.schema_failure {
+            *self
+                .metrics
+                .schema_failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(f.schema.to_string())
+                .or_default() += 1;
+        }
         if let (Some(event), Some(reason)) = (event, &verdict.dead_letter) {
-            self.dead_letter(event, reason);
+            self.dead_letter(event, reason, verdict.schema_failure.as_ref());
         }
         if event.is_none()
             && let Some((rule, why)) = verdict.errors.first()
@@ -349,7 +358,12 @@ impl Router {
     }
 
     /// Log (rate-limited) and publish an event that went to the dead letters.
-    fn dead_letter(&mut self, event: &Event, reason: &str) {
+    fn dead_letter(
+        &mut self,
+        event: &Event,
+        reason: &str,
+        broke: Option<&crate::rules::schema::Failure>,
+    ) {
         if let Some(suppressed) = self.warns.allow() {
             warn!(
                 topic = %event.topic,
@@ -361,7 +375,7 @@ impl Router {
         if let Some(topic) = &self.dead_letter_topic {
             self.local.send(Local {
                 topic: topic.clone(),
-                payload: dead_letter(event, reason),
+                payload: dead_letter(event, reason, broke),
                 qos: 0,
                 retain: false,
                 origin: None,
@@ -397,13 +411,24 @@ impl Router {
 
 /// The dead-letter message: why, and the event as it came (its payload as
 /// text when it is UTF-8, else as hex).
-fn dead_letter(event: &Event, reason: &str) -> bytes::Bytes {
+fn dead_letter(
+    event: &Event,
+    reason: &str,
+    broke: Option<&crate::rules::schema::Failure>,
+) -> bytes::Bytes {
     let mut v = json!({
         "reason": reason,
         "topic": event.topic,
         "id": event.id.to_string(),
         "received_ms": event.received_ms,
     });
+    // A broken contract says which, where and why, for a machine to read.
+    if let Some(f) = broke {
+        v["reason"] = json!("schema");
+        v["schema"] = json!(&*f.schema);
+        v["path"] = json!(f.path);
+        v["message"] = json!(f.message);
+    }
     match std::str::from_utf8(&event.raw) {
         Ok(text) => v["payload"] = json!(text),
         Err(_) => {

@@ -479,6 +479,22 @@ impl Collector for Scrape {
             "reason",
             &m.dropped(),
         )?;
+        {
+            let failures = m
+                .schema_failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let mut e = enc.encode_descriptor(
+                "events_schema_failed",
+                "Events that broke a schema's contract (dead-lettered, not forwarded), by schema",
+                None,
+                Counter,
+            )?;
+            for (schema, n) in &failures {
+                value(&mut e, Counter, *n, &[("schema", schema.as_str())])?;
+            }
+        }
         plain(&mut enc, m, PIPELINE)?;
         let (sum, count, buckets) = m.commit_seconds.snapshot();
         enc.encode_descriptor(

@@ -13,6 +13,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use super::expr::{self, Expr};
+use super::schema::{Schema, SchemaSpec};
 use super::shaping::ShapeSpec;
 use super::spec::{DestinationSpec, Encoding, RuleSpec};
 use super::template::Template;
@@ -32,6 +33,7 @@ pub struct FileContents {
     /// or not (duplicate names are reported even among broken rules).
     pub names: Vec<(String, String)>,
     pub tests: Vec<(TestSpec, usize)>,
+    pub schemas: Vec<Schema>,
 }
 
 /// Parse one rule file, pushing every problem into `errors`.
@@ -50,12 +52,12 @@ pub fn parse_file(
     let lines = crate::diagnostic::LineIndex::new(text);
     for (key, value) in root.get_ref().iter() {
         let kind = key.get_ref().as_ref();
-        if kind != "rule" && kind != "test" {
+        if kind != "rule" && kind != "test" && kind != "schema" {
             errors.push(Diagnostic::at(
                 file,
                 text,
                 Some(key.span()),
-                format!("unknown key {kind:?} in rule file; expected [[rule]] and [[test]] tables"),
+                format!("unknown key {kind:?} in rule file; expected [[rule]], [[schema]] and [[test]] tables"),
             ));
             continue;
         }
@@ -77,6 +79,10 @@ pub fn parse_file(
                 }
                 continue;
             }
+            if kind == "schema" {
+                out.schemas.extend(compile_schema(file, text, item, errors));
+                continue;
+            }
             if let Some(name) = name_of(item) {
                 out.names
                     .push((name.to_string(), format!("{}:{line}", file.display())));
@@ -87,6 +93,39 @@ pub fn parse_file(
         }
     }
     out
+}
+
+/// One `[[schema]]` table: its pattern and its file, compiled.
+fn compile_schema(
+    file: &Path,
+    text: &str,
+    item: &Spanned<DeValue<'_>>,
+    errors: &mut Vec<Diagnostic>,
+) -> Option<Schema> {
+    let spec = match SchemaSpec::deserialize(ValueDeserializer::from(item.clone())) {
+        Ok(s) => s,
+        Err(e) => {
+            errors.push(located(file, text, item, &e));
+            return None;
+        }
+    };
+    let at =
+        |path: &[&str], msg: String| Diagnostic::at(file, text, Some(span_in(item, path)), msg);
+    let pattern = match Pattern::parse(&spec.pattern) {
+        Ok(p) => p,
+        Err(e) => {
+            errors.push(at(&["match"], format!("schema {:?}: {e}", spec.name)));
+            return None;
+        }
+    };
+    let dir = file.parent().unwrap_or(Path::new("."));
+    match Schema::compile(&spec, pattern, dir) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            errors.push(at(&["file"], e));
+            None
+        }
+    }
 }
 
 /// The `name` of a rule table, read before (and whatever) serde says.
@@ -180,6 +219,11 @@ fn compile_rule(
     }
     let pattern = c.pattern(&spec.pattern);
     let sources = c.sources(spec.from.as_deref(), upstreams);
+    // Resolved once every file is read (a schema may be in another file).
+    let schema = spec.schema.as_ref().map(|name| {
+        let at = Diagnostic::at(file, text, Some(span_in(item, &["schema"])), String::new());
+        (Arc::from(name.as_str()), at)
+    });
     let when = spec.when.as_deref().and_then(|w| c.expr(&["when"], w));
     let transform = c.transform(&spec);
     let shape = c.shape(&spec);
@@ -209,6 +253,8 @@ fn compile_rule(
         name: Arc::from(spec.name.as_str()),
         pattern: pattern?,
         sources,
+        schema,
+        schema_index: None,
         when,
         transform,
         shape,

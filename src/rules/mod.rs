@@ -18,6 +18,7 @@
 mod compile;
 pub mod expr;
 mod pattern;
+pub mod schema;
 pub mod shaping;
 mod spec;
 mod template;
@@ -55,6 +56,10 @@ pub struct Rule {
     pub pattern: Pattern,
     /// The `meta.source` values it serves: `"local"`, upstream names.
     sources: Vec<Arc<str>>,
+    /// The schema it names, and where (for an unknown name).
+    schema: Option<(Arc<str>, Diagnostic)>,
+    /// That schema in the set's `schemas`, once resolved.
+    schema_index: Option<usize>,
     /// As written, to tell changed rules from unchanged ones on reload.
     spec: RuleSpec,
     when: Option<Expr>,
@@ -147,6 +152,8 @@ pub struct Verdict {
     pub windows: usize,
     /// Rules that failed on this event: (rule, why).
     pub errors: Vec<(Arc<str>, String)>,
+    /// The contract the event broke (an enforced schema, or a rule's).
+    pub schema_failure: Option<schema::Failure>,
     /// Local destinations skipped because the event looped too many times.
     pub loop_dropped: usize,
     /// Why the event should go to the dead-letter topic, if it should.
@@ -197,6 +204,8 @@ pub struct RuleSet {
     upstreams: BTreeSet<String>,
     /// SHA-256 chained over each file's name and text, in load order.
     digest: [u8; 32],
+    /// Every `[[schema]]` of every file.
+    schemas: Vec<schema::Schema>,
 }
 
 /// What the config says about the rules beyond the rule files.
@@ -303,6 +312,7 @@ impl RuleSet {
             };
             set.add_file(file, &text, upstreams, &mut seen, &mut errors);
         }
+        set.resolve_schemas(&mut errors);
         if errors.is_empty() {
             Ok(set)
         } else {
@@ -319,6 +329,7 @@ impl RuleSet {
         let mut errors = Vec::new();
         let mut set = RuleSet::default();
         set.add_file(name, text, upstreams, &mut HashMap::new(), &mut errors);
+        set.resolve_schemas(&mut errors);
         if errors.is_empty() {
             Ok(set)
         } else {
@@ -373,12 +384,52 @@ impl RuleSet {
             self.index.insert(&rule.pattern, self.rules.len());
             self.rules.push(rule);
         }
+        self.schemas.extend(contents.schemas);
         self.tests.extend(
             contents
                 .tests
                 .into_iter()
                 .map(|(t, line)| (t, file.to_path_buf(), line)),
         );
+    }
+
+    /// Each rule's `schema` name to its schema; unknown names and schema
+    /// names used twice are errors.
+    fn resolve_schemas(&mut self, errors: &mut Vec<Diagnostic>) {
+        let mut seen = std::collections::HashSet::new();
+        for s in &self.schemas {
+            if !seen.insert(s.name.clone()) {
+                errors.push(Diagnostic::whole_file(
+                    Path::new("rules"),
+                    format!(
+                        "schema name {:?} is used twice; names must be unique",
+                        s.name
+                    ),
+                ));
+            }
+        }
+        let names: Vec<&str> = self.schemas.iter().map(|s| &*s.name).collect();
+        for rule in &mut self.rules {
+            let Some((name, at)) = &rule.schema else {
+                continue;
+            };
+            match names.iter().position(|n| **n == **name) {
+                Some(i) => rule.schema_index = Some(i),
+                None => {
+                    let mut d = at.clone();
+                    d.message = format!(
+                        "rule {:?}: schema {name:?} is not declared (declared: {}); add a [[schema]] table or fix the name",
+                        rule.name,
+                        if names.is_empty() {
+                            "none".to_string()
+                        } else {
+                            names.join(", ")
+                        },
+                    );
+                    errors.push(d);
+                }
+            }
+        }
     }
 
     /// Apply the config's settings: gateway id, unmatched policies, dead
@@ -483,6 +534,16 @@ impl RuleSet {
             verdict.dead_letter = Some(why.clone());
             return verdict;
         }
+        // A broken contract on an enforced topic stops the event here.
+        for s in self.schemas.iter().filter(|s| s.enforce) {
+            if s.pattern.captures(&event.topic).is_some()
+                && let Err(f) = s.check(event.payload.value())
+            {
+                verdict.dead_letter = Some(schema_reason(&f));
+                verdict.schema_failure = Some(f);
+                return verdict;
+            }
+        }
         let candidates = self.index.matches(&event.topic);
         let unmatched = match event.source {
             None => self.unmatched.as_ref(),
@@ -516,6 +577,14 @@ impl RuleSet {
                 event: vars.get_or_insert_with(|| EventVars::new(event, &id, &self.gateway)),
                 captures: &captures,
             });
+            if let Some(s) = rule.schema_index.and_then(|i| self.schemas.get(i))
+                && let Err(f) = s.check(event.payload.value())
+            {
+                // The rule does not apply; the event is dead-lettered.
+                verdict.step(&rule.name, Step::Failed);
+                verdict.schema_failure.get_or_insert(f);
+                continue;
+            }
             if let (Some(when), Some(rv)) = (&rule.when, &rv) {
                 match when.eval_bool(&self.env, rv) {
                     Ok(true) => {}
@@ -583,6 +652,7 @@ impl RuleSet {
         // would otherwise go to the unmatched destination (or loop on it).
         if verdict.matched == 0
             && event.origin.is_none()
+            && verdict.schema_failure.is_none()
             && let Some(d) = unmatched
         {
             let name: Arc<str> = Arc::from("unmatched");
@@ -594,6 +664,11 @@ impl RuleSet {
             && let Some((rule, why)) = verdict.errors.first()
         {
             verdict.dead_letter = Some(format!("rule {rule:?}: {why}"));
+        }
+        if verdict.dead_letter.is_none()
+            && let Some(f) = &verdict.schema_failure
+        {
+            verdict.dead_letter = Some(schema_reason(f));
         }
         verdict
     }
@@ -806,6 +881,11 @@ impl RuleSet {
             }
         }
     }
+}
+
+/// A broken contract, as the dead-letter reason and the log say it.
+fn schema_reason(f: &schema::Failure) -> String {
+    format!("schema {:?}: at {:?}: {}", f.schema, f.path, f.message)
 }
 
 /// The bytes a destination sends: the original ones where nothing changes

@@ -23,6 +23,8 @@ pub struct RuleSpec {
     /// subscriptions), or a list of these.
     #[serde(default, deserialize_with = "one_or_many")]
     pub from: Option<Vec<String>>,
+    /// A `[[schema]]` the event must keep before `when` runs.
+    pub schema: Option<String>,
     /// CEL predicate; the rule applies only where it is true.
     pub when: Option<String>,
     /// Fields added or replaced: field name -> CEL expression.

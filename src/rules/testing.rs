@@ -103,6 +103,8 @@ pub struct ExpectSpec {
     /// Fields the payload must have (a subset match).
     pub payload: Option<Value>,
     pub qos: Option<u8>,
+    /// `"schema"`: the event breaks a contract and is dead-lettered.
+    pub dead_letter: Option<String>,
     /// A local output's retain flag.
     pub retain: Option<bool>,
     pub priority: Option<crate::queue::Priority>,
@@ -117,6 +119,8 @@ struct Output {
     local: Option<String>,
     topic: String,
     qos: Option<u8>,
+    /// `Some("schema")` for a dead letter of a broken contract.
+    dead_letter: Option<String>,
     retain: bool,
     priority: Option<crate::queue::Priority>,
     payload: Payload,
@@ -124,6 +128,9 @@ struct Output {
 
 impl std::fmt::Display for Output {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.dead_letter.is_some() {
+            return write!(f, "dead letter ({})", self.topic);
+        }
         match (&self.upstream, &self.local) {
             (Some(u), _) => write!(
                 f,
@@ -314,16 +321,28 @@ fn collect(v: &Verdict) -> Vec<Output> {
             local: None,
             topic: r.topic.clone(),
             qos: Some(r.qos),
+            dead_letter: None,
             retain: false,
             priority: Some(r.priority),
             payload: codec::decode(&r.payload),
         })
         .collect();
+    out.extend(v.schema_failure.iter().map(|f| Output {
+        upstream: None,
+        local: None,
+        topic: format!("schema {:?} at {:?}: {}", f.schema, f.path, f.message),
+        qos: None,
+        dead_letter: Some("schema".into()),
+        retain: false,
+        priority: None,
+        payload: Payload::Raw,
+    }));
     out.extend(v.republish.iter().map(|r| Output {
         upstream: None,
         local: Some(r.topic.clone()),
         topic: r.topic.clone(),
         qos: Some(r.qos),
+        dead_letter: None,
         retain: r.retain,
         priority: None,
         payload: codec::decode(&r.payload),
@@ -363,6 +382,9 @@ fn compare(expect: &[ExpectSpec], got: &[Output]) -> Result<(), String> {
 }
 
 fn describe(e: &ExpectSpec) -> String {
+    if let Some(d) = &e.dead_letter {
+        return format!("dead letter {d:?}");
+    }
     let mut s = match (&e.upstream, &e.local) {
         (Some(u), _) => format!("upstream {u:?}"),
         (None, Some(l)) => format!("local {l:?}"),
@@ -390,6 +412,9 @@ fn describe(e: &ExpectSpec) -> String {
 }
 
 fn mismatch(e: &ExpectSpec, o: &Output) -> Option<String> {
+    if e.dead_letter != o.dead_letter {
+        return Some("different destination".into());
+    }
     if let Some(u) = &e.upstream
         && o.upstream.as_ref() != Some(u)
     {

@@ -752,3 +752,139 @@ fn a_window_of_a_downlink_rule_stays_a_downlink_event() {
     let v = cmd.route(&from_upstream("c", b"1", "cloud"), &mut cmd.new_state());
     assert_eq!(v.republish[0].source.as_deref(), Some("cloud"));
 }
+
+const TEMPERATURE_SCHEMA: &str = r#"{
+  "type": "object",
+  "required": ["value", "unit"],
+  "properties": { "value": { "type": "number" }, "unit": { "enum": ["C", "F"] } },
+  "additionalProperties": false
+}"#;
+
+/// A rule file in a temp dir next to `temperature.json`.
+fn with_schema(rules: &str) -> (tempfile::TempDir, Result<RuleSet, Diagnostics>) {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("temperature.json"), TEMPERATURE_SCHEMA).unwrap();
+    let file = d.path().join("r.toml");
+    std::fs::write(&file, rules).unwrap();
+    let set = RuleSet::load_files(&[file], &upstreams());
+    (d, set)
+}
+
+#[test]
+fn an_enforced_schema_stops_a_broken_event_with_the_field_and_why() {
+    let (_d, set) = with_schema(
+        r#"[[schema]]
+name = "temperature"
+match = "sensors/+/temperature"
+file = "temperature.json"
+enforce = true
+
+[[rule]]
+name = "all"
+match = "sensors/#"
+to = [{ upstream = "cloud" }]
+
+[[test]]
+input = { topic = "sensors/a/temperature", payload = { value = "hot", unit = "C" } }
+expect = [{ dead_letter = "schema" }]
+
+[[test]]
+input = { topic = "sensors/a/temperature", payload = { value = 21.5, unit = "C" } }
+expect = [{ upstream = "cloud" }]
+"#,
+    );
+    let set = set.unwrap();
+    let v = route(
+        &set,
+        "sensors/a/temperature",
+        br#"{"value": 21.5, "unit": "C"}"#,
+    );
+    assert_eq!(v.routes.len(), 1);
+    let v = route(
+        &set,
+        "sensors/a/temperature",
+        br#"{"value": "hot", "unit": "C"}"#,
+    );
+    assert!(v.routes.is_empty(), "not forwarded");
+    let f = v.schema_failure.unwrap();
+    assert_eq!((&*f.schema, f.path.as_str()), ("temperature", "/value"));
+    assert!(v.dead_letter.unwrap().contains("schema \"temperature\""));
+    let v = route(
+        &set,
+        "sensors/a/temperature",
+        br#"{"value": 1, "unit": "C", "x": 1}"#,
+    );
+    assert!(v.schema_failure.unwrap().message.contains("x"));
+    let v = route(&set, "sensors/a/humidity", br#"{"anything": true}"#);
+    assert_eq!(v.routes.len(), 1, "other topics are not checked");
+    let outcomes = testing::run_all(&set);
+    assert!(outcomes.iter().all(|o| o.failure.is_none()), "{outcomes:?}");
+}
+
+#[test]
+fn a_rule_that_names_a_schema_applies_only_to_events_that_keep_it() {
+    let (_d, set) = with_schema(
+        r#"[[schema]]
+name = "temperature"
+match = "sensors/+/temperature"
+file = "temperature.json"
+
+[[rule]]
+name = "checked"
+schema = "temperature"
+match = "sensors/+/temperature"
+to = [{ upstream = "cloud", topic = "checked" }]
+"#,
+    );
+    let set = set.unwrap();
+    assert_eq!(
+        route(
+            &set,
+            "sensors/a/temperature",
+            br#"{"value": 1, "unit": "F"}"#
+        )
+        .routes
+        .len(),
+        1
+    );
+    let v = route(&set, "sensors/a/temperature", br#"{"value": 1}"#);
+    assert!(v.routes.is_empty());
+    assert!(v.schema_failure.unwrap().message.contains("unit"));
+}
+
+#[test]
+fn schema_problems_are_errors_at_their_line() {
+    let (_d, set) = with_schema(
+        r#"[[schema]]
+name = "missing"
+match = "a"
+file = "nowhere.json"
+
+[[schema]]
+name = "temperature"
+match = "a/#/b"
+file = "temperature.json"
+
+[[rule]]
+name = "r"
+schema = "tempreature"
+match = "x"
+drop = true
+"#,
+    );
+    let Diagnostics(errs) = set.unwrap_err();
+    let got: Vec<(usize, String)> = errs.iter().map(|d| (d.line, d.message.clone())).collect();
+    assert_eq!(got.len(), 3, "{got:#?}");
+    assert!(
+        got[0].0 == 4 && got[0].1.contains("cannot read"),
+        "{got:#?}"
+    );
+    assert!(
+        got[1].0 == 8 && got[1].1.contains("'#' is only allowed"),
+        "{got:#?}"
+    );
+    assert!(
+        got[2].0 == 13 && got[2].1.contains("schema \"tempreature\" is not declared"),
+        "{got:#?}"
+    );
+}

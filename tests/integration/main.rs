@@ -3,6 +3,7 @@
 mod broker;
 mod broker_security;
 mod cli;
+mod contracts;
 mod crash;
 mod damage;
 mod disk;
