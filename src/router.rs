@@ -424,7 +424,7 @@ fn dead_letter(
     });
     // A broken contract says which, where and why, for a machine to read.
     if let Some(f) = broke {
-        v["reason"] = json!("schema");
+        v["reason"] = json!(f.reason());
         v["schema"] = json!(&*f.schema);
         v["path"] = json!(f.path);
         v["message"] = json!(f.message);

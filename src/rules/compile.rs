@@ -119,7 +119,7 @@ fn compile_schema(
         }
     };
     let dir = file.parent().unwrap_or(Path::new("."));
-    match Schema::compile(&spec, pattern, dir) {
+    match Schema::compile(&spec, pattern, dir, at(&["name"], String::new())) {
         Ok(s) => Some(s),
         Err(e) => {
             errors.push(at(&["file"], e));

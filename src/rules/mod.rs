@@ -58,7 +58,7 @@ pub struct Rule {
     sources: Vec<Arc<str>>,
     /// The schema it names, and where (for an unknown name).
     schema: Option<(Arc<str>, Diagnostic)>,
-    /// That schema in the set's `schemas`, once resolved.
+    /// That contract in the set's `contracts`, once resolved.
     schema_index: Option<usize>,
     /// As written, to tell changed rules from unchanged ones on reload.
     spec: RuleSpec,
@@ -204,8 +204,10 @@ pub struct RuleSet {
     upstreams: BTreeSet<String>,
     /// SHA-256 chained over each file's name and text, in load order.
     digest: [u8; 32],
-    /// Every `[[schema]]` of every file.
+    /// Every `[[schema]]` of every file, until `resolve_schemas` groups
+    /// them into `contracts` (by name, versions together).
     schemas: Vec<schema::Schema>,
+    contracts: Vec<schema::Contract>,
 }
 
 /// What the config says about the rules beyond the rule files.
@@ -393,22 +395,11 @@ impl RuleSet {
         );
     }
 
-    /// Each rule's `schema` name to its schema; unknown names and schema
-    /// names used twice are errors.
+    /// Group the schemas into contracts and point each rule's `schema`
+    /// name at its contract; unknown names and clashing tables are errors.
     fn resolve_schemas(&mut self, errors: &mut Vec<Diagnostic>) {
-        let mut seen = std::collections::HashSet::new();
-        for s in &self.schemas {
-            if !seen.insert(s.name.clone()) {
-                errors.push(Diagnostic::whole_file(
-                    Path::new("rules"),
-                    format!(
-                        "schema name {:?} is used twice; names must be unique",
-                        s.name
-                    ),
-                ));
-            }
-        }
-        let names: Vec<&str> = self.schemas.iter().map(|s| &*s.name).collect();
+        self.contracts = schema::Contract::group(std::mem::take(&mut self.schemas), errors);
+        let names: Vec<&str> = self.contracts.iter().map(|c| &*c.name).collect();
         for rule in &mut self.rules {
             let Some((name, at)) = &rule.schema else {
                 continue;
@@ -535,9 +526,9 @@ impl RuleSet {
             return verdict;
         }
         // A broken contract on an enforced topic stops the event here.
-        for s in self.schemas.iter().filter(|s| s.enforce) {
-            if s.pattern.captures(&event.topic).is_some()
-                && let Err(f) = s.check(event.payload.value())
+        for c in &self.contracts {
+            if c.enforced_on(&event.topic)
+                && let Err(f) = c.check(&event.topic, event.payload.value())
             {
                 verdict.dead_letter = Some(schema_reason(&f));
                 verdict.schema_failure = Some(f);
@@ -577,8 +568,8 @@ impl RuleSet {
                 event: vars.get_or_insert_with(|| EventVars::new(event, &id, &self.gateway)),
                 captures: &captures,
             });
-            if let Some(s) = rule.schema_index.and_then(|i| self.schemas.get(i))
-                && let Err(f) = s.check(event.payload.value())
+            if let Some(c) = rule.schema_index.and_then(|i| self.contracts.get(i))
+                && let Err(f) = c.check(&event.topic, event.payload.value())
             {
                 // The rule does not apply; the event is dead-lettered.
                 verdict.step(&rule.name, Step::Failed);

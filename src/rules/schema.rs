@@ -8,6 +8,13 @@
 //! same value the rules see. An event that fails is dead-lettered with the
 //! schema, the JSON pointer of the first failing field and the validator's
 //! message, and counted per schema; it is not forwarded.
+//!
+//! Several tables of one name are the versions of one event type (a
+//! [`Contract`]): each says its `version` and where an event carries it
+//! (`version_field` in the payload or `version_capture` in the topic), and
+//! an event is checked against the version it claims. An event claiming a
+//! version nobody declared is dead-lettered as such (`schema_version`):
+//! old firmware and broken firmware want different fixes.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,13 +22,14 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::diagnostic::Diagnostic;
 use crate::topic::Pattern;
 
 /// One `[[schema]]` table.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SchemaSpec {
-    /// Unique across all rule files; what rules name in `schema`.
+    /// What rules name in `schema`; unique unless the tables are versions.
     pub name: String,
     /// Topic pattern (the rules' syntax) of the events it describes.
     #[serde(rename = "match")]
@@ -32,36 +40,182 @@ pub struct SchemaSpec {
     /// that name it.
     #[serde(default)]
     pub enforce: bool,
+    /// This table's version of the event type (an integer or a string).
+    pub version: Option<VersionSpec>,
+    /// The payload field that carries the version (`a.b` for a nested one).
+    pub version_field: Option<String>,
+    /// The capture of `match` that carries the version.
+    pub version_capture: Option<String>,
 }
 
-/// A compiled schema.
+/// A version as written: `2` or `"2024-06"`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum VersionSpec {
+    Number(i64),
+    Text(String),
+}
+
+impl VersionSpec {
+    fn text(&self) -> String {
+        match self {
+            VersionSpec::Number(n) => n.to_string(),
+            VersionSpec::Text(s) => s.clone(),
+        }
+    }
+}
+
+/// Where an event carries its version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Locator {
+    /// A payload field, by path from the top.
+    Field(Vec<String>),
+    /// A capture of the schema's topic pattern.
+    Capture(String),
+}
+
+impl Locator {
+    /// The version `event` claims, as text (a number as written in JSON);
+    /// `None` if it carries none.
+    fn find(&self, pattern: &Pattern, topic: &str, payload: Option<&Value>) -> Option<String> {
+        match self {
+            Locator::Field(path) => {
+                let mut v = payload?;
+                for key in path {
+                    v = v.get(key)?;
+                }
+                match v {
+                    Value::Number(n) => Some(n.to_string()),
+                    Value::String(s) => Some(s.clone()),
+                    _ => None,
+                }
+            }
+            Locator::Capture(name) => pattern
+                .captures(topic)?
+                .into_iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.to_string()),
+        }
+    }
+
+    /// A JSON pointer to it, for a failure.
+    fn pointer(&self) -> String {
+        match self {
+            Locator::Field(path) => path.iter().map(|k| format!("/{k}")).collect(),
+            Locator::Capture(_) => String::new(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Locator::Field(path) => format!("field {:?}", path.join(".")),
+            Locator::Capture(name) => format!("topic capture {{{name}}}"),
+        }
+    }
+}
+
+/// A compiled schema: one version of one event type.
 #[derive(Clone)]
 pub struct Schema {
     pub name: Arc<str>,
     pub pattern: Pattern,
     pub enforce: bool,
+    /// Its version, if the event type is versioned.
+    pub version: Option<Arc<str>>,
+    locator: Option<Locator>,
+    /// The schema's `$id`, if it has one (a CloudEvent's `dataschema`).
+    pub id: Option<Arc<str>>,
+    /// Where it is declared, for errors about it.
+    pub at: Diagnostic,
     validator: Arc<jsonschema::Validator>,
 }
 
 impl std::fmt::Debug for Schema {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Schema({})", self.name)
+        match &self.version {
+            Some(v) => write!(f, "Schema({} v{v})", self.name),
+            None => write!(f, "Schema({})", self.name),
+        }
     }
+}
+
+/// What kind of broken contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The event does not validate against its schema.
+    Invalid,
+    /// The event claims no version, or one nobody declared.
+    UnknownVersion,
 }
 
 /// Why an event breaks its contract.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
     pub schema: Arc<str>,
+    pub kind: FailureKind,
     /// JSON pointer of the first failing field ("" for the whole payload).
     pub path: String,
     pub message: String,
 }
 
+impl Failure {
+    /// The dead letter's `reason`.
+    pub fn reason(&self) -> &'static str {
+        match self.kind {
+            FailureKind::Invalid => "schema",
+            FailureKind::UnknownVersion => "schema_version",
+        }
+    }
+}
+
 impl Schema {
     /// Read and compile the schema file `spec.file` (relative to `dir`);
-    /// the problem, for `file:line`, if it cannot be used.
-    pub fn compile(spec: &SchemaSpec, pattern: Pattern, dir: &Path) -> Result<Schema, String> {
+    /// the problem, for `file:line`, if it cannot be used. `at` is where
+    /// the table is.
+    pub fn compile(
+        spec: &SchemaSpec,
+        pattern: Pattern,
+        dir: &Path,
+        at: Diagnostic,
+    ) -> Result<Schema, String> {
+        let locator = match (&spec.version_field, &spec.version_capture) {
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "schema {:?}: give `version_field` or `version_capture`, not both",
+                    spec.name
+                ));
+            }
+            (Some(f), None) if f.is_empty() || f.split('.').any(str::is_empty) => {
+                return Err(format!(
+                    "schema {:?}: version_field {f:?} is not a field path (`v` or `meta.v`)",
+                    spec.name
+                ));
+            }
+            (Some(f), None) => Some(Locator::Field(f.split('.').map(str::to_string).collect())),
+            (None, Some(c)) if !pattern.capture_names().any(|n| n == c) => {
+                return Err(format!(
+                    "schema {:?}: version_capture {c:?} is not a capture of match {:?}",
+                    spec.name, spec.pattern
+                ));
+            }
+            (None, Some(c)) => Some(Locator::Capture(c.clone())),
+            (None, None) => None,
+        };
+        match (&spec.version, &locator) {
+            (Some(_), None) => {
+                return Err(format!(
+                    "schema {:?}: a version needs `version_field` or `version_capture` (where events carry it)",
+                    spec.name
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(format!(
+                    "schema {:?}: `version_field`/`version_capture` without a `version`",
+                    spec.name
+                ));
+            }
+            _ => {}
+        }
         let path = dir.join(&spec.file);
         let text = std::fs::read_to_string(&path).map_err(|e| {
             format!(
@@ -94,6 +248,10 @@ impl Schema {
             name: Arc::from(spec.name.as_str()),
             pattern,
             enforce: spec.enforce,
+            version: spec.version.as_ref().map(|v| Arc::from(v.text())),
+            locator,
+            id: value.get("$id").and_then(Value::as_str).map(Arc::from),
+            at,
             validator: Arc::new(validator),
         })
     }
@@ -103,6 +261,7 @@ impl Schema {
     pub fn check(&self, payload: Option<&Value>) -> Result<(), Failure> {
         let fail = |path: String, message: String| Failure {
             schema: self.name.clone(),
+            kind: FailureKind::Invalid,
             path,
             message,
         };
@@ -117,6 +276,137 @@ impl Schema {
             Err(e) => Err(fail(e.instance_path().to_string(), e.to_string())),
         }
     }
+
+    /// The version `payload` on `topic` claims by this schema's locator.
+    fn claimed(&self, topic: &str, payload: Option<&Value>) -> Option<String> {
+        self.locator.as_ref()?.find(&self.pattern, topic, payload)
+    }
+}
+
+/// Every declared version of one event type (one version, or none, for an
+/// unversioned schema).
+#[derive(Debug, Clone)]
+pub struct Contract {
+    pub name: Arc<str>,
+    /// Oldest first; the last is the current version.
+    versions: Vec<Schema>,
+}
+
+impl Contract {
+    /// Group `schemas` by name, in the order first declared. Two tables of
+    /// one name without versions, or of one name and version, are errors
+    /// at the second's `file:line`.
+    pub fn group(schemas: Vec<Schema>, errors: &mut Vec<Diagnostic>) -> Vec<Contract> {
+        let mut out: Vec<Contract> = Vec::new();
+        for s in schemas {
+            let Some(c) = out.iter_mut().find(|c| c.name == s.name) else {
+                out.push(Contract {
+                    name: s.name.clone(),
+                    versions: vec![s],
+                });
+                continue;
+            };
+            let first = &c.versions[0].at;
+            let also = format!("{}:{}", first.file.display(), first.line);
+            let clash = c.versions.iter().find(|o| o.version == s.version);
+            let unversioned = s.version.is_none() || c.versions[0].version.is_none();
+            let problem = match (&s.version, clash) {
+                _ if unversioned => Some(format!(
+                    "schema name {:?} is declared twice (also at {also}); names are unique unless each table gives a `version`",
+                    s.name
+                )),
+                (Some(v), Some(_)) => Some(format!(
+                    "schema {:?} version {v} is declared twice (also at {also})",
+                    s.name
+                )),
+                _ => None,
+            };
+            match problem {
+                Some(message) => {
+                    let mut d = s.at.clone();
+                    d.message = message;
+                    errors.push(d);
+                }
+                None => c.versions.push(s),
+            }
+        }
+        for c in &mut out {
+            c.versions
+                .sort_by(|a, b| version_order(&a.version, &b.version));
+        }
+        out
+    }
+
+    /// Whether an event on `topic` must keep this contract whatever the
+    /// rules say.
+    pub fn enforced_on(&self, topic: &str) -> bool {
+        self.versions
+            .iter()
+            .any(|s| s.enforce && s.pattern.captures(topic).is_some())
+    }
+
+    /// The version declared last in order: what upcasts aim at.
+    pub fn current(&self) -> &Schema {
+        self.versions.last().expect("a contract has a version")
+    }
+
+    /// The versions, oldest first.
+    pub fn versions(&self) -> &[Schema] {
+        &self.versions
+    }
+
+    /// Check an event against the version it claims; the schema it kept.
+    pub fn check(&self, topic: &str, payload: Option<&Value>) -> Result<&Schema, Failure> {
+        let first = &self.versions[0];
+        if first.version.is_none() {
+            return first.check(payload).map(|()| first);
+        }
+        let mut claimed = None;
+        for s in &self.versions {
+            let found = s.claimed(topic, payload);
+            if found.is_some() && found.as_deref() == s.version.as_deref() {
+                return s.check(payload).map(|()| s);
+            }
+            claimed = claimed.or(found);
+        }
+        let locator = first.locator.as_ref().expect("a version has a locator");
+        let declared: Vec<&str> = self
+            .versions
+            .iter()
+            .filter_map(|s| s.version.as_deref())
+            .collect();
+        let message = match claimed {
+            Some(v) => format!(
+                "version {v:?} of {:?} is not declared (declared: {})",
+                self.name,
+                declared.join(", ")
+            ),
+            None => format!(
+                "the event carries no version of {:?} ({} missing or not a string or number)",
+                self.name,
+                locator.describe()
+            ),
+        };
+        Err(Failure {
+            schema: self.name.clone(),
+            kind: FailureKind::UnknownVersion,
+            path: locator.pointer(),
+            message,
+        })
+    }
+}
+
+/// Numbers by value, then text, so version 10 comes after 9.
+fn version_order(a: &Option<Arc<str>>, b: &Option<Arc<str>>) -> std::cmp::Ordering {
+    let key = |v: &Option<Arc<str>>| {
+        let text = v.as_deref().unwrap_or("");
+        (
+            text.parse::<i64>().ok().map_or(1, |_| 0),
+            text.parse::<i64>().unwrap_or(0),
+            text.to_string(),
+        )
+    };
+    key(a).cmp(&key(b))
 }
 
 #[cfg(test)]
@@ -124,15 +414,67 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn spec(name: &str, pattern: &str, file: &str) -> SchemaSpec {
+        SchemaSpec {
+            name: name.into(),
+            pattern: pattern.into(),
+            file: file.into(),
+            enforce: false,
+            version: None,
+            version_field: None,
+            version_capture: None,
+        }
+    }
+
+    fn at(line: usize) -> Diagnostic {
+        Diagnostic {
+            file: "r.toml".into(),
+            line,
+            column: 1,
+            message: String::new(),
+            unreadable: false,
+        }
+    }
+
+    fn compile(dir: &Path, spec: &SchemaSpec, line: usize) -> Result<Schema, String> {
+        let pattern = Pattern::parse(&spec.pattern).unwrap();
+        Schema::compile(spec, pattern, dir, at(line))
+    }
+
     fn schema(dir: &Path, text: &str) -> Result<Schema, String> {
         std::fs::write(dir.join("t.json"), text).unwrap();
-        let spec = SchemaSpec {
-            name: "t".into(),
-            pattern: "a".into(),
-            file: "t.json".into(),
-            enforce: false,
-        };
-        Schema::compile(&spec, Pattern::parse("a").unwrap(), dir)
+        compile(dir, &spec("t", "a", "t.json"), 1)
+    }
+
+    /// Versions 1 and 2 of "reading" (v1: `value`, v2: `celsius`), located
+    /// by `v` in the payload.
+    fn versioned(dir: &Path) -> Contract {
+        std::fs::write(
+            dir.join("v1.json"),
+            r#"{"type":"object","required":["v","value"],"properties":{"v":{"const":1},"value":{"type":"number"}}}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("v2.json"),
+            r#"{"type":"object","required":["v","celsius"],"properties":{"v":{"const":2},"celsius":{"type":"number"}}}"#,
+        )
+        .unwrap();
+        let mut errors = Vec::new();
+        // Declared newest first: the order of versions is by value.
+        let schemas = [("v2.json", 2), ("v1.json", 1)]
+            .into_iter()
+            .enumerate()
+            .map(|(i, (file, v))| {
+                let mut s = spec("reading", "s/{device}", file);
+                s.version = Some(VersionSpec::Number(v));
+                s.version_field = Some("v".into());
+                compile(dir, &s, i + 1).unwrap()
+            })
+            .collect();
+        let mut contracts = Contract::group(schemas, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(contracts.len(), 1);
+        contracts.remove(0)
     }
 
     #[test]
@@ -166,5 +508,140 @@ mod tests {
         assert!(e.contains("not a usable JSON Schema"), "{e}");
         let e = schema(d.path(), r#"{"$ref": "missing.json"}"#).unwrap_err();
         assert!(e.contains("not a usable JSON Schema"), "{e}");
+    }
+
+    #[test]
+    fn an_event_is_checked_against_the_version_it_claims() {
+        let d = tempfile::tempdir().unwrap();
+        let c = versioned(d.path());
+        assert_eq!(c.current().version.as_deref(), Some("2"));
+        let kept = c.check("s/a", Some(&json!({"v": 1, "value": 3}))).unwrap();
+        assert_eq!(kept.version.as_deref(), Some("1"));
+        let kept = c
+            .check("s/a", Some(&json!({"v": 2, "celsius": 3})))
+            .unwrap();
+        assert_eq!(kept.version.as_deref(), Some("2"));
+        // v1's shape claiming v2 fails v2, not "unknown version".
+        let f = c
+            .check("s/a", Some(&json!({"v": 2, "value": 3})))
+            .unwrap_err();
+        assert_eq!((f.kind, f.reason()), (FailureKind::Invalid, "schema"));
+    }
+
+    #[test]
+    fn unknown_and_missing_versions_are_their_own_reason() {
+        let d = tempfile::tempdir().unwrap();
+        let c = versioned(d.path());
+        let f = c
+            .check("s/a", Some(&json!({"v": 7, "value": 3})))
+            .unwrap_err();
+        assert_eq!(f.reason(), "schema_version");
+        assert_eq!(f.path, "/v");
+        assert!(
+            f.message.contains("\"7\"") && f.message.contains("1, 2"),
+            "{f:?}"
+        );
+        let f = c.check("s/a", Some(&json!({"value": 3}))).unwrap_err();
+        assert_eq!(f.kind, FailureKind::UnknownVersion);
+        assert!(f.message.contains("carries no version"), "{f:?}");
+        let f = c.check("s/a", None).unwrap_err();
+        assert_eq!(f.kind, FailureKind::UnknownVersion);
+    }
+
+    #[test]
+    fn a_topic_capture_can_carry_the_version() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("any.json"), r#"{"type":"object"}"#).unwrap();
+        let schemas = ["v1", "v2"]
+            .iter()
+            .map(|v| {
+                let mut s = spec("door", "doors/{ver}/{id}", "any.json");
+                s.version = Some(VersionSpec::Text(v.to_string()));
+                s.version_capture = Some("ver".into());
+                compile(d.path(), &s, 1).unwrap()
+            })
+            .collect();
+        let mut errors = Vec::new();
+        let c = Contract::group(schemas, &mut errors).remove(0);
+        let kept = c.check("doors/v1/front", Some(&json!({}))).unwrap();
+        assert_eq!(kept.version.as_deref(), Some("v1"));
+        let f = c.check("doors/v3/front", Some(&json!({}))).unwrap_err();
+        assert_eq!(f.reason(), "schema_version");
+        assert_eq!(f.path, "");
+    }
+
+    #[test]
+    fn versions_order_by_value() {
+        let v = |s: &str| Some(Arc::from(s));
+        let mut all = vec![v("10"), v("9"), v("2024-06"), v("1")];
+        all.sort_by(version_order);
+        assert_eq!(all, vec![v("1"), v("9"), v("10"), v("2024-06")]);
+    }
+
+    #[test]
+    fn version_settings_must_agree() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("any.json"), "{}").unwrap();
+        let mut s = spec("x", "s/{device}", "any.json");
+        s.version = Some(VersionSpec::Number(1));
+        let e = compile(d.path(), &s, 1).unwrap_err();
+        assert!(
+            e.contains("needs `version_field` or `version_capture`"),
+            "{e}"
+        );
+        s.version_field = Some("v".into());
+        s.version_capture = Some("device".into());
+        assert!(compile(d.path(), &s, 1).unwrap_err().contains("not both"));
+        s.version_field = None;
+        s.version_capture = Some("site".into());
+        let e = compile(d.path(), &s, 1).unwrap_err();
+        assert!(e.contains("not a capture"), "{e}");
+        s.version_capture = None;
+        s.version_field = Some("a..b".into());
+        assert!(
+            compile(d.path(), &s, 1)
+                .unwrap_err()
+                .contains("not a field path")
+        );
+        s.version = None;
+        s.version_field = Some("v".into());
+        assert!(
+            compile(d.path(), &s, 1)
+                .unwrap_err()
+                .contains("without a `version`")
+        );
+    }
+
+    #[test]
+    fn a_name_and_version_declared_twice_points_at_both() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("any.json"), "{}").unwrap();
+        let mk = |v: Option<i64>, line| {
+            let mut s = spec("x", "s/{device}", "any.json");
+            if let Some(v) = v {
+                s.version = Some(VersionSpec::Number(v));
+                s.version_field = Some("v".into());
+            }
+            compile(d.path(), &s, line).unwrap()
+        };
+        let mut errors = Vec::new();
+        Contract::group(vec![mk(Some(1), 3), mk(Some(1), 9)], &mut errors);
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].line, 9);
+        assert!(
+            errors[0]
+                .message
+                .contains("version 1 is declared twice (also at r.toml:3)")
+        );
+        let mut errors = Vec::new();
+        Contract::group(vec![mk(None, 3), mk(None, 5)], &mut errors);
+        assert!(
+            errors[0]
+                .message
+                .contains("declared twice (also at r.toml:3)")
+        );
+        let mut errors = Vec::new();
+        Contract::group(vec![mk(None, 3), mk(Some(2), 5)], &mut errors);
+        assert_eq!(errors.len(), 1, "a version beside an unversioned table");
     }
 }

@@ -332,7 +332,7 @@ fn collect(v: &Verdict) -> Vec<Output> {
         local: None,
         topic: format!("schema {:?} at {:?}: {}", f.schema, f.path, f.message),
         qos: None,
-        dead_letter: Some("schema".into()),
+        dead_letter: Some(f.reason().into()),
         retain: false,
         priority: None,
         payload: Payload::Raw,
