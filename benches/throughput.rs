@@ -22,8 +22,9 @@ const DEVICES: usize = 10;
 const PAYLOAD: usize = 200;
 
 fn payload(device: usize, seq: usize) -> Vec<u8> {
-    // A JSON reading padded to PAYLOAD bytes.
-    let head = format!(r#"{{"device":"d{device}","seq":{seq},"value":21.5,"pad":""#);
+    // A JSON reading padded to PAYLOAD bytes, keeping the example rules'
+    // temperature contract (the pad is in its one free-text field).
+    let head = format!(r#"{{"seq":{seq},"value":21.5,"device":"d{device}-"#);
     let mut s = head.clone();
     s.push_str(&"x".repeat(PAYLOAD.saturating_sub(head.len() + 2)));
     s.push_str("\"}");

@@ -38,6 +38,12 @@ enum Command {
         /// Rule files or directories to test instead of the config's rules.dir.
         paths: Vec<PathBuf>,
     },
+    /// Check a payload against a declared schema by hand, or list the
+    /// schemas the rule files declare.
+    Schema {
+        #[command(subcommand)]
+        command: SchemaCommand,
+    },
     /// One screen on the running daemon (or, when it is down, its queue file).
     Status,
     /// Print the embedded default config (a starting point for your own).
@@ -78,6 +84,22 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum SchemaCommand {
+    /// Check the JSON or CBOR payload in FILE (`-`: standard input)
+    /// against schema NAME, listing every problem with its JSON pointer;
+    /// exit 0 if it keeps it, 1 if not.
+    Validate {
+        name: String,
+        file: PathBuf,
+        /// The topic it came on (needed when the version is in the topic).
+        #[arg(long)]
+        topic: Option<String>,
+    },
+    /// Every declared schema version: its topics, whether enforced, its file.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -221,6 +243,7 @@ fn main() -> ExitCode {
             Err(errors) => config_errors(&errors),
         },
         Command::Test { paths } => test(config, paths),
+        Command::Schema { command } => schema(config, command),
         Command::Status => status(config),
         Command::Run => run(config),
         Command::Queue { command } => queue_command(command, config),
@@ -301,7 +324,7 @@ fn main_page(out: &mut dyn std::io::Write) -> std::io::Result<()> {
     }
     writeln!(
         out,
-        ".SH FILES\n/etc/edgeferry/edgeferry.toml, /etc/edgeferry/rules/*.toml, /var/lib/edgeferry/queue.db"
+        ".SH FILES\n/etc/edgeferry/edgeferry.toml, /etc/edgeferry/rules/*.toml (and the *.json schemas they name), /var/lib/edgeferry/queue.db"
     )?;
     man.render_version_section(out)
 }
@@ -356,6 +379,42 @@ fn test(config: Option<PathBuf>, paths: Vec<PathBuf>) -> ExitCode {
         ExitCode::from(EXIT_FAILURE)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+fn schema(config: Option<PathBuf>, command: SchemaCommand) -> ExitCode {
+    use edgeferry::rules::sample::{self, SampleError};
+    let file = match edgeferry::config::ConfigFile::read(installed_or(config).as_deref()) {
+        Ok(f) => f,
+        Err(errors) => return config_errors(&errors),
+    };
+    let rules = match file.load_rules(None) {
+        Ok(r) => r,
+        Err(errors) => return config_errors(&errors),
+    };
+    let (name, path, topic) = match command {
+        SchemaCommand::List => {
+            print!("{}", sample::list(&rules));
+            return ExitCode::SUCCESS;
+        }
+        SchemaCommand::Validate { name, file, topic } => (name, file, topic),
+    };
+    match sample::validate(&rules, &name, &path, topic.as_deref()) {
+        Ok(report) => {
+            print!("{}", report.text);
+            match report.ok {
+                true => ExitCode::SUCCESS,
+                false => ExitCode::from(EXIT_FAILURE),
+            }
+        }
+        Err(e) => {
+            eprintln!("edgeferry schema validate: {e}");
+            ExitCode::from(match e {
+                SampleError::UnknownSchema { .. } => EXIT_CONFIG,
+                SampleError::Unreadable { .. } => EXIT_UNREADABLE,
+                SampleError::NeedsTopic { .. } => EXIT_USAGE,
+            })
+        }
     }
 }
 

@@ -18,6 +18,7 @@
 mod compile;
 pub mod expr;
 mod pattern;
+pub mod sample;
 pub mod schema;
 pub mod shaping;
 mod spec;
@@ -503,6 +504,16 @@ impl RuleSet {
         }
         let flushed = old_set.tick(u64::MAX, &mut old);
         (state, flushed)
+    }
+
+    /// The declared contract of that name.
+    pub fn contract(&self, name: &str) -> Option<&schema::Contract> {
+        self.contracts.iter().find(|c| &*c.name == name)
+    }
+
+    /// Every declared contract, in declaration order.
+    pub fn contracts(&self) -> &[schema::Contract] {
+        &self.contracts
     }
 
     /// Apply the rules to one event.

@@ -125,6 +125,8 @@ pub struct Schema {
     locator: Option<Locator>,
     /// The schema's `$id`, if it has one (a CloudEvent's `dataschema`).
     pub id: Option<Arc<str>>,
+    /// The schema file, as resolved against the rule file's directory.
+    pub file: PathBuf,
     /// Where it is declared, for errors about it.
     pub at: Diagnostic,
     validator: Arc<jsonschema::Validator>,
@@ -251,6 +253,7 @@ impl Schema {
             version: spec.version.as_ref().map(|v| Arc::from(v.text())),
             locator,
             id: value.get("$id").and_then(Value::as_str).map(Arc::from),
+            file: path,
             at,
             validator: Arc::new(validator),
         })
@@ -275,6 +278,24 @@ impl Schema {
             Ok(()) => Ok(()),
             Err(e) => Err(fail(e.instance_path().to_string(), e.to_string())),
         }
+    }
+
+    /// Every way `payload` breaks this schema, in the validator's order
+    /// (empty when it keeps it): for a person checking a sample, where
+    /// the router stops at the first.
+    pub fn failures(&self, payload: Option<&Value>) -> Vec<Failure> {
+        let Some(value) = payload else {
+            return self.check(payload).err().into_iter().collect();
+        };
+        self.validator
+            .iter_errors(value)
+            .map(|e| Failure {
+                schema: self.name.clone(),
+                kind: FailureKind::Invalid,
+                path: e.instance_path().to_string(),
+                message: e.to_string(),
+            })
+            .collect()
     }
 
     /// The version `payload` on `topic` claims by this schema's locator.
@@ -306,8 +327,14 @@ impl Contract {
                 });
                 continue;
             };
-            let first = &c.versions[0].at;
+            let head = &c.versions[0];
+            let first = &head.at;
             let also = format!("{}:{}", first.file.display(), first.line);
+            // One event type, one place: the router picks the version with
+            // the first table's topics and locator.
+            let disagrees = head.pattern.as_str() != s.pattern.as_str()
+                || head.enforce != s.enforce
+                || head.locator != s.locator;
             let clash = c.versions.iter().find(|o| o.version == s.version);
             let unversioned = s.version.is_none() || c.versions[0].version.is_none();
             let problem = match (&s.version, clash) {
@@ -317,6 +344,10 @@ impl Contract {
                 )),
                 (Some(v), Some(_)) => Some(format!(
                     "schema {:?} version {v} is declared twice (also at {also})",
+                    s.name
+                )),
+                (Some(v), None) if disagrees => Some(format!(
+                    "schema {:?} version {v}: the versions of one name must give the same `match`, `enforce` and `version_field`/`version_capture` (as at {also})",
                     s.name
                 )),
                 _ => None,
@@ -357,15 +388,27 @@ impl Contract {
 
     /// Check an event against the version it claims; the schema it kept.
     pub fn check(&self, topic: &str, payload: Option<&Value>) -> Result<&Schema, Failure> {
+        let s = self.version_of(topic, payload)?;
+        s.check(payload).map(|()| s)
+    }
+
+    /// Whether the version is found in the topic rather than the payload.
+    pub fn versioned_by_topic(&self) -> bool {
+        matches!(self.versions[0].locator, Some(Locator::Capture(_)))
+    }
+
+    /// The version an event claims (the only one, unversioned), or why it
+    /// claims none that is declared.
+    pub fn version_of(&self, topic: &str, payload: Option<&Value>) -> Result<&Schema, Failure> {
         let first = &self.versions[0];
         if first.version.is_none() {
-            return first.check(payload).map(|()| first);
+            return Ok(first);
         }
         let mut claimed = None;
         for s in &self.versions {
             let found = s.claimed(topic, payload);
             if found.is_some() && found.as_deref() == s.version.as_deref() {
-                return s.check(payload).map(|()| s);
+                return Ok(s);
             }
             claimed = claimed.or(found);
         }
@@ -610,6 +653,50 @@ mod tests {
                 .unwrap_err()
                 .contains("without a `version`")
         );
+    }
+
+    #[test]
+    fn the_versions_of_one_name_must_agree_on_where_they_apply() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("any.json"), "{}").unwrap();
+        let mut one = spec("x", "s/+", "any.json");
+        one.version = Some(VersionSpec::Number(1));
+        one.version_field = Some("v".into());
+        let mut two = one.clone();
+        two.version = Some(VersionSpec::Number(2));
+        for change in [
+            |s: &mut SchemaSpec| s.pattern = "t/+".into(),
+            |s: &mut SchemaSpec| s.enforce = true,
+            |s: &mut SchemaSpec| s.version_field = Some("version".into()),
+        ] {
+            let mut other = two.clone();
+            change(&mut other);
+            let mut errors = Vec::new();
+            let group = Contract::group(
+                vec![
+                    compile(d.path(), &one, 1).unwrap(),
+                    compile(d.path(), &other, 7).unwrap(),
+                ],
+                &mut errors,
+            );
+            assert_eq!(errors.len(), 1, "{other:?}");
+            assert_eq!(errors[0].line, 7);
+            assert!(
+                errors[0].message.contains("must give the same"),
+                "{}",
+                errors[0].message
+            );
+            assert_eq!(group[0].versions().len(), 1);
+        }
+        let mut errors = Vec::new();
+        Contract::group(
+            vec![
+                compile(d.path(), &one, 1).unwrap(),
+                compile(d.path(), &two, 7).unwrap(),
+            ],
+            &mut errors,
+        );
+        assert!(errors.is_empty(), "{errors:?}");
     }
 
     #[test]

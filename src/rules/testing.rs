@@ -103,8 +103,14 @@ pub struct ExpectSpec {
     /// Fields the payload must have (a subset match).
     pub payload: Option<Value>,
     pub qos: Option<u8>,
-    /// `"schema"`: the event breaks a contract and is dead-lettered.
+    /// `"schema"`: the event breaks a contract and is dead-lettered;
+    /// `"schema_version"`: its version is not declared.
     pub dead_letter: Option<String>,
+    /// A dead letter's JSON pointer to the first failing field.
+    pub path: Option<String>,
+    /// The output keeps this contract's current version (an upcast did
+    /// its job).
+    pub schema: Option<String>,
     /// A local output's retain flag.
     pub retain: Option<bool>,
     pub priority: Option<crate::queue::Priority>,
@@ -121,6 +127,8 @@ struct Output {
     qos: Option<u8>,
     /// `Some("schema")` for a dead letter of a broken contract.
     dead_letter: Option<String>,
+    /// Where in the payload the contract broke (dead letters).
+    path: Option<String>,
     retain: bool,
     priority: Option<crate::queue::Priority>,
     payload: Payload,
@@ -254,7 +262,7 @@ fn run_one(set: &RuleSet, spec: &TestSpec) -> Result<(), String> {
                 _ => {}
             }
         }
-        compare(&step.expect, &outputs).map_err(|mut diff| {
+        compare(set, &step.expect, &outputs).map_err(|mut diff| {
             // What the rules said about the event, which usually is the why.
             for note in notes.drain(..) {
                 let _ = write!(diff, "\n  note: {note}");
@@ -322,6 +330,7 @@ fn collect(v: &Verdict) -> Vec<Output> {
             topic: r.topic.clone(),
             qos: Some(r.qos),
             dead_letter: None,
+            path: None,
             retain: false,
             priority: Some(r.priority),
             payload: codec::decode(&r.payload),
@@ -333,6 +342,7 @@ fn collect(v: &Verdict) -> Vec<Output> {
         topic: format!("schema {:?} at {:?}: {}", f.schema, f.path, f.message),
         qos: None,
         dead_letter: Some(f.reason().into()),
+        path: Some(f.path.clone()),
         retain: false,
         priority: None,
         payload: Payload::Raw,
@@ -343,6 +353,7 @@ fn collect(v: &Verdict) -> Vec<Output> {
         topic: r.topic.clone(),
         qos: Some(r.qos),
         dead_letter: None,
+        path: None,
         retain: r.retain,
         priority: None,
         payload: codec::decode(&r.payload),
@@ -352,13 +363,13 @@ fn collect(v: &Verdict) -> Vec<Output> {
 
 /// Outputs must match expectations one to one. Routes to upstreams come
 /// before local republishes, each in rule and destination order.
-fn compare(expect: &[ExpectSpec], got: &[Output]) -> Result<(), String> {
+fn compare(set: &RuleSet, expect: &[ExpectSpec], got: &[Output]) -> Result<(), String> {
     let mut problems = Vec::new();
     for (i, e) in expect.iter().enumerate() {
         match got.get(i) {
             None => problems.push(format!("  missing output {}: {}", i + 1, describe(e))),
             Some(o) => {
-                if let Some(why) = mismatch(e, o) {
+                if let Some(why) = mismatch(set, e, o) {
                     problems.push(format!(
                         "  output {}: {why}\n    expected: {}\n    got:      {o}",
                         i + 1,
@@ -383,7 +394,10 @@ fn compare(expect: &[ExpectSpec], got: &[Output]) -> Result<(), String> {
 
 fn describe(e: &ExpectSpec) -> String {
     if let Some(d) = &e.dead_letter {
-        return format!("dead letter {d:?}");
+        return match &e.path {
+            Some(p) => format!("dead letter {d:?} at {p:?}"),
+            None => format!("dead letter {d:?}"),
+        };
     }
     let mut s = match (&e.upstream, &e.local) {
         (Some(u), _) => format!("upstream {u:?}"),
@@ -408,12 +422,18 @@ fn describe(e: &ExpectSpec) -> String {
     if let Some(p) = &e.payload {
         let _ = write!(s, " payload ⊇ {p}");
     }
+    if let Some(name) = &e.schema {
+        let _ = write!(s, " keeping schema {name:?}");
+    }
     s
 }
 
-fn mismatch(e: &ExpectSpec, o: &Output) -> Option<String> {
+fn mismatch(set: &RuleSet, e: &ExpectSpec, o: &Output) -> Option<String> {
     if e.dead_letter != o.dead_letter {
         return Some("different destination".into());
+    }
+    if e.path.is_some() && e.path != o.path {
+        return Some("different path".into());
     }
     if let Some(u) = &e.upstream
         && o.upstream.as_ref() != Some(u)
@@ -456,6 +476,22 @@ fn mismatch(e: &ExpectSpec, o: &Output) -> Option<String> {
         match o.payload.value() {
             Some(v) if contains(v, p) => {}
             _ => return Some("different payload".into()),
+        }
+    }
+    if let Some(name) = &e.schema {
+        let Some(contract) = set.contract(name) else {
+            return Some(format!("schema {name:?} is not declared"));
+        };
+        let current = contract.current();
+        if let Err(f) = current.check(o.payload.value()) {
+            let version = match &current.version {
+                Some(v) => format!(" version {v}"),
+                None => String::new(),
+            };
+            return Some(format!(
+                "the payload breaks schema {name:?}{version} at {:?}: {}",
+                f.path, f.message
+            ));
         }
     }
     None

@@ -185,6 +185,12 @@ fn the_documented_test_output_is_what_edgeferry_test_prints() {
         }
         write(&d.join("rules").join(f), &text);
     }
+    for f in std::fs::read_dir(repo.join("rules")).unwrap() {
+        let f = f.unwrap().path();
+        if f.extension().is_some_and(|x| x == "json") {
+            std::fs::copy(&f, d.join("rules").join(f.file_name().unwrap())).unwrap();
+        }
+    }
     write_small_config(d);
     let out = edgeferry(&["test", "-c", "edgeferry.toml"], d);
     assert_eq!(out.status.code(), Some(1));
@@ -889,7 +895,7 @@ async fn status_reads_the_running_daemon_and_falls_back_to_the_queue_file() {
     );
     assert!(stdout.contains("healthy"), "{stdout}");
     assert!(
-        stdout.contains("rules:  11 loaded, never reloaded"),
+        stdout.contains("rules:  13 loaded, never reloaded"),
         "{stdout}"
     );
     let cloud: Vec<&str> = stdout
@@ -1376,4 +1382,74 @@ async fn tail_shows_what_each_rule_did_with_each_event_and_its_rows_ack() {
     // Nobody watches once the tail is gone: routing goes back to untraced.
     wait_until("the tail's watch ended", || !m.trace.watched()).await;
     gw.stop().await;
+}
+
+/// `edgeferry schema validate` on the example rules' contracts: a sample
+/// that keeps one exits 0, one that breaks it lists every problem with
+/// its pointer and exits 1, an unknown version says so, and an unknown
+/// schema name or file are told apart by their exit codes.
+#[test]
+fn schema_validate_checks_a_sample_by_hand() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    write(
+        &d.join("edgeferry.toml"),
+        &format!(
+            "[rules]\ndir = \"{}\"\n[metrics]\nenabled = false\n[queue]\npath = \"q.db\"\n[upstream.cloud]\nurl = \"mqtt://127.0.0.1:1884\"\n",
+            repo.join("rules").display()
+        ),
+    );
+    write(&d.join("good.json"), r#"{"value": 21.5, "unit": "C"}"#);
+    write(&d.join("bad.json"), r#"{"val": "21.5", "unit": "K"}"#);
+    write(&d.join("door-v3.json"), r#"{"v": 3, "open": true}"#);
+    let run = |args: &[&str]| {
+        let mut all = vec!["-c", "edgeferry.toml", "schema"];
+        all.extend_from_slice(args);
+        let out = edgeferry(&all, d);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+
+    let (code, text) = run(&["validate", "temperature", "good.json"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("ok: the JSON payload keeps schema \"temperature\""),
+        "{text}"
+    );
+
+    let (code, text) = run(&["validate", "temperature", "bad.json"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("at \"/unit\""), "{text}");
+    assert!(text.contains("\"value\" is a required property"), "{text}");
+    assert!(text.contains("3 problem(s)"), "{text}");
+
+    let (code, text) = run(&["validate", "door", "door-v3.json"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("version \"3\" of \"door\" is not declared (declared: 1, 2)"),
+        "{text}"
+    );
+    assert!(text.contains("reason \"schema_version\""), "{text}");
+
+    let (code, text) = run(&["validate", "temp", "good.json"]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(
+        text.contains("declared: temperature, humidity, door, power"),
+        "{text}"
+    );
+
+    let (code, text) = run(&["validate", "door", "missing.json"]);
+    assert_eq!(code, Some(3), "{text}");
+
+    let (code, text) = run(&["list"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("door v2 (current)  match \"doors/+/+\"  enforced"),
+        "{text}"
+    );
 }

@@ -87,3 +87,68 @@ async fn an_event_that_breaks_its_schema_is_dead_lettered_with_the_field_and_nev
     assert_eq!(cloud.count(), 1, "the broken ones never left");
     gw.stop().await;
 }
+
+/// The example rules as shipped: a door contact on firmware 1.x reaches
+/// the cloud as the v2 event the cloud consumes, a v2 one as it came, and
+/// one of a version the gateway does not know is dead-lettered as such.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_rules_upcast_a_v1_event_to_v2_and_dead_letter_an_unknown_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let upstream = upstream_broker();
+    let cloud = Subscriber::start(upstream, "plant/+/+/door").await;
+    let text = rules_at(
+        &config_text(d, upstream.port(), ""),
+        &repo_rules(),
+        "dead_letter = \"edgeferry/dead-letter\"",
+    );
+    let gw = Gateway::start_with(d, &text).await;
+    let dead = Subscriber::start(gw.addr, "edgeferry/dead-letter").await;
+    let sensor = Sensor::connect(gw.addr).await;
+
+    let events = [
+        json!({"v": 1, "state": "open", "battery": 80}),
+        json!({"v": 3, "open": true}),
+        json!({"v": 2, "open": false, "battery_pct": 79}),
+        json!({"v": 1, "open": true}),
+    ];
+    for e in &events {
+        sensor.publish("doors/yard/gate", e.to_string()).await;
+    }
+    sensor.wait_acked(events.len()).await;
+
+    let got = cloud.wait_for(2).await;
+    let first: Value = serde_json::from_slice(&got[0].payload).unwrap();
+    assert_eq!(got[0].topic, "plant/yard/gate/door");
+    assert_eq!(first, json!({"v": 2, "open": true, "battery_pct": 80}));
+    let second: Value = serde_json::from_slice(&got[1].payload).unwrap();
+    assert_eq!(second, events[2]);
+
+    let letters = dead.wait_for(2).await;
+    let unknown: Value = serde_json::from_slice(&letters[0].payload).unwrap();
+    assert_eq!(unknown["reason"], "schema_version", "{unknown}");
+    assert_eq!(unknown["schema"], "door");
+    assert_eq!(unknown["path"], "/v");
+    assert!(
+        unknown["message"].as_str().unwrap().contains("\"3\""),
+        "{unknown}"
+    );
+    let broken: Value = serde_json::from_slice(&letters[1].payload).unwrap();
+    assert_eq!(broken["reason"], "schema", "{broken}");
+
+    let metrics = gw.running.metrics_addr.unwrap();
+    let (_, scrape) = http_get(metrics, "/metrics").await;
+    assert_eq!(
+        sample(
+            &scrape,
+            "edgeferry_events_schema_failed_total{schema=\"door\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        cloud.count(),
+        2,
+        "neither the unknown nor the broken one left"
+    );
+    gw.stop().await;
+}

@@ -391,6 +391,8 @@ async fn a_payload_over_max_payload_is_refused_and_one_at_the_limit_goes_through
     use rumqttc::v5::mqttbytes::v5::PubAckReason;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
+    // Opaque bytes: on a topic the example rules forward as they came
+    // (their sensor topics have contracts).
     let upstream = upstream_broker();
     let sub = Subscriber::start(upstream, "#").await;
     let text = config_text(d, upstream.port(), "").replacen(
@@ -402,12 +404,12 @@ async fn a_payload_over_max_payload_is_refused_and_one_at_the_limit_goes_through
     let mut opts = rumqttc::v5::MqttOptions::new("big-5", "127.0.0.1", gw.addr.port());
     opts.set_keep_alive(Duration::from_secs(5));
     let (client, mut el) = rumqttc::v5::AsyncClient::new(opts, 10);
-    let long_topic = format!("sensors/big/{}/temperature", "t".repeat(2000));
+    let long_topic = format!("devices/{}/telemetry", "t".repeat(2000));
     for (topic, size) in [
-        ("sensors/big/a/temperature", 1024),
-        ("sensors/big/b/temperature", 1025),
+        ("devices/big-a/telemetry", 1024),
+        ("devices/big-b/telemetry", 1025),
         (long_topic.as_str(), 1024),
-        ("sensors/big/c/temperature", 60_000),
+        ("devices/big-c/telemetry", 60_000),
     ] {
         client
             .publish(
@@ -432,10 +434,10 @@ async fn a_payload_over_max_payload_is_refused_and_one_at_the_limit_goes_through
     // MQTT 3.1.1 has no reason codes: acknowledged, refused all the same.
     let sensor = Sensor::connect(gw.addr).await;
     sensor
-        .publish("sensors/big/d/temperature", vec![b'x'; 1025])
+        .publish("devices/big-d/telemetry", vec![b'x'; 1025])
         .await;
     sensor
-        .publish("sensors/big/e/temperature", vec![b'x'; 10])
+        .publish("devices/big-e/telemetry", vec![b'x'; 10])
         .await;
     sensor.wait_acked(2).await;
     let got = sub.wait_for(3).await;

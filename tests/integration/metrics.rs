@@ -64,7 +64,7 @@ async fn the_metrics_endpoint_counts_a_known_workload_exactly() {
         ),
         ("edgeferry_uplink_connected{upstream=\"cloud\"}", 0.0),
         ("edgeferry_uplink_acked_total{upstream=\"cloud\"}", 0.0),
-        ("edgeferry_rules", 11.0),
+        ("edgeferry_rules", 13.0),
     ] {
         assert_eq!(sample(&m, series), want, "{series}");
     }

@@ -371,7 +371,7 @@ async fn a_replay_marker_never_makes_an_event_too_large_to_send() {
         sensor,
     } = World::offline("replay_marker = \"_replayed\"\nmax_packet_size = \"1KiB\"\n").await;
     // Packet: 1 + 2 + 2 + 14 (topic) + 2 + 995 = 1016 bytes; the marker's 17 would make 1033.
-    let head = r#"{"seq":0,"pad":""#;
+    let head = r#"{"seq":0,"value":1,"device":""#;
     let payload = format!("{head}{}\"}}", "x".repeat(995 - head.len() - 2));
     assert_eq!(payload.len(), 995);
     sensor

@@ -104,6 +104,7 @@ async fn mqtt5_sensors_publish_through_the_v5_listener() {
     );
     let gw = Gateway::start_with(dir.path(), &text).await;
     let v5 = gw.running.broker_addr_v5.expect("v5 listener");
+    let humidity = br#"{"value": 55.5, "seq": 7}"#.to_vec();
 
     let mut opts = rumqttc::v5::MqttOptions::new("sensor-v5", "127.0.0.1", v5.port());
     opts.set_keep_alive(std::time::Duration::from_secs(5));
@@ -124,7 +125,7 @@ async fn mqtt5_sensors_publish_through_the_v5_listener() {
             "sensors/roof/r1/humidity",
             rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
             false,
-            reading("r1", 7),
+            humidity.clone(),
         )
         .await
         .unwrap();
@@ -134,7 +135,7 @@ async fn mqtt5_sensors_publish_through_the_v5_listener() {
         .unwrap();
     let got = sub.wait_for(1).await;
     assert_eq!(got[0].topic, "plant/roof/r1/humidity");
-    assert_eq!(got[0].payload, reading("r1", 7));
+    assert_eq!(got[0].payload, humidity);
     gw.stop().await;
 }
 
@@ -151,8 +152,9 @@ async fn rows_that_can_never_be_sent_are_dead_lettered_and_do_not_block_the_queu
     // so it never reaches a row.
     raw_publish(gw.addr, "sensors/a/+/temperature", &reading("w", 0)).await;
     // Fits the local broker (256KiB) but not this upstream (1KiB).
+    let big = serde_json::json!({"value": 20.0, "device": "x".repeat(4096)});
     sensor
-        .publish("sensors/a/big/temperature", vec![b'x'; 4096])
+        .publish("sensors/a/big/temperature", big.to_string())
         .await;
     for seq in 1..=20 {
         sensor

@@ -99,10 +99,10 @@ async fn bad_payloads_are_counted_and_dead_lettered_and_the_pipeline_goes_on() {
     sensor.publish(t, reading("t1", 7)).await;
     sensor.wait_acked(cases.len() + 1).await;
 
-    // Forwarded: the wrong-type, binary and empty readings (the plain
-    // temperature rule does not look inside), the opaque telemetry, and the
-    // good reading; the malformed and deep ones are not.
-    let got = cloud.wait_for(5).await;
+    // Forwarded: the opaque telemetry and the good reading. The wrong-type,
+    // binary and empty readings break the temperature contract of the
+    // example rules; the malformed and deep ones do not parse.
+    let got = cloud.wait_for(2).await;
     let summary: Vec<(&str, usize)> = got
         .iter()
         .map(|m| (m.topic.as_str(), m.payload.len()))
@@ -110,43 +110,90 @@ async fn bad_payloads_are_counted_and_dead_lettered_and_the_pipeline_goes_on() {
     assert_eq!(
         summary,
         [
-            ("plant/yard/t1/temp", cases[1].1.len()),
-            ("plant/yard/t1/temp", 3),
-            ("plant/yard/t1/temp", 0),
             ("fleet/pump/telemetry", 3),
             ("plant/yard/t1/temp", reading("t1", 7).len()),
         ]
     );
-    // Dead letters: the two malformed payloads, and the three readings the
-    // alarm rule's `when` could not evaluate; each says why.
+    // Dead letters: every one of the five, each saying why.
     let letters = dead.wait_for(5).await;
     let reasons: Vec<String> = letters
         .iter()
         .map(|m| json_of(&m.payload)["reason"].as_str().unwrap().to_string())
         .collect();
     assert!(reasons[0].starts_with("malformed JSON"), "{reasons:?}");
-    assert!(
-        reasons[1].starts_with("rule \"temperature-alarm\": when"),
-        "{reasons:?}"
-    );
+    assert_eq!(reasons[1], "schema", "{reasons:?}");
+    assert_eq!(json_of(&letters[1].payload)["path"], "/value");
     assert!(reasons[2].starts_with("malformed JSON"), "{reasons:?}");
-    assert!(
-        reasons[3].starts_with("rule \"temperature-alarm\""),
-        "{reasons:?}"
-    );
-    assert!(
-        reasons[4].starts_with("rule \"temperature-alarm\""),
-        "{reasons:?}"
-    );
+    assert_eq!(reasons[3], "schema", "{reasons:?}");
+    assert_eq!(reasons[4], "schema", "{reasons:?}");
     let binary = json_of(&letters[3].payload);
     assert_eq!(binary["payload_hex"], "fffe00");
     assert_eq!(binary["topic"], t);
+    assert!(
+        binary["message"]
+            .as_str()
+            .unwrap()
+            .contains("neither JSON nor CBOR"),
+        "{binary}"
+    );
     let m = &gw.running.metrics;
     assert_eq!(m.dead_letters.load(Relaxed), 5);
-    assert_eq!(m.rule_errors.load(Relaxed), 3);
+    assert_eq!(
+        m.rule_errors.load(Relaxed),
+        0,
+        "the contract caught them first"
+    );
     assert_eq!(m.decoded_malformed.load(Relaxed), 2);
     wait_until("all acked", || gw.queued("cloud") == 0).await;
-    assert_eq!(cloud.count(), 5, "dead letters stay local");
+    assert_eq!(cloud.count(), 2, "dead letters stay local");
+    gw.stop().await;
+}
+
+/// A rule that cannot evaluate its `when` on an event (no contract on the
+/// topic to catch it first): counted, dead-lettered with the rule's name,
+/// and the rules that can still apply do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_that_fails_on_an_event_dead_letters_it_and_the_others_still_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = tempfile::tempdir().unwrap();
+    std::fs::write(
+        rules.path().join("r.toml"),
+        r#"
+[[rule]]
+name = "forward"
+match = "x/{device}"
+to = [{ upstream = "cloud", topic = "up/{device}" }]
+
+[[rule]]
+name = "alarm"
+match = "x/{device}"
+when = "value > 30.0"
+to = [{ local = "alerts/{device}" }]
+"#,
+    )
+    .unwrap();
+    let upstream = upstream_broker();
+    let cloud = Subscriber::start(upstream, "up/#").await;
+    let text = rules_at(
+        &config_text(dir.path(), upstream.port(), ""),
+        rules.path(),
+        "dead_letter = \"edgeferry/dead-letter\"",
+    );
+    let gw = Gateway::start_with(dir.path(), &text).await;
+    let dead = Subscriber::start(gw.addr, "edgeferry/dead-letter").await;
+    let sensor = Sensor::connect(gw.addr).await;
+    sensor.publish("x/t1", r#"{"value": "hot"}"#).await;
+    sensor.wait_acked(1).await;
+    let got = cloud.wait_for(1).await;
+    assert_eq!(got[0].topic, "up/t1");
+    let letters = dead.wait_for(1).await;
+    let reason = json_of(&letters[0].payload)["reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(reason.starts_with("rule \"alarm\": when"), "{reason}");
+    assert_eq!(gw.running.metrics.rule_errors.load(Relaxed), 1);
+    assert_eq!(gw.running.metrics.dead_letters.load(Relaxed), 1);
     gw.stop().await;
 }
 
