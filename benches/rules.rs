@@ -11,6 +11,11 @@
 //!
 //! The indexed topic trie is what keeps 1,000 rules close to 10: matching
 //! costs in proportion to the rules that match, not to the rules loaded.
+//!
+//! Contracts: the cost of one JSON Schema check for each of the example
+//! rules' schemas (`rules/*.schema.json`), valid and invalid, and the
+//! 10-rule set again with the temperature and humidity contracts enforced,
+//! then with its cloud destinations wrapped in CloudEvents.
 
 use std::collections::BTreeSet;
 use std::hint::black_box;
@@ -153,8 +158,7 @@ fn main() {
         .unwrap_or(300);
     let ups = upstreams();
     // 10 rules: one site group with the site as a capture, plus the shared five.
-    let ten = format!("{}{SHARED}", group("{site}").replace("-{site}\"", "\""));
-    let ten = RuleSet::from_str(Path::new("ten.toml"), &ten, &ups).expect("10 rules");
+    let ten = RuleSet::from_str(Path::new("ten.toml"), &ten_text(), &ups).expect("10 rules");
     let thousand: String = (0..199)
         .map(|s| group(&format!("site{s}")))
         .collect::<String>()
@@ -191,10 +195,96 @@ fn main() {
             per_call / 1e3
         );
     }
+    contracts(&ups, &ten_text(), &evs, rounds, ns10);
     for n in [2_500, 10_000, 40_000] {
         let secs = load_time(&ups, n);
         println!("rules: loading {n} rules from one file: {secs:.2} s");
     }
+}
+
+/// 10 rules: one site group with the site as a capture, plus the shared five.
+fn ten_text() -> String {
+    format!("{}{SHARED}", group("{site}").replace("-{site}\"", "\""))
+}
+
+/// What contracts cost: one check per example schema, then whole routes.
+fn contracts(ups: &BTreeSet<String>, ten: &str, evs: &[Event], rounds: usize, bare_ns: f64) {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let examples = RuleSet::load_dir(&repo, ups).expect("the example rules load");
+    let samples = [
+        (
+            "temperature",
+            "sensors/yard/t1/temperature",
+            r#"{"value": 21.5, "unit": "C", "seq": 7}"#,
+        ),
+        (
+            "temperature",
+            "sensors/yard/t1/temperature",
+            r#"{"value": "hot", "unit": "C"}"#,
+        ),
+        (
+            "humidity",
+            "sensors/barn/h1/humidity",
+            r#"{"value": 61.5, "seq": 7}"#,
+        ),
+        ("power", "power/m1", r#"{"watts": 1520.5, "volts": 229.8}"#),
+        (
+            "door",
+            "doors/yard/gate",
+            r#"{"v": 1, "state": "open", "battery": 80}"#,
+        ),
+        (
+            "door",
+            "doors/yard/gate",
+            r#"{"v": 2, "open": true, "battery_pct": 80}"#,
+        ),
+        ("door", "doors/yard/gate", r#"{"v": 3, "open": true}"#),
+    ];
+    for (name, topic, payload) in samples {
+        let c = examples.contract(name).expect("declared");
+        let value: serde_json::Value = serde_json::from_str(payload).unwrap();
+        let n = 200_000;
+        let start = Instant::now();
+        let mut kept = 0;
+        for _ in 0..n {
+            kept += usize::from(black_box(c.check(black_box(topic), Some(&value))).is_ok());
+        }
+        let ns = start.elapsed().as_nanos() as f64 / n as f64;
+        let verdict = if kept == n { "valid" } else { "invalid" };
+        println!(
+            "rules: schema {name:<11} {verdict:<7} {:.2} µs/check  {payload}",
+            ns / 1e3
+        );
+    }
+    let table = |name: &str, file: &str| {
+        format!(
+            "[[schema]]\nname = \"{name}\"\nmatch = \"sensors/+/+/{name}\"\nfile = \"{}\"\nenforce = true\n\n",
+            repo.join(file).display()
+        )
+    };
+    let checked = format!(
+        "{}{}{ten}",
+        table("temperature", "temperature.schema.json"),
+        table("humidity", "humidity.schema.json")
+    );
+    let set = RuleSet::from_str(Path::new("checked.toml"), &checked, ups).expect("with schemas");
+    let (ns, _) = measure(&set, evs, rounds);
+    println!(
+        "rules: 10 rules with the temperature and humidity contracts enforced: {:.2} µs/event ({:+.2} µs over none; 3 of 4 events checked)",
+        ns / 1e3,
+        (ns - bare_ns) / 1e3
+    );
+    let wrapped = checked.replace(
+        "upstream = \"cloud\", topic",
+        "upstream = \"cloud\", envelope = \"cloudevents\", topic",
+    );
+    let set = RuleSet::from_str(Path::new("wrapped.toml"), &wrapped, ups).expect("with envelopes");
+    let (ns_ce, _) = measure(&set, evs, rounds);
+    println!(
+        "rules: ... and every cloud destination in a CloudEvent: {:.2} µs/event ({:+.2} µs over bare)",
+        ns_ce / 1e3,
+        (ns_ce - ns) / 1e3
+    );
 }
 
 /// Seconds to load `n` distinct rules from one file (as `check`, a reload

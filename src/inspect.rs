@@ -74,10 +74,17 @@ pub fn export(
     out: &mut impl Write,
 ) -> Result<u64, InspectError> {
     let conn = queue::open_read_only(db)?;
-    let sql = "SELECT id, upstream, event_id, topic, qos, priority, received_ms, expires_ms, payload FROM queue \
-               WHERE ?1 IS NULL OR upstream = ?1 ORDER BY upstream, priority DESC, id";
+    // A file from before schema 3 (read, not migrated) has no props.
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap_or(0);
+    let props = if version >= 3 { "props" } else { "NULL" };
+    let sql = format!(
+        "SELECT id, upstream, event_id, topic, qos, priority, received_ms, expires_ms, payload, {props} FROM queue \
+         WHERE ?1 IS NULL OR upstream = ?1 ORDER BY upstream, priority DESC, id"
+    );
     let sql_err = |e: rusqlite::Error| InspectError::Read(e.to_string());
-    let mut stmt = conn.prepare(sql).map_err(sql_err)?;
+    let mut stmt = conn.prepare(&sql).map_err(sql_err)?;
     let mut rows = stmt.query([upstream]).map_err(sql_err)?;
     let mut n = 0;
     while let Some(r) = rows.next().map_err(sql_err)? {
@@ -95,6 +102,13 @@ pub fn export(
             "received_ms": r.get::<_, i64>(6).map_err(sql_err)?,
             "expires_ms": r.get::<_, Option<i64>>(7).map_err(sql_err)?,
         });
+        // MQTT 5 properties it is sent with (a binary CloudEvent's).
+        if let Some(raw) = r.get::<_, Option<Vec<u8>>>(9).map_err(sql_err)? {
+            line["properties"] = match queue::Properties::from_sql(&raw) {
+                Ok(p) => json!({"content_type": p.content_type, "user_properties": p.user}),
+                Err(e) => json!({ "unreadable": e }),
+            };
+        }
         match String::from_utf8(payload) {
             Ok(text) => line["payload"] = json!(text),
             Err(e) => {

@@ -305,6 +305,7 @@ impl Router {
                 overflow: route.overflow,
                 received_ms: route.received_ms,
                 payload: route.payload,
+                properties: route.properties,
                 receipt: receipt.cloned(),
                 traced,
             });

@@ -689,6 +689,19 @@ impl ConfigFile {
                 Diagnostic::whole_file(&self.rules.dir, format!("rules.{key}: {msg}"))
             }));
         }
+        for (rule, upstream, at) in rules.iter().flat_map(|r| r.binary_envelopes()) {
+            if self
+                .upstream
+                .get(upstream)
+                .is_some_and(|u| u.protocol != Protocol::V5)
+            {
+                let mut d = at.clone();
+                d.message = format!(
+                    "rule {rule:?}: envelope = \"cloudevents-binary\" sends the attributes as MQTT 5 user properties, and upstream {upstream:?} speaks MQTT 3.1.1; set protocol = \"5\" in [upstream.{upstream}] or use envelope = \"cloudevents\""
+                );
+                errors.push(d);
+            }
+        }
         match rules {
             Some(rules) if errors.is_empty() => Ok(rules),
             _ => Err(Diagnostics(errors)),

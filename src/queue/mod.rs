@@ -67,6 +67,40 @@ pub enum QueueError {
     Read(String),
 }
 
+/// MQTT 5 properties a row is sent with (a CloudEvent's attributes, its
+/// content type): stored with the row, so they survive a restart; an
+/// MQTT 3.1.1 upstream has no place for them (rules refuse that pairing).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Properties {
+    #[serde(rename = "ct", default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    #[serde(rename = "up", default, skip_serializing_if = "Vec::is_empty")]
+    pub user: Vec<(String, String)>,
+}
+
+impl Properties {
+    /// As stored in the `props` column.
+    pub fn to_sql(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// From the `props` column; a value this version cannot read is an
+    /// error (the row is read, sent without them, and the WARN says so).
+    pub fn from_sql(raw: &[u8]) -> Result<Properties, String> {
+        serde_json::from_slice(raw).map_err(|e| format!("unreadable row properties: {e}"))
+    }
+
+    /// Bytes counted against `max_size`.
+    pub fn size(&self) -> usize {
+        self.content_type.as_ref().map_or(0, String::len)
+            + self
+                .user
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
+}
+
 /// A row to append, with the policy of the route that produced it.
 #[derive(Debug, Clone)]
 pub struct NewRow {
@@ -80,6 +114,8 @@ pub struct NewRow {
     pub overflow: Overflow,
     pub received_ms: u64,
     pub payload: Bytes,
+    /// Sent with it over MQTT 5.
+    pub properties: Option<Arc<Properties>>,
     /// The front door waits on this to acknowledge the sensor: settled when
     /// the row is committed, acknowledged from RAM, or disposed of by a
     /// policy (overflow, TTL); dropped unsettled if the row is lost.
@@ -97,9 +133,11 @@ impl NewRow {
         }
     }
 
-    /// Bytes counted against the upstream's `max_size`: payload and topic.
+    /// Bytes counted against the upstream's `max_size`: payload, topic
+    /// and properties.
     pub fn size(&self) -> u64 {
-        (self.payload.len() + self.topic.len()) as u64
+        let props = self.properties.as_ref().map_or(0, |p| p.size());
+        (self.payload.len() + self.topic.len() + props) as u64
     }
 }
 
@@ -117,6 +155,8 @@ pub struct Row {
     /// The bytes the front door read, shared (not copied) while the row is
     /// in RAM; read from SQLite into one buffer otherwise.
     pub payload: Bytes,
+    /// MQTT 5 properties to send it with.
+    pub properties: Option<Arc<Properties>>,
 }
 
 /// Where an uplink is in its queue: the last row id sent, per priority.

@@ -21,7 +21,11 @@ use crate::metrics::Metrics;
 /// ids; `event_id_from` reads both. No row is rewritten, so the step is
 /// instant on any backlog; the version says an older edgeferry must not
 /// read the file (it would fail on the first BLOB id).
-pub const SCHEMA_VERSION: i64 = 2;
+///
+/// 3: a `props` column (NULL for most rows) with the MQTT 5 properties a
+/// row is sent with (CloudEvents in binary mode). Adding a NULL column
+/// rewrites nothing.
+pub const SCHEMA_VERSION: i64 = 3;
 
 const CREATE_V1: &str = "
 CREATE TABLE queue (
@@ -215,6 +219,9 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), QueueError> {
         // New rows store UUID ids as bytes; nothing to rewrite.
         step("", 2).map_err(err)?;
     }
+    if version < 3 {
+        step("ALTER TABLE queue ADD COLUMN props BLOB;", 3).map_err(err)?;
+    }
     // Keep each step cheap on a large backlog (no full-table rewrite).
     Ok(())
 }
@@ -263,10 +270,10 @@ mod tests {
         }
     }
 
-    /// A version 1 file opens: its rows keep their text ids, and the file
-    /// says version 2 from then on.
+    /// A version 1 file opens: its rows keep their text ids, gain an empty
+    /// `props`, and the file says the current version from then on.
     #[test]
-    fn a_version_1_file_is_brought_to_version_2_without_touching_its_rows() {
+    fn a_version_1_file_is_brought_to_the_current_version_without_touching_its_rows() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("q.db");
         {
@@ -284,15 +291,17 @@ mod tests {
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 2);
-        let (kind, id): (String, String) = conn
-            .query_row("SELECT typeof(event_id), event_id FROM queue", [], |r| {
-                Ok((r.get(0)?, event_id_from(r.get_ref(1)?)?))
-            })
+        assert_eq!(version, SCHEMA_VERSION);
+        let (kind, id, props): (String, String, Option<Vec<u8>>) = conn
+            .query_row(
+                "SELECT typeof(event_id), event_id, props FROM queue",
+                [],
+                |r| Ok((r.get(0)?, event_id_from(r.get_ref(1)?)?, r.get(2)?)),
+            )
             .unwrap();
         assert_eq!(
-            (kind.as_str(), id.as_str()),
-            ("text", "0190a4b2-0000-7000-8000-000000000001")
+            (kind.as_str(), id.as_str(), props),
+            ("text", "0190a4b2-0000-7000-8000-000000000001", None)
         );
     }
 

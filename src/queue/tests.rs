@@ -13,6 +13,7 @@ fn row(up: &str, n: u8, priority: Priority) -> NewRow {
         overflow: Overflow::DropOldest,
         received_ms: 0,
         payload: Bytes::from(vec![n; 5]), // + 5 = 10 bytes per row
+        properties: None,
         receipt: None,
         traced: false,
     }

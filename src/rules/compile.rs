@@ -12,6 +12,7 @@ use serde::Deserialize;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
+use super::envelope::{Envelope, EnvelopeMode};
 use super::expr::{self, Expr};
 use super::schema::{Schema, SchemaSpec};
 use super::shaping::ShapeSpec;
@@ -236,7 +237,13 @@ fn compile_rule(
         })
     );
     let mut destinations = Vec::new();
+    let mut binary_envelopes = Vec::new();
     for (i, d) in spec.to.iter().enumerate() {
+        if let (Some(EnvelopeMode::CloudeventsBinary), Some(u)) = (d.envelope, &d.upstream) {
+            let span = span_in(item, &["to", &i.to_string(), "envelope"]);
+            let at = Diagnostic::at(file, text, Some(span), String::new());
+            binary_envelopes.push((Arc::from(u.as_str()), at));
+        }
         match compile_destination(d, pattern.as_ref(), upstreams, windowed) {
             Ok(dest) => destinations.push(dest),
             Err(problems) => {
@@ -259,6 +266,7 @@ fn compile_rule(
         transform,
         shape,
         destinations,
+        binary_envelopes,
         drop: spec.drop,
         stop: spec.stop,
         spec,
@@ -477,12 +485,56 @@ pub fn compile_destination(
         (None, None) => None,
     };
     encoding(d, windowed, &mut problems);
+    let envelope = match d.envelope {
+        None => {
+            for (set, key) in [
+                (d.event_type.is_some(), "event_type"),
+                (d.event_source.is_some(), "event_source"),
+            ] {
+                if set {
+                    problems.push((
+                        key,
+                        format!(
+                            "`{key}` is an attribute of an envelope; add envelope = \"cloudevents\""
+                        ),
+                    ));
+                }
+            }
+            None
+        }
+        Some(mode) => {
+            if mode == EnvelopeMode::Cloudevents && d.encode == Some(Encoding::Cbor) {
+                problems.push((
+                    "encode",
+                    "a CloudEvents structured event is JSON; leave out encode (or use \"raw\" to carry the bytes as data_base64)".into(),
+                ));
+            }
+            if mode == EnvelopeMode::CloudeventsBinary && d.local.is_some() {
+                problems.push((
+                    "envelope",
+                    "\"cloudevents-binary\" sends the attributes as MQTT 5 properties to an upstream; a local destination has none (use \"cloudevents\")".into(),
+                ));
+            }
+            Some(Envelope {
+                mode,
+                event_type: d
+                    .event_type
+                    .as_deref()
+                    .and_then(|t| template(t, "event_type", &mut problems)),
+                source: d
+                    .event_source
+                    .as_deref()
+                    .and_then(|t| template(t, "event_source", &mut problems)),
+            })
+        }
+    };
     match (problems.is_empty(), target) {
         (true, Some(target)) => Ok(Destination {
             target,
             topic,
             encode: d.encode,
             id_field: d.id_field.as_deref().map(Arc::from),
+            envelope,
         }),
         _ => Err(problems),
     }

@@ -16,6 +16,7 @@
 //! not change.
 
 mod compile;
+pub mod envelope;
 pub mod expr;
 mod pattern;
 pub mod sample;
@@ -36,7 +37,7 @@ use serde_json::Value;
 use crate::codec::Payload;
 use crate::diagnostic::{Diagnostic, Diagnostics};
 use crate::event::{Event, Origin};
-use crate::queue::{Overflow, Priority};
+use crate::queue::{Overflow, Priority, Properties};
 use crate::topic::{Pattern, PatternIndex};
 use expr::{Env, EventVars, Expr, RuleVars};
 use shaping::{DropReason, Offer, ShapeSpec, Shaper};
@@ -67,6 +68,10 @@ pub struct Rule {
     transform: Transform,
     shape: Option<Shape>,
     destinations: Vec<Destination>,
+    /// The upstreams it sends binary CloudEvents to, and where each is
+    /// written: only an MQTT 5 upstream can carry them, which the config
+    /// checks (the rules know upstreams by name only).
+    binary_envelopes: Vec<(Arc<str>, Diagnostic)>,
     drop: bool,
     stop: bool,
 }
@@ -85,6 +90,7 @@ pub struct Destination {
     topic: Option<Template>,
     encode: Option<Encoding>,
     id_field: Option<Arc<str>>,
+    envelope: Option<envelope::Envelope>,
 }
 
 #[derive(Debug, Clone)]
@@ -120,6 +126,8 @@ pub struct Route {
     pub event_id: String,
     /// When it was received (a window: when it closed), ms since the epoch.
     pub received_ms: u64,
+    /// MQTT 5 properties to send it with (a CloudEvent's).
+    pub properties: Option<Arc<Properties>>,
 }
 
 /// One event to publish into the embedded broker.
@@ -511,6 +519,16 @@ impl RuleSet {
         self.contracts.iter().find(|c| &*c.name == name)
     }
 
+    /// Every destination that sends binary CloudEvents: its rule, upstream,
+    /// and where it is written.
+    pub fn binary_envelopes(&self) -> impl Iterator<Item = (&str, &str, &Diagnostic)> {
+        self.rules.iter().flat_map(|r| {
+            r.binary_envelopes
+                .iter()
+                .map(|(u, at)| (&*r.name, &**u, at))
+        })
+    }
+
     /// Every declared contract, in declaration order.
     pub fn contracts(&self) -> &[schema::Contract] {
         &self.contracts
@@ -536,14 +554,20 @@ impl RuleSet {
             verdict.dead_letter = Some(why.clone());
             return verdict;
         }
-        // A broken contract on an enforced topic stops the event here.
+        // A broken contract on an enforced topic stops the event here. The
+        // first one it keeps describes it (a CloudEvent's type and schema).
+        let mut kept = None;
         for c in &self.contracts {
-            if c.enforced_on(&event.topic)
-                && let Err(f) = c.check(&event.topic, event.payload.value())
-            {
-                verdict.dead_letter = Some(schema_reason(&f));
-                verdict.schema_failure = Some(f);
-                return verdict;
+            if !c.enforced_on(&event.topic) {
+                continue;
+            }
+            match c.check(&event.topic, event.payload.value()) {
+                Ok(_) => kept = kept.or(Some(c)),
+                Err(f) => {
+                    verdict.dead_letter = Some(schema_reason(&f));
+                    verdict.schema_failure = Some(f);
+                    return verdict;
+                }
             }
         }
         let candidates = self.index.matches(&event.topic);
@@ -579,7 +603,8 @@ impl RuleSet {
                 event: vars.get_or_insert_with(|| EventVars::new(event, &id, &self.gateway)),
                 captures: &captures,
             });
-            if let Some(c) = rule.schema_index.and_then(|i| self.contracts.get(i))
+            let contract = rule.schema_index.and_then(|i| self.contracts.get(i));
+            if let Some(c) = contract
                 && let Err(f) = c.check(&event.topic, event.payload.value())
             {
                 // The rule does not apply; the event is dead-lettered.
@@ -636,7 +661,14 @@ impl RuleSet {
             }
             if pass {
                 let (before, errors) = (verdict.outputs(), verdict.errors.len());
-                self.outputs(rule, event, &id, rv.as_ref(), &captures, &mut verdict);
+                let contract = contract.or(kept);
+                let out = Out {
+                    event,
+                    id: &id,
+                    captures: &captures,
+                    contract,
+                };
+                self.outputs(rule, &out, rv.as_ref(), &mut verdict);
                 let step = match verdict.errors.len() > errors {
                     true => Step::Failed,
                     false => Step::Applied {
@@ -659,7 +691,13 @@ impl RuleSet {
         {
             let name: Arc<str> = Arc::from("unmatched");
             let before = verdict.routes.len() + verdict.republish.len();
-            self.destination(&name, d, event, &id, &[], None, &mut verdict);
+            let out = Out {
+                event,
+                id: &id,
+                captures: &[],
+                contract: kept,
+            };
+            self.destination(&name, d, &out, None, &mut verdict);
             verdict.unmatched_routed = verdict.routes.len() + verdict.republish.len() > before;
         }
         if verdict.dead_letter.is_none()
@@ -785,23 +823,30 @@ impl RuleSet {
             event: &ev,
             captures: &captures,
         };
-        self.outputs(rule, &event, &id, Some(&rv), &captures, verdict);
+        let out = Out {
+            event: &event,
+            id: &id,
+            captures: &captures,
+            contract: None,
+        };
+        self.outputs(rule, &out, Some(&rv), verdict);
     }
 
     /// Transform once, then write each destination.
     fn outputs(
         &self,
         rule: &Rule,
-        event: &Event,
-        id: &str,
+        out: &Out<'_, '_>,
         vars: Option<&RuleVars<'_, '_>>,
-        captures: &[(&str, &str)],
         verdict: &mut Verdict,
     ) {
         let transformed = if rule.transform.is_empty() {
             None
         } else {
-            match rule.transform.apply(&self.env, vars, event.payload.value()) {
+            match rule
+                .transform
+                .apply(&self.env, vars, out.event.payload.value())
+            {
                 Ok(v) => Some(v),
                 Err(e) => {
                     verdict.fail(&rule.name, e.0);
@@ -810,29 +855,24 @@ impl RuleSet {
             }
         };
         for d in &rule.destinations {
-            self.destination(
-                &rule.name,
-                d,
-                event,
-                id,
-                captures,
-                transformed.as_ref(),
-                verdict,
-            );
+            self.destination(&rule.name, d, out, transformed.as_ref(), verdict);
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn destination(
         &self,
         rule: &Arc<str>,
         d: &Destination,
-        event: &Event,
-        id: &str,
-        captures: &[(&str, &str)],
+        out: &Out<'_, '_>,
         transformed: Option<&Value>,
         verdict: &mut Verdict,
     ) {
+        let Out {
+            event,
+            id,
+            captures,
+            ..
+        } = *out;
         let value = transformed.or(event.payload.value());
         let topic = match &d.topic {
             Some(t) => match t.render(captures, value) {
@@ -844,7 +884,11 @@ impl RuleSet {
             },
             None => event.topic.clone(),
         };
-        let payload = match payload_for(d, event, id, transformed) {
+        let payload = match &d.envelope {
+            None => payload_for(d, event, id, transformed).map(|p| (p, None)),
+            Some(env) => self.enveloped(env, rule, d, out, transformed),
+        };
+        let (payload, properties) = match payload {
             Ok(p) => p,
             Err(e) => {
                 verdict.fail(rule, e);
@@ -860,6 +904,7 @@ impl RuleSet {
                 ttl: u.ttl,
                 overflow: u.overflow,
                 payload,
+                properties,
                 event_id: id.to_string(),
                 received_ms: event.received_ms,
             }),
@@ -883,6 +928,94 @@ impl RuleSet {
             }
         }
     }
+}
+
+impl RuleSet {
+    /// A destination's payload as a CloudEvent: the same data it would
+    /// send bare, with attributes from the event and the contract it keeps,
+    /// and the MQTT 5 properties it goes with.
+    fn enveloped(
+        &self,
+        env: &envelope::Envelope,
+        rule: &Arc<str>,
+        d: &Destination,
+        out: &Out<'_, '_>,
+        transformed: Option<&Value>,
+    ) -> Result<(Bytes, Option<Arc<Properties>>), String> {
+        let event = out.event;
+        let value = transformed.or(event.payload.value());
+        let with_id;
+        let data = match (value, d.encode) {
+            (None, _) | (_, Some(Encoding::Raw)) => envelope::Data::Bytes(&event.raw),
+            (Some(Value::Object(map)), _) if d.id_field.is_some() => {
+                let mut map = map.clone();
+                let field = d.id_field.as_deref().unwrap_or_default();
+                map.insert(field.to_string(), Value::String(out.id.to_string()));
+                with_id = Value::Object(map);
+                envelope::Data::Value(&with_id)
+            }
+            (Some(v), _) => envelope::Data::Value(v),
+        };
+        // The version the data claims: an upcast's output claims the
+        // current one, so its type and schema say so.
+        let schema = out.contract.and_then(|c| match &data {
+            envelope::Data::Value(v) => c.version_of(&event.topic, Some(v)).ok(),
+            envelope::Data::Bytes(_) => None,
+        });
+        let event_type = match (&env.event_type, schema) {
+            (Some(t), _) => t.render(out.captures, value)?,
+            (None, Some(s)) => match &s.version {
+                Some(v) => format!("{}.v{v}", s.name),
+                None => s.name.to_string(),
+            },
+            (None, None) => rule.to_string(),
+        };
+        let source = match &env.source {
+            Some(t) => t.render(out.captures, value)?,
+            None => envelope::default_source(&self.gateway, &event.topic),
+        };
+        let attributes = envelope::Attributes {
+            id: out.id,
+            source,
+            event_type,
+            received_ms: event.received_ms,
+            dataschema: schema.and_then(|s| s.id.as_deref()),
+        };
+        match env.mode {
+            envelope::EnvelopeMode::Cloudevents => {
+                let bytes = envelope::structured(&attributes, data)?;
+                let props = Properties {
+                    content_type: Some(envelope::STRUCTURED_CONTENT_TYPE.into()),
+                    user: Vec::new(),
+                };
+                Ok((bytes, Some(Arc::new(props))))
+            }
+            envelope::EnvelopeMode::CloudeventsBinary => {
+                let bytes = payload_for(d, event, out.id, transformed)?;
+                let content_type = match (&data, d.encode) {
+                    (envelope::Data::Bytes(_), _) => "application/octet-stream",
+                    (_, Some(Encoding::Cbor)) => "application/cbor",
+                    (_, Some(_)) => "application/json",
+                    (_, None) => match transform::natural_encoding(&event.payload) {
+                        Encoding::Cbor => "application/cbor",
+                        _ => "application/json",
+                    },
+                };
+                let props = envelope::binary(&attributes, content_type);
+                Ok((bytes, Some(Arc::new(props))))
+            }
+        }
+    }
+}
+
+/// One event on its way to a rule's destinations.
+#[derive(Clone, Copy)]
+struct Out<'e, 'c> {
+    event: &'e Event,
+    id: &'e str,
+    captures: &'c [(&'c str, &'c str)],
+    /// The contract it keeps (the rule's, else an enforced one).
+    contract: Option<&'e schema::Contract>,
 }
 
 /// A broken contract, as the dead-letter reason and the log say it.

@@ -85,6 +85,15 @@ pub struct DestinationSpec {
     /// Output encoding: "json", "cbor" or "raw" (the bytes as received,
     /// untouched by transforms). Default: the input's own format.
     pub encode: Option<Encoding>,
+    /// "cloudevents": wrap the payload in a CloudEvents 1.0 structured
+    /// event (JSON).
+    pub envelope: Option<super::envelope::EnvelopeMode>,
+    /// The CloudEvent's `type` (a template); default: the contract's name
+    /// and version (`door.v2`), else the rule's name.
+    pub event_type: Option<String>,
+    /// The CloudEvent's `source` (a template); default
+    /// `edgeferry://<gateway>/<topic>`.
+    pub event_source: Option<String>,
 }
 
 /// A string or a list of strings, as a list.

@@ -888,3 +888,71 @@ drop = true
         "{got:#?}"
     );
 }
+
+#[test]
+fn an_envelope_wraps_what_the_destination_would_send() {
+    let set = load(
+        r#"
+[[rule]]
+name = "wrapped"
+match = "s/{device}"
+set = { device = "device" }
+to = [
+  { upstream = "cloud", envelope = "cloudevents", id_field = "eid" },
+  { upstream = "cloud", envelope = "cloudevents", encode = "raw", event_type = "com.example.{device}" },
+]
+"#,
+    )
+    .unwrap();
+    let v = route(&set, "s/t1", br#"{"value": 1}"#);
+    let ce = json_of(&v.routes[0].payload);
+    assert_eq!(ce["type"], "wrapped", "no contract: the rule's name");
+    assert_eq!(
+        ce["source"], "edgeferry:///s/t1",
+        "no gateway id in a bare RuleSet"
+    );
+    assert_eq!(ce["id"], v.routes[0].event_id.as_str());
+    assert_eq!(ce["data"]["device"], "t1");
+    assert_eq!(ce["data"]["eid"], v.routes[0].event_id.as_str());
+    assert!(ce.get("dataschema").is_none());
+    let raw = json_of(&v.routes[1].payload);
+    assert_eq!(raw["type"], "com.example.t1");
+    assert_eq!(raw["data_base64"], "eyJ2YWx1ZSI6IDF9");
+}
+
+#[test]
+fn envelope_settings_are_checked() {
+    let e = load(
+        r#"
+[[rule]]
+name = "a"
+match = "s/{device}"
+to = [{ upstream = "cloud", event_type = "t" }]
+
+[[rule]]
+name = "b"
+match = "s/{device}"
+to = [{ upstream = "cloud", envelope = "cloudevents", encode = "cbor", event_source = "x/{nope}" }]
+
+[[rule]]
+name = "c"
+match = "s/{device}"
+to = [{ upstream = "cloud", envelope = "cloudevent" }]
+
+[[rule]]
+name = "d"
+match = "s/{device}"
+to = [{ local = "x/{device}", envelope = "cloudevents-binary" }]
+"#,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("`event_type` is an attribute of an envelope"),
+        "{e}"
+    );
+    assert!(e.contains("a CloudEvents structured event is JSON"), "{e}");
+    assert!(e.contains("{nope}"), "{e}");
+    assert!(e.contains("cloudevents"), "{e}");
+    assert!(e.contains("a local destination has none"), "{e}");
+}

@@ -296,9 +296,15 @@ impl Wire for Link {
                 if let Some(name) = p.replay_marker {
                     user_properties.push((name.to_string(), "true".to_string()));
                 }
+                let mut content_type = None;
+                if let Some(own) = &p.properties {
+                    user_properties.extend(own.user.iter().cloned());
+                    content_type = own.content_type.clone();
+                }
                 let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
                     message_expiry_interval: p.expiry_secs,
                     user_properties,
+                    content_type,
                     ..Default::default()
                 };
                 let qos = match p.qos {

@@ -6,7 +6,7 @@ use rumqttc::QoS;
 
 use crate::codec;
 use crate::config::{Protocol, UpstreamConfig};
-use crate::queue::Row;
+use crate::queue::{Properties, Row};
 
 /// One publish, ready to hand to the link.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,6 +22,9 @@ pub(super) struct Publish<'a> {
     pub replay_marker: Option<&'a str>,
     /// Only the gateway's status messages are retained; events never are.
     pub retain: bool,
+    /// MQTT 5: the row's own properties (a CloudEvent's attributes and
+    /// content type).
+    pub properties: Option<std::sync::Arc<Properties>>,
 }
 
 impl Publish<'_> {
@@ -36,6 +39,7 @@ impl Publish<'_> {
             expiry_secs: None,
             replay_marker: None,
             retain,
+            properties: None,
         }
     }
 
@@ -101,6 +105,7 @@ impl<'a> Packets<'a> {
                 .map(|e| e.saturating_sub(now_ms).div_ceil(1000).max(1) as u32),
             replay_marker: marker.filter(|_| self.v5),
             retain: false,
+            properties: row.properties.filter(|_| self.v5),
         };
         let extra = if self.v5 { properties_len(&publish) } else { 0 };
         match sendable(
@@ -130,6 +135,15 @@ fn properties_len(p: &Publish<'_>) -> usize {
         + p.event_id.len()
         + p.expiry_secs.map_or(0, |_| 5)
         + p.replay_marker.map_or(0, |m| 1 + 2 + m.len() + 2 + 4)
+        + p.properties.as_ref().map_or(0, |props| {
+            // Content type 1+2+len; each user property 1+2+len+2+len.
+            props.content_type.as_ref().map_or(0, |c| 3 + c.len())
+                + props
+                    .user
+                    .iter()
+                    .map(|(k, v)| 5 + k.len() + v.len())
+                    .sum::<usize>()
+        })
 }
 
 /// `payload` with `"<field>": true` if it is a JSON object, unless that would

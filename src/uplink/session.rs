@@ -654,6 +654,7 @@ mod tests {
             received_ms: crate::event::now_ms(),
             expires_ms: None,
             payload: bytes::Bytes::from_static(b"{\"v\":1}"),
+            properties: None,
         }
     }
 

@@ -152,3 +152,102 @@ async fn the_example_rules_upcast_a_v1_event_to_v2_and_dead_letter_an_unknown_ve
     );
     gw.stop().await;
 }
+
+const DOOR_RULES: &str = r#"
+[[schema]]
+name = "door"
+version = 1
+match = "doors/+/+"
+file = "door.v1.schema.json"
+version_field = "v"
+enforce = true
+
+[[schema]]
+name = "door"
+version = 2
+match = "doors/+/+"
+file = "door.v2.schema.json"
+version_field = "v"
+enforce = true
+
+[[rule]]
+name = "door-v1-upcast"
+match = "doors/{site}/{door}"
+when = "payload.v == 1"
+set = { v = "2", open = "payload.state == 'open'" }
+drop_fields = ["state"]
+rename = { battery = "battery_pct" }
+to = [{ upstream = "cloud", topic = "plant/{site}/{door}/door", envelope = "cloudevents" }]
+stop = true
+
+[[rule]]
+name = "door-to-cloud"
+match = "doors/{site}/{door}"
+to = [{ upstream = "cloud", topic = "plant/{site}/{door}/door", envelope = "cloudevents", event_source = "urn:site:{site}:door:{door}", event_type = "com.example.door.v{payload.v}" }]
+"#;
+
+/// A CloudEvents structured event as the cloud subscriber receives it:
+/// every required attribute, the time the gateway received it, the schema
+/// the data keeps (an upcast's output claims the current version), the
+/// data itself, and the templates for `source` and `type`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_wraps_the_event_in_a_cloudevent_the_cloud_can_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let rules = d.join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    for f in ["door.v1.schema.json", "door.v2.schema.json"] {
+        std::fs::copy(repo_rules().join(f), rules.join(f)).unwrap();
+    }
+    std::fs::write(rules.join("10-doors.toml"), DOOR_RULES).unwrap();
+    let upstream = upstream_broker();
+    let cloud = Subscriber::start(upstream, "plant/#").await;
+    let text = rules_at(&config_text(d, upstream.port(), ""), &rules, "");
+    let gw = Gateway::start_with(d, &text).await;
+    let sensor = Sensor::connect(gw.addr).await;
+    let before = std::time::SystemTime::now() - std::time::Duration::from_secs(1);
+    sensor
+        .publish(
+            "doors/yard/gate",
+            json!({"v": 1, "state": "open", "battery": 80}).to_string(),
+        )
+        .await;
+    sensor
+        .publish(
+            "doors/yard/gate",
+            json!({"v": 2, "open": false}).to_string(),
+        )
+        .await;
+    sensor.wait_acked(2).await;
+    let got = cloud.wait_for(2).await;
+    let after = std::time::SystemTime::now() + std::time::Duration::from_secs(1);
+
+    let events: Vec<Value> = got
+        .iter()
+        .map(|m| serde_json::from_slice(&m.payload).unwrap())
+        .collect();
+    for (m, ce) in got.iter().zip(&events) {
+        assert_eq!(m.topic, "plant/yard/gate/door");
+        assert_eq!(ce["specversion"], "1.0", "{ce}");
+        let id = ce["id"].as_str().expect("id");
+        uuid::Uuid::parse_str(id).unwrap_or_else(|e| panic!("id {id:?}: {e}"));
+        let time = humantime::parse_rfc3339(ce["time"].as_str().expect("time")).unwrap();
+        assert!(before <= time && time <= after, "{ce}");
+        assert_eq!(ce["datacontenttype"], "application/json");
+        assert_eq!(
+            ce["dataschema"], "https://example.com/edgeferry/schemas/door-v2.json",
+            "{ce}"
+        );
+    }
+    assert_ne!(events[0]["id"], events[1]["id"]);
+    assert_eq!(events[0]["source"], "edgeferry://test/doors/yard/gate");
+    assert_eq!(events[0]["type"], "door.v2", "the upcast's output is v2");
+    assert_eq!(
+        events[0]["data"],
+        json!({"v": 2, "open": true, "battery_pct": 80})
+    );
+    assert_eq!(events[1]["source"], "urn:site:yard:door:gate");
+    assert_eq!(events[1]["type"], "com.example.door.v2");
+    assert_eq!(events[1]["data"], json!({"v": 2, "open": false}));
+    gw.stop().await;
+}

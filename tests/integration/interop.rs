@@ -124,6 +124,7 @@ struct V5Message {
     payload: Vec<u8>,
     user_properties: Vec<(String, String)>,
     expiry: Option<u32>,
+    content_type: Option<String>,
 }
 
 /// An MQTT 5 subscriber (rumqttc v5) on `addr`, collecting what arrives.
@@ -162,6 +163,7 @@ async fn v5_subscriber(
                         payload: p.payload.to_vec(),
                         user_properties: props.user_properties,
                         expiry: props.message_expiry_interval,
+                        content_type: props.content_type,
                     });
                 }
                 Ok(_) => {}
@@ -427,4 +429,135 @@ to = [
     assert_eq!(seqs, (0..N as u64).collect::<Vec<_>>());
     assert_eq!(m.uplinks["archive"].acked.load(Relaxed), N as u64);
     gw.stop().await;
+}
+
+/// CloudEvents over MQTT 5 with Mosquitto upstream: in binary mode the
+/// payload arrives unchanged with every attribute as a user property
+/// (named as the attribute, as the MQTT binding says) and the content
+/// type as MQTT's Content Type; in structured mode the Content Type says
+/// it is a CloudEvent. The properties are stored with the queued row, so
+/// an event that waited out an outage (and a restart) still has them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloudevents_in_binary_mode_arrive_as_mqtt5_properties_even_after_an_outage() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let rules = d.join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::copy(
+        repo_rules().join("temperature.schema.json"),
+        rules.join("temperature.schema.json"),
+    )
+    .unwrap();
+    std::fs::write(
+        rules.join("r.toml"),
+        r#"
+[[schema]]
+name = "temperature"
+match = "sensors/+/+/temperature"
+file = "temperature.schema.json"
+enforce = true
+
+[[rule]]
+name = "binary"
+match = "sensors/{site}/{device}/temperature"
+to = [
+  { upstream = "cloud", topic = "plant/{site}/{device}/temp", envelope = "cloudevents-binary" },
+  { upstream = "cloud", topic = "plant/{site}/{device}/ce", envelope = "cloudevents" },
+]
+"#,
+    )
+    .unwrap();
+    let mosq = Mosquitto::start(&d.join("mosquitto"), &[""]).await;
+    let got = v5_subscriber(mosq.addr(0), "plant/#").await;
+    // The uplink goes through a proxy that starts down: the first event
+    // waits in the queue (and the gateway restarts) before it is sent.
+    let proxy = Proxy::start(mosq.addr(0), false).await;
+    let text = rules_at(&config_text(d, proxy.port, "protocol = \"5\""), &rules, "");
+    let gw = Gateway::start_with(d, &text).await;
+    let sensor = Sensor::connect(gw.addr).await;
+    let reading = serde_json::json!({"value": 21.5, "unit": "C", "seq": 1}).to_string();
+    sensor
+        .publish("sensors/yard/t1/temperature", reading.clone())
+        .await;
+    sensor.wait_acked(1).await;
+    wait_until("queued", || gw.queued("cloud") == 2).await;
+    drop(sensor);
+    gw.stop().await;
+    let gw = Gateway::start_with(d, &text).await;
+    proxy.set_up(true);
+    let g = got.clone();
+    wait_until("both arrived", || g.lock().unwrap().len() == 2).await;
+
+    let got = got.lock().unwrap().clone();
+    let binary = got
+        .iter()
+        .find(|m| m.topic == "plant/yard/t1/temp")
+        .unwrap();
+    assert_eq!(binary.payload, reading.as_bytes(), "the payload unchanged");
+    assert_eq!(binary.content_type.as_deref(), Some("application/json"));
+    let attr = |name: &str| {
+        binary
+            .user_properties
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("no {name} in {:?}", binary.user_properties))
+    };
+    assert_eq!(attr("specversion"), "1.0");
+    assert_eq!(attr("id"), attr("event_id"), "the event id");
+    assert!(uuid::Uuid::parse_str(&attr("id")).is_ok());
+    assert_eq!(
+        attr("source"),
+        "edgeferry://test/sensors/yard/t1/temperature"
+    );
+    assert_eq!(attr("type"), "temperature");
+    assert_eq!(
+        attr("dataschema"),
+        "https://example.com/edgeferry/schemas/temperature.json"
+    );
+    humantime::parse_rfc3339(&attr("time")).unwrap();
+    assert!(
+        !binary
+            .user_properties
+            .iter()
+            .any(|(k, _)| k.starts_with("ce_") || k == "datacontenttype"),
+        "{:?}",
+        binary.user_properties
+    );
+
+    let structured = got.iter().find(|m| m.topic == "plant/yard/t1/ce").unwrap();
+    assert_eq!(
+        structured.content_type.as_deref(),
+        Some("application/cloudevents+json")
+    );
+    let ce: serde_json::Value = serde_json::from_slice(&structured.payload).unwrap();
+    assert_eq!(ce["id"], attr("id").as_str(), "one event, one id");
+    assert_eq!(ce["time"], attr("time").as_str());
+    assert_eq!(ce["data"]["value"], 21.5);
+    gw.stop().await;
+}
+
+/// Binary mode needs MQTT 5: with a 3.1.1 upstream the rules do not load,
+/// and the error says where and what to change.
+#[test]
+fn cloudevents_binary_mode_towards_an_mqtt_3_upstream_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let rules = d.join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::write(
+        rules.join("r.toml"),
+        "[[rule]]\nname = \"b\"\nmatch = \"a/+\"\nto = [{ upstream = \"cloud\", envelope = \"cloudevents-binary\" }]\n",
+    )
+    .unwrap();
+    let text = rules_at(&config_text(d, 1, ""), &rules, "");
+    let Err(e) = edgeferry::Config::from_toml(&text, &d.join("edgeferry.toml"), d) else {
+        panic!("loaded");
+    };
+    let e = e.to_string();
+    assert!(e.contains("r.toml:4:"), "{e}");
+    assert!(
+        e.contains("upstream \"cloud\" speaks MQTT 3.1.1; set protocol = \"5\""),
+        "{e}"
+    );
 }

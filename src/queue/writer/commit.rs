@@ -3,8 +3,8 @@
 
 use super::*;
 
-const INSERT_ROW: &str = "INSERT INTO queue (id, upstream, event_id, topic, qos, priority, received_ms, expires_ms, size, payload) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+const INSERT_ROW: &str = "INSERT INTO queue (id, upstream, event_id, topic, qos, priority, received_ms, expires_ms, size, payload, props) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
 const DELETE_ROW: &str = "DELETE FROM queue WHERE id = ?1 RETURNING upstream, size, priority";
 /// Rows per transaction while recovering from failed commits.
 const STEP: usize = 250;
@@ -201,7 +201,8 @@ impl Writer {
                     r.received_ms as i64,
                     r.expires_ms.map(|e| e as i64),
                     r.size() as i64,
-                    &r.payload[..]
+                    &r.payload[..],
+                    r.properties.as_ref().map(|p| p.to_sql()),
                 ])?;
             }
             delete_rows(&tx, &self.evictions, &self.acks)?
@@ -361,6 +362,7 @@ mod tests {
             overflow: Overflow::DropOldest,
             received_ms: 0,
             payload: bytes::Bytes::from_static(b"x"),
+            properties: None,
             receipt: None,
             traced: false,
         });

@@ -32,7 +32,7 @@ use rusqlite::{Connection, params};
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
-use super::{Cmd, Cursor, NewRow, Overflow, Priority, QueueError, QueueSettings, Row};
+use super::{Cmd, Cursor, NewRow, Overflow, Priority, Properties, QueueError, QueueSettings, Row};
 use crate::event::now_ms;
 use crate::metrics::{Metrics, UplinkMetrics};
 

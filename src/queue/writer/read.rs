@@ -5,10 +5,29 @@ use bytes::Bytes;
 
 use super::*;
 
-const SELECT_SEND_ORDER: &str = "SELECT id, event_id, topic, qos, priority, received_ms, payload, expires_ms FROM queue \
+const SELECT_SEND_ORDER: &str = "SELECT id, event_id, topic, qos, priority, received_ms, payload, expires_ms, props FROM queue \
      WHERE upstream = ?1 AND priority = ?2 AND id > ?3 AND id <= ?6 AND (expires_ms IS NULL OR expires_ms > ?4) \
      ORDER BY id LIMIT ?5";
 const LAST_ID: &str = "SELECT MAX(id) FROM queue WHERE upstream = ?1";
+
+/// A row's `props`: NULL for most rows. One this version cannot read is
+/// sent without them (the payload is the event; losing it over metadata
+/// would be worse), with a WARN.
+fn props(v: rusqlite::types::ValueRef<'_>) -> Option<Arc<Properties>> {
+    use rusqlite::types::ValueRef;
+    let parsed = match v {
+        ValueRef::Null => return None,
+        ValueRef::Blob(b) => Properties::from_sql(b),
+        _ => Err("row properties are not a BLOB".into()),
+    };
+    match parsed {
+        Ok(p) => Some(Arc::new(p)),
+        Err(e) => {
+            warn!("{e}; the row is sent without them");
+            None
+        }
+    }
+}
 
 impl Writer {
     /// The highest id of `upstream` an uplink can read now (0 if none).
@@ -62,6 +81,7 @@ impl Writer {
                                 received_ms: r.get::<_, i64>(5)? as u64,
                                 payload: Bytes::from(r.get::<_, Vec<u8>>(6)?),
                                 expires_ms: r.get::<_, Option<i64>>(7)?.map(|e| e as u64),
+                                properties: props(r.get_ref(8)?),
                             })
                         },
                     )
@@ -103,6 +123,7 @@ impl Writer {
                             received_ms: h.row.received_ms,
                             expires_ms: h.row.expires_ms,
                             payload: h.row.payload.clone(),
+                            properties: h.row.properties.clone(),
                         });
                     out.extend(held);
                 }
