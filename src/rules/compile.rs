@@ -35,6 +35,9 @@ pub struct FileContents {
     pub names: Vec<(String, String)>,
     pub tests: Vec<(TestSpec, usize)>,
     pub schemas: Vec<Schema>,
+    /// Names of `[[schema]]` tables that did not compile (their own error
+    /// is reported; a rule naming one is not "undeclared" too).
+    pub broken_schemas: Vec<String>,
 }
 
 /// Parse one rule file, pushing every problem into `errors`.
@@ -81,7 +84,10 @@ pub fn parse_file(
                 continue;
             }
             if kind == "schema" {
-                out.schemas.extend(compile_schema(file, text, item, errors));
+                match compile_schema(file, text, item, errors) {
+                    Some(s) => out.schemas.push(s),
+                    None => out.broken_schemas.extend(name_of(item).map(str::to_string)),
+                }
                 continue;
             }
             if let Some(name) = name_of(item) {
@@ -123,7 +129,9 @@ fn compile_schema(
     match Schema::compile(&spec, pattern, dir, at(&["name"], String::new())) {
         Ok(s) => Some(s),
         Err(e) => {
-            errors.push(at(&["file"], e));
+            let mut d = at(&["file"], e.message);
+            d.unreadable = e.unreadable;
+            errors.push(d);
             None
         }
     }

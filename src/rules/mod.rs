@@ -216,6 +216,8 @@ pub struct RuleSet {
     /// Every `[[schema]]` of every file, until `resolve_schemas` groups
     /// them into `contracts` (by name, versions together).
     schemas: Vec<schema::Schema>,
+    /// Names of schemas that did not compile, until `resolve_schemas`.
+    broken_schemas: Vec<String>,
     contracts: Vec<schema::Contract>,
 }
 
@@ -396,6 +398,7 @@ impl RuleSet {
             self.rules.push(rule);
         }
         self.schemas.extend(contents.schemas);
+        self.broken_schemas.extend(contents.broken_schemas);
         self.tests.extend(
             contents
                 .tests
@@ -415,6 +418,8 @@ impl RuleSet {
             };
             match names.iter().position(|n| **n == **name) {
                 Some(i) => rule.schema_index = Some(i),
+                // Its own error says why; the set does not load either way.
+                None if self.broken_schemas.iter().any(|b| **b == **name) => {}
                 None => {
                     let mut d = at.clone();
                     d.message = format!(

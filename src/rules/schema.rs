@@ -114,6 +114,24 @@ impl Locator {
     }
 }
 
+/// Why a `[[schema]]` table cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompileError {
+    pub message: String,
+    /// The file could not be read at all (exit 3, not 2: the fix is a path
+    /// or permissions, not an edit).
+    pub unreadable: bool,
+}
+
+impl From<String> for CompileError {
+    fn from(message: String) -> CompileError {
+        CompileError {
+            message,
+            unreadable: false,
+        }
+    }
+}
+
 /// A compiled schema: one version of one event type.
 #[derive(Clone)]
 pub struct Schema {
@@ -179,26 +197,29 @@ impl Schema {
         pattern: Pattern,
         dir: &Path,
         at: Diagnostic,
-    ) -> Result<Schema, String> {
+    ) -> Result<Schema, CompileError> {
         let locator = match (&spec.version_field, &spec.version_capture) {
             (Some(_), Some(_)) => {
                 return Err(format!(
                     "schema {:?}: give `version_field` or `version_capture`, not both",
                     spec.name
-                ));
+                )
+                .into());
             }
             (Some(f), None) if f.is_empty() || f.split('.').any(str::is_empty) => {
                 return Err(format!(
                     "schema {:?}: version_field {f:?} is not a field path (`v` or `meta.v`)",
                     spec.name
-                ));
+                )
+                .into());
             }
             (Some(f), None) => Some(Locator::Field(f.split('.').map(str::to_string).collect())),
             (None, Some(c)) if !pattern.capture_names().any(|n| n == c) => {
                 return Err(format!(
                     "schema {:?}: version_capture {c:?} is not a capture of match {:?}",
                     spec.name, spec.pattern
-                ));
+                )
+                .into());
             }
             (None, Some(c)) => Some(Locator::Capture(c.clone())),
             (None, None) => None,
@@ -208,23 +229,25 @@ impl Schema {
                 return Err(format!(
                     "schema {:?}: a version needs `version_field` or `version_capture` (where events carry it)",
                     spec.name
-                ));
+                ).into());
             }
             (None, Some(_)) => {
                 return Err(format!(
                     "schema {:?}: `version_field`/`version_capture` without a `version`",
                     spec.name
-                ));
+                )
+                .into());
             }
             _ => {}
         }
         let path = dir.join(&spec.file);
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            format!(
+        let text = std::fs::read_to_string(&path).map_err(|e| CompileError {
+            message: format!(
                 "schema {:?}: cannot read {}: {e}",
                 spec.name,
                 path.display()
-            )
+            ),
+            unreadable: true,
         })?;
         let value: Value = serde_json::from_str(&text).map_err(|e| {
             format!(
@@ -481,7 +504,7 @@ mod tests {
 
     fn compile(dir: &Path, spec: &SchemaSpec, line: usize) -> Result<Schema, String> {
         let pattern = Pattern::parse(&spec.pattern).unwrap();
-        Schema::compile(spec, pattern, dir, at(line))
+        Schema::compile(spec, pattern, dir, at(line)).map_err(|e| e.message)
     }
 
     fn schema(dir: &Path, text: &str) -> Result<Schema, String> {

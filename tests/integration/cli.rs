@@ -1453,3 +1453,78 @@ fn schema_validate_checks_a_sample_by_hand() {
         "{text}"
     );
 }
+
+/// `edgeferry check` on broken contracts: every problem at its file:line
+/// (a schema file that is not JSON, a `$ref` that does not resolve, a
+/// name and version declared twice, a rule naming a schema nobody
+/// declared), exit 2; a schema file that cannot be read at all, exit 3.
+#[test]
+fn check_reports_broken_contracts_at_their_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_small_config(d);
+    write(&d.join("rules/broken.json"), r#"{"type": "object", "#);
+    write(
+        &d.join("rules/refs.json"),
+        r##"{"$ref": "other.json#/$defs/reading"}"##,
+    );
+    write(&d.join("rules/ok.json"), r#"{"type": "object"}"#);
+    let rules = r#"[[schema]]
+name = "broken"
+match = "a/+"
+file = "broken.json"
+
+[[schema]]
+name = "refs"
+match = "b/+"
+file = "refs.json"
+
+[[schema]]
+name = "door"
+version = 1
+match = "d/+"
+file = "ok.json"
+version_field = "v"
+
+[[schema]]
+name = "door"
+version = 1
+match = "d/+"
+file = "ok.json"
+version_field = "v"
+
+[[rule]]
+name = "r"
+match = "a/+"
+schema = "nosuch"
+to = [{ upstream = "cloud" }]
+
+[[rule]]
+name = "s"
+match = "a/+"
+schema = "broken"
+to = [{ upstream = "cloud" }]
+"#;
+    write(&d.join("rules/a.toml"), rules);
+    let stderr = check_fails(d, "edgeferry.toml", 2);
+    for want in [
+        "a.toml:4:8: schema \"broken\":",
+        "is not JSON",
+        "a.toml:9:8: schema \"refs\":",
+        "other.json",
+        "a.toml:19:8: schema \"door\" version 1 is declared twice (also at",
+        "a.toml:28:10: rule \"r\": schema \"nosuch\" is not declared (declared: door)",
+        "4 error(s)",
+    ] {
+        assert!(stderr.contains(want), "{want:?} not in:\n{stderr}");
+    }
+    write(
+        &d.join("rules/b.toml"),
+        "[[schema]]\nname = \"gone\"\nmatch = \"g/+\"\nfile = \"missing.json\"\n",
+    );
+    let stderr = check_fails(d, "edgeferry.toml", 3);
+    assert!(
+        stderr.contains("b.toml:4:8: schema \"gone\": cannot read"),
+        "{stderr}"
+    );
+}

@@ -251,3 +251,59 @@ async fn a_destination_wraps_the_event_in_a_cloudevent_the_cloud_can_read() {
     assert_eq!(events[1]["data"], json!({"v": 2, "open": false}));
     gw.stop().await;
 }
+
+/// A schema file is part of the rules: an edit to it reloads them (the
+/// watcher sees `*.json` as it sees `*.toml`), and an edit that breaks it
+/// keeps the old contract running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_schema_file_is_reloaded_and_a_broken_one_keeps_the_old_contract() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let rules = d.join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    let schema = rules.join("temperature.json");
+    let value_is = |types: &str| {
+        format!(
+            r#"{{"type": "object", "required": ["value"], "properties": {{"value": {{"type": {types}}}}}}}"#
+        )
+    };
+    std::fs::write(&schema, value_is(r#""number""#)).unwrap();
+    std::fs::write(rules.join("10-rules.toml"), RULES).unwrap();
+    let upstream = upstream_broker();
+    let cloud = Subscriber::start(upstream, "plant/#").await;
+    let text = rules_at(&config_text(d, upstream.port(), ""), &rules, "");
+    let gw = Gateway::start_with(d, &text).await;
+    let m = gw.running.metrics.clone();
+    let sensor = Sensor::connect(gw.addr).await;
+    let t = "sensors/t1/temperature";
+
+    sensor.publish(t, r#"{"value": "21.5"}"#).await;
+    sensor.publish(t, r#"{"value": 21.5}"#).await;
+    cloud.wait_for(1).await;
+    wait_until("the string dead-lettered", || {
+        m.dead_letters.load(Relaxed) == 1
+    })
+    .await;
+
+    // Firmware 2 sends strings; the contract is widened by editing the file.
+    std::fs::write(&schema, value_is(r#"["number", "string"]"#)).unwrap();
+    wait_until("reloaded", || m.reloads_ok.load(Relaxed) >= 1).await;
+    sensor.publish(t, r#"{"value": "22.0"}"#).await;
+    let got = cloud.wait_for(2).await;
+    assert_eq!(&got[1].payload[..], br#"{"value": "22.0"}"#);
+
+    // A broken edit: not JSON. The reload fails; the widened contract stays.
+    std::fs::write(&schema, r#"{"type": "object", "#).unwrap();
+    wait_until("reload refused", || m.reloads_failed.load(Relaxed) >= 1).await;
+    sensor.publish(t, r#"{"value": "23.0"}"#).await;
+    sensor.publish(t, r#"{"value": true}"#).await;
+    cloud.wait_for(3).await;
+    wait_until("the bool dead-lettered", || {
+        m.dead_letters.load(Relaxed) == 2
+    })
+    .await;
+    sensor.wait_acked(5).await;
+    assert_eq!(cloud.count(), 3);
+    gw.stop().await;
+}
