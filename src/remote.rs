@@ -79,7 +79,7 @@ pub fn recover(dir: &Path) -> Option<String> {
 /// The set kept by the last install, for `rollback`.
 pub fn previous(config: &Config) -> Result<Vec<(String, String)>, Refused> {
     let dir = config.file.rules.dir.join(PREVIOUS);
-    let files = crate::rules::toml_files(&dir).map_err(|e| {
+    let files = set_files(&dir).map_err(|e| {
         Refused(vec![format!(
             "no previous rule set in {}: {e}",
             dir.display()
@@ -100,13 +100,14 @@ pub fn previous(config: &Config) -> Result<Vec<(String, String)>, Refused> {
         .collect()
 }
 
-/// File names are plain `*.toml` names: nothing that could leave the
-/// directory or hide (no `/`, no leading dot), at least one, no repeats.
+/// File names are plain `*.toml` (rules) and `*.json` (the schemas they
+/// name) names: nothing that could leave the directory or hide (no `/`,
+/// no leading dot), at least one rule file, no repeats.
 fn check_names(files: &[(String, String)]) -> Result<(), Refused> {
     let mut errors = Vec::new();
-    if files.is_empty() {
+    if !files.iter().any(|(n, _)| n.ends_with(".toml")) {
         errors.push(
-            "the set has no files; send at least one *.toml (an empty set would drop every rule)"
+            "the set has no rule files; send at least one *.toml (an empty set would drop every rule)"
                 .to_string(),
         );
     }
@@ -121,9 +122,10 @@ fn check_names(files: &[(String, String)]) -> Result<(), Refused> {
         let plain = name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
-        if !plain || name.starts_with('.') || !name.ends_with(".toml") || name.len() > 128 {
+        let kind = name.ends_with(".toml") || name.ends_with(".json");
+        if !plain || name.starts_with('.') || !kind || name.len() > 128 {
             errors.push(format!(
-                "file name {name:?}: use a plain name like \"10-sensors.toml\" (letters, digits, . - _; ending in .toml)"
+                "file name {name:?}: use a plain name like \"10-sensors.toml\" or \"door.schema.json\" (letters, digits, . - _; ending in .toml or .json)"
             ));
         }
         if !seen.insert(name) {
@@ -136,8 +138,8 @@ fn check_names(files: &[(String, String)]) -> Result<(), Refused> {
     }
 }
 
-/// Write the files into a fresh staging directory; their paths, in name
-/// order (the order rules load in).
+/// Write the files into a fresh staging directory; the rule files' paths,
+/// in name order (the order rules load in; the schemas are found from them).
 fn stage(incoming: &Path, files: &[(String, String)]) -> std::io::Result<Vec<PathBuf>> {
     if incoming.exists() {
         std::fs::remove_dir_all(incoming)?;
@@ -147,7 +149,9 @@ fn stage(incoming: &Path, files: &[(String, String)]) -> std::io::Result<Vec<Pat
     for (name, text) in files {
         let path = incoming.join(name);
         write_synced(&path, text.as_bytes())?;
-        paths.push(path);
+        if name.ends_with(".toml") {
+            paths.push(path);
+        }
     }
     sync_dir(incoming);
     paths.sort();
@@ -199,7 +203,7 @@ fn swap(dir: &Path) -> std::io::Result<()> {
         std::fs::remove_dir_all(&previous)?;
     }
     std::fs::create_dir_all(&previous)?;
-    let mut names: Vec<String> = crate::rules::toml_files(&incoming)?
+    let mut names: Vec<String> = set_files(&incoming)?
         .iter()
         .filter_map(|p| Some(p.file_name()?.to_str()?.to_string()))
         .collect();
@@ -229,7 +233,7 @@ fn roll_forward(dir: &Path) -> std::io::Result<()> {
     let (incoming, previous) = (dir.join(INCOMING), dir.join(PREVIOUS));
     let names = manifest(dir)?;
     std::fs::create_dir_all(&previous)?;
-    for p in crate::rules::toml_files(dir)? {
+    for p in set_files(dir)? {
         let name = p.file_name().unwrap_or_default();
         let replaced = incoming.join(name).exists();
         if replaced || !names.iter().any(|n| std::ffi::OsStr::new(n) == name) {
@@ -259,7 +263,7 @@ fn undo(dir: &Path) {
             let _ = std::fs::rename(&now, &staged);
         }
     }
-    for p in crate::rules::toml_files(&previous).unwrap_or_default() {
+    for p in set_files(&previous).unwrap_or_default() {
         let back = dir.join(p.file_name().unwrap_or_default());
         if !back.exists() {
             let _ = std::fs::rename(&p, back);
@@ -267,6 +271,22 @@ fn undo(dir: &Path) {
     }
     let _ = std::fs::remove_file(incoming.join(MANIFEST));
     sync_dir(dir);
+}
+
+/// The files a set is made of, in `dir`: rule files and schema files, in
+/// name order (not directories, not dot-files).
+fn set_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            !name.starts_with('.')
+                && (name.ends_with(".toml") || name.ends_with(".json"))
+                && p.is_file()
+        })
+        .collect();
+    files.sort();
+    Ok(files)
 }
 
 /// An I/O failure, with what to do when the directory is read-only (the
@@ -298,7 +318,7 @@ mod tests {
 
     /// `rules.dir` after `recover`: its *.toml names and texts.
     fn contents(dir: &Path) -> Vec<(String, String)> {
-        crate::rules::toml_files(dir)
+        set_files(dir)
             .unwrap()
             .iter()
             .map(|p| {
@@ -397,13 +417,38 @@ mod tests {
     }
 
     #[test]
-    fn only_plain_toml_names_pass() {
-        assert!(check_names(&files(&["10-a.toml", "b_c.toml"])).is_ok());
-        for bad in ["../x.toml", "a/b.toml", ".hidden.toml", "x.txt", "x y.toml"] {
-            assert!(check_names(&files(&[bad])).is_err(), "{bad}");
+    fn only_plain_toml_and_json_names_pass() {
+        assert!(check_names(&files(&["10-a.toml", "b_c.toml", "door.v1.schema.json"])).is_ok());
+        for bad in [
+            "../x.toml",
+            "a/b.toml",
+            ".hidden.toml",
+            "x.txt",
+            "x y.toml",
+            "s/x.json",
+        ] {
+            assert!(check_names(&files(&["a.toml", bad])).is_err(), "{bad}");
         }
         let Refused(e) = check_names(&files(&["a.toml", "a.toml"])).unwrap_err();
         assert!(e[0].contains("twice"), "{e:?}");
         assert!(check_names(&[]).is_err());
+        let Refused(e) = check_names(&files(&["only.json"])).unwrap_err();
+        assert!(e[0].contains("no rule files"), "{e:?}");
+    }
+
+    /// Schemas are part of a set: staged beside its rule files (so the
+    /// check finds them), swapped in with them, and kept for rollback.
+    #[test]
+    fn a_set_with_schema_files_replaces_the_directory_and_keeps_the_old_ones() {
+        let old = [("10-a.toml", "old a"), ("t.json", "old schema")];
+        let new = [("10-a.toml", "new a"), ("door.json", "new schema")];
+        let d = rules_dir(&old);
+        let paths = stage(&d.path().join(INCOMING), &owned(&new)).unwrap();
+        let names: Vec<_> = paths.iter().map(|p| p.file_name().unwrap()).collect();
+        assert_eq!(names, ["10-a.toml"], "the rule files are what loads");
+        assert!(d.path().join(INCOMING).join("door.json").is_file());
+        swap(d.path()).unwrap();
+        assert_eq!(contents(d.path()), owned(&new));
+        assert_eq!(contents(&d.path().join(PREVIOUS)), owned(&old));
     }
 }

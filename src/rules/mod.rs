@@ -410,6 +410,13 @@ impl RuleSet {
     /// Group the schemas into contracts and point each rule's `schema`
     /// name at its contract; unknown names and clashing tables are errors.
     fn resolve_schemas(&mut self, errors: &mut Vec<Diagnostic>) {
+        // The schema files are part of what the set runs.
+        for s in &self.schemas {
+            let mut d = ring::digest::Context::new(&ring::digest::SHA256);
+            d.update(&self.digest);
+            d.update(&s.digest);
+            self.digest.copy_from_slice(d.finish().as_ref());
+        }
         self.contracts = schema::Contract::group(std::mem::take(&mut self.schemas), errors);
         let names: Vec<&str> = self.contracts.iter().map(|c| &*c.name).collect();
         for rule in &mut self.rules {

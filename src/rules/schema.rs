@@ -145,6 +145,9 @@ pub struct Schema {
     pub id: Option<Arc<str>>,
     /// The schema file, as resolved against the rule file's directory.
     pub file: PathBuf,
+    /// SHA-256 of the file's name and text (part of the set's digest: two
+    /// gateways with one digest enforce the same contracts).
+    pub digest: [u8; 32],
     /// Where it is declared, for errors about it.
     pub at: Diagnostic,
     validator: Arc<jsonschema::Validator>,
@@ -276,6 +279,15 @@ impl Schema {
             version: spec.version.as_ref().map(|v| Arc::from(v.text())),
             locator,
             id: value.get("$id").and_then(Value::as_str).map(Arc::from),
+            digest: {
+                let mut d = ring::digest::Context::new(&ring::digest::SHA256);
+                d.update(spec.file.as_os_str().as_encoded_bytes());
+                d.update(&[0]);
+                d.update(text.as_bytes());
+                let mut out = [0; 32];
+                out.copy_from_slice(d.finish().as_ref());
+                out
+            },
             file: path,
             at,
             validator: Arc::new(validator),
@@ -676,6 +688,22 @@ mod tests {
                 .unwrap_err()
                 .contains("without a `version`")
         );
+    }
+
+    #[test]
+    fn the_sets_digest_covers_its_schema_files() {
+        let d = tempfile::tempdir().unwrap();
+        let rules = "[[schema]]\nname = \"t\"\nmatch = \"s/+\"\nfile = \"t.json\"\n";
+        std::fs::write(d.path().join("r.toml"), rules).unwrap();
+        let digest = |schema: &str| {
+            std::fs::write(d.path().join("t.json"), schema).unwrap();
+            crate::rules::RuleSet::load_dir(d.path(), &Default::default())
+                .unwrap()
+                .digest()
+        };
+        let loose = digest("{}");
+        assert_ne!(loose, digest(r#"{"type": "object"}"#));
+        assert_eq!(loose, digest("{}"));
     }
 
     #[test]

@@ -599,3 +599,66 @@ async fn a_resumed_session_repeats_no_retained_command_and_own_messages_are_not_
     );
     gw.stop().await;
 }
+
+/// A remote set carries its schemas: checked with them (a set whose rule
+/// names a schema file it did not send is refused), installed beside the
+/// rule files, enforced, and part of the digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_rule_set_carries_its_schema_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mosq = Mosquitto::start(&d.join("mosquitto"), &[""]).await;
+    let text = config(d, mosq.ports[0], "control_topic = \"gw/{gateway}/control\"");
+    let gw = Gateway::start_with(d, &text).await;
+    subscribed(&gw, 1).await;
+    let results = Subscriber::start(mosq.addr(0), "gw/test/control/result").await;
+    let plant = Subscriber::start(mosq.addr(0), "plant/#").await;
+    let cloud = Sensor::connect(mosq.addr(0)).await;
+    let sensor = Sensor::connect(gw.addr).await;
+    let mut asked = 0;
+    let mut ask = async |command: Value| {
+        asked += 1;
+        cloud
+            .publish("gw/test/control", command.to_string().into_bytes())
+            .await;
+        let got = results.wait_for(asked).await;
+        json_of(&got[asked - 1])
+    };
+    let rules = "[[schema]]\nname = \"t\"\nmatch = \"sensors/+\"\nfile = \"t.schema.json\"\nenforce = true\n\n[[rule]]\nname = \"t\"\nmatch = \"sensors/{d}\"\nto = [{ upstream = \"cloud\", topic = \"plant/{d}\" }]\n\n[[test]]\nname = \"a string is not a reading\"\ninput = { topic = \"sensors/x\", payload = { value = \"hot\" } }\nexpect = [{ dead_letter = \"schema\", path = \"/value\" }]\n";
+    let schema = r#"{"type": "object", "properties": {"value": {"type": "number"}}}"#;
+
+    let r =
+        ask(json!({"request_id": "r1", "command": "rules", "files": {"10-t.toml": rules}})).await;
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["errors"][0].as_str().unwrap().starts_with("10-t.toml:4:")
+            && r["errors"][0].as_str().unwrap().contains("cannot read"),
+        "{r}"
+    );
+
+    let r = ask(json!({"request_id": "r2", "command": "rules", "files": {"10-t.toml": rules, "t.schema.json": schema}})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    let first = r["rules"]["digest"].as_str().unwrap().to_string();
+    assert!(d.join("rules/t.schema.json").is_file());
+    sensor
+        .publish("sensors/x", br#"{"value": "hot"}"#.to_vec())
+        .await;
+    sensor
+        .publish("sensors/x", br#"{"value": 21.5}"#.to_vec())
+        .await;
+    sensor.wait_acked(2).await;
+    let got = plant.wait_for(1).await;
+    assert_eq!(&got[0].payload[..], br#"{"value": 21.5}"#);
+    wait_until("the string dead-lettered", || {
+        gw.running.metrics.dead_letters.load(Relaxed) == 1
+    })
+    .await;
+
+    // The same rule file with another schema is another set.
+    let looser = r#"{"type": "object"}"#;
+    let rules_untested = rules.split("[[test]]").next().unwrap();
+    let r = ask(json!({"request_id": "r3", "command": "rules", "files": {"10-t.toml": rules_untested, "t.schema.json": looser}})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_ne!(r["rules"]["digest"].as_str().unwrap(), first);
+    gw.stop().await;
+}
