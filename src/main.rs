@@ -412,7 +412,7 @@ fn schema(config: Option<PathBuf>, command: SchemaCommand) -> ExitCode {
             ExitCode::from(match e {
                 SampleError::UnknownSchema { .. } => EXIT_CONFIG,
                 SampleError::Unreadable { .. } => EXIT_UNREADABLE,
-                SampleError::NeedsTopic { .. } => EXIT_USAGE,
+                SampleError::NeedsTopic { .. } | SampleError::OtherTopic { .. } => EXIT_USAGE,
             })
         }
     }

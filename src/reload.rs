@@ -132,7 +132,11 @@ pub async fn run(
         let result = match loaded {
             Ok(Ok(new)) => {
                 let changes = new.changes_from(&current);
-                if changes.is_empty() {
+                if changes.is_empty() && new.digest() != current.digest() {
+                    // The rules are the same; a schema file, a test or a
+                    // comment is not.
+                    info!(%trigger, rules = new.len(), digest = %new.digest(), "rules reloaded: the rules are unchanged, their files (schemas, tests, comments) are not");
+                } else if changes.is_empty() {
                     info!(%trigger, rules = new.len(), "rules reloaded: no change");
                 } else {
                     info!(

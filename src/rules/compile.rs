@@ -12,7 +12,7 @@ use serde::Deserialize;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
-use super::envelope::{Envelope, EnvelopeMode};
+use super::envelope::{self, Envelope, EnvelopeMode};
 use super::expr::{self, Expr};
 use super::schema::{Schema, SchemaSpec};
 use super::shaping::ShapeSpec;
@@ -521,6 +521,22 @@ pub fn compile_destination(
                 problems.push((
                     "envelope",
                     "\"cloudevents-binary\" sends the attributes as MQTT 5 properties to an upstream; a local destination has none (use \"cloudevents\")".into(),
+                ));
+            }
+            if let Some(t) = &d.event_source
+                && !envelope::uri_text(t.replace(['{', '}'], "").as_str())
+            {
+                problems.push((
+                    "event_source",
+                    format!("event_source {t:?} is not a URI reference (a space, a quote or a control character); percent-encode it, e.g. %20"),
+                ));
+            }
+            if let Some(t) = &d.event_type
+                && t.chars().any(char::is_control)
+            {
+                problems.push((
+                    "event_type",
+                    format!("event_type {t:?} has a control character"),
                 ));
             }
             Some(Envelope {

@@ -116,17 +116,36 @@ pub fn binary(a: &Attributes<'_>, content_type: &str) -> Properties {
 pub fn default_source(gateway: &str, topic: &str) -> String {
     let mut out = String::with_capacity(14 + gateway.len() + topic.len());
     out.push_str("edgeferry://");
-    escape(&mut out, gateway, false);
+    escape(&mut out, gateway, Part::Authority);
     out.push('/');
-    escape(&mut out, topic, true);
+    escape(&mut out, topic, Part::Path);
     out
 }
 
-fn escape(out: &mut String, text: &str, keep_slash: bool) {
+/// Where in a URI text goes, for percent-encoding (RFC 3986).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// A host: unreserved and sub-delims (no `:`, which starts a port).
+    Authority,
+    /// A path: those, `:` and `@`, and `/`.
+    Path,
+    /// One value inside a path segment: no `/` either.
+    Segment,
+}
+
+/// Whether `text` may stand in a URI reference as written (RFC 3986's
+/// characters, `%` for escapes): a `source` template's literal text.
+pub fn uri_text(text: &str) -> bool {
+    text.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._~:/?#[]@!$&'()*+,;=%".contains(&b))
+}
+
+pub fn escape(out: &mut String, text: &str, part: Part) {
     for b in text.bytes() {
         let plain = b.is_ascii_alphanumeric()
-            || b"-._~!$&'()*,;=:@".contains(&b)
-            || (keep_slash && b == b'/');
+            || b"-._~!$&'()*+,;=".contains(&b)
+            || (part != Part::Authority && b"@:".contains(&b))
+            || (part == Part::Path && b == b'/');
         if plain {
             out.push(b as char);
         } else {
@@ -185,6 +204,11 @@ mod tests {
         let v: Value =
             serde_json::from_slice(&structured(&a, Data::Bytes(b"\x00\xff")).unwrap()).unwrap();
         assert_eq!(v["source"], "edgeferry://gw%201/a%20b/%C3%BC/%23");
+        // A `:` in a gateway id would read as a port.
+        assert_eq!(
+            default_source("site:a[1]", "x"),
+            "edgeferry://site%3Aa%5B1%5D/x"
+        );
         assert_eq!(v["data_base64"], "AP8=");
         assert_eq!(v["datacontenttype"], "application/octet-stream");
         assert_eq!(v["time"], "1970-01-01T00:00:00.000Z");

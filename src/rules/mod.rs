@@ -21,6 +21,7 @@ pub mod expr;
 mod pattern;
 pub mod sample;
 pub mod schema;
+mod schema_bounds;
 pub mod shaping;
 mod spec;
 mod template;
@@ -717,7 +718,11 @@ impl RuleSet {
         {
             verdict.dead_letter = Some(format!("rule {rule:?}: {why}"));
         }
+        // A rule whose schema the event broke did not apply; if another
+        // rule routed it, it is not a dead letter (a replay of the dead
+        // letters would send it twice). It is counted either way.
         if verdict.dead_letter.is_none()
+            && verdict.outputs() == 0
             && let Some(f) = &verdict.schema_failure
         {
             verdict.dead_letter = Some(schema_reason(f));
@@ -983,7 +988,9 @@ impl RuleSet {
             (None, None) => rule.to_string(),
         };
         let source = match &env.source {
-            Some(t) => t.render(out.captures, value)?,
+            Some(t) => t.render_with(out.captures, value, |s, v| {
+                envelope::escape(s, v, envelope::Part::Segment)
+            })?,
             None => envelope::default_source(&self.gateway, &event.topic),
         };
         let attributes = envelope::Attributes {

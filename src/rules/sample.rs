@@ -30,6 +30,13 @@ pub enum SampleError {
         "schema {name:?} takes the version from the topic (match {pattern:?}); give --topic with the topic the event came on"
     )]
     NeedsTopic { name: String, pattern: String },
+    /// Give a topic the schema applies to.
+    #[error("topic {topic:?} is not one schema {name:?} applies to (match {pattern:?})")]
+    OtherTopic {
+        name: String,
+        topic: String,
+        pattern: String,
+    },
 }
 
 /// The outcome of checking one sample.
@@ -58,6 +65,15 @@ pub fn validate(
     if contract.versioned_by_topic() && topic.is_none() {
         return Err(SampleError::NeedsTopic {
             name: name.to_string(),
+            pattern: contract.current().pattern.to_string(),
+        });
+    }
+    if let Some(t) = topic
+        && contract.current().pattern.captures(t).is_none()
+    {
+        return Err(SampleError::OtherTopic {
+            name: name.to_string(),
+            topic: t.to_string(),
             pattern: contract.current().pattern.to_string(),
         });
     }

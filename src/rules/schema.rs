@@ -22,6 +22,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::schema_bounds as bounds;
 use crate::diagnostic::Diagnostic;
 use crate::topic::Pattern;
 
@@ -49,11 +50,36 @@ pub struct SchemaSpec {
 }
 
 /// A version as written: `2` or `"2024-06"`.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum VersionSpec {
     Number(i64),
     Text(String),
+}
+
+/// By hand, for the message: serde's untagged enum says only "did not
+/// match any variant" of `version = 1.5`.
+impl<'de> Deserialize<'de> for VersionSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = VersionSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an integer (`version = 2`) or a string (`version = \"2024-06\"`)")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<VersionSpec, E> {
+                Ok(VersionSpec::Number(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<VersionSpec, E> {
+                i64::try_from(v)
+                    .map(VersionSpec::Number)
+                    .map_err(|_| E::custom("version is too large"))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<VersionSpec, E> {
+                Ok(VersionSpec::Text(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 impl VersionSpec {
@@ -85,7 +111,14 @@ impl Locator {
                     v = v.get(key)?;
                 }
                 match v {
-                    Value::Number(n) => Some(n.to_string()),
+                    // 2.0 (or CBOR's half-float 2) is version 2, as
+                    // JSON Schema's `const: 2` says.
+                    Value::Number(n) => Some(match n.as_f64() {
+                        Some(f) if n.as_i64().is_none() && f.fract() == 0.0 && f.abs() < 9e15 => {
+                            (f as i64).to_string()
+                        }
+                        _ => n.to_string(),
+                    }),
                     Value::String(s) => Some(s.clone()),
                     _ => None,
                 }
@@ -201,6 +234,29 @@ impl Schema {
         dir: &Path,
         at: Diagnostic,
     ) -> Result<Schema, CompileError> {
+        // A name and a version become metric labels and CloudEvents types.
+        let plain = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 128
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        };
+        if !plain(&spec.name) {
+            return Err(format!(
+                "schema name {:?}: use letters, digits, . - _ (at most 128; it becomes a metric label and a CloudEvents type)",
+                spec.name
+            )
+            .into());
+        }
+        if let Some(v) = spec.version.as_ref().map(VersionSpec::text)
+            && !plain(&v)
+        {
+            return Err(format!(
+                "schema {:?}: version {v:?}: use an integer, or letters, digits, . - _",
+                spec.name
+            )
+            .into());
+        }
         let locator = match (&spec.version_field, &spec.version_capture) {
             (Some(_), Some(_)) => {
                 return Err(format!(
@@ -244,13 +300,9 @@ impl Schema {
             _ => {}
         }
         let path = dir.join(&spec.file);
-        let text = std::fs::read_to_string(&path).map_err(|e| CompileError {
-            message: format!(
-                "schema {:?}: cannot read {}: {e}",
-                spec.name,
-                path.display()
-            ),
-            unreadable: true,
+        let text = bounds::read(&path, dir).map_err(|(message, unreadable)| CompileError {
+            message: format!("schema {:?}: {message}", spec.name),
+            unreadable,
         })?;
         let value: Value = serde_json::from_str(&text).map_err(|e| {
             format!(
@@ -261,9 +313,22 @@ impl Schema {
         })?;
         // $refs to other files resolve next to this one.
         let base = std::fs::canonicalize(&path).unwrap_or(path.clone());
+        bounds::expansion(&value, &base, dir).map_err(|e| {
+            format!(
+                "schema {:?}: {} is too costly to check events against: {e}",
+                spec.name,
+                path.display()
+            )
+        })?;
         let validator = jsonschema::options()
             .with_draft(jsonschema::Draft::Draft202012)
             .with_base_uri(format!("file://{}", base.display()))
+            .with_retriever(bounds::Retriever {
+                root: dir.to_path_buf(),
+            })
+            .with_pattern_options(
+                jsonschema::PatternOptions::regex().size_limit(bounds::MAX_PATTERN),
+            )
             .build(&value)
             .map_err(|e| {
                 format!(
@@ -624,6 +689,59 @@ mod tests {
         assert!(f.message.contains("carries no version"), "{f:?}");
         let f = c.check("s/a", None).unwrap_err();
         assert_eq!(f.kind, FailureKind::UnknownVersion);
+        // 2.0 is version 2 (the schema's `const: 2` agrees); 2.5 is not.
+        let kept = c.check("s/a", Some(&json!({"v": 2.0, "celsius": 3})));
+        assert_eq!(kept.unwrap().version.as_deref(), Some("2"));
+        let f = c.check("s/a", Some(&json!({"v": 2.5}))).unwrap_err();
+        assert!(f.message.contains("\"2.5\""), "{f:?}");
+    }
+
+    #[test]
+    fn a_pattern_that_compiles_too_large_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let e = schema(
+            d.path(),
+            r#"{"properties": {"s": {"pattern": "(?:\\w{100}){1000}"}}}"#,
+        )
+        .unwrap_err();
+        assert!(e.contains("not a usable JSON Schema"), "{e}");
+        assert!(
+            schema(
+                d.path(),
+                r#"{"properties": {"s": {"pattern": "^[a-z]{1,8}$"}}}"#
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_fifo_is_not_read() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("t.json");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if !made.is_ok_and(|s| s.success()) {
+            return; // no mkfifo here: the regular-file check is tested in schema_bounds
+        }
+        let e = compile(d.path(), &spec("t", "a", "t.json"), 1).unwrap_err();
+        assert!(e.contains("not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn names_and_versions_are_plain() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("any.json"), "{}").unwrap();
+        for bad in ["", "a b", "x\ny", "we\"ird", "ü"] {
+            let e = compile(d.path(), &spec(bad, "s/+", "any.json"), 1).unwrap_err();
+            assert!(e.contains("use letters, digits"), "{bad:?}: {e}");
+        }
+        let mut s = spec("ok", "s/+", "any.json");
+        s.version = Some(VersionSpec::Text(String::new()));
+        s.version_field = Some("v".into());
+        assert!(
+            compile(d.path(), &s, 1)
+                .unwrap_err()
+                .contains("version \"\"")
+        );
     }
 
     #[test]

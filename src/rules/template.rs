@@ -85,6 +85,17 @@ impl Template {
         captures: &[(&str, &str)],
         payload: Option<&Value>,
     ) -> Result<String, String> {
+        self.render_with(captures, payload, |out, v| out.push_str(v))
+    }
+
+    /// `render`, with each capture and payload field written by `fill`
+    /// (a CloudEvent's `source` percent-encodes them).
+    pub fn render_with(
+        &self,
+        captures: &[(&str, &str)],
+        payload: Option<&Value>,
+        fill: impl Fn(&mut String, &str),
+    ) -> Result<String, String> {
         let mut out = String::with_capacity(64);
         for part in &self.parts {
             match part {
@@ -92,7 +103,7 @@ impl Template {
                 Part::Capture(name) => {
                     // Parse checked the name exists in the pattern, and a match fills every capture.
                     if let Some((_, v)) = captures.iter().find(|(n, _)| n == name) {
-                        out.push_str(v);
+                        fill(&mut out, v);
                     }
                 }
                 Part::Field(path) => {
@@ -123,7 +134,7 @@ impl Template {
                             path.join(".")
                         ));
                     }
-                    out.push_str(&text);
+                    fill(&mut out, &text);
                 }
             }
         }

@@ -136,8 +136,8 @@ struct Output {
 
 impl std::fmt::Display for Output {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.dead_letter.is_some() {
-            return write!(f, "dead letter ({})", self.topic);
+        if let Some(reason) = &self.dead_letter {
+            return write!(f, "dead letter {reason:?} ({})", self.topic);
         }
         match (&self.upstream, &self.local) {
             (Some(u), _) => write!(
@@ -336,7 +336,8 @@ fn collect(v: &Verdict) -> Vec<Output> {
             payload: codec::decode(&r.payload),
         })
         .collect();
-    out.extend(v.schema_failure.iter().map(|f| Output {
+    let dead = v.dead_letter.is_some();
+    out.extend(v.schema_failure.iter().filter(|_| dead).map(|f| Output {
         upstream: None,
         local: None,
         topic: format!("schema {:?} at {:?}: {}", f.schema, f.path, f.message),

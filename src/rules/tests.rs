@@ -916,6 +916,22 @@ to = [
     assert_eq!(ce["data"]["eid"], v.routes[0].event_id.as_str());
     assert!(ce.get("dataschema").is_none());
     let raw = json_of(&v.routes[1].payload);
+    let set = load(
+        r#"
+[[rule]]
+name = "sourced"
+match = "s/{device}"
+to = [{ upstream = "cloud", envelope = "cloudevents", event_source = "urn:site:{device}:{payload.src}" }]
+"#,
+    )
+    .unwrap();
+    let v = route(&set, "s/t1", br#"{"src": "a b<"}"#);
+    assert!(v.errors.is_empty(), "{v:?}");
+    assert_eq!(v.routes.len(), 1, "{v:?}");
+    assert_eq!(
+        json_of(&v.routes[0].payload)["source"],
+        "urn:site:t1:a%20b%3C"
+    );
     assert_eq!(raw["type"], "com.example.t1");
     assert_eq!(raw["data_base64"], "eyJ2YWx1ZSI6IDF9");
 }
@@ -943,6 +959,11 @@ to = [{ upstream = "cloud", envelope = "cloudevent" }]
 name = "d"
 match = "s/{device}"
 to = [{ local = "x/{device}", envelope = "cloudevents-binary" }]
+
+[[rule]]
+name = "e"
+match = "s/{device}"
+to = [{ upstream = "cloud", envelope = "cloudevents", event_source = "has space" }]
 "#,
     )
     .unwrap_err()
@@ -955,4 +976,43 @@ to = [{ local = "x/{device}", envelope = "cloudevents-binary" }]
     assert!(e.contains("{nope}"), "{e}");
     assert!(e.contains("cloudevents"), "{e}");
     assert!(e.contains("a local destination has none"), "{e}");
+    assert!(e.contains("is not a URI reference"), "{e}");
+}
+
+#[test]
+fn a_rules_schema_dead_letters_only_what_no_other_rule_routed() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("s.json"), r#"{"required": ["x"]}"#).unwrap();
+    let text = r#"
+[[schema]]
+name = "s"
+match = "m/+"
+file = "s.json"
+
+[[rule]]
+name = "checked"
+match = "m/{x}"
+schema = "s"
+to = [{ upstream = "cloud", topic = "checked" }]
+
+[[rule]]
+name = "any"
+match = "m/{x}"
+when = "has(payload.y)"
+to = [{ upstream = "cloud", topic = "any" }]
+"#;
+    let set = RuleSet::from_str(&d.path().join("r.toml"), text, &upstreams()).unwrap();
+    let v = route(&set, "m/1", br#"{"y": 1}"#);
+    let topics: Vec<&str> = v.routes.iter().map(|r| r.topic.as_str()).collect();
+    assert_eq!(topics, ["any"]);
+    assert!(v.schema_failure.is_some(), "counted");
+    assert!(v.dead_letter.is_none(), "forwarded by another rule");
+    let v = route(&set, "m/1", br#"{"z": 1}"#);
+    assert!(v.routes.is_empty());
+    assert!(
+        v.dead_letter
+            .as_deref()
+            .unwrap()
+            .starts_with("schema \"s\"")
+    );
 }

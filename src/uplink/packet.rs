@@ -105,7 +105,24 @@ impl<'a> Packets<'a> {
                 .map(|e| e.saturating_sub(now_ms).div_ceil(1000).max(1) as u32),
             replay_marker: marker.filter(|_| self.v5),
             retain: false,
-            properties: row.properties.filter(|_| self.v5),
+            properties: match (row.properties, self.v5) {
+                (Some(p), true) => Some(p),
+                (Some(_), false) => {
+                    // Queued for MQTT 5 (a binary CloudEvent), sent after
+                    // the upstream was set to 3.1.1: the payload is the
+                    // event, so it goes, without its attributes.
+                    static SAID: std::sync::atomic::AtomicBool =
+                        std::sync::atomic::AtomicBool::new(false);
+                    if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::warn!(
+                            row = row.id,
+                            "queued events carry MQTT 5 properties (CloudEvents attributes) that this MQTT 3.1.1 session cannot send; they are sent without them (said once)"
+                        );
+                    }
+                    None
+                }
+                (None, _) => None,
+            },
         };
         let extra = if self.v5 { properties_len(&publish) } else { 0 };
         match sendable(

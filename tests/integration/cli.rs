@@ -1436,6 +1436,13 @@ fn schema_validate_checks_a_sample_by_hand() {
     );
     assert!(text.contains("reason \"schema_version\""), "{text}");
 
+    let (code, text) = run(&["validate", "door", "door-v3.json", "--topic", "sensors/x"]);
+    assert_eq!(code, Some(64), "{text}");
+    assert!(
+        text.contains("is not one schema \"door\" applies to"),
+        "{text}"
+    );
+
     let (code, text) = run(&["validate", "temp", "good.json"]);
     assert_eq!(code, Some(2), "{text}");
     assert!(
