@@ -980,7 +980,9 @@ impl RuleSet {
             envelope::Data::Bytes(_) => None,
         });
         let event_type = match (&env.event_type, schema) {
-            (Some(t), _) => t.render(out.captures, value)?,
+            (Some(t), _) => t
+                .render(out.captures, value)
+                .map_err(|e| e.replace("topic field", "event_type field"))?,
             (None, Some(s)) => match &s.version {
                 Some(v) => format!("{}.v{v}", s.name),
                 None => s.name.to_string(),
@@ -988,9 +990,11 @@ impl RuleSet {
             (None, None) => rule.to_string(),
         };
         let source = match &env.source {
-            Some(t) => t.render_with(out.captures, value, |s, v| {
-                envelope::escape(s, v, envelope::Part::Segment)
-            })?,
+            Some(t) => t
+                .render_with(out.captures, value, |s, v| {
+                    envelope::escape(s, v, envelope::Part::Segment)
+                })
+                .map_err(|e| e.replace("topic field", "event_source field"))?,
             None => envelope::default_source(&self.gateway, &event.topic),
         };
         let attributes = envelope::Attributes {

@@ -430,6 +430,13 @@ fn describe(e: &ExpectSpec) -> String {
 }
 
 fn mismatch(set: &RuleSet, e: &ExpectSpec, o: &Output) -> Option<String> {
+    if let Some(d) = e.dead_letter.as_deref()
+        && !matches!(d, "schema" | "schema_version")
+    {
+        return Some(format!(
+            "dead_letter = {d:?} is not a reason a test can expect (\"schema\" or \"schema_version\")"
+        ));
+    }
     if e.dead_letter != o.dead_letter {
         return Some("different destination".into());
     }
