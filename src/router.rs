@@ -279,7 +279,7 @@ impl Router {
                 .or_default() += 1;
         }
         if let (Some(event), Some(reason)) = (event, &verdict.dead_letter) {
-            self.dead_letter(event, reason, verdict.schema_failure.as_ref());
+            self.dead_letter(event, reason, verdict.broken_contract());
         }
         if event.is_none()
             && let Some((rule, why)) = verdict.errors.first()

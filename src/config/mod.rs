@@ -689,6 +689,25 @@ impl ConfigFile {
                 Diagnostic::whole_file(&self.rules.dir, format!("rules.{key}: {msg}"))
             }));
         }
+        let settings = rule_settings(self);
+        for (key, d) in [
+            ("unmatched", &settings.unmatched),
+            ("unmatched_downlink", &settings.unmatched_downlink),
+        ] {
+            if let Some(d) = d
+                && d.envelope == Some(crate::rules::envelope::EnvelopeMode::CloudeventsBinary)
+                && let Some(u) = &d.upstream
+                && self
+                    .upstream
+                    .get(u)
+                    .is_some_and(|u| u.protocol != Protocol::V5)
+            {
+                errors.push(Diagnostic::whole_file(
+                    &self.rules.dir,
+                    format!("rules.{key}: envelope = \"cloudevents-binary\" sends the attributes as MQTT 5 user properties, and upstream {u:?} speaks MQTT 3.1.1; set protocol = \"5\" in [upstream.{u}] or use envelope = \"cloudevents\""),
+                ));
+            }
+        }
         for (rule, upstream, at) in rules.iter().flat_map(|r| r.binary_envelopes()) {
             if self
                 .upstream

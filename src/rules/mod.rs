@@ -1115,6 +1115,15 @@ impl Rule {
 }
 
 impl Verdict {
+    /// The broken contract the dead letter is for: not when the event was
+    /// routed anyway, and not when a rule error is the dead letter's reason
+    /// (rule errors come first).
+    pub fn broken_contract(&self) -> Option<&schema::Failure> {
+        self.schema_failure
+            .as_ref()
+            .filter(|_| self.dead_letter.is_some() && self.errors.is_empty())
+    }
+
     fn fail(&mut self, rule: &Arc<str>, why: String) {
         self.errors.push((rule.clone(), why));
     }

@@ -313,16 +313,21 @@ impl Schema {
         })?;
         // $refs to other files resolve next to this one.
         let base = std::fs::canonicalize(&path).unwrap_or(path.clone());
-        bounds::expansion(&value, &base, dir).map_err(|e| {
-            format!(
+        let referenced = bounds::expansion(&value, &base, dir).map_err(|e| match e {
+            bounds::Refusal::Cost(e) => format!(
                 "schema {:?}: {} is too costly to check events against: {e}",
                 spec.name,
                 path.display()
-            )
+            ),
+            bounds::Refusal::Ref(e) => format!(
+                "schema {:?}: {} is not a usable JSON Schema: {e}",
+                spec.name,
+                path.display()
+            ),
         })?;
+        // The draft is the file's `$schema`, 2020-12 if it has none.
         let validator = jsonschema::options()
-            .with_draft(jsonschema::Draft::Draft202012)
-            .with_base_uri(format!("file://{}", base.display()))
+            .with_base_uri(file_uri(&base))
             .with_retriever(bounds::Retriever {
                 root: dir.to_path_buf(),
             })
@@ -349,6 +354,9 @@ impl Schema {
                 d.update(spec.file.as_os_str().as_encoded_bytes());
                 d.update(&[0]);
                 d.update(text.as_bytes());
+                for r in &referenced {
+                    d.update(r);
+                }
                 let mut out = [0; 32];
                 out.copy_from_slice(d.finish().as_ref());
                 out
@@ -537,6 +545,20 @@ impl Contract {
             message,
         })
     }
+}
+
+/// `file://` and the path, percent-encoded (a space or a non-ASCII name in
+/// the rules directory made every schema "not usable").
+fn file_uri(path: &Path) -> String {
+    let mut out = String::from("file://");
+    for b in path.as_os_str().as_encoded_bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(b) {
+            out.push(*b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Numbers by value, then text, so version 10 comes after 9.
@@ -822,6 +844,13 @@ mod tests {
         let loose = digest("{}");
         assert_ne!(loose, digest(r#"{"type": "object"}"#));
         assert_eq!(loose, digest("{}"));
+        // And the files its $refs read.
+        let common = |text: &str| {
+            std::fs::write(d.path().join("common.json"), text).unwrap();
+            digest(r#"{"$ref": "common.json#/$defs/r"}"#)
+        };
+        let one = common(r#"{"$defs": {"r": {"type": "object"}}}"#);
+        assert_ne!(one, common(r#"{"$defs": {"r": {"type": "array"}}}"#));
     }
 
     #[test]

@@ -109,50 +109,100 @@ fn percent_decode(s: &str) -> String {
 }
 
 /// Check how far `schema` (from the file `path`) expands; the problem if
-/// too far. `$ref`s to other files are followed in `root`; anything this
-/// cannot resolve is left to the validator, which reports it.
-pub fn expansion(schema: &Value, path: &Path, root: &Path) -> Result<(), String> {
+/// too far, or if a `$ref` cannot be followed to count it (the validator
+/// could follow it: a guard that skipped it would let the cost through).
+/// On success, the SHA-256 of every other file its `$ref`s read, in the
+/// order first read (part of the set's digest).
+pub fn expansion(schema: &Value, path: &Path, root: &Path) -> Result<Vec<[u8; 32]>, Refusal> {
     let mut walk = Walk {
         root,
         docs: HashMap::new(),
+        read: Vec::new(),
         nodes: 0,
         stack: Vec::new(),
     };
-    walk.docs.insert(path.to_path_buf(), schema.clone());
-    let doc = path.to_path_buf();
-    walk.visit(&doc, schema, 0)
+    walk.load(path.to_path_buf(), schema.clone());
+    walk.visit(path, schema, 0, false)?;
+    Ok(walk.read)
+}
+
+/// Why a schema is refused before it is compiled.
+#[derive(Debug)]
+pub enum Refusal {
+    /// It would cost too much per event.
+    Cost(String),
+    /// A `$ref` cannot be followed (so neither counted nor, likely, used).
+    Ref(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Cost(m) | Refusal::Ref(m) => f.write_str(m),
+        }
+    }
+}
+
+/// A loaded document and its `$anchor`s (name -> JSON pointer).
+struct Doc {
+    value: Value,
+    anchors: HashMap<String, String>,
 }
 
 struct Walk<'a> {
     root: &'a Path,
-    docs: HashMap<PathBuf, Value>,
+    docs: HashMap<PathBuf, Doc>,
+    read: Vec<[u8; 32]>,
     nodes: usize,
     /// The `$ref` targets being expanded: one met again is a cycle.
     stack: Vec<(PathBuf, String)>,
 }
 
+/// Keywords whose value is a map from names to subschemas: their keys are
+/// names (a property may be called `const`), not keywords.
+const SCHEMA_MAPS: [&str; 5] = [
+    "properties",
+    "patternProperties",
+    "$defs",
+    "definitions",
+    "dependentSchemas",
+];
+
 impl Walk<'_> {
-    fn visit(&mut self, doc: &Path, v: &Value, refs: usize) -> Result<(), String> {
+    fn load(&mut self, path: PathBuf, value: Value) {
+        let mut anchors = HashMap::new();
+        collect_anchors(&value, String::new(), &mut anchors);
+        self.docs.insert(path, Doc { value, anchors });
+    }
+
+    /// `names`: `v` is a map of names to subschemas.
+    fn visit(&mut self, doc: &Path, v: &Value, refs: usize, names: bool) -> Result<(), Refusal> {
         self.nodes += 1;
         if self.nodes > MAX_NODES {
-            return Err(format!(
+            return Err(Refusal::Cost(format!(
                 "with its $refs followed it has more than {MAX_NODES} subschemas (a $ref used twice at each level doubles it); a validation could take minutes and gigabytes"
-            ));
+            )));
         }
         match v {
+            Value::Object(map) if names => {
+                for child in map.values() {
+                    self.visit(doc, child, refs, false)?;
+                }
+            }
             Value::Object(map) => {
                 for (k, child) in map {
                     match (k.as_str(), child) {
                         ("$ref" | "$dynamicRef", Value::String(r)) => self.follow(doc, r, refs)?,
                         // Values, not subschemas.
                         ("const" | "enum" | "default" | "examples", _) => {}
-                        _ => self.visit(doc, child, refs)?,
+                        (k, _) if SCHEMA_MAPS.contains(&k) => self.visit(doc, child, refs, true)?,
+                        _ => self.visit(doc, child, refs, false)?,
                     }
                 }
             }
             Value::Array(items) => {
                 for child in items {
-                    self.visit(doc, child, refs)?;
+                    self.visit(doc, child, refs, false)?;
                 }
             }
             _ => {}
@@ -160,38 +210,80 @@ impl Walk<'_> {
         Ok(())
     }
 
-    fn follow(&mut self, doc: &Path, r: &str, refs: usize) -> Result<(), String> {
+    fn follow(&mut self, doc: &Path, r: &str, refs: usize) -> Result<(), Refusal> {
         if refs + 1 > MAX_REF_DEPTH {
-            return Err(format!(
+            return Err(Refusal::Cost(format!(
                 "its $refs nest more than {MAX_REF_DEPTH} deep (the validator recurses once per level)"
-            ));
+            )));
         }
-        let (file, pointer) = r.split_once('#').unwrap_or((r, ""));
+        let unfollowed = || {
+            Refusal::Ref(format!(
+                "$ref {r:?} cannot be followed to count what it costs; use a JSON pointer (\"#/$defs/x\"), an $anchor (\"#x\") or a file next to the schema (\"common.json#/$defs/x\")"
+            ))
+        };
+        let (file, fragment) = r.split_once('#').unwrap_or((r, ""));
+        let fragment = percent_decode(fragment);
         let target = match file {
             "" => doc.to_path_buf(),
-            f if f.contains("://") => return Ok(()),
-            f => doc.parent().unwrap_or(Path::new(".")).join(f),
+            f if f.contains(':') => return Err(unfollowed()),
+            f => doc
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(percent_decode(f)),
         };
         if !self.docs.contains_key(&target) {
-            let Ok(text) = read(&target, self.root) else {
-                return Ok(());
-            };
-            let Ok(value) = serde_json::from_str::<Value>(&text) else {
-                return Ok(());
-            };
-            self.docs.insert(target.clone(), value);
+            let text = read(&target, self.root)
+                .map_err(|(m, _)| Refusal::Ref(format!("$ref {r:?}: {m}")))?;
+            let value = serde_json::from_str::<Value>(&text).map_err(|e| {
+                Refusal::Ref(format!("$ref {r:?}: {} is not JSON: {e}", target.display()))
+            })?;
+            let mut d = ring::digest::Context::new(&ring::digest::SHA256);
+            d.update(target.as_os_str().as_encoded_bytes());
+            d.update(&[0]);
+            d.update(text.as_bytes());
+            let mut sum = [0; 32];
+            sum.copy_from_slice(d.finish().as_ref());
+            self.read.push(sum);
+            self.load(target.clone(), value);
         }
-        let key = (target.clone(), pointer.to_string());
+        let d = &self.docs[&target];
+        let pointer = match fragment.as_str() {
+            "" => String::new(),
+            p if p.starts_with('/') => p.to_string(),
+            anchor => d.anchors.get(anchor).cloned().ok_or_else(unfollowed)?,
+        };
+        let key = (target.clone(), pointer.clone());
         if self.stack.contains(&key) {
             return Ok(());
         }
-        let Some(sub) = self.docs[&target].pointer(pointer).cloned() else {
-            return Ok(());
-        };
+        let sub = d.value.pointer(&pointer).cloned().ok_or_else(unfollowed)?;
         self.stack.push(key);
-        let out = self.visit(&target, &sub, refs + 1);
+        let out = self.visit(&target, &sub, refs + 1, false);
         self.stack.pop();
         out
+    }
+}
+
+/// Every `$anchor` and `$dynamicAnchor` in `v`, with its JSON pointer.
+fn collect_anchors(v: &Value, at: String, out: &mut HashMap<String, String>) {
+    match v {
+        Value::Object(map) => {
+            for key in ["$anchor", "$dynamicAnchor"] {
+                if let Some(Value::String(name)) = map.get(key) {
+                    out.entry(name.clone()).or_insert_with(|| at.clone());
+                }
+            }
+            for (k, child) in map {
+                let k = k.replace('~', "~0").replace('/', "~1");
+                collect_anchors(child, format!("{at}/{k}"), out);
+            }
+        }
+        Value::Array(items) => {
+            for (i, child) in items.iter().enumerate() {
+                collect_anchors(child, format!("{at}/{i}"), out);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -218,7 +310,49 @@ mod tests {
     fn a_schema_that_doubles_per_level_is_refused() {
         let p = Path::new("/r/s.json");
         assert!(expansion(&doubling(10), p, Path::new("/r")).is_ok());
-        let e = expansion(&doubling(24), p, Path::new("/r")).unwrap_err();
+        // The same with anchors, and with a percent-encoded pointer.
+        let mut defs = serde_json::Map::new();
+        for i in 0..24 {
+            let next = format!("#a{}", i + 1);
+            defs.insert(
+                format!("a{i}"),
+                json!({"$anchor": format!("a{i}"), "anyOf": [{"$ref": next}, {"$ref": next}]}),
+            );
+        }
+        defs.insert("a24".into(), json!({"$anchor": "a24", "required": ["x"]}));
+        let anchored = json!({"$ref": "#a0", "$defs": defs});
+        assert!(
+            expansion(&anchored, p, Path::new("/r"))
+                .unwrap_err()
+                .to_string()
+                .contains("more than")
+        );
+        let encoded = serde_json::to_string(&doubling(24))
+            .unwrap()
+            .replace("#/$defs/", "#/%24defs/");
+        let encoded: Value = serde_json::from_str(&encoded).unwrap();
+        assert!(
+            expansion(&encoded, p, Path::new("/r"))
+                .unwrap_err()
+                .to_string()
+                .contains("more than")
+        );
+        // A property called `const` is a property, not a keyword.
+        let mut hidden = doubling(24);
+        hidden["properties"] = json!({"const": {"$ref": "#/$defs/a0"}});
+        hidden.as_object_mut().unwrap().remove("$ref");
+        assert!(
+            expansion(&hidden, p, Path::new("/r"))
+                .unwrap_err()
+                .to_string()
+                .contains("more than")
+        );
+        // What cannot be followed is refused, not skipped.
+        let e = expansion(&json!({"$ref": "https://x/y.json"}), p, Path::new("/r")).unwrap_err();
+        assert!(e.to_string().contains("cannot be followed"), "{e}");
+        let e = expansion(&doubling(24), p, Path::new("/r"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("more than 50000 subschemas"), "{e}");
     }
 
@@ -233,7 +367,9 @@ mod tests {
         }
         defs.insert("a40".into(), json!({"type": "object"}));
         let chain = json!({"$ref": "#/$defs/a0", "$defs": defs});
-        let e = expansion(&chain, Path::new("/r/s.json"), Path::new("/r")).unwrap_err();
+        let e = expansion(&chain, Path::new("/r/s.json"), Path::new("/r"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("nest more than 32"), "{e}");
         let tree = json!({"type": "object", "properties": {"child": {"$ref": "#"}, "kids": {"items": {"$ref": "#"}}}});
         assert!(expansion(&tree, Path::new("/r/s.json"), Path::new("/r")).is_ok());

@@ -336,8 +336,7 @@ fn collect(v: &Verdict) -> Vec<Output> {
             payload: codec::decode(&r.payload),
         })
         .collect();
-    let dead = v.dead_letter.is_some();
-    out.extend(v.schema_failure.iter().filter(|_| dead).map(|f| Output {
+    out.extend(v.broken_contract().map(|f| Output {
         upstream: None,
         local: None,
         topic: format!("schema {:?} at {:?}: {}", f.schema, f.path, f.message),

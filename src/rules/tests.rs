@@ -974,7 +974,7 @@ to = [{ upstream = "cloud", envelope = "cloudevents", event_source = "has space"
     );
     assert!(e.contains("a CloudEvents structured event is JSON"), "{e}");
     assert!(e.contains("{nope}"), "{e}");
-    assert!(e.contains("cloudevents"), "{e}");
+    assert!(e.contains("unknown variant `cloudevent`"), "{e}");
     assert!(e.contains("a local destination has none"), "{e}");
     assert!(e.contains("is not a URI reference"), "{e}");
 }
@@ -1014,5 +1014,43 @@ to = [{ upstream = "cloud", topic = "any" }]
             .as_deref()
             .unwrap()
             .starts_with("schema \"s\"")
+    );
+}
+
+#[test]
+fn a_rule_error_is_the_dead_letters_reason_over_a_rules_schema() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("s.json"), r#"{"required": ["x"]}"#).unwrap();
+    let text = r#"
+[[schema]]
+name = "s"
+match = "m/+"
+file = "s.json"
+
+[[rule]]
+name = "checked"
+match = "m/{x}"
+schema = "s"
+to = [{ upstream = "cloud" }]
+
+[[rule]]
+name = "broken"
+match = "m/{x}"
+when = "payload.y > 1"
+to = [{ upstream = "cloud" }]
+"#;
+    let set = RuleSet::from_str(&d.path().join("r.toml"), text, &upstreams()).unwrap();
+    let v = route(&set, "m/1", br#"{"z": 1}"#);
+    assert!(
+        v.dead_letter
+            .as_deref()
+            .unwrap()
+            .starts_with("rule \"broken\""),
+        "{v:?}"
+    );
+    assert!(v.schema_failure.is_some(), "still counted");
+    assert!(
+        v.broken_contract().is_none(),
+        "not what the dead letter says"
     );
 }

@@ -107,6 +107,7 @@ impl<'a> Packets<'a> {
             retain: false,
             properties: match (row.properties, self.v5) {
                 (Some(p), true) => Some(p),
+                (Some(p), false) if p.user.is_empty() => None,
                 (Some(_), false) => {
                     // Queued for MQTT 5 (a binary CloudEvent), sent after
                     // the upstream was set to 3.1.1: the payload is the
@@ -124,6 +125,26 @@ impl<'a> Packets<'a> {
                 (None, _) => None,
             },
         };
+        // MQTT writes a property's strings with two length bytes: a longer
+        // one (a CloudEvent's `source` from a huge topic) would be cut on
+        // the wire and the broker would drop the session, every time.
+        if let Some(p) = &publish.properties
+            && let Some(long) = p
+                .content_type
+                .iter()
+                .chain(p.user.iter().flat_map(|(k, v)| [k, v]))
+                .find(|s| s.len() > u16::MAX as usize)
+        {
+            return Err(Unsendable {
+                why: format!(
+                    "an MQTT 5 property is {} bytes; MQTT allows {}",
+                    long.len(),
+                    u16::MAX
+                ),
+                topic: publish.topic,
+                event_id: publish.event_id,
+            });
+        }
         let extra = if self.v5 { properties_len(&publish) } else { 0 };
         match sendable(
             &publish.topic,
@@ -225,5 +246,39 @@ mod tests {
         // 1 + 2 (remaining length 200) + 2 + 3 + 2 + 193 = 203 bytes.
         assert!(sendable("a/b", 193, QoS::AtLeastOnce, 203).is_ok());
         assert!(sendable("a/b", 194, QoS::AtLeastOnce, 203).is_err());
+    }
+
+    fn row(props: Properties) -> Row {
+        Row {
+            id: 1,
+            event_id: "e".into(),
+            topic: "a/b".into(),
+            qos: 1,
+            priority: crate::queue::Priority::Normal,
+            received_ms: 0,
+            expires_ms: None,
+            payload: bytes::Bytes::from_static(b"{}"),
+            properties: Some(std::sync::Arc::new(props)),
+        }
+    }
+
+    #[test]
+    fn a_property_longer_than_mqtt_allows_is_unsendable() {
+        let packets = Packets {
+            v5: true,
+            max_packet: 1 << 20,
+            replay_marker: None,
+            connected_ms: 0,
+        };
+        let props = |source: String| Properties {
+            content_type: Some("application/json".into()),
+            user: vec![("source".into(), source)],
+        };
+        let ok = packets.build(row(props("x".repeat(65_535))), 0).unwrap();
+        assert_eq!(ok.properties.unwrap().user[0].1.len(), 65_535);
+        let e = packets
+            .build(row(props("x".repeat(65_536))), 0)
+            .unwrap_err();
+        assert!(e.why.contains("65536 bytes"), "{}", e.why);
     }
 }

@@ -560,4 +560,18 @@ fn cloudevents_binary_mode_towards_an_mqtt_3_upstream_is_a_config_error() {
         e.contains("upstream \"cloud\" speaks MQTT 3.1.1; set protocol = \"5\""),
         "{e}"
     );
+    // The unmatched destination too.
+    std::fs::write(rules.join("r.toml"), "").unwrap();
+    let text = text.replace(
+        "[rules]\n",
+        "[rules]\nunmatched = { upstream = \"cloud\", envelope = \"cloudevents-binary\" }\n",
+    );
+    let Err(unmatched) = edgeferry::Config::from_toml(&text, &d.join("edgeferry.toml"), d) else {
+        panic!("loaded");
+    };
+    let unmatched = unmatched.to_string();
+    assert!(
+        unmatched.contains("rules.unmatched: envelope = \"cloudevents-binary\""),
+        "{unmatched}"
+    );
 }
