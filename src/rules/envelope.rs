@@ -11,15 +11,16 @@
 //! and `datacontenttype` as the Content Type property. Either way they
 //! are fixed when the event is queued and kept with its row.
 
-use std::fmt::Write as _;
 use std::time::{Duration, UNIX_EPOCH};
 
 use base64::Engine as _;
 use bytes::Bytes;
-use serde::Deserialize;
-use serde_json::{Map, Value};
+use percent_encoding::AsciiSet;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::template::Template;
+use crate::percent;
 use crate::queue::Properties;
 
 /// The `envelope` key of a destination.
@@ -61,29 +62,45 @@ pub enum Data<'a> {
     Bytes(&'a [u8]),
 }
 
-/// The structured-mode event, as JSON bytes.
+/// The structured-mode event, as JSON bytes: written straight from the
+/// attributes and the data (no copy of the payload into a map first).
 pub fn structured(a: &Attributes<'_>, data: Data<'_>) -> Result<Bytes, String> {
-    let mut ce = Map::with_capacity(9);
-    ce.insert("specversion".into(), "1.0".into());
-    ce.insert("id".into(), a.id.into());
-    ce.insert("source".into(), a.source.clone().into());
-    ce.insert("type".into(), a.event_type.clone().into());
-    ce.insert("time".into(), rfc3339(a.received_ms).into());
-    if let Some(s) = a.dataschema {
-        ce.insert("dataschema".into(), s.into());
+    #[derive(Serialize)]
+    struct Event<'a> {
+        specversion: &'static str,
+        id: &'a str,
+        source: &'a str,
+        #[serde(rename = "type")]
+        event_type: &'a str,
+        time: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        dataschema: Option<&'a str>,
+        datacontenttype: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data: Option<&'a Value>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data_base64: Option<String>,
     }
-    match data {
-        Data::Value(v) => {
-            ce.insert("datacontenttype".into(), "application/json".into());
-            ce.insert("data".into(), v.clone());
-        }
-        Data::Bytes(b) => {
-            ce.insert("datacontenttype".into(), "application/octet-stream".into());
-            let text = base64::engine::general_purpose::STANDARD.encode(b);
-            ce.insert("data_base64".into(), text.into());
-        }
-    }
-    serde_json::to_vec(&Value::Object(ce))
+    let (datacontenttype, data, data_base64) = match data {
+        Data::Value(v) => ("application/json", Some(v), None),
+        Data::Bytes(b) => (
+            "application/octet-stream",
+            None,
+            Some(base64::engine::general_purpose::STANDARD.encode(b)),
+        ),
+    };
+    let event = Event {
+        specversion: "1.0",
+        id: a.id,
+        source: &a.source,
+        event_type: &a.event_type,
+        time: rfc3339(a.received_ms),
+        dataschema: a.dataschema,
+        datacontenttype,
+        data,
+        data_base64,
+    };
+    serde_json::to_vec(&event)
         .map(Bytes::from)
         .map_err(|e| format!("cannot encode the CloudEvent: {e}"))
 }
@@ -116,42 +133,36 @@ pub fn binary(a: &Attributes<'_>, content_type: &str) -> Properties {
 pub fn default_source(gateway: &str, topic: &str) -> String {
     let mut out = String::with_capacity(14 + gateway.len() + topic.len());
     out.push_str("edgeferry://");
-    escape(&mut out, gateway, Part::Authority);
+    out.push_str(&percent::encode(gateway, AUTHORITY));
     out.push('/');
-    escape(&mut out, topic, Part::Path);
+    out.push_str(&percent::encode(topic, PATH));
     out
 }
 
-/// Where in a URI text goes, for percent-encoding (RFC 3986).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Part {
-    /// A host: unreserved and sub-delims (no `:`, which starts a port).
-    Authority,
-    /// A path: those, `:` and `@`, and `/`.
-    Path,
-    /// One value inside a path segment: no `/` either.
-    Segment,
-}
+/// A host keeps unreserved characters and sub-delims (not `:`, which
+/// starts a port).
+const AUTHORITY: &AsciiSet = &percent::UNRESERVED
+    .remove(b'!')
+    .remove(b'$')
+    .remove(b'&')
+    .remove(b'\'')
+    .remove(b'(')
+    .remove(b')')
+    .remove(b'*')
+    .remove(b'+')
+    .remove(b',')
+    .remove(b';')
+    .remove(b'=');
+/// One value inside a path segment: those, `:` and `@`.
+pub const SEGMENT: &AsciiSet = &AUTHORITY.remove(b':').remove(b'@');
+/// A path: a segment's characters and `/`.
+const PATH: &AsciiSet = &SEGMENT.remove(b'/');
 
 /// Whether `text` may stand in a URI reference as written (RFC 3986's
 /// characters, `%` for escapes): a `source` template's literal text.
 pub fn uri_text(text: &str) -> bool {
     text.bytes()
         .all(|b| b.is_ascii_alphanumeric() || b"-._~:/?#[]@!$&'()*+,;=%".contains(&b))
-}
-
-pub fn escape(out: &mut String, text: &str, part: Part) {
-    for b in text.bytes() {
-        let plain = b.is_ascii_alphanumeric()
-            || b"-._~!$&'()*+,;=".contains(&b)
-            || (part != Part::Authority && b"@:".contains(&b))
-            || (part == Part::Path && b == b'/');
-        if plain {
-            out.push(b as char);
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
 }
 
 /// `received_ms` in RFC 3339, UTC, with milliseconds.
