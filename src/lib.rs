@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod ops;
 pub mod pacing;
 pub mod passwd;
+pub mod percent;
 pub mod queue;
 pub mod receipt;
 pub mod reload;

@@ -1,5 +1,5 @@
 //! Rule reload: on request (SIGHUP, `Running::reload`) and, when
-//! `rules.watch` is on, on a change to a `*.toml` file in the rules
+//! `rules.watch` is on, on a change to a `*.toml` (or `*.json` schema) file in the rules
 //! directory (inotify via `notify`, debounced so an editor's save burst
 //! gives one reload).
 //!

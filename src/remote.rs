@@ -276,16 +276,13 @@ fn undo(dir: &Path) {
 /// The files a set is made of, in `dir`: rule files and schema files, in
 /// name order (not directories, not dot-files).
 fn set_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let name = p.file_name().unwrap_or_default().to_string_lossy();
-            !name.starts_with('.')
-                && (name.ends_with(".toml") || name.ends_with(".json"))
-                && p.is_file()
-        })
-        .collect();
-    files.sort();
+    let mut files = crate::rules::files_with(dir, &["toml", "json"])?;
+    files.retain(|p| {
+        !p.file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .starts_with('.')
+    });
     Ok(files)
 }
 

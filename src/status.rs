@@ -102,7 +102,12 @@ pub fn follow_trace(
     let mut s = connect(addr)?;
     // The stream waits for events as long as it takes.
     s.set_read_timeout(None).map_err(not_running)?;
-    let query = filter.map_or(String::new(), |f| format!("?filter={}", percent_encode(f)));
+    let query = filter.map_or(String::new(), |f| {
+        format!(
+            "?filter={}",
+            crate::percent::encode(f, crate::percent::PATH)
+        )
+    });
     write!(s, "GET /trace{query} HTTP/1.1\r\nHost: {addr}\r\n\r\n").map_err(not_running)?;
     let mut r = std::io::BufReader::new(s);
     let mut status = String::new();
@@ -134,18 +139,6 @@ pub fn follow_trace(
         }
     }
     Ok(())
-}
-
-/// A filter in a query string: `#`, `+` and the like encoded.
-fn percent_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'/' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// GET `path` from `addr`: the body of a 200 answer.

@@ -248,7 +248,7 @@ async fn trace_request(
     let filter = query
         .split('&')
         .find_map(|kv| kv.strip_prefix("filter="))
-        .map(percent_decode)
+        .map(crate::percent::decode_query)
         .filter(|f| !f.is_empty());
     let filter = match filter.as_deref().map(crate::topic::Pattern::parse) {
         None => None,
@@ -338,35 +338,6 @@ async fn trace_stream(mut t: TraceRequest, metrics: &Metrics, mut shutdown: watc
             return;
         }
     }
-}
-
-/// `%2F` and friends back to bytes (a filter's `#` and `+` arrive encoded).
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        match (
-            b[i],
-            b.get(i + 1).copied().and_then(hex),
-            b.get(i + 2).copied().and_then(hex),
-        ) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (b'+', ..) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (c, ..) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 async fn respond(

@@ -360,12 +360,12 @@ impl RuleSet {
         errors: &mut Vec<Diagnostic>,
     ) {
         self.upstreams.clone_from(upstreams);
-        let mut d = ring::digest::Context::new(&ring::digest::SHA256);
-        d.update(&self.digest);
-        d.update(file.file_name().unwrap_or_default().as_encoded_bytes());
-        d.update(&[0]);
-        d.update(text.as_bytes());
-        self.digest.copy_from_slice(d.finish().as_ref());
+        self.digest = sha256([
+            &self.digest[..],
+            file.file_name().unwrap_or_default().as_encoded_bytes(),
+            &[0],
+            text.as_bytes(),
+        ]);
         let contents = compile::parse_file(file, text, upstreams, errors);
         let mut duplicates = Vec::new();
         for (name, at) in contents.names {
@@ -413,10 +413,7 @@ impl RuleSet {
     fn resolve_schemas(&mut self, errors: &mut Vec<Diagnostic>) {
         // The schema files are part of what the set runs.
         for s in &self.schemas {
-            let mut d = ring::digest::Context::new(&ring::digest::SHA256);
-            d.update(&self.digest);
-            d.update(&s.digest);
-            self.digest.copy_from_slice(d.finish().as_ref());
+            self.digest = sha256([&self.digest[..], &s.digest]);
         }
         self.contracts = schema::Contract::group(std::mem::take(&mut self.schemas), errors);
         let names: Vec<&str> = self.contracts.iter().map(|c| &*c.name).collect();
@@ -961,16 +958,9 @@ impl RuleSet {
     ) -> Result<(Bytes, Option<Arc<Properties>>), String> {
         let event = out.event;
         let value = transformed.or(event.payload.value());
-        let with_id;
-        let data = match (value, d.encode) {
+        let with_id = value.map(|v| with_id_field(d, out.id, v));
+        let data = match (&with_id, d.encode) {
             (None, _) | (_, Some(Encoding::Raw)) => envelope::Data::Bytes(&event.raw),
-            (Some(Value::Object(map)), _) if d.id_field.is_some() => {
-                let mut map = map.clone();
-                let field = d.id_field.as_deref().unwrap_or_default();
-                map.insert(field.to_string(), Value::String(out.id.to_string()));
-                with_id = Value::Object(map);
-                envelope::Data::Value(&with_id)
-            }
             (Some(v), _) => envelope::Data::Value(v),
         };
         // The version the data claims: an upcast's output claims the
@@ -992,7 +982,7 @@ impl RuleSet {
         let source = match &env.source {
             Some(t) => t
                 .render_with(out.captures, value, |s, v| {
-                    envelope::escape(s, v, envelope::Part::Segment)
+                    s.push_str(&crate::percent::encode(v, envelope::SEGMENT))
                 })
                 .map_err(|e| e.replace("topic field", "event_source field"))?,
             None => envelope::default_source(&self.gateway, &event.topic),
@@ -1080,21 +1070,48 @@ fn payload_for(
     let encoding = d
         .encode
         .unwrap_or_else(|| transform::natural_encoding(&event.payload));
+    transform::encode(&with_id_field(d, id, value), encoding)
+}
+
+/// `value` with the event id under the destination's `id_field`, if it has
+/// one and `value` is an object; else `value` itself.
+fn with_id_field<'v>(d: &Destination, id: &str, value: &'v Value) -> std::borrow::Cow<'v, Value> {
     match (&d.id_field, value) {
         (Some(field), Value::Object(map)) => {
             let mut map = map.clone();
             map.insert(field.to_string(), Value::String(id.to_string()));
-            transform::encode(&Value::Object(map), encoding)
+            std::borrow::Cow::Owned(Value::Object(map))
         }
-        _ => transform::encode(value, encoding),
+        _ => std::borrow::Cow::Borrowed(value),
     }
 }
 
 /// The `*.toml` files in `dir`, in file-name order (the rule order).
 pub fn toml_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    files_with(dir, &["toml"])
+}
+
+/// SHA-256 of `parts`, one after another (the set's digest and what
+/// goes into it).
+pub(crate) fn sha256<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> [u8; 32] {
+    let mut d = ring::digest::Context::new(&ring::digest::SHA256);
+    for p in parts {
+        d.update(p);
+    }
+    let mut out = [0; 32];
+    out.copy_from_slice(d.finish().as_ref());
+    out
+}
+
+/// The regular files in `dir` with one of these extensions, in name order.
+pub fn files_with(dir: &Path, extensions: &[&str]) -> std::io::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|x| extensions.iter().any(|e| x == *e))
+                && p.is_file()
+        })
         .collect();
     files.sort();
     Ok(files)

@@ -349,18 +349,15 @@ impl Schema {
             version: spec.version.as_ref().map(|v| Arc::from(v.text())),
             locator,
             id: value.get("$id").and_then(Value::as_str).map(Arc::from),
-            digest: {
-                let mut d = ring::digest::Context::new(&ring::digest::SHA256);
-                d.update(spec.file.as_os_str().as_encoded_bytes());
-                d.update(&[0]);
-                d.update(text.as_bytes());
-                for r in &referenced {
-                    d.update(r);
-                }
-                let mut out = [0; 32];
-                out.copy_from_slice(d.finish().as_ref());
-                out
-            },
+            digest: super::sha256(
+                [
+                    spec.file.as_os_str().as_encoded_bytes(),
+                    &[0],
+                    text.as_bytes(),
+                ]
+                .into_iter()
+                .chain(referenced.iter().map(|r| &r[..])),
+            ),
             file: path,
             at,
             validator: Arc::new(validator),
@@ -550,15 +547,11 @@ impl Contract {
 /// `file://` and the path, percent-encoded (a space or a non-ASCII name in
 /// the rules directory made every schema "not usable").
 fn file_uri(path: &Path) -> String {
-    let mut out = String::from("file://");
-    for b in path.as_os_str().as_encoded_bytes() {
-        if b.is_ascii_alphanumeric() || b"/-._~".contains(b) {
-            out.push(*b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    let path = path.to_string_lossy();
+    format!(
+        "file://{}",
+        crate::percent::encode(&path, crate::percent::PATH)
+    )
 }
 
 /// Numbers by value, then text, so version 10 comes after 9.

@@ -78,34 +78,10 @@ impl jsonschema::Retrieve for Retriever {
                 format!("{uri}: only $refs to files next to the schema are resolved").into(),
             );
         }
-        let path = PathBuf::from(percent_decode(uri.path().as_str()));
+        let path = PathBuf::from(crate::percent::decode(uri.path().as_str()));
         let text = read(&path, &self.root).map_err(|(m, _)| m)?;
         Ok(serde_json::from_str(&text)?)
     }
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        match (
-            b[i],
-            b.get(i + 1).and_then(|c| hex(*c)),
-            b.get(i + 2).and_then(|c| hex(*c)),
-        ) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (c, _, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Check how far `schema` (from the file `path`) expands; the problem if
@@ -222,14 +198,14 @@ impl Walk<'_> {
             ))
         };
         let (file, fragment) = r.split_once('#').unwrap_or((r, ""));
-        let fragment = percent_decode(fragment);
+        let fragment = crate::percent::decode(fragment);
         let target = match file {
             "" => doc.to_path_buf(),
             f if f.contains(':') => return Err(unfollowed()),
             f => doc
                 .parent()
                 .unwrap_or(Path::new("."))
-                .join(percent_decode(f)),
+                .join(crate::percent::decode(f)),
         };
         if !self.docs.contains_key(&target) {
             let text = read(&target, self.root)
@@ -237,13 +213,11 @@ impl Walk<'_> {
             let value = serde_json::from_str::<Value>(&text).map_err(|e| {
                 Refusal::Ref(format!("$ref {r:?}: {} is not JSON: {e}", target.display()))
             })?;
-            let mut d = ring::digest::Context::new(&ring::digest::SHA256);
-            d.update(target.as_os_str().as_encoded_bytes());
-            d.update(&[0]);
-            d.update(text.as_bytes());
-            let mut sum = [0; 32];
-            sum.copy_from_slice(d.finish().as_ref());
-            self.read.push(sum);
+            self.read.push(super::sha256([
+                target.as_os_str().as_encoded_bytes(),
+                &[0],
+                text.as_bytes(),
+            ]));
             self.load(target.clone(), value);
         }
         let d = &self.docs[&target];
@@ -389,6 +363,5 @@ mod tests {
         assert!(m.contains("at most"), "{m}");
         std::fs::write(d.path().join("ok.json"), "{}").unwrap();
         assert_eq!(read(&d.path().join("ok.json"), d.path()).unwrap(), "{}");
-        assert_eq!(percent_decode("/a%20b/%C3%BC"), "/a b/ü");
     }
 }

@@ -979,29 +979,31 @@ to = [{ upstream = "cloud", envelope = "cloudevents", event_source = "has space"
     assert!(e.contains("is not a URI reference"), "{e}");
 }
 
-#[test]
-fn a_rules_schema_dead_letters_only_what_no_other_rule_routed() {
+/// Schema `s` (requires `x`) on `m/+`, not enforced, and a rule
+/// "checked" on `m/{x}` that requires it, ending with `rest` (its `to`,
+/// and more rules).
+fn with_checked_rule(rest: &str) -> (tempfile::TempDir, RuleSet) {
     let d = tempfile::tempdir().unwrap();
     std::fs::write(d.path().join("s.json"), r#"{"required": ["x"]}"#).unwrap();
-    let text = r#"
-[[schema]]
-name = "s"
-match = "m/+"
-file = "s.json"
+    let text = format!(
+        "[[schema]]\nname = \"s\"\nmatch = \"m/+\"\nfile = \"s.json\"\n\n[[rule]]\nname = \"checked\"\nmatch = \"m/{{x}}\"\nschema = \"s\"\n{rest}"
+    );
+    let set = RuleSet::from_str(&d.path().join("r.toml"), &text, &upstreams()).unwrap();
+    (d, set)
+}
 
-[[rule]]
-name = "checked"
-match = "m/{x}"
-schema = "s"
-to = [{ upstream = "cloud", topic = "checked" }]
+#[test]
+fn a_rules_schema_dead_letters_only_what_no_other_rule_routed() {
+    let (_d, set) = with_checked_rule(
+        r#"to = [{ upstream = "cloud", topic = "checked" }]
 
 [[rule]]
 name = "any"
 match = "m/{x}"
 when = "has(payload.y)"
 to = [{ upstream = "cloud", topic = "any" }]
-"#;
-    let set = RuleSet::from_str(&d.path().join("r.toml"), text, &upstreams()).unwrap();
+"#,
+    );
     let v = route(&set, "m/1", br#"{"y": 1}"#);
     let topics: Vec<&str> = v.routes.iter().map(|r| r.topic.as_str()).collect();
     assert_eq!(topics, ["any"]);
@@ -1019,27 +1021,16 @@ to = [{ upstream = "cloud", topic = "any" }]
 
 #[test]
 fn a_rule_error_is_the_dead_letters_reason_over_a_rules_schema() {
-    let d = tempfile::tempdir().unwrap();
-    std::fs::write(d.path().join("s.json"), r#"{"required": ["x"]}"#).unwrap();
-    let text = r#"
-[[schema]]
-name = "s"
-match = "m/+"
-file = "s.json"
-
-[[rule]]
-name = "checked"
-match = "m/{x}"
-schema = "s"
-to = [{ upstream = "cloud" }]
+    let (_d, set) = with_checked_rule(
+        r#"to = [{ upstream = "cloud" }]
 
 [[rule]]
 name = "broken"
 match = "m/{x}"
 when = "payload.y > 1"
 to = [{ upstream = "cloud" }]
-"#;
-    let set = RuleSet::from_str(&d.path().join("r.toml"), text, &upstreams()).unwrap();
+"#,
+    );
     let v = route(&set, "m/1", br#"{"z": 1}"#);
     assert!(
         v.dead_letter

@@ -313,6 +313,58 @@ async fn sigkill_delivers_the_will_and_sigterm_leaves_offline_retained() {
     );
 }
 
+/// A gateway taking remote operations (`control_topic`) from Mosquitto as
+/// its cloud, with a cloud subscriber on `plant/#` and a local sensor.
+struct Remote {
+    _mosq: Mosquitto,
+    gw: Gateway,
+    plant: Subscriber,
+    sensor: Sensor,
+    control: Control,
+}
+
+/// The cloud's side of the control topic: a command sent, its result read.
+struct Control {
+    cloud: Sensor,
+    results: Subscriber,
+    asked: usize,
+}
+
+impl Remote {
+    async fn start(d: &Path) -> Remote {
+        let mosq = Mosquitto::start(&d.join("mosquitto"), &[""]).await;
+        let text = config(d, mosq.ports[0], "control_topic = \"gw/{gateway}/control\"");
+        let gw = Gateway::start_with(d, &text).await;
+        subscribed(&gw, 1).await;
+        let results = Subscriber::start(mosq.addr(0), "gw/test/control/result").await;
+        let plant = Subscriber::start(mosq.addr(0), "plant/#").await;
+        let cloud = Sensor::connect(mosq.addr(0)).await;
+        let sensor = Sensor::connect(gw.addr).await;
+        Remote {
+            _mosq: mosq,
+            gw,
+            plant,
+            sensor,
+            control: Control {
+                cloud,
+                results,
+                asked: 0,
+            },
+        }
+    }
+}
+
+impl Control {
+    async fn ask(&mut self, command: Value) -> Value {
+        self.asked += 1;
+        self.cloud
+            .publish("gw/test/control", command.to_string().into_bytes())
+            .await;
+        let got = self.results.wait_for(self.asked).await;
+        json_of(&got[self.asked - 1])
+    }
+}
+
 /// Remote operations on the control topic: `status`, a refused bad set
 /// (file:line in the result, the old rules still running), a set whose own
 /// test fails, a good set applied, and `rollback`.
@@ -320,26 +372,17 @@ async fn sigkill_delivers_the_will_and_sigterm_leaves_offline_retained() {
 async fn remote_rules_are_checked_and_tested_before_they_replace_the_running_set() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mosq = Mosquitto::start(&d.join("mosquitto"), &[""]).await;
-    let text = config(d, mosq.ports[0], "control_topic = \"gw/{gateway}/control\"");
-    let gw = Gateway::start_with(d, &text).await;
-    subscribed(&gw, 1).await;
-    let results = Subscriber::start(mosq.addr(0), "gw/test/control/result").await;
-    let plant = Subscriber::start(mosq.addr(0), "plant/#").await;
-    let cloud = Sensor::connect(mosq.addr(0)).await;
-    let sensor = Sensor::connect(gw.addr).await;
+    let Remote {
+        _mosq,
+        gw,
+        plant,
+        sensor,
+        mut control,
+    } = Remote::start(d).await;
     let m = gw.running.metrics.clone();
     let digest = || m.rules_digest.lock().unwrap().clone();
     let before = digest();
-    let mut asked = 0;
-    let mut ask = async |command: Value| {
-        asked += 1;
-        cloud
-            .publish("gw/test/control", command.to_string().into_bytes())
-            .await;
-        let got = results.wait_for(asked).await;
-        json_of(&got[asked - 1])
-    };
+    let mut ask = async |command: Value| control.ask(command).await;
 
     let r = ask(json!({"request_id": "s1", "command": "status"})).await;
     assert_eq!(
@@ -607,23 +650,14 @@ async fn a_resumed_session_repeats_no_retained_command_and_own_messages_are_not_
 async fn a_remote_rule_set_carries_its_schema_files() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mosq = Mosquitto::start(&d.join("mosquitto"), &[""]).await;
-    let text = config(d, mosq.ports[0], "control_topic = \"gw/{gateway}/control\"");
-    let gw = Gateway::start_with(d, &text).await;
-    subscribed(&gw, 1).await;
-    let results = Subscriber::start(mosq.addr(0), "gw/test/control/result").await;
-    let plant = Subscriber::start(mosq.addr(0), "plant/#").await;
-    let cloud = Sensor::connect(mosq.addr(0)).await;
-    let sensor = Sensor::connect(gw.addr).await;
-    let mut asked = 0;
-    let mut ask = async |command: Value| {
-        asked += 1;
-        cloud
-            .publish("gw/test/control", command.to_string().into_bytes())
-            .await;
-        let got = results.wait_for(asked).await;
-        json_of(&got[asked - 1])
-    };
+    let Remote {
+        _mosq,
+        gw,
+        plant,
+        sensor,
+        mut control,
+    } = Remote::start(d).await;
+    let mut ask = async |command: Value| control.ask(command).await;
     let rules = "[[schema]]\nname = \"t\"\nmatch = \"sensors/+\"\nfile = \"t.schema.json\"\nenforce = true\n\n[[rule]]\nname = \"t\"\nmatch = \"sensors/{d}\"\nto = [{ upstream = \"cloud\", topic = \"plant/{d}\" }]\n\n[[test]]\nname = \"a string is not a reading\"\ninput = { topic = \"sensors/x\", payload = { value = \"hot\" } }\nexpect = [{ dead_letter = \"schema\", path = \"/value\" }]\n";
     let schema = r#"{"type": "object", "properties": {"value": {"type": "number"}}}"#;
 
