@@ -483,15 +483,12 @@ pub fn compile_destination(
     };
     let template = |t: &str, key, problems: &mut Vec<_>| {
         let captures = pattern.into_iter().flat_map(|p| p.capture_names());
-        Template::parse(t, captures)
-            .map_err(|e| {
-                // The parser speaks of topics; an envelope's attributes are not.
-                let e = match key {
-                    "event_type" | "event_source" => e.replace("topic template", key),
-                    _ => e,
-                };
-                problems.push((key, e))
-            })
+        let what = match key {
+            "event_type" | "event_source" => key,
+            _ => "topic",
+        };
+        Template::parse_for(what, t, captures)
+            .map_err(|e| problems.push((key, e)))
             .ok()
     };
     let topic = match (&d.local, &d.topic) {

@@ -970,9 +970,7 @@ impl RuleSet {
             envelope::Data::Bytes(_) => None,
         });
         let event_type = match (&env.event_type, schema) {
-            (Some(t), _) => t
-                .render(out.captures, value)
-                .map_err(|e| e.replace("topic field", "event_type field"))?,
+            (Some(t), _) => t.render(out.captures, value)?,
             (None, Some(s)) => match &s.version {
                 Some(v) => format!("{}.v{v}", s.name),
                 None => s.name.to_string(),
@@ -980,11 +978,9 @@ impl RuleSet {
             (None, None) => rule.to_string(),
         };
         let source = match &env.source {
-            Some(t) => t
-                .render_with(out.captures, value, |s, v| {
-                    s.push_str(&crate::percent::encode(v, envelope::SEGMENT))
-                })
-                .map_err(|e| e.replace("topic field", "event_source field"))?,
+            Some(t) => t.render_with(out.captures, value, |s, v| {
+                s.push_str(&crate::percent::encode(v, envelope::SEGMENT))
+            })?,
             None => envelope::default_source(&self.gateway, &event.topic),
         };
         let attributes = envelope::Attributes {

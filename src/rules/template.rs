@@ -8,6 +8,8 @@ use serde_json::Value;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
     parts: Vec<Part>,
+    /// What it fills, for its errors: "topic", or an envelope attribute.
+    what: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,37 +21,46 @@ enum Part {
 }
 
 impl Template {
-    /// Parse `text`; every `{name}` must be one of `captures`.
+    /// Parse a topic template; every `{name}` must be one of `captures`.
     pub fn parse<'a>(
+        text: &str,
+        captures: impl Iterator<Item = &'a str> + Clone,
+    ) -> Result<Template, String> {
+        Self::parse_for("topic", text, captures)
+    }
+
+    /// Parse a template that fills `what` (its errors say so).
+    pub fn parse_for<'a>(
+        what: &'static str,
         text: &str,
         mut captures: impl Iterator<Item = &'a str> + Clone,
     ) -> Result<Template, String> {
         if text.is_empty() {
-            return Err("topic template cannot be empty".into());
+            return Err(format!("{what} template cannot be empty"));
         }
         if text.contains(['+', '#']) {
             return Err(format!(
-                "topic template {text:?} must not contain '+' or '#'"
+                "{what} template {text:?} must not contain '+' or '#'"
             ));
         }
         let mut parts = Vec::new();
         let mut rest = text;
         while let Some(open) = rest.find('{') {
             if rest[..open].contains('}') {
-                return Err(format!("unmatched '}}' in topic template {text:?}"));
+                return Err(format!("unmatched '}}' in {what} template {text:?}"));
             }
             if open > 0 {
                 parts.push(Part::Text(rest[..open].to_string()));
             }
             let close = rest[open..]
                 .find('}')
-                .ok_or_else(|| format!("unclosed '{{' in topic template {text:?}"))?;
+                .ok_or_else(|| format!("unclosed '{{' in {what} template {text:?}"))?;
             let name = &rest[open + 1..open + close];
             if let Some(path) = name.strip_prefix("payload.") {
                 let path: Vec<String> = path.split('.').map(str::to_string).collect();
                 if path.iter().any(String::is_empty) {
                     return Err(format!(
-                        "topic template {text:?}: {{{name}}} needs a field path like {{payload.serial}}"
+                        "{what} template {text:?}: {{{name}}} needs a field path like {{payload.serial}}"
                     ));
                 }
                 parts.push(Part::Field(path));
@@ -58,7 +69,7 @@ impl Template {
             } else {
                 let known: Vec<&str> = captures.by_ref().collect();
                 return Err(format!(
-                    "topic template {text:?} uses {{{name}}}, but the match pattern captures {} (payload fields are written {{payload.<field>}})",
+                    "{what} template {text:?} uses {{{name}}}, but the match pattern captures {} (payload fields are written {{payload.<field>}})",
                     if known.is_empty() {
                         "nothing".to_string()
                     } else {
@@ -69,12 +80,12 @@ impl Template {
             rest = &rest[open + close + 1..];
         }
         if rest.contains('}') {
-            return Err(format!("unmatched '}}' in topic template {text:?}"));
+            return Err(format!("unmatched '}}' in {what} template {text:?}"));
         }
         if !rest.is_empty() {
             parts.push(Part::Text(rest.to_string()));
         }
-        Ok(Template { parts })
+        Ok(Template { parts, what })
     }
 
     /// Fill in the captures and payload fields of one event. A payload field
@@ -117,7 +128,8 @@ impl Template {
                         Some(Value::Bool(b)) => b.to_string(),
                         _ => {
                             return Err(format!(
-                                "topic field payload.{} is missing or not a string, number or bool",
+                                "{} field payload.{} is missing or not a string, number or bool",
+                                self.what,
                                 path.join(".")
                             ));
                         }
@@ -130,8 +142,14 @@ impl Template {
                         || text.chars().any(char::is_control)
                     {
                         return Err(format!(
-                            "topic field payload.{} = {text:?} cannot go into a topic (it fills one level: no / + # or control characters, not empty)",
-                            path.join(".")
+                            "{} field payload.{} = {text:?} cannot go into {} (it fills one level: no / + # or control characters, not empty)",
+                            self.what,
+                            path.join("."),
+                            if self.what == "topic" {
+                                "a topic"
+                            } else {
+                                self.what
+                            }
                         ));
                     }
                     fill(&mut out, &text);
