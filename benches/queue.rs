@@ -33,7 +33,9 @@ const PAYLOAD: usize = 200;
 const PUBLISHERS: usize = 10;
 
 fn payload(seq: u64) -> Vec<u8> {
-    let head = format!(r#"{{"seq":{seq},"value":21.5,"pad":""#);
+    // The pad is in the example temperature contract's one free-text
+    // field: a "pad" field is dead-lettered as not in the contract.
+    let head = format!(r#"{{"seq":{seq},"value":21.5,"device":"d-"#);
     let mut s = head.clone();
     s.push_str(&"x".repeat(PAYLOAD - head.len() - 2));
     s.push_str("\"}");

@@ -1,6 +1,7 @@
 //! `edgeferry queue stats` and `edgeferry queue export`: read the queue file
-//! directly, read-only, safe while the daemon runs (WAL readers never block
-//! the writer and see only committed rows).
+//! directly, read-only, safe while the daemon runs (readers see only
+//! committed rows; each read is short, so the daemon's commits wait at
+//! most that long).
 
 use std::io::Write;
 use std::path::Path;
@@ -74,52 +75,102 @@ pub fn export(
     out: &mut impl Write,
 ) -> Result<u64, InspectError> {
     let conn = queue::open_read_only(db)?;
-    // A file from before schema 3 (read, not migrated) has no props.
+    let sql_err = |e: rusqlite::Error| InspectError::Read(e.to_string());
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap_or(0);
+    // Since schema 4 the rows are in segment tables (the `queue` view
+    // would sort the whole backlog in one long read): one segment at a
+    // time, each read into memory before it is written out, so a slow
+    // pipe never holds the file. An older file, read before the daemon
+    // migrated it, has its one table (and before schema 3 no props).
+    let (tables, gone) = match version {
+        4.. => (
+            queue::segments::tables(&conn)
+                .map_err(sql_err)?
+                .into_iter()
+                .map(|(_, name)| name)
+                .collect(),
+            "AND id NOT IN (SELECT id FROM gone)",
+        ),
+        _ => (vec!["queue".to_string()], ""),
+    };
     let props = if version >= 3 { "props" } else { "NULL" };
-    let sql = format!(
-        "SELECT id, upstream, event_id, topic, qos, priority, received_ms, expires_ms, payload, {props} FROM queue \
-         WHERE ?1 IS NULL OR upstream = ?1 ORDER BY upstream, priority DESC, id"
-    );
-    let sql_err = |e: rusqlite::Error| InspectError::Read(e.to_string());
-    let mut stmt = conn.prepare(&sql).map_err(sql_err)?;
-    let mut rows = stmt.query([upstream]).map_err(sql_err)?;
-    let mut n = 0;
-    while let Some(r) = rows.next().map_err(sql_err)? {
-        let payload: Vec<u8> = r.get(8).map_err(sql_err)?;
-        let mut line = json!({
-            "id": r.get::<_, i64>(0).map_err(sql_err)?,
-            "upstream": r.get::<_, String>(1).map_err(sql_err)?,
-            "event_id": r
-                .get_ref(2)
-                .and_then(|v| Ok(queue::event_id_from(v)?))
-                .map_err(sql_err)?,
-            "topic": r.get::<_, String>(3).map_err(sql_err)?,
-            "qos": r.get::<_, i64>(4).map_err(sql_err)?,
-            "priority": Priority::from_i64(r.get(5).map_err(sql_err)?).name(),
-            "received_ms": r.get::<_, i64>(6).map_err(sql_err)?,
-            "expires_ms": r.get::<_, Option<i64>>(7).map_err(sql_err)?,
-        });
-        // MQTT 5 properties it is sent with (a binary CloudEvent's).
-        if let Some(raw) = r.get::<_, Option<Vec<u8>>>(9).map_err(sql_err)? {
-            line["properties"] = match queue::Properties::from_sql(&raw) {
-                Ok(p) => json!({"content_type": p.content_type, "user_properties": p.user}),
-                Err(e) => json!({ "unreadable": e }),
-            };
+    let mut upstreams = std::collections::BTreeSet::new();
+    for table in &tables {
+        let sql =
+            format!("SELECT DISTINCT upstream FROM {table} WHERE ?1 IS NULL OR upstream = ?1");
+        let mut stmt = conn.prepare(&sql).map_err(sql_err)?;
+        for name in stmt
+            .query_map([upstream], |r| r.get::<_, String>(0))
+            .map_err(sql_err)?
+        {
+            upstreams.insert(name.map_err(sql_err)?);
         }
-        match String::from_utf8(payload) {
-            Ok(text) => line["payload"] = json!(text),
-            Err(e) => {
-                let hex: String = e.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
-                line["payload_hex"] = json!(hex);
+    }
+    let mut n = 0;
+    for up in &upstreams {
+        for priority in Priority::SEND_ORDER {
+            for table in &tables {
+                let sql = format!(
+                    "SELECT id, upstream, event_id, topic, qos, priority, received_ms, expires_ms, payload, {props} \
+                     FROM {table} WHERE upstream = ?1 AND priority = ?2 AND id > ?3 {gone} ORDER BY id LIMIT {PAGE}"
+                );
+                let mut stmt = conn.prepare(&sql).map_err(sql_err)?;
+                let mut after = i64::MIN;
+                loop {
+                    let lines: Vec<(i64, serde_json::Value)> = stmt
+                        .query_map(rusqlite::params![up, priority.as_i64(), after], |r| {
+                            Ok((r.get(0)?, line(r)?))
+                        })
+                        .and_then(|rows| rows.collect())
+                        .map_err(sql_err)?;
+                    let Some(&(last, _)) = lines.last() else {
+                        break;
+                    };
+                    after = last;
+                    for (_, line) in &lines {
+                        writeln!(out, "{line}")?;
+                        n += 1;
+                    }
+                }
             }
         }
-        writeln!(out, "{line}")?;
-        n += 1;
     }
     Ok(n)
+}
+
+/// Events read at a time: a short read, and little memory.
+const PAGE: usize = 1000;
+
+/// One exported event.
+fn line(r: &rusqlite::Row<'_>) -> rusqlite::Result<serde_json::Value> {
+    let payload: Vec<u8> = r.get(8)?;
+    let mut line = json!({
+        "id": r.get::<_, i64>(0)?,
+        "upstream": r.get::<_, String>(1)?,
+        "event_id": queue::event_id_from(r.get_ref(2)?)?,
+        "topic": r.get::<_, String>(3)?,
+        "qos": r.get::<_, i64>(4)?,
+        "priority": Priority::from_i64(r.get(5)?).name(),
+        "received_ms": r.get::<_, i64>(6)?,
+        "expires_ms": r.get::<_, Option<i64>>(7)?,
+    });
+    // MQTT 5 properties it is sent with (a binary CloudEvent's).
+    if let Some(raw) = r.get::<_, Option<Vec<u8>>>(9)? {
+        line["properties"] = match queue::Properties::from_sql(&raw) {
+            Ok(p) => json!({"content_type": p.content_type, "user_properties": p.user}),
+            Err(e) => json!({ "unreadable": e }),
+        };
+    }
+    match String::from_utf8(payload) {
+        Ok(text) => line["payload"] = json!(text),
+        Err(e) => {
+            let hex: String = e.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
+            line["payload_hex"] = json!(hex);
+        }
+    }
+    Ok(line)
 }
 
 #[derive(Debug, thiserror::Error)]

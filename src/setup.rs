@@ -162,6 +162,7 @@ impl From<&ConfigFile> for crate::queue::QueueSettings {
             sweep_interval: q.sweep_interval.0,
             memory_max: q.memory_max.0,
             spill_after: q.spill_after(),
+            segment_bytes: crate::queue::SEGMENT_BYTES,
         }
     }
 }

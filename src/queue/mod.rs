@@ -15,6 +15,7 @@
 mod lock;
 mod policy;
 mod schema;
+pub mod segments;
 pub mod space;
 mod writer;
 
@@ -235,7 +236,15 @@ pub struct QueueSettings {
     /// A row not acknowledged within this is written to SQLite (0: at the
     /// next commit).
     pub spill_after: Duration,
+    /// Bytes written into a segment table before the next one starts
+    /// ([`SEGMENT_BYTES`]; smaller in tests, to exercise segments).
+    pub segment_bytes: u64,
 }
+
+/// A segment table holds this many bytes of rows (or 1/64 of the file's, if
+/// more) before the next starts: the unit in which acknowledged rows give
+/// their space back.
+pub const SEGMENT_BYTES: u64 = 4 << 20;
 
 impl QueueHandle {
     /// Hand a command to the writer.
@@ -387,24 +396,38 @@ pub struct Stats {
 
 const STATS: &str = "SELECT upstream, priority, COUNT(*), SUM(size), MIN(received_ms) FROM queue GROUP BY upstream, priority ORDER BY upstream, priority DESC";
 
-/// Open the queue file read-only (safe while the daemon writes: WAL).
+/// Open the queue file for reading only (safe while the daemon writes).
+/// Where the file may be written, it is opened read-write with
+/// `query_only`: a daemon killed mid-commit leaves a hot journal, which
+/// only a connection that may write can roll back (as the daemon's next
+/// start does; SQLite never treats the journal of a live writer as hot).
 pub fn open_read_only(path: &Path) -> Result<rusqlite::Connection, QueueError> {
     let err = |source| QueueError::Open {
         path: path.to_path_buf(),
         source,
     };
     use rusqlite::OpenFlags;
-    let conn = match rusqlite::Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+    let first_read = |c: rusqlite::Connection| {
+        c.busy_timeout(Duration::from_secs(5))?;
+        // Opening is lazy: this read is what finds a hot journal (or
+        // needs an old file's WAL -shm).
+        c.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))?;
+        Ok(c)
+    };
+    let writable = rusqlite::Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
         .and_then(|c| {
-            // Opening is lazy: this read is what needs the WAL's -shm file.
-            c.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))?;
-            Ok(c)
-        }) {
+            c.pragma_update(None, "query_only", true)?;
+            first_read(c)
+        });
+    let conn = match writable.or_else(|_| {
+        rusqlite::Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .and_then(first_read)
+    }) {
         Ok(c) => c,
-        // A read-only filesystem (or directory) where the -shm file cannot
-        // be created: with no -wal file the database file is complete and
-        // nobody can be writing it, so read it as immutable.
-        Err(e) if path.exists() && !wal_of(path).exists() => {
+        // A read-only filesystem (or directory): with no journal or WAL
+        // the database file is complete and nobody can be writing it, so
+        // read it as immutable.
+        Err(e) if path.exists() && !side_file(path, "-wal") && !side_file(path, "-journal") => {
             let uri = format!("file:{}?immutable=1", path.display());
             rusqlite::Connection::open_with_flags(
                 uri,
@@ -414,16 +437,16 @@ pub fn open_read_only(path: &Path) -> Result<rusqlite::Connection, QueueError> {
         }
         Err(e) => return Err(err(e)),
     };
-    conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
     schema::check_version(&conn, path)?;
     Ok(conn)
 }
 
-/// `<db>-wal`, SQLite's write-ahead log beside the database.
-fn wal_of(db: &Path) -> PathBuf {
+/// Whether `<db><suffix>` (SQLite's `-journal` or an old file's `-wal`)
+/// exists with something in it.
+fn side_file(db: &Path, suffix: &str) -> bool {
     let mut p = db.as_os_str().to_owned();
-    p.push("-wal");
-    PathBuf::from(p)
+    p.push(suffix);
+    std::fs::metadata(PathBuf::from(p)).is_ok_and(|m| m.len() > 0)
 }
 
 /// Stats of the queue file at `path`, read directly (for `edgeferry queue

@@ -25,7 +25,13 @@ use crate::metrics::Metrics;
 /// 3: a `props` column (NULL for most rows) with the MQTT 5 properties a
 /// row is sent with (CloudEvents in binary mode). Adding a NULL column
 /// rewrites nothing.
-pub const SCHEMA_VERSION: i64 = 3;
+///
+/// 4: rows live in segment tables (`segments`): the table of versions 1-3
+/// becomes the first segment, `queue_0`, with its rows and indexes as they
+/// are (a rename); `gone` records the rows that left; `queue` is the view of
+/// what is queued. The file switches from WAL to a rollback journal, which
+/// writes a new row once instead of twice (ARCHITECTURE.md).
+pub const SCHEMA_VERSION: i64 = 4;
 
 const CREATE_V1: &str = "
 CREATE TABLE queue (
@@ -93,7 +99,8 @@ fn quick_check(conn: &Connection) -> Result<(), String> {
     }
 }
 
-/// Rename `path` (and its WAL) to `<path>.damaged-<UTC time>`; drop its shared-memory file.
+/// Rename `path` (and its journal or WAL) to `<path>.damaged-<UTC time>`;
+/// drop its shared-memory file.
 fn move_aside(path: &Path) -> Result<PathBuf, QueueError> {
     let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
         .to_string()
@@ -107,12 +114,14 @@ fn move_aside(path: &Path) -> Result<PathBuf, QueueError> {
         source,
     };
     std::fs::rename(path, &aside).map_err(io)?;
-    for (suffix, keep) in [("-wal", true), ("-shm", false)] {
+    for (suffix, keep) in [("-journal", true), ("-wal", true), ("-shm", false)] {
         let mut side = path.as_os_str().to_owned();
         side.push(suffix);
         let side = PathBuf::from(side);
+        // An empty journal is what TRUNCATE leaves after every commit.
+        let empty = std::fs::metadata(&side).is_ok_and(|m| m.len() == 0);
         if side.exists() {
-            if keep {
+            if keep && !empty {
                 let mut to = aside.as_os_str().to_owned();
                 to.push(suffix);
                 std::fs::rename(&side, PathBuf::from(to)).map_err(io)?;
@@ -140,22 +149,33 @@ pub fn open_db(path: &Path) -> Result<Connection, QueueError> {
     }
     check_writable(path)?;
     let conn = Connection::open(path).map_err(err)?;
-    // WAL: readers never block the writer; synchronous=FULL syncs the WAL at
-    // every commit, so a committed row survives a power cut. Group commit
-    // keeps those syncs to at most one per commit_interval.
-    conn.pragma_update(None, "journal_mode", "WAL")
+    // A rollback journal, not WAL: rows are appended (and segments
+    // dropped), so most pages a commit writes are new or free-list pages,
+    // which are not journaled; WAL would write every page twice (the log,
+    // then the checkpoint). synchronous=FULL syncs at every commit, so a
+    // committed row survives a power cut; group commit keeps that to at
+    // most one commit per commit_interval. A file of an older version is
+    // switched here (its WAL is checkpointed into it).
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "TRUNCATE", |r| r.get(0))
         .map_err(err)?;
+    if !mode.eq_ignore_ascii_case("truncate") {
+        tracing::warn!(path = %path.display(), %mode, "queue: could not switch the journal mode (another process has the file open?); it stays as it is");
+    }
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(err)?;
     // 1 MiB of page cache instead of SQLite's 2: the queue appends and
     // deletes at the ends of its index, and the OS caches the file anyway.
     conn.pragma_update(None, "cache_size", -1024).map_err(err)?;
     conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
+    // Statements are per segment table: room for a few kinds on a few
+    // hundred of them.
+    conn.set_prepared_statement_cache_capacity(256);
     migrate(&conn, path)?;
     Ok(conn)
 }
 
-/// The queue writes the database, its `-wal` and its `-shm` beside it: a
+/// The queue writes the database and its `-journal` beside it: a
 /// directory it cannot write (a filesystem remounted read-only after SD
 /// card errors, wrong ownership) is named as such, rather than as SQLite's
 /// "unable to open database file".
@@ -178,7 +198,7 @@ pub(super) fn check_writable(path: &Path) -> Result<(), QueueError> {
             Some(libc::EROFS) => {
                 "write its directory: the filesystem is read-only (remounted after disk errors?)"
             }
-            _ => "write its directory (it holds the database, its -wal and -shm files)",
+            _ => "write its directory (it holds the database and its -journal file)",
         },
         source,
     })
@@ -221,6 +241,13 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), QueueError> {
     }
     if version < 3 {
         step("ALTER TABLE queue ADD COLUMN props BLOB;", 3).map_err(err)?;
+    }
+    if version < 4 {
+        let sql = format!(
+            "ALTER TABLE queue RENAME TO queue_0; CREATE TABLE gone (id INTEGER PRIMARY KEY); {}",
+            super::segments::view_sql(["queue_0"])
+        );
+        step(&sql, 4).map_err(err)?;
     }
     // Keep each step cheap on a large backlog (no full-table rewrite).
     Ok(())
@@ -277,7 +304,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("q.db");
         {
+            // As the versions before 4 left it: WAL.
             let conn = Connection::open(&path).unwrap();
+            conn.pragma_update(None, "journal_mode", "WAL").unwrap();
             conn.execute_batch(&format!("{CREATE_V1} PRAGMA user_version = 1;"))
                 .unwrap();
             conn.execute(
@@ -303,6 +332,16 @@ mod tests {
             (kind.as_str(), id.as_str(), props),
             ("text", "0190a4b2-0000-7000-8000-000000000001", None)
         );
+        // Its table is the first segment, and the file has left WAL.
+        assert_eq!(
+            super::super::segments::tables(&conn).unwrap(),
+            vec![(0, "queue_0".to_string())]
+        );
+        let mode: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "truncate");
+        assert!(!dir.path().join("q.db-wal").exists());
     }
 
     #[test]

@@ -29,6 +29,9 @@ fn settings(max_size: u64) -> QueueSettings {
         memory_max: 1 << 20,
         // What durability "always" was: written at the next commit.
         spill_after: Duration::ZERO,
+        // Three 10-byte rows per segment: every test starts, fills and
+        // drops segments.
+        segment_bytes: 30,
     }
 }
 
@@ -675,4 +678,84 @@ async fn a_written_rows_uuid_takes_16_bytes_and_reads_back_as_text() {
     assert_eq!((kind.as_str(), len), ("blob", 16));
     let rows = q.fetch("a", Cursor::default(), i64::MAX, 10).await.unwrap();
     assert_eq!(rows[0].event_id, id);
+}
+
+/// Segment tables in the file, and ids recorded as gone.
+fn segments_and_gone(path: &std::path::Path) -> (usize, i64) {
+    let conn = open_read_only(path).unwrap();
+    let tables = segments::tables(&conn).unwrap().len();
+    let gone = conn
+        .query_row("SELECT COUNT(*) FROM gone", [], |r| r.get(0))
+        .unwrap();
+    (tables, gone)
+}
+
+/// Rows spread over many segments are read in send order across them,
+/// survive a reopen, and a segment goes (with its gone ids) once every row
+/// in it has gone, in whatever order the acks come; the last one stays for
+/// the next rows.
+#[tokio::test]
+async fn segments_fill_and_are_dropped_once_every_row_in_them_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let (q, thread) = open(&path, settings(u64::MAX), metrics()).unwrap();
+    // Three 10-byte rows per segment; two upstreams interleaved.
+    for n in 0..30u8 {
+        let up = if n % 5 == 4 { "b" } else { "a" };
+        append(&q, vec![row(up, n, Priority::Normal)]).await;
+    }
+    let (tables, gone) = segments_and_gone(&path);
+    assert!(tables >= 10, "{tables} segments");
+    assert_eq!(gone, 0);
+    let a = q
+        .fetch("a", Cursor::default(), i64::MAX, 100)
+        .await
+        .unwrap();
+    let want: Vec<u8> = (0..30).filter(|n| n % 5 != 4).collect();
+    assert_eq!(payloads(&a), want);
+    // Every other row of "a", newest first.
+    let odd: Vec<i64> = a.iter().skip(1).step_by(2).rev().map(|r| r.id).collect();
+    q.ack(odd).await.unwrap();
+    q.sync().await.unwrap();
+    drop(q);
+    thread.join().unwrap();
+
+    let (q, thread) = open(&path, settings(u64::MAX), metrics()).unwrap();
+    let a = q
+        .fetch("a", Cursor::default(), i64::MAX, 100)
+        .await
+        .unwrap();
+    let even: Vec<u8> = want.iter().copied().step_by(2).collect();
+    assert_eq!(
+        payloads(&a),
+        even,
+        "after a reopen, what was not acked, in order"
+    );
+    let b = q
+        .fetch("b", Cursor::default(), i64::MAX, 100)
+        .await
+        .unwrap();
+    assert_eq!(payloads(&b), [4, 9, 14, 19, 24, 29]);
+    q.ack(a.iter().map(|r| r.id).collect()).await.unwrap();
+    q.sync().await.unwrap();
+    let (tables, _) = segments_and_gone(&path);
+    assert!(tables >= 5, "segments holding rows of b stay: {tables}");
+    q.ack(b.iter().map(|r| r.id).collect()).await.unwrap();
+    q.sync().await.unwrap();
+    let (tables, gone) = segments_and_gone(&path);
+    assert_eq!(tables, 1, "only the last segment stays");
+    assert!(
+        gone <= 3,
+        "gone ids of dropped segments go with them: {gone}"
+    );
+    assert_eq!(in_file(&path, "a") + in_file(&path, "b"), 0);
+    // New rows go on after the dropped ones, and read back.
+    append(&q, vec![row("a", 99, Priority::Normal)]).await;
+    let after = Cursor([i64::MAX, a.last().unwrap().id, i64::MAX]);
+    assert_eq!(
+        payloads(&q.fetch("a", after, i64::MAX, 10).await.unwrap()),
+        [99]
+    );
+    drop(q);
+    thread.join().unwrap();
 }

@@ -132,9 +132,9 @@ fn write_config(dir: &Path, upstream_port: u16, queue: &str) -> (PathBuf, u16) {
 
 /// Sequence numbers of the rows in the queue file, in queue order.
 fn queued_seqs(db: &Path) -> Vec<u64> {
-    let conn =
-        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .unwrap();
+    // As `edgeferry queue export` reads it: a kill mid-commit leaves a hot
+    // journal that a read-only connection cannot roll back.
+    let conn = edgeferry::queue::open_read_only(db).unwrap();
     let mut stmt = conn
         .prepare("SELECT payload FROM queue ORDER BY id")
         .unwrap();

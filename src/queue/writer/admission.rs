@@ -3,10 +3,21 @@
 
 use super::*;
 
-const SELECT_EVICTION_ORDER: &str = "SELECT id, size FROM queue \
-     WHERE upstream = ?1 AND priority = ?2 AND id > ?3 ORDER BY id LIMIT 256";
-const SWEEP_EXPIRED: &str = "DELETE FROM queue WHERE expires_ms IS NOT NULL AND expires_ms <= ?1 \
-     RETURNING id, upstream, priority, size";
+/// Eviction candidates of one upstream and priority in a segment, oldest first.
+fn select_eviction_order(table: &str) -> String {
+    format!(
+        "SELECT id, size FROM {table} WHERE upstream = ?1 AND priority = ?2 AND id > ?3 \
+         AND id NOT IN (SELECT id FROM gone) ORDER BY id LIMIT 256"
+    )
+}
+
+/// Expired rows of a segment that are not gone yet.
+fn select_expired(table: &str) -> String {
+    format!(
+        "SELECT id, upstream, priority, size FROM {table} WHERE expires_ms IS NOT NULL \
+         AND expires_ms <= ?1 AND id NOT IN (SELECT id FROM gone)"
+    )
+}
 
 impl Writer {
     /// An upstream acknowledged row `id`: forget it if it is still only in
@@ -122,34 +133,40 @@ impl Writer {
             }
             // Committed rows are older than pending ones.
             let mut after = 0i64;
-            'committed: while freed < target(freed) {
-                let batch: Vec<(i64, i64)> = match self
-                    .conn
-                    .prepare_cached(SELECT_EVICTION_ORDER)
-                    .and_then(|mut s| {
-                        s.query_map(params![upstream, priority.as_i64(), after], |r| {
-                            Ok((r.get(0)?, r.get(1)?))
-                        })?
-                        .collect()
-                    }) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        warn!(error = %e, "queue: cannot read eviction candidates");
-                        return false;
+            'committed: for seg in self.tables.iter() {
+                while freed < target(freed) {
+                    let batch: Vec<(i64, i64)> = match self
+                        .conn
+                        .prepare_cached(&select_eviction_order(&seg.name))
+                        .and_then(|mut s| {
+                            s.query_map(params![upstream, priority.as_i64(), after], |r| {
+                                Ok((r.get(0)?, r.get(1)?))
+                            })?
+                            .collect()
+                        }) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            warn!(error = %e, "queue: cannot read eviction candidates");
+                            return false;
+                        }
+                    };
+                    let Some(&(last, _)) = batch.last() else {
+                        // On to the next segment.
+                        break;
+                    };
+                    after = last;
+                    for (id, size) in batch {
+                        if freed >= target(freed) {
+                            break 'committed;
+                        }
+                        if !self.scheduled.contains(&id) {
+                            committed.push((id, size as u64, priority));
+                            freed += size as u64;
+                        }
                     }
-                };
-                let Some(&(last, _)) = batch.last() else {
+                }
+                if freed >= target(freed) {
                     break;
-                };
-                after = last;
-                for (id, size) in batch {
-                    if freed >= target(freed) {
-                        break 'committed;
-                    }
-                    if !self.scheduled.contains(&id) {
-                        committed.push((id, size as u64, priority));
-                        freed += size as u64;
-                    }
                 }
             }
             for (&id, h) in &self.rows {
@@ -187,24 +204,14 @@ impl Writer {
         }
     }
 
-    /// Delete expired rows, counting them per upstream and priority.
+    /// Expired rows go (into `gone`, and their segments with them once
+    /// empty), counted per upstream and priority.
     pub(super) fn sweep(&mut self) {
         self.last_sweep = Instant::now();
-        if self.wal_intact().is_err() {
+        if self.file_intact().is_err() {
             return;
         }
-        let result = self.conn.prepare_cached(SWEEP_EXPIRED).and_then(|mut s| {
-            s.query_map([now_ms() as i64], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, i64>(3)?,
-                ))
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()
-        });
-        let expired = match result {
+        let expired = match self.sweep_file(now_ms() as i64) {
             Ok(e) => e,
             Err(e) => {
                 warn!(error = %e, "queue: expiry sweep failed; will retry");
@@ -241,5 +248,37 @@ impl Writer {
                 u.expired[Priority::from_i64(priority).index()].fetch_add(1, Relaxed);
             }
         }
+    }
+
+    /// The written rows that expired by `now`, recorded as gone in one
+    /// transaction (the table copy is restored if it fails).
+    fn sweep_file(&mut self, now: i64) -> rusqlite::Result<Vec<(i64, String, i64, i64)>> {
+        let mut expired = Vec::new();
+        for seg in self.tables.iter() {
+            let mut stmt = self.conn.prepare_cached(&select_expired(&seg.name))?;
+            let rows =
+                stmt.query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+            for row in rows {
+                expired.push(row?);
+            }
+        }
+        if expired.is_empty() {
+            return Ok(expired);
+        }
+        let before = self.tables.clone();
+        let tx = self.conn.transaction()?;
+        let done = (|| {
+            for (id, ..) in &expired {
+                self.tables.gone(&tx, *id)?;
+            }
+            self.tables
+                .reshape(&tx, &self.rows, self.settings.segment_bytes)
+        })();
+        if let Err(e) = done.and_then(|()| tx.commit()) {
+            self.tables = before;
+            return Err(e);
+        }
+        self.note_db_len();
+        Ok(expired)
     }
 }

@@ -3,9 +3,6 @@
 
 use super::*;
 
-const INSERT_ROW: &str = "INSERT INTO queue (id, upstream, event_id, topic, qos, priority, received_ms, expires_ms, size, payload, props) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
-const DELETE_ROW: &str = "DELETE FROM queue WHERE id = ?1 RETURNING upstream, size, priority";
 /// Rows per transaction while recovering from failed commits.
 const STEP: usize = 250;
 
@@ -125,9 +122,6 @@ impl Writer {
         self.metrics.commit_failures.fetch_add(1, Relaxed);
         if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
             self.release_reserve();
-            // Fold the WAL into the database and truncate it, so the next
-            // transactions reuse its space.
-            self.truncate_wal();
         }
         let freed = (!self.acks.is_empty() || !self.evictions.is_empty())
             && self.delete_in_chunks().is_ok();
@@ -179,35 +173,32 @@ impl Writer {
     /// in one transaction. On failure nothing is lost: the work stays
     /// pending.
     pub(super) fn commit_parts(&mut self, spill: &[i64]) -> rusqlite::Result<()> {
-        self.wal_intact()?;
+        self.file_intact()?;
         let started = std::time::Instant::now();
+        let before = self.tables.clone();
         let tx = self.conn.transaction()?;
-        let released = {
-            let mut insert = tx.prepare_cached(INSERT_ROW)?;
-            for (id, r) in spill
+        let done = (|| {
+            for (&id, r) in spill
                 .iter()
                 .filter_map(|id| Some((id, &self.rows.get(id)?.row)))
             {
                 let max = &mut self.written_max.entry(r.upstream.clone()).or_default()
                     [r.priority.index()];
-                *max = (*max).max(*id);
-                insert.execute(params![
-                    id,
-                    &*r.upstream,
-                    crate::queue::schema::event_id_to_sql(&r.event_id),
-                    r.topic,
-                    r.qos,
-                    r.priority.as_i64(),
-                    r.received_ms as i64,
-                    r.expires_ms.map(|e| e as i64),
-                    r.size() as i64,
-                    &r.payload[..],
-                    r.properties.as_ref().map(|p| p.to_sql()),
-                ])?;
+                *max = (*max).max(id);
+                self.tables.insert(&tx, id, r)?;
             }
-            delete_rows(&tx, &self.evictions, &self.acks)?
+            let released = mark_gone(&tx, &mut self.tables, &self.evictions, &self.acks)?;
+            self.tables
+                .reshape(&tx, &self.rows, self.settings.segment_bytes)?;
+            Ok(released)
+        })();
+        let released = match done.and_then(|released| tx.commit().map(|()| released)) {
+            Ok(released) => released,
+            Err(e) => {
+                self.tables = before;
+                return Err(e);
+            }
         };
-        tx.commit()?;
         self.metrics.commit_seconds.observe(started.elapsed());
         for (upstream, size, priority) in released {
             self.release(&upstream, priority, size);
@@ -223,7 +214,7 @@ impl Writer {
             self.ram_bytes -= h.row.size();
         }
         self.metrics.queued.fetch_add(written, Relaxed);
-        self.note_wal_len();
+        self.note_db_len();
         self.acks.clear();
         self.evictions.clear();
         self.scheduled.clear();
@@ -231,35 +222,48 @@ impl Writer {
     }
 
     /// While commits fail (a full disk): the deletes first, then `spill`, in
-    /// small transactions with the WAL truncated after each, so every step
-    /// needs little space and the pages the deletes free are reused.
+    /// small transactions, so every step needs little space and the pages
+    /// the deletes free are reused.
     pub(super) fn commit_in_steps(&mut self, spill: &[i64]) -> rusqlite::Result<()> {
         self.delete_in_chunks()?;
         for chunk in spill.chunks(STEP) {
             self.commit_parts(chunk)?;
-            self.truncate_wal();
         }
         Ok(())
     }
 
-    /// On a full disk: commit the pending deletes a chunk at a time and
-    /// truncate the WAL after each. One transaction with all of them may
-    /// need more WAL than the disk has left, and would then never commit;
-    /// chunks make progress, and the pages they free are reused by the
-    /// appends.
+    /// On a full disk: commit the pending acks and evictions a chunk at a
+    /// time, dropping the segments they empty. One transaction with all of
+    /// them may need more journal than the disk has left, and would then
+    /// never commit; chunks make progress, and the pages they free are
+    /// reused by the appends.
     pub(super) fn delete_in_chunks(&mut self) -> rusqlite::Result<()> {
         const CHUNK: usize = STEP;
         while !self.acks.is_empty() || !self.evictions.is_empty() {
-            self.wal_intact()?;
+            self.file_intact()?;
             let ev = self.evictions.len().min(CHUNK);
             let ack = self.acks.len().min(CHUNK - ev);
             let started = std::time::Instant::now();
-            let done = self.conn.transaction().and_then(|tx| {
-                let released = delete_rows(&tx, &self.evictions[..ev], &self.acks[..ack])?;
-                tx.commit()?;
+            let before = self.tables.clone();
+            let tx = self.conn.transaction()?;
+            let done = (|| {
+                let released = mark_gone(
+                    &tx,
+                    &mut self.tables,
+                    &self.evictions[..ev],
+                    &self.acks[..ack],
+                )?;
+                self.tables
+                    .reshape(&tx, &self.rows, self.settings.segment_bytes)?;
                 Ok(released)
-            });
-            let released = done?;
+            })();
+            let released = match done.and_then(|released| tx.commit().map(|()| released)) {
+                Ok(released) => released,
+                Err(e) => {
+                    self.tables = before;
+                    return Err(e);
+                }
+            };
             self.metrics.commit_seconds.observe(started.elapsed());
             self.metrics.commits.fetch_add(1, Relaxed);
             for (upstream, size, priority) in released {
@@ -268,38 +272,27 @@ impl Writer {
             for id in self.evictions.drain(..ev).chain(self.acks.drain(..ack)) {
                 self.scheduled.remove(&id);
             }
-            self.note_wal_len();
-            self.truncate_wal();
+            self.note_db_len();
         }
         Ok(())
     }
 }
 
-/// Delete evicted and acknowledged rows in `tx`. Returns what the acks
-/// released (upstream, bytes, priority); evicted rows were subtracted when
-/// they were chosen.
-fn delete_rows(
+/// Record evicted and acknowledged rows as gone in `tx`. Returns what the
+/// acks released (upstream, bytes, priority); evicted rows were subtracted
+/// when they were chosen.
+fn mark_gone(
     tx: &rusqlite::Transaction<'_>,
+    tables: &mut Tables,
     evictions: &[i64],
     acks: &[i64],
 ) -> rusqlite::Result<Vec<(String, u64, Priority)>> {
-    let mut delete = tx.prepare_cached(DELETE_ROW)?;
-    for id in evictions {
-        let _ = delete.query_map([id], |_| Ok(()))?.count();
+    for &id in evictions {
+        tables.gone(tx, id)?;
     }
     let mut released = Vec::new();
-    for id in acks {
-        let rows = delete.query_map([id], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, i64>(2)?,
-            ))
-        })?;
-        for row in rows {
-            let (upstream, size, priority) = row?;
-            released.push((upstream, size as u64, Priority::from_i64(priority)));
-        }
+    for &id in acks {
+        released.extend(tables.gone(tx, id)?);
     }
     Ok(released)
 }
@@ -347,6 +340,7 @@ mod tests {
             sweep_interval: Duration::from_secs(10),
             memory_max: 1 << 20,
             spill_after: Duration::from_secs(3600),
+            segment_bytes: crate::queue::SEGMENT_BYTES,
         };
         let mut w = Writer::new(conn, &path, settings, metrics).unwrap();
         // A row that may still be acknowledged from RAM (its upstream is

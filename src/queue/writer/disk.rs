@@ -1,5 +1,5 @@
 //! The disk under the queue: the free-space watermark, the reserve file
-//! that lets deletes commit on a full disk, and the WAL's integrity.
+//! that lets deletes commit on a full disk, and the file's integrity.
 
 use super::*;
 
@@ -80,34 +80,31 @@ impl Writer {
         low
     }
 
-    /// Fold the WAL into the database and truncate it to zero bytes, giving
-    /// its space back to the filesystem (no-op while a reader holds it).
-    /// The WAL must still hold everything SQLite wrote to it: SQLite never
-    /// shrinks it here (no size limit is set; only `truncate_wal` does, and
-    /// notes the new length), so a shorter or missing file was cut or
-    /// removed by another program. The events committed into the lost part
-    /// are gone, and every later commit would land behind a hole that the
-    /// next start's recovery stops at (a checkpoint copies the hole's zeros
-    /// into the database). So the queue stops writing: commits fail from
-    /// here on (events are held, so sensors are not acknowledged), it is
-    /// said at ERROR and counted, and the health probe withholds the
-    /// watchdog so systemd restarts edgeferry into what is intact. Checked
-    /// before every commit and at every sweep: one `stat`.
-    pub(super) fn wal_intact(&mut self) -> rusqlite::Result<()> {
+    /// The database file must still hold everything SQLite wrote to it:
+    /// with a rollback journal and no auto-vacuum SQLite never shrinks it,
+    /// so a shorter or missing file was cut or removed by another program.
+    /// The events in the lost part are gone, and every later commit would
+    /// build on pages that are not there. So the queue stops writing:
+    /// commits fail from here on (events are held, so sensors are not
+    /// acknowledged), it is said at ERROR and counted, and the health probe
+    /// withholds the watchdog so systemd restarts edgeferry, whose start
+    /// finds the damage and moves the file aside. Checked before every
+    /// commit and at every sweep: one `stat`.
+    pub(super) fn file_intact(&mut self) -> rusqlite::Result<()> {
         if !self.damaged {
-            let len = std::fs::metadata(&self.wal).map(|m| m.len());
+            let len = std::fs::metadata(&self.path).map(|m| m.len());
             let cut = match &len {
-                Ok(len) => *len < self.wal_len,
-                Err(e) => e.kind() == std::io::ErrorKind::NotFound && self.wal_len > 0,
+                Ok(len) => *len < self.db_len,
+                Err(e) => e.kind() == std::io::ErrorKind::NotFound,
             };
             if cut {
                 self.damaged = true;
                 self.metrics.queue_damaged.fetch_add(1, Relaxed);
                 error!(
-                    wal = %self.wal.display(),
+                    path = %self.path.display(),
                     bytes = len.as_ref().ok(),
-                    expected_at_least = self.wal_len,
-                    "queue file damaged while running: its WAL was cut short or removed by another program, and the events committed into the lost part are gone; the queue stops writing (new events are held, not acknowledged) and the health probe fails so edgeferry is restarted into what is intact"
+                    expected_at_least = self.db_len,
+                    "queue file damaged while running: it was cut short or removed by another program, and the events in the lost part are gone; the queue stops writing (new events are held, not acknowledged) and the health probe fails so edgeferry is restarted"
                 );
             }
         }
@@ -115,24 +112,14 @@ impl Writer {
             false => Ok(()),
             true => Err(rusqlite::Error::SqliteFailure(
                 rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR_SHORT_READ),
-                Some("the queue's WAL was damaged by another program; restart edgeferry".into()),
+                Some("the queue file was damaged by another program; restart edgeferry".into()),
             )),
         }
     }
 
-    /// After our own writes: the WAL's length as SQLite left it.
-    pub(super) fn note_wal_len(&mut self) {
-        self.wal_len = std::fs::metadata(&self.wal).map_or(0, |m| m.len());
-    }
-
-    pub(super) fn truncate_wal(&mut self) {
-        if self.damaged {
-            return;
-        }
-        let _ = self
-            .conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
-        self.note_wal_len();
+    /// After our own writes: the file's length as SQLite left it.
+    pub(super) fn note_db_len(&mut self) {
+        self.db_len = std::fs::metadata(&self.path).map_or(0, |m| m.len());
     }
 }
 

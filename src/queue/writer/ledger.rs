@@ -4,9 +4,13 @@
 
 use super::*;
 
-/// The oldest committed row of one upstream and priority: an index seek.
-const OLDEST: &str =
-    "SELECT received_ms FROM queue WHERE upstream = ?1 AND priority = ?2 ORDER BY id LIMIT 1";
+/// The oldest row of one upstream and priority in a segment: an index seek.
+fn oldest(table: &str) -> String {
+    format!(
+        "SELECT received_ms FROM {table} WHERE upstream = ?1 AND priority = ?2 \
+         AND id NOT IN (SELECT id FROM gone) ORDER BY id LIMIT 1"
+    )
+}
 
 impl Writer {
     /// Subtract a row that left the queue from the in-memory totals.
@@ -52,11 +56,15 @@ impl Writer {
             if c.events == 0 {
                 continue;
             }
-            let committed: Option<i64> = self
-                .conn
-                .prepare_cached(OLDEST)
-                .and_then(|mut st| st.query_row(params![upstream, priority.as_i64()], |r| r.get(0)))
-                .ok();
+            // In the first segment that has a row of it.
+            let committed: Option<i64> = self.tables.iter().find_map(|seg| {
+                self.conn
+                    .prepare_cached(&oldest(&seg.name))
+                    .and_then(|mut st| {
+                        st.query_row(params![upstream, priority.as_i64()], |r| r.get(0))
+                    })
+                    .ok()
+            });
             let pending = self
                 .rows
                 .values()

@@ -9,18 +9,21 @@
 //!
 //! One file per concern, each an `impl Writer` block: `ledger` (what is
 //! queued, counted in memory), `admission` (caps, eviction, acks, expiry),
-//! `disk` (the free-space watermark, the reserve file, the WAL's integrity),
-//! `commit` (when and what to write), `read` (fetch and waiting uplinks).
+//! `disk` (the free-space watermark, the reserve file, the file's integrity),
+//! `commit` (when and what to write), `read` (fetch and waiting uplinks),
+//! `tables` (the segment tables rows are written into).
 
 mod admission;
 mod commit;
 mod disk;
 mod ledger;
 mod read;
+mod tables;
 
 use commit::Schedule;
 use disk::reserve_path;
 use ledger::Count;
+use tables::Tables;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -36,10 +39,9 @@ use super::{Cmd, Cursor, NewRow, Overflow, Priority, Properties, QueueError, Que
 use crate::event::now_ms;
 use crate::metrics::{Metrics, UplinkMetrics};
 
-/// The next id: above every id SQLite ever handed out (AUTOINCREMENT keeps
-/// that in sqlite_sequence) and every id in the table.
-const NEXT_ID: &str = "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'queue'), 0), \
-     COALESCE((SELECT MAX(id) FROM queue), 0)) + 1";
+/// The highest id SQLite's AUTOINCREMENT ever handed out (files from
+/// before segments; ids are the writer's since): new ids start above it.
+const SEQUENCE: &str = "SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence";
 const COUNTS: &str = "SELECT upstream, priority, COUNT(*), SUM(size), MAX(id) FROM queue GROUP BY upstream, priority";
 
 pub(super) struct Writer {
@@ -88,11 +90,12 @@ pub(super) struct Writer {
     reserve: PathBuf,
     /// When the reserve was last found missing and not yet recreated.
     reserve_missing_since: Option<Instant>,
-    /// `<db>-wal`, and its length after our last write (see `wal_intact`).
-    wal: PathBuf,
-    wal_len: u64,
-    /// The WAL was damaged by another program: nothing is written any more.
+    /// The database's length after our last write (see `file_intact`).
+    db_len: u64,
+    /// The file was damaged by another program: nothing is written any more.
     damaged: bool,
+    /// The segment tables rows are written into.
+    tables: Tables,
     /// Upstreams whose uplink said it is connected (`Cmd::Online`).
     online: HashSet<Arc<str>>,
     schedule: Schedule,
@@ -143,12 +146,10 @@ impl Writer {
                 warn!(%upstream, queued, "queue holds events for an upstream that is not configured; they wait until it is configured again");
             }
         }
-        let next_id = conn.query_row(NEXT_ID, [], |r| r.get(0))?;
-        let wal = {
-            let mut p = path.as_os_str().to_owned();
-            p.push("-wal");
-            PathBuf::from(p)
-        };
+        let tables = Tables::load(&conn)?;
+        // sqlite_sequence exists once a row was inserted with AUTOINCREMENT.
+        let sequence: i64 = conn.query_row(SEQUENCE, [], |r| r.get(0)).unwrap_or(0);
+        let next_id = tables.above().max(sequence + 1);
         let schedule = Schedule::new(settings.commit_interval);
         Ok(Writer {
             conn,
@@ -172,9 +173,9 @@ impl Writer {
             frozen_cap: HashMap::new(),
             reserve: reserve_path(path),
             reserve_missing_since: Some(Instant::now() - Duration::from_secs(3600)),
-            wal_len: std::fs::metadata(&wal).map_or(0, |m| m.len()),
-            wal,
+            db_len: std::fs::metadata(path).map_or(0, |m| m.len()),
             damaged: false,
+            tables,
             online: HashSet::new(),
             schedule,
         })
