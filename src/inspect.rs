@@ -6,6 +6,7 @@
 use std::io::Write;
 use std::path::Path;
 
+use rusqlite::OptionalExtension;
 use serde_json::json;
 
 use crate::event::now_ms;
@@ -96,16 +97,30 @@ pub fn export(
         _ => (vec!["queue".to_string()], ""),
     };
     let props = if version >= 3 { "props" } else { "NULL" };
+    // The upstreams, one index seek each (not a scan of the segment).
     let mut upstreams = std::collections::BTreeSet::new();
     for table in &tables {
-        let sql =
-            format!("SELECT DISTINCT upstream FROM {table} WHERE ?1 IS NULL OR upstream = ?1");
-        let mut stmt = conn.prepare(&sql).map_err(sql_err)?;
-        for name in stmt
-            .query_map([upstream], |r| r.get::<_, String>(0))
-            .map_err(sql_err)?
-        {
-            upstreams.insert(name.map_err(sql_err)?);
+        let sql = format!(
+            "SELECT upstream FROM {table} WHERE upstream > ?1 AND (?2 IS NULL OR upstream = ?2) \
+             ORDER BY upstream LIMIT 1"
+        );
+        let mut after = String::new();
+        loop {
+            let next = conn
+                .query_row(&sql, rusqlite::params![after, upstream], |r| {
+                    r.get::<_, String>(0)
+                })
+                .optional();
+            match next {
+                Ok(Some(name)) => {
+                    after.clone_from(&name);
+                    upstreams.insert(name);
+                }
+                Ok(None) => break,
+                // The daemon dropped it meanwhile: all its rows had gone.
+                Err(e) if dropped(&e) => break,
+                Err(e) => return Err(sql_err(e)),
+            }
         }
     }
     let mut n = 0;
@@ -116,15 +131,21 @@ pub fn export(
                     "SELECT id, upstream, event_id, topic, qos, priority, received_ms, expires_ms, payload, {props} \
                      FROM {table} WHERE upstream = ?1 AND priority = ?2 AND id > ?3 {gone} ORDER BY id LIMIT {PAGE}"
                 );
-                let mut stmt = conn.prepare(&sql).map_err(sql_err)?;
                 let mut after = i64::MIN;
                 loop {
-                    let lines: Vec<(i64, serde_json::Value)> = stmt
-                        .query_map(rusqlite::params![up, priority.as_i64(), after], |r| {
+                    let page = conn.prepare_cached(&sql).and_then(|mut stmt| {
+                        stmt.query_map(rusqlite::params![up, priority.as_i64(), after], |r| {
                             Ok((r.get(0)?, line(r)?))
-                        })
-                        .and_then(|rows| rows.collect())
-                        .map_err(sql_err)?;
+                        })?
+                        .collect::<rusqlite::Result<Vec<(i64, serde_json::Value)>>>()
+                    });
+                    let lines = match page {
+                        Ok(lines) => lines,
+                        // Dropped by the daemon meanwhile: every row in it
+                        // had gone (and is not to be exported).
+                        Err(e) if dropped(&e) => break,
+                        Err(e) => return Err(sql_err(e)),
+                    };
                     let Some(&(last, _)) = lines.last() else {
                         break;
                     };
@@ -138,6 +159,11 @@ pub fn export(
         }
     }
     Ok(n)
+}
+
+/// A segment table the daemon dropped after the export listed it.
+fn dropped(e: &rusqlite::Error) -> bool {
+    e.to_string().contains("no such table")
 }
 
 /// Events read at a time: a short read, and little memory.
@@ -184,4 +210,86 @@ pub enum InspectError {
     /// Writing to stdout failed (a closed pipe, say): nothing to do.
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::{NewRow, Overflow, QueueSettings};
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// A sink that, at the first line written, has the "daemon" drop the
+    /// last segment table with a row (as a drain empties it).
+    struct DropsASegment {
+        db: std::path::PathBuf,
+        lines: Vec<u8>,
+        dropped: bool,
+    }
+
+    impl Write for DropsASegment {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if !self.dropped {
+                self.dropped = true;
+                let conn = rusqlite::Connection::open(&self.db).unwrap();
+                let tables = queue::segments::tables(&conn).unwrap();
+                // The last one is the empty one new rows go into.
+                let (_, last) = &tables[tables.len() - 2];
+                conn.execute_batch(&format!("DROP TABLE {last};")).unwrap();
+            }
+            self.lines.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The daemon drops a segment once every row in it has gone; an export
+    /// running meanwhile goes on without it (before: "no such table").
+    #[tokio::test]
+    async fn an_export_goes_on_when_the_daemon_drops_a_segment_under_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("q.db");
+        let settings = QueueSettings {
+            commit_interval: Duration::from_millis(5),
+            commit_max_events: 100,
+            max_size: BTreeMap::from([("a".into(), u64::MAX)]),
+            min_free_disk: 0,
+            sweep_interval: Duration::from_secs(60),
+            memory_max: 1 << 20,
+            spill_after: Duration::ZERO,
+            segment_bytes: 1,
+        };
+        let metrics = Arc::new(crate::metrics::Metrics::new(&["a".to_string()]));
+        let (q, thread) = queue::open(&db, settings, metrics).unwrap();
+        for n in 0..3u8 {
+            let row = NewRow {
+                upstream: "a".into(),
+                event_id: format!("e{n}"),
+                topic: "t".into(),
+                qos: 1,
+                priority: Priority::Normal,
+                expires_ms: None,
+                overflow: Overflow::DropOldest,
+                received_ms: 0,
+                payload: bytes::Bytes::from(vec![b'0' + n]),
+                properties: None,
+                receipt: None,
+                traced: false,
+            };
+            q.append(vec![row]).await.unwrap();
+            q.sync().await.unwrap();
+        }
+        drop(q);
+        thread.join().unwrap();
+        let mut out = DropsASegment {
+            db: db.clone(),
+            lines: Vec::new(),
+            dropped: false,
+        };
+        let n = export(&db, None, &mut out).expect("the export goes on");
+        assert_eq!(n, 2, "the rows of the segments that are still there");
+    }
 }

@@ -394,8 +394,6 @@ pub struct Stats {
     pub oldest_ms: u64,
 }
 
-const STATS: &str = "SELECT upstream, priority, COUNT(*), SUM(size), MIN(received_ms) FROM queue GROUP BY upstream, priority ORDER BY upstream, priority DESC";
-
 /// Open the queue file for reading only (safe while the daemon writes).
 /// Where the file may be written, it is opened read-write with
 /// `query_only`: a daemon killed mid-commit leaves a hot journal, which
@@ -450,37 +448,77 @@ fn side_file(db: &Path, suffix: &str) -> bool {
 }
 
 /// Stats of the queue file at `path`, read directly (for `edgeferry queue
-/// stats`, `status` when the daemon is down, and tests).
+/// stats`, `status` when the daemon is down, and tests). One segment at a
+/// time: each read is short, so the daemon's commits never wait long on it
+/// (a reader holds a shared lock while its statement runs).
 pub fn stats_of_file(path: &Path) -> Result<Vec<Stats>, QueueError> {
     let err = |source| QueueError::Open {
         path: path.to_path_buf(),
         source,
     };
     let conn = open_read_only(path)?;
-    let has_table: Option<i64> = conn
-        .query_row(
-            "SELECT 1 FROM sqlite_master WHERE name = 'queue'",
-            [],
-            |r| r.get(0),
-        )
-        .optional()
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
         .map_err(err)?;
-    if has_table.is_none() {
-        return Ok(Vec::new());
+    let tables: Vec<(String, &str)> = match version {
+        4.. => segments::tables(&conn)
+            .map_err(err)?
+            .into_iter()
+            .map(|(_, name)| (name, "WHERE id NOT IN (SELECT id FROM gone)"))
+            .collect(),
+        // An older file, read before the daemon migrated it.
+        _ => {
+            let has_table: Option<i64> = conn
+                .query_row(
+                    "SELECT 1 FROM sqlite_master WHERE name = 'queue'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(err)?;
+            has_table.map_or(Vec::new(), |_| vec![("queue".to_string(), "")])
+        }
+    };
+    let mut merged: BTreeMap<(String, i64), Stats> = BTreeMap::new();
+    for (table, gone) in &tables {
+        let sql = format!(
+            "SELECT upstream, priority, COUNT(*), SUM(size), MIN(received_ms) FROM {table} {gone} \
+             GROUP BY upstream, priority"
+        );
+        let rows = conn.prepare(&sql).and_then(|mut stmt| {
+            stmt.query_map([], |r| {
+                Ok(Stats {
+                    upstream: r.get(0)?,
+                    priority: Priority::from_i64(r.get(1)?),
+                    events: r.get::<_, i64>(2)? as u64,
+                    bytes: r.get::<_, Option<i64>>(3)?.unwrap_or(0) as u64,
+                    oldest_ms: r.get::<_, Option<i64>>(4)?.unwrap_or(0) as u64,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<Stats>>>()
+        });
+        let rows = match rows {
+            Ok(rows) => rows,
+            // Dropped by the daemon since it was listed: nothing was left in it.
+            Err(e) if e.to_string().contains("no such table") => continue,
+            Err(e) => return Err(err(e)),
+        };
+        for s in rows {
+            let key = (s.upstream.clone(), -s.priority.as_i64());
+            match merged.get_mut(&key) {
+                Some(m) => {
+                    m.events += s.events;
+                    m.bytes += s.bytes;
+                    m.oldest_ms = m.oldest_ms.min(s.oldest_ms);
+                }
+                None => {
+                    merged.insert(key, s);
+                }
+            }
+        }
     }
-    let mut stmt = conn.prepare(STATS).map_err(err)?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok(Stats {
-                upstream: r.get(0)?,
-                priority: Priority::from_i64(r.get(1)?),
-                events: r.get::<_, i64>(2)? as u64,
-                bytes: r.get::<_, Option<i64>>(3)?.unwrap_or(0) as u64,
-                oldest_ms: r.get::<_, Option<i64>>(4)?.unwrap_or(0) as u64,
-            })
-        })
-        .map_err(err)?;
-    rows.collect::<Result<_, _>>().map_err(err)
+    // By upstream, highest priority first.
+    Ok(merged.into_values().collect())
 }
 
 /// Rows per upstream in the queue file at `path`.

@@ -113,7 +113,8 @@ fn move_aside(path: &Path) -> Result<PathBuf, QueueError> {
         action: "move the damaged file aside",
         source,
     };
-    std::fs::rename(path, &aside).map_err(io)?;
+    // Its journal first: beside a missing database a hot journal would be
+    // deleted by the next open, and the kept copy lose its rollback data.
     for (suffix, keep) in [("-journal", true), ("-wal", true), ("-shm", false)] {
         let mut side = path.as_os_str().to_owned();
         side.push(suffix);
@@ -130,6 +131,7 @@ fn move_aside(path: &Path) -> Result<PathBuf, QueueError> {
             }
         }
     }
+    std::fs::rename(path, &aside).map_err(io)?;
     Ok(aside)
 }
 
@@ -156,11 +158,16 @@ pub fn open_db(path: &Path) -> Result<Connection, QueueError> {
     // committed row survives a power cut; group commit keeps that to at
     // most one commit per commit_interval. A file of an older version is
     // switched here (its WAL is checkpointed into it).
-    let mode: String = conn
-        .pragma_update_and_check(None, "journal_mode", "TRUNCATE", |r| r.get(0))
-        .map_err(err)?;
-    if !mode.eq_ignore_ascii_case("truncate") {
-        tracing::warn!(path = %path.display(), %mode, "queue: could not switch the journal mode (another process has the file open?); it stays as it is");
+    // A file from a newer edgeferry is refused before anything changes.
+    check_version(&conn, path)?;
+    match conn.pragma_update_and_check(None, "journal_mode", "TRUNCATE", |r| r.get::<_, String>(0))
+    {
+        Ok(mode) if mode.eq_ignore_ascii_case("truncate") => {}
+        // Leaving WAL needs the file to itself (an open `sqlite3` shell or
+        // script holds it): run in WAL this time, switch at a later start.
+        Ok(mode) => warn_mode(path, &mode),
+        Err(e) if is_busy(&e) => warn_mode(path, "wal"),
+        Err(e) => return Err(err(e)),
     }
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(err)?;
@@ -173,6 +180,17 @@ pub fn open_db(path: &Path) -> Result<Connection, QueueError> {
     conn.set_prepared_statement_cache_capacity(256);
     migrate(&conn, path)?;
     Ok(conn)
+}
+
+fn warn_mode(path: &Path, mode: &str) {
+    tracing::warn!(path = %path.display(), %mode, "queue: another process has the file open, so it stays in its old journal mode this time (it works, and writes more per event); it switches at a start when nothing else holds it");
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
 }
 
 /// The queue writes the database and its `-journal` beside it: a
@@ -342,6 +360,32 @@ mod tests {
             .unwrap();
         assert_eq!(mode, "truncate");
         assert!(!dir.path().join("q.db-wal").exists());
+    }
+
+    /// Another process holding an old WAL file (a `sqlite3` shell left
+    /// open) keeps it from leaving WAL: the queue opens anyway, in WAL
+    /// this time, and switches at a start when nothing else holds it.
+    /// Before, the open failed with "database is locked" and the daemon
+    /// did not start.
+    #[test]
+    fn a_wal_file_held_by_another_process_opens_and_switches_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let other = Connection::open(&path).unwrap();
+        other.pragma_update(None, "journal_mode", "WAL").unwrap();
+        other
+            .execute_batch(&format!("{CREATE_V1} PRAGMA user_version = 3;"))
+            .unwrap();
+        let mode = |c: &Connection| -> String {
+            c.pragma_query_value(None, "journal_mode", |r| r.get(0))
+                .unwrap()
+        };
+        let conn = open_db(&path).expect("opens while another holds it");
+        assert_eq!(mode(&conn), "wal");
+        assert_eq!(check_version(&conn, &path).unwrap(), SCHEMA_VERSION);
+        drop((conn, other));
+        let conn = open_db(&path).unwrap();
+        assert_eq!(mode(&conn), "truncate");
     }
 
     #[test]

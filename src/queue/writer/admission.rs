@@ -52,7 +52,8 @@ impl Writer {
             .copied()
             .unwrap_or(u64::MAX);
         // Below the free-space watermark the queue does not grow past what
-        // it held when the disk went low (SQLite reuses the freed pages);
+        // it held when the disk went low (SQLite reuses the pages of dropped
+        // and compacted segments);
         // but while the upstream is connected an event may still go
         // through memory, up to `memory_max`: forwarded, and written only
         // if it must wait (the upstream goes, memory runs out).
@@ -272,7 +273,7 @@ impl Writer {
                 self.tables.gone(&tx, *id)?;
             }
             self.tables
-                .reshape(&tx, &self.rows, self.settings.segment_bytes)
+                .reshape(&tx, &self.rows, self.settings.segment_bytes, Instant::now())
         })();
         if let Err(e) = done.and_then(|()| tx.commit()) {
             self.tables = before;

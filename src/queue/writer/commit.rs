@@ -130,7 +130,18 @@ impl Writer {
             .last_warning
             .is_none_or(|t| t.elapsed() >= Duration::from_secs(30))
         {
-            error!(error = %e, pending = self.rows.len(), "queue commit failed (disk full or I/O error?); holding events in memory and retrying (logged at most every 30 s)");
+            let busy = matches!(
+                e.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            );
+            match busy {
+                true => {
+                    error!(error = %e, pending = self.rows.len(), "queue commit waited 5 s for another program reading the file (an sqlite3 shell or script?) and gave up; holding events in memory and retrying (logged at most every 30 s)")
+                }
+                false => {
+                    error!(error = %e, pending = self.rows.len(), "queue commit failed (disk full or I/O error?); holding events in memory and retrying (logged at most every 30 s)")
+                }
+            }
             self.schedule.last_warning = Some(Instant::now());
         }
         let wait = match freed {
@@ -189,7 +200,7 @@ impl Writer {
             }
             let released = mark_gone(&tx, &mut self.tables, &self.evictions, &self.acks)?;
             self.tables
-                .reshape(&tx, &self.rows, self.settings.segment_bytes)?;
+                .reshape(&tx, &self.rows, self.settings.segment_bytes, Instant::now())?;
             Ok(released)
         })();
         let released = match done.and_then(|released| tx.commit().map(|()| released)) {
@@ -253,8 +264,12 @@ impl Writer {
                     &self.evictions[..ev],
                     &self.acks[..ack],
                 )?;
-                self.tables
-                    .reshape(&tx, &self.rows, self.settings.segment_bytes)?;
+                self.tables.reshape(
+                    &tx,
+                    &self.rows,
+                    self.settings.segment_bytes,
+                    Instant::now(),
+                )?;
                 Ok(released)
             })();
             let released = match done.and_then(|released| tx.commit().map(|()| released)) {

@@ -5,6 +5,7 @@
 //! transaction fails.
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
@@ -27,13 +28,29 @@ pub(super) struct Segment {
     live: u64,
     /// Bytes (`size`) written into it: a new segment starts past `segment_bytes`.
     bytes: u64,
+    /// Bytes of the rows that are not gone.
+    live_bytes: u64,
+    /// When a row in it last went (or it was loaded, or compacted).
+    changed: Instant,
     /// The highest id written into it (0 if none).
     pub(super) max_id: i64,
 }
 
+/// A segment less than half of which is live, and where nothing went for
+/// this long, is compacted: a few rows of a stalled upstream (or of a low
+/// priority kept behind a normal one) would otherwise keep a whole segment
+/// of gone rows on the disk, while caps and the free-disk watermark count
+/// only what is queued. Not while rows keep going from it (a drain in
+/// progress empties it for free).
+pub(super) const COMPACT_IDLE: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Clone, Default)]
 pub(super) struct Tables {
     by_first: BTreeMap<i64, Segment>,
+    /// The highest id in `gone` at start: new ids start above it too, or a
+    /// gone id left in a range whose table was removed by hand would hide
+    /// a new row.
+    gone_max: i64,
 }
 
 impl Tables {
@@ -48,21 +65,31 @@ impl Tables {
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )?;
-            let live: i64 = conn.query_row(
-                &format!("SELECT COUNT(*) FROM {name} WHERE id NOT IN (SELECT id FROM gone)"),
+            let (live, live_bytes): (i64, i64) = conn.query_row(
+                &format!(
+                    "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM {name} WHERE id NOT IN (SELECT id FROM gone)"
+                ),
                 [],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
             let seg = Segment {
                 name,
                 rows: rows as u64,
                 live: live as u64,
                 bytes: bytes as u64,
+                live_bytes: live_bytes as u64,
+                changed: Instant::now(),
                 max_id,
             };
             by_first.insert(first, seg);
         }
-        Ok(Tables { by_first })
+        // Ids of no segment's range: left by segment tables removed by hand
+        // (to clear a stuck queue). Kept, they would hide new rows given
+        // the same ids.
+        let first = by_first.keys().next().copied().unwrap_or(i64::MAX);
+        conn.execute("DELETE FROM gone WHERE id < ?1", [first])?;
+        let gone_max = conn.query_row("SELECT COALESCE(MAX(id), 0) FROM gone", [], |r| r.get(0))?;
+        Ok(Tables { by_first, gone_max })
     }
 
     /// Above every id in the file and every segment's first: where new ids start.
@@ -72,6 +99,7 @@ impl Tables {
             .map(|(&first, s)| first.max(s.max_id + 1))
             .max()
             .unwrap_or(1)
+            .max(self.gone_max + 1)
     }
 
     /// The segments in id order.
@@ -134,6 +162,7 @@ impl Tables {
         seg.rows += 1;
         seg.live += 1;
         seg.bytes += r.size();
+        seg.live_bytes += r.size();
         seg.max_id = seg.max_id.max(id);
         Ok(())
     }
@@ -162,23 +191,27 @@ impl Tables {
                 ))
             })
             .optional()?;
-        if found.is_some() {
+        if let Some((_, size, _)) = &found {
             tx.prepare_cached("INSERT INTO gone (id) VALUES (?1)")?
                 .execute([id])?;
             seg.live -= 1;
+            seg.live_bytes = seg.live_bytes.saturating_sub(*size);
+            seg.changed = Instant::now();
         }
         Ok(found)
     }
 
     /// After a commit's writes and gone rows: start a new segment once the
     /// last holds `segment_bytes`, drop every other segment with no row
-    /// left (and none still held in RAM that belongs to its range), and
-    /// rebuild the view if anything changed.
+    /// left (and none still held in RAM that belongs to its range), compact
+    /// one idle sparse segment (`COMPACT_IDLE`), and rebuild the view if
+    /// anything changed.
     pub(super) fn reshape(
         &mut self,
         tx: &Transaction<'_>,
         held: &BTreeMap<i64, Held>,
         segment_bytes: u64,
+        now: Instant,
     ) -> rusqlite::Result<()> {
         let mut changed = false;
         if let Some((_, last)) = self.by_first.last_key_value()
@@ -203,11 +236,54 @@ impl Tables {
             self.by_first.remove(&first);
             changed = true;
         }
+        // One at a time: a commit stays short.
+        let sparse = self
+            .by_first
+            .iter()
+            .rev()
+            .skip(1) // rows are written into the last one
+            .find(|(_, s)| {
+                s.live > 0
+                    && s.live_bytes * 2 < s.bytes
+                    && now.saturating_duration_since(s.changed) >= COMPACT_IDLE
+            })
+            .map(|(&first, _)| first);
+        if let Some(first) = sparse {
+            self.compact(tx, first, now)?;
+            changed = true;
+        }
         if changed {
             tx.execute_batch(&segments::view_sql(
                 self.by_first.values().map(|s| s.name.as_str()),
             ))?;
         }
+        Ok(())
+    }
+
+    /// Rewrite segment `first` with only its live rows (same name, same
+    /// range), and forget its gone ids. The rows pass through a temporary
+    /// table, so the segment is created again under its own names.
+    fn compact(&mut self, tx: &Transaction<'_>, first: i64, now: Instant) -> rusqlite::Result<()> {
+        let next = self
+            .by_first
+            .range(first + 1..)
+            .next()
+            .map_or(i64::MAX, |(&f, _)| f);
+        let seg = self.by_first.get_mut(&first).expect("a listed segment");
+        let t = &seg.name;
+        tx.execute_batch(&format!(
+            "CREATE TEMP TABLE compacting AS SELECT * FROM {t} WHERE id NOT IN (SELECT id FROM gone);
+             DROP TABLE {t};
+             {}
+             INSERT INTO {t} SELECT * FROM temp.compacting;
+             DROP TABLE temp.compacting;",
+            segments::create_sql(first)
+        ))?;
+        tx.prepare_cached("DELETE FROM gone WHERE id >= ?1 AND id < ?2")?
+            .execute([first, next])?;
+        seg.rows = seg.live;
+        seg.bytes = seg.live_bytes;
+        seg.changed = now;
         Ok(())
     }
 
@@ -221,6 +297,8 @@ impl Tables {
                 rows: 0,
                 live: 0,
                 bytes: 0,
+                live_bytes: 0,
+                changed: Instant::now(),
                 max_id: 0,
             },
         );
@@ -273,7 +351,9 @@ mod tests {
         let rows = 20_000;
         for id in 1..=rows {
             tables.insert(&tx, id, &row(id)).unwrap();
-            tables.reshape(&tx, &BTreeMap::new(), 1).unwrap();
+            tables
+                .reshape(&tx, &BTreeMap::new(), 1, Instant::now())
+                .unwrap();
         }
         assert_eq!(tables.by_first.len(), MAX_SEGMENTS);
         let in_view: i64 = tx
@@ -295,7 +375,9 @@ mod tests {
         // Row 2 waits in RAM while 1 and 3 are written; 3 fills the segment.
         tables.insert(&tx, 1, &row(1)).unwrap();
         tables.insert(&tx, 3, &row(3)).unwrap();
-        tables.reshape(&tx, &BTreeMap::new(), 2).unwrap();
+        tables
+            .reshape(&tx, &BTreeMap::new(), 2, Instant::now())
+            .unwrap();
         assert_eq!(tables.by_first.keys().copied().collect::<Vec<_>>(), [0, 4]);
         tables.gone(&tx, 1).unwrap().unwrap();
         tables.gone(&tx, 3).unwrap().unwrap();
@@ -306,7 +388,7 @@ mod tests {
                 at: std::time::Instant::now(),
             },
         )]);
-        tables.reshape(&tx, &held, 2).unwrap();
+        tables.reshape(&tx, &held, 2, Instant::now()).unwrap();
         assert!(tables.by_first.contains_key(&0), "kept for row 2");
         tables.insert(&tx, 2, &row(2)).unwrap();
         let in_first: i64 = tx
@@ -316,9 +398,66 @@ mod tests {
             .unwrap();
         assert_eq!(in_first, 1);
         tables.gone(&tx, 2).unwrap().unwrap();
-        tables.reshape(&tx, &BTreeMap::new(), 2).unwrap();
+        tables
+            .reshape(&tx, &BTreeMap::new(), 2, Instant::now())
+            .unwrap();
         assert_eq!(tables.by_first.keys().copied().collect::<Vec<_>>(), [4]);
         assert_eq!(tables.gone(&tx, 2).unwrap(), None, "gone with its segment");
+        tx.commit().unwrap();
+    }
+
+    /// A segment kept by one row of a stalled upstream among many gone
+    /// ones is rewritten with only that row once nothing has gone from it
+    /// for COMPACT_IDLE; not before (a drain in progress empties it for
+    /// free), and the row reads back as before. Before, the segment's
+    /// gone rows stayed on the disk as long as the one row did.
+    #[test]
+    fn an_idle_sparse_segment_is_compacted_to_its_live_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let mut conn = crate::queue::open_db(&path).unwrap();
+        let mut tables = Tables::load(&conn).unwrap();
+        let tx = conn.transaction().unwrap();
+        for id in 1..=10 {
+            tables.insert(&tx, id, &row(id)).unwrap();
+        }
+        // Segment [0, 11) is full; rows go on in the next one.
+        tables
+            .reshape(&tx, &BTreeMap::new(), 10, Instant::now())
+            .unwrap();
+        tables.insert(&tx, 11, &row(11)).unwrap();
+        for id in 1..=10 {
+            if id != 4 {
+                tables.gone(&tx, id).unwrap().unwrap();
+            }
+        }
+        let rows_in = |tx: &Transaction<'_>| -> i64 {
+            tx.query_row("SELECT COUNT(*) FROM queue_0", [], |r| r.get(0))
+                .unwrap()
+        };
+        tables
+            .reshape(&tx, &BTreeMap::new(), 10, Instant::now())
+            .unwrap();
+        assert_eq!(rows_in(&tx), 10, "not while rows are going from it");
+        let later = Instant::now() + COMPACT_IDLE + Duration::from_secs(1);
+        tables.reshape(&tx, &BTreeMap::new(), 10, later).unwrap();
+        assert_eq!(rows_in(&tx), 1, "only the live row is left");
+        let gone: i64 = tx
+            .query_row("SELECT COUNT(*) FROM gone WHERE id < 11", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(gone, 0, "its gone ids went with the rewrite");
+        let ids: Vec<i64> = tx
+            .prepare("SELECT id FROM queue ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(ids, [4, 11]);
+        // The live row goes as any row does, and the segment with it.
+        tables.gone(&tx, 4).unwrap().unwrap();
+        tables.reshape(&tx, &BTreeMap::new(), 10, later).unwrap();
+        assert_eq!(tables.by_first.keys().copied().collect::<Vec<_>>(), [11]);
         tx.commit().unwrap();
     }
 }
