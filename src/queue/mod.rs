@@ -425,7 +425,12 @@ pub fn open_read_only(path: &Path) -> Result<rusqlite::Connection, QueueError> {
         // A read-only filesystem (or directory): with no journal or WAL
         // the database file is complete and nobody can be writing it, so
         // read it as immutable.
-        Err(e) if path.exists() && !side_file(path, "-wal") && !side_file(path, "-journal") => {
+        Err(e)
+            if cannot_open(&e)
+                && path.exists()
+                && !side_file(path, "-wal")
+                && !side_file(path, "-journal") =>
+        {
             let uri = format!("file:{}?immutable=1", path.display());
             rusqlite::Connection::open_with_flags(
                 uri,
@@ -437,6 +442,16 @@ pub fn open_read_only(path: &Path) -> Result<rusqlite::Connection, QueueError> {
     };
     schema::check_version(&conn, path)?;
     Ok(conn)
+}
+
+/// An open that failed for the filesystem's sake (read-only, no -shm),
+/// not because a writer held the file (busy) or it is damaged.
+fn cannot_open(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::*;
+    matches!(
+        e.sqlite_error_code(),
+        Some(CannotOpen | ReadOnly | PermissionDenied | SystemIoFailure)
+    )
 }
 
 /// Whether `<db><suffix>` (SQLite's `-journal` or an old file's `-wal`)

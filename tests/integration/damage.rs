@@ -172,6 +172,36 @@ async fn a_queue_on_a_read_only_filesystem_is_a_clear_start_error() {
 /// and the stop fails; a restart moves the damaged file aside.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_file_cut_short_while_running_stops_the_writes_and_is_reported() {
+    damaged_while_running(|db| {
+        let len = std::fs::metadata(db).unwrap().len();
+        assert!(len > 4 * 4096, "the events are in the file ({len} bytes)");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(db)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+    })
+    .await;
+}
+
+/// A file moved over the queue while the daemon runs (a backup restored
+/// in place): the daemon's connection would go on writing the unlinked
+/// file, and everything it committed from then on would be gone at the
+/// next start. Noticed by its inode, like a cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_file_replaced_while_running_stops_the_writes_and_is_reported() {
+    damaged_while_running(|db| {
+        let copy = db.with_extension("copy");
+        std::fs::copy(db, &copy).unwrap();
+        std::fs::rename(&copy, db).unwrap();
+    })
+    .await;
+}
+
+/// 300 events acknowledged, `damage` done to the queue file, then 10 more
+/// that must not be acknowledged; the stop fails, and a restart runs.
+async fn damaged_while_running(damage: impl FnOnce(&std::path::Path)) {
     use std::sync::atomic::Ordering::Relaxed;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("queue.db");
@@ -187,14 +217,7 @@ async fn a_queue_file_cut_short_while_running_stops_the_writes_and_is_reported()
             .await;
     }
     sensor.wait_acked(300).await;
-    let len = std::fs::metadata(&gw.db).unwrap().len();
-    assert!(len > 4 * 4096, "the events are in the file ({len} bytes)");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&gw.db)
-        .unwrap()
-        .set_len(len / 2)
-        .unwrap();
+    damage(&gw.db);
     for seq in 300..310 {
         sensor
             .publish("sensors/wal/d/temperature", reading("d", seq))

@@ -82,7 +82,9 @@ impl Writer {
 
     /// The database file must still hold everything SQLite wrote to it:
     /// with a rollback journal and no auto-vacuum SQLite never shrinks it,
-    /// so a shorter or missing file was cut or removed by another program.
+    /// so a shorter or missing file was cut or removed by another program,
+    /// and one with another inode was moved over it (the connection would
+    /// go on writing the unlinked file, lost at the next start).
     /// The events in the lost part are gone, and every later commit would
     /// build on pages that are not there. So the queue stops writing:
     /// commits fail from here on (events are held, so sensors are not
@@ -94,7 +96,7 @@ impl Writer {
         if !self.damaged {
             let len = std::fs::metadata(&self.path).map(|m| m.len());
             let cut = match &len {
-                Ok(len) => *len < self.db_len,
+                Ok(len) => *len < self.db_len || inode(&self.path) != self.db_inode,
                 Err(e) => e.kind() == std::io::ErrorKind::NotFound,
             };
             if cut {
@@ -104,7 +106,7 @@ impl Writer {
                     path = %self.path.display(),
                     bytes = len.as_ref().ok(),
                     expected_at_least = self.db_len,
-                    "queue file damaged while running: it was cut short or removed by another program, and the events in the lost part are gone; the queue stops writing (new events are held, not acknowledged) and the health probe fails so edgeferry is restarted"
+                    "queue file damaged while running: it was cut short, removed or replaced by another program, and the events in the lost part are gone; the queue stops writing (new events are held, not acknowledged) and the health probe fails so edgeferry is restarted"
                 );
             }
         }
@@ -121,6 +123,12 @@ impl Writer {
     pub(super) fn note_db_len(&mut self) {
         self.db_len = std::fs::metadata(&self.path).map_or(0, |m| m.len());
     }
+}
+
+/// The file's device and inode (`None` if it cannot be read).
+pub(super) fn inode(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// `<db>.reserve`, beside the database.

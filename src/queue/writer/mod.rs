@@ -92,6 +92,9 @@ pub(super) struct Writer {
     reserve_missing_since: Option<Instant>,
     /// The database's length after our last write (see `file_intact`).
     db_len: u64,
+    /// The database's device and inode at open: a file moved over it
+    /// (a restored backup) leaves the connection writing an unlinked one.
+    db_inode: Option<(u64, u64)>,
     /// The file was damaged by another program: nothing is written any more.
     damaged: bool,
     /// The segment tables rows are written into.
@@ -174,6 +177,7 @@ impl Writer {
             reserve: reserve_path(path),
             reserve_missing_since: Some(Instant::now() - Duration::from_secs(3600)),
             db_len: std::fs::metadata(path).map_or(0, |m| m.len()),
+            db_inode: disk::inode(path),
             damaged: false,
             tables,
             online: HashSet::new(),
