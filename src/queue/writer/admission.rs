@@ -252,7 +252,8 @@ impl Writer {
     }
 
     /// The written rows that expired by `now`, recorded as gone in one
-    /// transaction (the table copy is restored if it fails).
+    /// transaction with any compaction that is due (the table copy is
+    /// restored if it fails).
     fn sweep_file(&mut self, now: i64) -> rusqlite::Result<Vec<(i64, String, i64, i64)>> {
         let mut expired = Vec::new();
         for seg in self.tables.iter() {
@@ -263,7 +264,9 @@ impl Writer {
                 expired.push(row?);
             }
         }
-        if expired.is_empty() {
+        // A sparse segment is compacted here too, so a daemon that writes
+        // nothing (its upstreams keep up) still gives the space back.
+        if expired.is_empty() && self.tables.sparse(Instant::now()).is_none() {
             return Ok(expired);
         }
         let before = self.tables.clone();

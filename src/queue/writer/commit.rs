@@ -102,6 +102,10 @@ impl Writer {
             Ok(()) => {
                 if self.schedule.retry_at.take().is_some() {
                     info!("queue commits work again");
+                    // A failure right after is news, not a repeat to hold
+                    // back for 30 s (a full disk can take one small commit
+                    // and refuse the next).
+                    self.schedule.last_warning = None;
                 }
                 // A commit as long as the interval (a slow SD card, a retry
                 // in steps) would leave no time to gather the next batch:
@@ -341,12 +345,9 @@ mod tests {
     /// rows were acknowledged from RAM meanwhile) waits for the next one:
     /// a deadline left in the past made every turn of the loop a round, and
     /// the writer answered no command.
-    #[test]
-    fn a_retry_with_nothing_left_to_write_is_rescheduled() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("q.db");
+    fn writer(path: &Path, segment_bytes: u64) -> Writer {
         let metrics = Arc::new(Metrics::new(&["a".to_string()]));
-        let conn = crate::queue::schema::open_or_recover(&path, &metrics).unwrap();
+        let conn = crate::queue::schema::open_or_recover(path, &metrics).unwrap();
         let settings = QueueSettings {
             commit_interval: Duration::from_millis(5),
             commit_max_events: 100,
@@ -355,31 +356,93 @@ mod tests {
             sweep_interval: Duration::from_secs(10),
             memory_max: 1 << 20,
             spill_after: Duration::from_secs(3600),
-            segment_bytes: crate::queue::SEGMENT_BYTES,
+            segment_bytes,
         };
-        let mut w = Writer::new(conn, &path, settings, metrics).unwrap();
-        // A row that may still be acknowledged from RAM (its upstream is
-        // connected, it has not waited spill_after): nothing to write.
-        w.online.insert("a".into());
-        w.admit(NewRow {
+        Writer::new(conn, path, settings, metrics).unwrap()
+    }
+
+    fn row(n: u8) -> NewRow {
+        NewRow {
             upstream: "a".into(),
-            event_id: "e".into(),
+            event_id: format!("e{n}"),
             topic: "t".into(),
             qos: 1,
             priority: Priority::Normal,
             expires_ms: None,
             overflow: Overflow::DropOldest,
             received_ms: 0,
-            payload: bytes::Bytes::from_static(b"x"),
+            payload: bytes::Bytes::from(vec![n]),
             properties: None,
             receipt: None,
             traced: false,
-        });
+        }
+    }
+
+    #[test]
+    fn a_retry_with_nothing_left_to_write_is_rescheduled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let mut w = writer(&path, crate::queue::SEGMENT_BYTES);
+        // A row that may still be acknowledged from RAM (its upstream is
+        // connected, it has not waited spill_after): nothing to write.
+        w.online.insert("a".into());
+        w.admit(row(0));
         // A commit failed a while ago; the retry is due.
         w.schedule.retry_at = Some(Instant::now() - Duration::from_secs(1));
         assert!(w.plan(false).is_empty());
         w.commit_round();
         let next = w.next_round().expect("a round, for the held row");
         assert!(next > Instant::now(), "the next round is not due at once");
+    }
+
+    /// A daemon that writes nothing more (its upstreams keep up) still
+    /// compacts a sparse segment: at the sweep, not only at a commit
+    /// (found by a hostile run: an idle segment stayed as it was).
+    #[test]
+    fn the_sweep_compacts_a_sparse_idle_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        // Twelve 2-byte rows in one commit fill the first segment.
+        let mut w = writer(&path, 20);
+        for n in 0..12 {
+            w.admit(row(n));
+        }
+        let all = w.plan(true);
+        w.commit_parts(&all).unwrap();
+        for id in all.iter().take(8) {
+            w.ack(*id);
+        }
+        w.commit_parts(&[]).unwrap();
+        let rows = |w: &Writer| -> i64 {
+            let (_, first) = crate::queue::segments::tables(&w.conn).unwrap()[0].clone();
+            w.conn
+                .query_row(&format!("SELECT COUNT(*) FROM {first}"), [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(rows(&w), 12, "gone rows stay until compacted");
+        w.tables.age(tables::COMPACT_IDLE);
+        w.sweep();
+        assert_eq!(rows(&w), 4, "the sweep compacted it to its live rows");
+    }
+
+    /// After "commits work again", the next failure is logged at once: a
+    /// full disk that takes one small commit and refuses the next had the
+    /// 30 s rate limit hide that (found by a hostile run: the INFO stood
+    /// for 30 s while every commit failed).
+    #[test]
+    fn a_failure_after_commits_work_again_is_not_held_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let mut w = writer(&path, crate::queue::SEGMENT_BYTES);
+        w.admit(row(1));
+        // A commit failed and was logged a moment ago; the retry is due.
+        w.schedule.retry_at = Some(Instant::now() - Duration::from_secs(1));
+        w.schedule.last_warning = Some(Instant::now());
+        w.commit_round();
+        assert!(w.schedule.retry_at.is_none(), "the retry committed");
+        assert!(
+            w.schedule.last_warning.is_none(),
+            "the next failure is news"
+        );
     }
 }

@@ -237,18 +237,7 @@ impl Tables {
             changed = true;
         }
         // One at a time: a commit stays short.
-        let sparse = self
-            .by_first
-            .iter()
-            .rev()
-            .skip(1) // rows are written into the last one
-            .find(|(_, s)| {
-                s.live > 0
-                    && s.live_bytes * 2 < s.bytes
-                    && now.saturating_duration_since(s.changed) >= COMPACT_IDLE
-            })
-            .map(|(&first, _)| first);
-        if let Some(first) = sparse {
+        if let Some(first) = self.sparse(now) {
             self.compact(tx, first, now)?;
             changed = true;
         }
@@ -258,6 +247,29 @@ impl Tables {
             ))?;
         }
         Ok(())
+    }
+
+    /// A segment to compact now (see `COMPACT_IDLE`): the newest such,
+    /// never the last (rows are written into it).
+    pub(super) fn sparse(&self, now: Instant) -> Option<i64> {
+        self.by_first
+            .iter()
+            .rev()
+            .skip(1)
+            .find(|(_, s)| {
+                s.live > 0
+                    && s.live_bytes * 2 < s.bytes
+                    && now.saturating_duration_since(s.changed) >= COMPACT_IDLE
+            })
+            .map(|(&first, _)| first)
+    }
+
+    /// As if nothing had gone from any segment for `by` longer.
+    #[cfg(test)]
+    pub(super) fn age(&mut self, by: Duration) {
+        for s in self.by_first.values_mut() {
+            s.changed -= by;
+        }
     }
 
     /// Rewrite segment `first` with only its live rows (same name, same
