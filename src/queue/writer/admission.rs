@@ -219,6 +219,9 @@ impl Writer {
                 return;
             }
         };
+        // Here too, so a daemon that writes nothing (its upstreams keep
+        // up) still gives a sparse segment's space back.
+        self.compact_if_due();
         // Held rows expire too; they were never written.
         let now = now_ms();
         let held: Vec<i64> = self
@@ -252,8 +255,7 @@ impl Writer {
     }
 
     /// The written rows that expired by `now`, recorded as gone in one
-    /// transaction with any compaction that is due (the table copy is
-    /// restored if it fails).
+    /// transaction (the table copy is restored if it fails).
     fn sweep_file(&mut self, now: i64) -> rusqlite::Result<Vec<(i64, String, i64, i64)>> {
         let mut expired = Vec::new();
         for seg in self.tables.iter() {
@@ -264,9 +266,7 @@ impl Writer {
                 expired.push(row?);
             }
         }
-        // A sparse segment is compacted here too, so a daemon that writes
-        // nothing (its upstreams keep up) still gives the space back.
-        if expired.is_empty() && self.tables.sparse(Instant::now()).is_none() {
+        if expired.is_empty() {
             return Ok(expired);
         }
         let before = self.tables.clone();
@@ -276,7 +276,7 @@ impl Writer {
                 self.tables.gone(&tx, *id)?;
             }
             self.tables
-                .reshape(&tx, &self.rows, self.settings.segment_bytes, Instant::now())
+                .reshape(&tx, &self.rows, self.settings.segment_bytes)
         })();
         if let Err(e) = done.and_then(|()| tx.commit()) {
             self.tables = before;
@@ -284,5 +284,30 @@ impl Writer {
         }
         self.note_db_len();
         Ok(expired)
+    }
+}
+
+impl Writer {
+    /// Compact one idle sparse segment, in a transaction of its own (see
+    /// `Tables::compact_one`); not while commits fail. A compaction that
+    /// fails is tried again a `COMPACT_IDLE` later.
+    pub(super) fn compact_if_due(&mut self) {
+        let now = Instant::now();
+        if self.schedule.retry_at.is_some() || self.damaged || self.tables.sparse(now).is_none() {
+            return;
+        }
+        let before = self.tables.clone();
+        let done = self.conn.transaction().and_then(|tx| {
+            self.tables.compact_one(&tx, now)?;
+            tx.commit()
+        });
+        match done {
+            Ok(()) => self.note_db_len(),
+            Err(e) => {
+                self.tables = before;
+                self.tables.postpone(now);
+                warn!(error = %e, "queue: compacting a segment failed (disk full?); its rows are as they were, and it is tried again in a minute");
+            }
+        }
     }
 }

@@ -114,6 +114,7 @@ impl Writer {
                 let gather_from = Instant::now().checked_sub(interval - interval / 4);
                 self.schedule.last_round = gather_from.map_or(started, |g| started.max(g));
                 self.restore_reserve();
+                self.compact_if_due();
             }
             Err(e) => self.commit_failed(e),
         }
@@ -204,7 +205,7 @@ impl Writer {
             }
             let released = mark_gone(&tx, &mut self.tables, &self.evictions, &self.acks)?;
             self.tables
-                .reshape(&tx, &self.rows, self.settings.segment_bytes, Instant::now())?;
+                .reshape(&tx, &self.rows, self.settings.segment_bytes)?;
             Ok(released)
         })();
         let released = match done.and_then(|released| tx.commit().map(|()| released)) {
@@ -268,12 +269,8 @@ impl Writer {
                     &self.evictions[..ev],
                     &self.acks[..ack],
                 )?;
-                self.tables.reshape(
-                    &tx,
-                    &self.rows,
-                    self.settings.segment_bytes,
-                    Instant::now(),
-                )?;
+                self.tables
+                    .reshape(&tx, &self.rows, self.settings.segment_bytes)?;
                 Ok(released)
             })();
             let released = match done.and_then(|released| tx.commit().map(|()| released)) {
@@ -444,5 +441,50 @@ mod tests {
             w.schedule.last_warning.is_none(),
             "the next failure is news"
         );
+    }
+
+    /// A compaction that cannot be done (on a full disk, the copy may not
+    /// fit) takes no commit of acks or rows down with it: it has its own
+    /// transaction. Inside the commit's, a failing compaction made every
+    /// commit fail, and the deletes that would free the disk never landed.
+    #[test]
+    fn a_compaction_that_fails_does_not_fail_the_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        let mut w = writer(&path, 20);
+        for n in 0..12 {
+            w.admit(row(n));
+        }
+        let all = w.plan(true);
+        w.commit_parts(&all).unwrap();
+        for id in all.iter().take(8) {
+            w.ack(*id);
+        }
+        // One more row, in the next segment.
+        w.admit(row(12));
+        let next = w.plan(true);
+        w.commit_parts(&next).unwrap();
+        w.tables.age(tables::COMPACT_IDLE);
+        assert!(
+            w.tables.sparse(Instant::now()).is_some(),
+            "a compaction is due"
+        );
+        // The compaction's staging table cannot be created.
+        w.conn
+            .execute_batch("CREATE TEMP TABLE compacting (x);")
+            .unwrap();
+        // An ack in the other segment: the sparse one stays idle.
+        w.ack(next[0]);
+        w.commit_parts(&[]).expect("the ack commits");
+        w.compact_if_due();
+        assert!(
+            w.tables.sparse(Instant::now()).is_none(),
+            "postponed after failing"
+        );
+        let left: i64 = w
+            .conn
+            .query_row("SELECT COUNT(*) FROM queue", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 4, "the ack landed; nothing else changed");
     }
 }

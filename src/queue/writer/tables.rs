@@ -203,15 +203,14 @@ impl Tables {
 
     /// After a commit's writes and gone rows: start a new segment once the
     /// last holds `segment_bytes`, drop every other segment with no row
-    /// left (and none still held in RAM that belongs to its range), compact
-    /// one idle sparse segment (`COMPACT_IDLE`), and rebuild the view if
-    /// anything changed.
+    /// left (and none still held in RAM that belongs to its range), and
+    /// rebuild the view if anything changed. (Compaction has a transaction
+    /// of its own: `compact_one`.)
     pub(super) fn reshape(
         &mut self,
         tx: &Transaction<'_>,
         held: &BTreeMap<i64, Held>,
         segment_bytes: u64,
-        now: Instant,
     ) -> rusqlite::Result<()> {
         let mut changed = false;
         if let Some((_, last)) = self.by_first.last_key_value()
@@ -236,17 +235,41 @@ impl Tables {
             self.by_first.remove(&first);
             changed = true;
         }
-        // One at a time: a commit stays short.
-        if let Some(first) = self.sparse(now) {
-            self.compact(tx, first, now)?;
-            changed = true;
-        }
         if changed {
             tx.execute_batch(&segments::view_sql(
                 self.by_first.values().map(|s| s.name.as_str()),
             ))?;
         }
         Ok(())
+    }
+
+    /// Compact one idle sparse segment, if any (see `COMPACT_IDLE`), in
+    /// `tx`, which should hold nothing else: on a full disk the copy may
+    /// not fit, and must not take a commit of acks or rows down with it.
+    /// Returns whether one was.
+    pub(super) fn compact_one(
+        &mut self,
+        tx: &Transaction<'_>,
+        now: Instant,
+    ) -> rusqlite::Result<bool> {
+        let Some(first) = self.sparse(now) else {
+            return Ok(false);
+        };
+        self.compact(tx, first, now)?;
+        tx.execute_batch(&segments::view_sql(
+            self.by_first.values().map(|s| s.name.as_str()),
+        ))?;
+        Ok(true)
+    }
+
+    /// Try the segment `compact_one` would take again only after another
+    /// `COMPACT_IDLE` (its compaction failed).
+    pub(super) fn postpone(&mut self, now: Instant) {
+        if let Some(first) = self.sparse(now)
+            && let Some(s) = self.by_first.get_mut(&first)
+        {
+            s.changed = now;
+        }
     }
 
     /// A segment to compact now (see `COMPACT_IDLE`): the newest such,
@@ -363,9 +386,7 @@ mod tests {
         let rows = 20_000;
         for id in 1..=rows {
             tables.insert(&tx, id, &row(id)).unwrap();
-            tables
-                .reshape(&tx, &BTreeMap::new(), 1, Instant::now())
-                .unwrap();
+            tables.reshape(&tx, &BTreeMap::new(), 1).unwrap();
         }
         assert_eq!(tables.by_first.len(), MAX_SEGMENTS);
         let in_view: i64 = tx
@@ -387,9 +408,7 @@ mod tests {
         // Row 2 waits in RAM while 1 and 3 are written; 3 fills the segment.
         tables.insert(&tx, 1, &row(1)).unwrap();
         tables.insert(&tx, 3, &row(3)).unwrap();
-        tables
-            .reshape(&tx, &BTreeMap::new(), 2, Instant::now())
-            .unwrap();
+        tables.reshape(&tx, &BTreeMap::new(), 2).unwrap();
         assert_eq!(tables.by_first.keys().copied().collect::<Vec<_>>(), [0, 4]);
         tables.gone(&tx, 1).unwrap().unwrap();
         tables.gone(&tx, 3).unwrap().unwrap();
@@ -400,7 +419,7 @@ mod tests {
                 at: std::time::Instant::now(),
             },
         )]);
-        tables.reshape(&tx, &held, 2, Instant::now()).unwrap();
+        tables.reshape(&tx, &held, 2).unwrap();
         assert!(tables.by_first.contains_key(&0), "kept for row 2");
         tables.insert(&tx, 2, &row(2)).unwrap();
         let in_first: i64 = tx
@@ -410,9 +429,7 @@ mod tests {
             .unwrap();
         assert_eq!(in_first, 1);
         tables.gone(&tx, 2).unwrap().unwrap();
-        tables
-            .reshape(&tx, &BTreeMap::new(), 2, Instant::now())
-            .unwrap();
+        tables.reshape(&tx, &BTreeMap::new(), 2).unwrap();
         assert_eq!(tables.by_first.keys().copied().collect::<Vec<_>>(), [4]);
         assert_eq!(tables.gone(&tx, 2).unwrap(), None, "gone with its segment");
         tx.commit().unwrap();
@@ -434,9 +451,7 @@ mod tests {
             tables.insert(&tx, id, &row(id)).unwrap();
         }
         // Segment [0, 11) is full; rows go on in the next one.
-        tables
-            .reshape(&tx, &BTreeMap::new(), 10, Instant::now())
-            .unwrap();
+        tables.reshape(&tx, &BTreeMap::new(), 10).unwrap();
         tables.insert(&tx, 11, &row(11)).unwrap();
         for id in 1..=10 {
             if id != 4 {
@@ -447,12 +462,10 @@ mod tests {
             tx.query_row("SELECT COUNT(*) FROM queue_0", [], |r| r.get(0))
                 .unwrap()
         };
-        tables
-            .reshape(&tx, &BTreeMap::new(), 10, Instant::now())
-            .unwrap();
+        assert!(!tables.compact_one(&tx, Instant::now()).unwrap());
         assert_eq!(rows_in(&tx), 10, "not while rows are going from it");
         let later = Instant::now() + COMPACT_IDLE + Duration::from_secs(1);
-        tables.reshape(&tx, &BTreeMap::new(), 10, later).unwrap();
+        assert!(tables.compact_one(&tx, later).unwrap());
         assert_eq!(rows_in(&tx), 1, "only the live row is left");
         let gone: i64 = tx
             .query_row("SELECT COUNT(*) FROM gone WHERE id < 11", [], |r| r.get(0))
@@ -468,7 +481,7 @@ mod tests {
         assert_eq!(ids, [4, 11]);
         // The live row goes as any row does, and the segment with it.
         tables.gone(&tx, 4).unwrap().unwrap();
-        tables.reshape(&tx, &BTreeMap::new(), 10, later).unwrap();
+        tables.reshape(&tx, &BTreeMap::new(), 10).unwrap();
         assert_eq!(tables.by_first.keys().copied().collect::<Vec<_>>(), [11]);
         tx.commit().unwrap();
     }
