@@ -255,7 +255,7 @@ impl Writer {
     }
 
     /// The written rows that expired by `now`, recorded as gone in one
-    /// transaction (the table copy is restored if it fails).
+    /// transaction.
     fn sweep_file(&mut self, now: i64) -> rusqlite::Result<Vec<(i64, String, i64, i64)>> {
         let mut expired = Vec::new();
         for seg in self.tables.iter() {
@@ -269,19 +269,13 @@ impl Writer {
         if expired.is_empty() {
             return Ok(expired);
         }
-        let before = self.tables.clone();
-        let tx = self.conn.transaction()?;
-        let done = (|| {
+        let (rows, segment_bytes) = (&self.rows, self.settings.segment_bytes);
+        self.tables.transact(&mut self.conn, |tx, tables| {
             for (id, ..) in &expired {
-                self.tables.gone(&tx, *id)?;
+                tables.gone(tx, *id)?;
             }
-            self.tables
-                .reshape(&tx, &self.rows, self.settings.segment_bytes)
-        })();
-        if let Err(e) = done.and_then(|()| tx.commit()) {
-            self.tables = before;
-            return Err(e);
-        }
+            tables.reshape(tx, rows, segment_bytes)
+        })?;
         self.note_db_len();
         Ok(expired)
     }
@@ -296,15 +290,12 @@ impl Writer {
         if self.schedule.retry_at.is_some() || self.damaged || self.tables.sparse(now).is_none() {
             return;
         }
-        let before = self.tables.clone();
-        let done = self.conn.transaction().and_then(|tx| {
-            self.tables.compact_one(&tx, now)?;
-            tx.commit()
-        });
+        let done = self
+            .tables
+            .transact(&mut self.conn, |tx, tables| tables.compact_one(tx, now));
         match done {
-            Ok(()) => self.note_db_len(),
+            Ok(_) => self.note_db_len(),
             Err(e) => {
-                self.tables = before;
                 self.tables.postpone(now);
                 warn!(error = %e, "queue: compacting a segment failed (disk full?); its rows are as they were, and it is tried again in a minute");
             }

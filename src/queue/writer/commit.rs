@@ -191,30 +191,20 @@ impl Writer {
     pub(super) fn commit_parts(&mut self, spill: &[i64]) -> rusqlite::Result<()> {
         self.file_intact()?;
         let started = std::time::Instant::now();
-        let before = self.tables.clone();
-        let tx = self.conn.transaction()?;
-        let done = (|| {
-            for (&id, r) in spill
-                .iter()
-                .filter_map(|id| Some((id, &self.rows.get(id)?.row)))
-            {
-                let max = &mut self.written_max.entry(r.upstream.clone()).or_default()
-                    [r.priority.index()];
+        let (rows, written_max) = (&self.rows, &mut self.written_max);
+        let (evictions, acks) = (&self.evictions, &self.acks);
+        let segment_bytes = self.settings.segment_bytes;
+        let released = self.tables.transact(&mut self.conn, |tx, tables| {
+            for (&id, r) in spill.iter().filter_map(|id| Some((id, &rows.get(id)?.row))) {
+                let max =
+                    &mut written_max.entry(r.upstream.clone()).or_default()[r.priority.index()];
                 *max = (*max).max(id);
-                self.tables.insert(&tx, id, r)?;
+                tables.insert(tx, id, r)?;
             }
-            let released = mark_gone(&tx, &mut self.tables, &self.evictions, &self.acks)?;
-            self.tables
-                .reshape(&tx, &self.rows, self.settings.segment_bytes)?;
+            let released = mark_gone(tx, tables, evictions, acks)?;
+            tables.reshape(tx, rows, segment_bytes)?;
             Ok(released)
-        })();
-        let released = match done.and_then(|released| tx.commit().map(|()| released)) {
-            Ok(released) => released,
-            Err(e) => {
-                self.tables = before;
-                return Err(e);
-            }
-        };
+        })?;
         self.metrics.commit_seconds.observe(started.elapsed());
         for (upstream, size, priority) in released {
             self.release(&upstream, priority, size);
@@ -260,26 +250,13 @@ impl Writer {
             let ev = self.evictions.len().min(CHUNK);
             let ack = self.acks.len().min(CHUNK - ev);
             let started = std::time::Instant::now();
-            let before = self.tables.clone();
-            let tx = self.conn.transaction()?;
-            let done = (|| {
-                let released = mark_gone(
-                    &tx,
-                    &mut self.tables,
-                    &self.evictions[..ev],
-                    &self.acks[..ack],
-                )?;
-                self.tables
-                    .reshape(&tx, &self.rows, self.settings.segment_bytes)?;
+            let (rows, segment_bytes) = (&self.rows, self.settings.segment_bytes);
+            let (evictions, acks) = (&self.evictions[..ev], &self.acks[..ack]);
+            let released = self.tables.transact(&mut self.conn, |tx, tables| {
+                let released = mark_gone(tx, tables, evictions, acks)?;
+                tables.reshape(tx, rows, segment_bytes)?;
                 Ok(released)
-            })();
-            let released = match done.and_then(|released| tx.commit().map(|()| released)) {
-                Ok(released) => released,
-                Err(e) => {
-                    self.tables = before;
-                    return Err(e);
-                }
-            };
+            })?;
             self.metrics.commit_seconds.observe(started.elapsed());
             self.metrics.commits.fetch_add(1, Relaxed);
             for (upstream, size, priority) in released {

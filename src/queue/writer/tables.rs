@@ -92,6 +92,26 @@ impl Tables {
         Ok(Tables { by_first, gone_max })
     }
 
+    /// Run `f` in a transaction on `conn` and commit it. If anything fails
+    /// the transaction rolls back, and the tables are put back as they were
+    /// with it: what they say always matches the file.
+    pub(super) fn transact<T>(
+        &mut self,
+        conn: &mut Connection,
+        f: impl FnOnce(&Transaction<'_>, &mut Tables) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        let before = self.clone();
+        let done = conn.transaction().and_then(|tx| {
+            let out = f(&tx, self)?;
+            tx.commit()?;
+            Ok(out)
+        });
+        if done.is_err() {
+            *self = before;
+        }
+        done
+    }
+
     /// Above every id in the file and every segment's first: where new ids start.
     pub(super) fn above(&self) -> i64 {
         self.by_first
