@@ -85,21 +85,11 @@ pub fn export(
     // time, each read into memory before it is written out, so a slow
     // pipe never holds the file. An older file, read before the daemon
     // migrated it, has its one table (and before schema 3 no props).
-    let (tables, gone) = match version {
-        4.. => (
-            queue::segments::tables(&conn)
-                .map_err(sql_err)?
-                .into_iter()
-                .map(|(_, name)| name)
-                .collect(),
-            "AND id NOT IN (SELECT id FROM gone)",
-        ),
-        _ => (vec!["queue".to_string()], ""),
-    };
+    let readable = queue::segments::readable(&conn, version).map_err(sql_err)?;
     let props = if version >= 3 { "props" } else { "NULL" };
     // The upstreams, one index seek each (not a scan of the segment).
     let mut upstreams = std::collections::BTreeSet::new();
-    for table in &tables {
+    for table in &readable.tables {
         let sql = format!(
             "SELECT upstream FROM {table} WHERE upstream > ?1 AND (?2 IS NULL OR upstream = ?2) \
              ORDER BY upstream LIMIT 1"
@@ -118,7 +108,7 @@ pub fn export(
                 }
                 Ok(None) => break,
                 // The daemon dropped it meanwhile: all its rows had gone.
-                Err(e) if dropped(&e) => break,
+                Err(e) if queue::segments::dropped(&e) => break,
                 Err(e) => return Err(sql_err(e)),
             }
         }
@@ -126,10 +116,12 @@ pub fn export(
     let mut n = 0;
     for up in &upstreams {
         for priority in Priority::SEND_ORDER {
-            for table in &tables {
+            for table in &readable.tables {
                 let sql = format!(
                     "SELECT id, upstream, event_id, topic, qos, priority, received_ms, expires_ms, payload, {props} \
-                     FROM {table} WHERE upstream = ?1 AND priority = ?2 AND id > ?3 {gone} ORDER BY id LIMIT {PAGE}"
+                     FROM {table} WHERE upstream = ?1 AND priority = ?2 AND id > ?3 AND {} \
+                     ORDER BY id LIMIT {PAGE}",
+                    readable.not_gone
                 );
                 let mut after = i64::MIN;
                 loop {
@@ -143,7 +135,7 @@ pub fn export(
                         Ok(lines) => lines,
                         // Dropped by the daemon meanwhile: every row in it
                         // had gone (and is not to be exported).
-                        Err(e) if dropped(&e) => break,
+                        Err(e) if queue::segments::dropped(&e) => break,
                         Err(e) => return Err(sql_err(e)),
                     };
                     let Some(&(last, _)) = lines.last() else {
@@ -159,11 +151,6 @@ pub fn export(
         }
     }
     Ok(n)
-}
-
-/// A segment table the daemon dropped after the export listed it.
-fn dropped(e: &rusqlite::Error) -> bool {
-    e.to_string().contains("no such table")
 }
 
 /// Events read at a time: a short read, and little memory.

@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rusqlite::OptionalExtension;
 use tokio::sync::oneshot;
 use tracing::info;
 
@@ -475,30 +474,13 @@ pub fn stats_of_file(path: &Path) -> Result<Vec<Stats>, QueueError> {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .map_err(err)?;
-    let tables: Vec<(String, &str)> = match version {
-        4.. => segments::tables(&conn)
-            .map_err(err)?
-            .into_iter()
-            .map(|(_, name)| (name, "WHERE id NOT IN (SELECT id FROM gone)"))
-            .collect(),
-        // An older file, read before the daemon migrated it.
-        _ => {
-            let has_table: Option<i64> = conn
-                .query_row(
-                    "SELECT 1 FROM sqlite_master WHERE name = 'queue'",
-                    [],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(err)?;
-            has_table.map_or(Vec::new(), |_| vec![("queue".to_string(), "")])
-        }
-    };
+    let readable = segments::readable(&conn, version).map_err(err)?;
     let mut merged: BTreeMap<(String, i64), Stats> = BTreeMap::new();
-    for (table, gone) in &tables {
+    for table in &readable.tables {
         let sql = format!(
-            "SELECT upstream, priority, COUNT(*), SUM(size), MIN(received_ms) FROM {table} {gone} \
-             GROUP BY upstream, priority"
+            "SELECT upstream, priority, COUNT(*), SUM(size), MIN(received_ms) FROM {table} WHERE {} \
+             GROUP BY upstream, priority",
+            readable.not_gone
         );
         let rows = conn.prepare(&sql).and_then(|mut stmt| {
             stmt.query_map([], |r| {
@@ -514,8 +496,7 @@ pub fn stats_of_file(path: &Path) -> Result<Vec<Stats>, QueueError> {
         });
         let rows = match rows {
             Ok(rows) => rows,
-            // Dropped by the daemon since it was listed: nothing was left in it.
-            Err(e) if e.to_string().contains("no such table") => continue,
+            Err(e) if segments::dropped(&e) => continue,
             Err(e) => return Err(err(e)),
         };
         for s in rows {

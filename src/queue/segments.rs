@@ -34,6 +34,41 @@ pub fn tables(conn: &Connection) -> rusqlite::Result<Vec<(i64, String)>> {
     Ok(out)
 }
 
+/// Where a reader finds the queued rows of a file of schema `version`.
+pub struct Readable {
+    /// Since schema 4 the segments, in id order; before, the one `queue`
+    /// table (a file read before the daemon migrated it), if there is one.
+    pub tables: Vec<String>,
+    /// The condition that leaves out gone rows (`1` before schema 4).
+    pub not_gone: &'static str,
+}
+
+/// The tables to read rows from, one short read each: a reader holds a
+/// shared lock while its statement runs, and a commit waits for it.
+pub fn readable(conn: &Connection, version: i64) -> rusqlite::Result<Readable> {
+    if version >= 4 {
+        return Ok(Readable {
+            tables: tables(conn)?.into_iter().map(|(_, name)| name).collect(),
+            not_gone: "id NOT IN (SELECT id FROM gone)",
+        });
+    }
+    let has_table: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'queue')",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(Readable {
+        tables: has_table.then(|| VIEW.to_string()).into_iter().collect(),
+        not_gone: "1",
+    })
+}
+
+/// A segment table the daemon dropped after a reader listed it: every row
+/// in it had gone, so there is nothing in it to read.
+pub fn dropped(e: &rusqlite::Error) -> bool {
+    e.to_string().contains("no such table")
+}
+
 /// The first id of segment table `name` (`queue_<first>`).
 fn first_of(name: &str) -> Option<i64> {
     let digits = name.strip_prefix("queue_")?;
