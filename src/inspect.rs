@@ -202,7 +202,7 @@ pub enum InspectError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::{NewRow, Overflow, QueueSettings};
+    use crate::queue::{NewRow, QueueSettings};
     use std::collections::BTreeMap;
     use std::sync::Arc;
     use std::time::Duration;
@@ -252,20 +252,7 @@ mod tests {
         let metrics = Arc::new(crate::metrics::Metrics::new(&["a".to_string()]));
         let (q, thread) = queue::open(&db, settings, metrics).unwrap();
         for n in 0..3u8 {
-            let row = NewRow {
-                upstream: "a".into(),
-                event_id: format!("e{n}"),
-                topic: "t".into(),
-                qos: 1,
-                priority: Priority::Normal,
-                expires_ms: None,
-                overflow: Overflow::DropOldest,
-                received_ms: 0,
-                payload: bytes::Bytes::from(vec![b'0' + n]),
-                properties: None,
-                receipt: None,
-                traced: false,
-            };
+            let row = NewRow::for_test("a", n);
             q.append(vec![row]).await.unwrap();
             q.sync().await.unwrap();
         }

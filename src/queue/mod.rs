@@ -133,6 +133,26 @@ impl NewRow {
         }
     }
 
+    /// A row for the queue's tests: upstream `upstream`, event `e<n>`,
+    /// topic `t`, one payload byte `n` (2 bytes against `max_size`).
+    #[cfg(test)]
+    pub(crate) fn for_test(upstream: &str, n: u8) -> NewRow {
+        NewRow {
+            upstream: upstream.into(),
+            event_id: format!("e{n}"),
+            topic: "t".into(),
+            qos: 1,
+            priority: Priority::Normal,
+            expires_ms: None,
+            overflow: Overflow::DropOldest,
+            received_ms: 0,
+            payload: Bytes::from(vec![n]),
+            properties: None,
+            receipt: None,
+            traced: false,
+        }
+    }
+
     /// Bytes counted against the upstream's `max_size`: payload, topic
     /// and properties.
     pub fn size(&self) -> u64 {

@@ -335,20 +335,16 @@ mod tests {
         Writer::new(conn, path, settings, metrics).unwrap()
     }
 
-    fn row(n: u8) -> NewRow {
-        NewRow {
-            upstream: "a".into(),
-            event_id: format!("e{n}"),
-            topic: "t".into(),
-            qos: 1,
-            priority: Priority::Normal,
-            expires_ms: None,
-            overflow: Overflow::DropOldest,
-            received_ms: 0,
-            payload: bytes::Bytes::from(vec![n]),
-            properties: None,
-            receipt: None,
-            traced: false,
+    /// Twelve 2-byte rows committed into the first segment (a new one
+    /// starts after them), and the first eight acknowledged.
+    fn first_segment_two_thirds_gone(w: &mut Writer) {
+        for n in 0..12 {
+            w.admit(NewRow::for_test("a", n));
+        }
+        let all = w.plan(true);
+        w.commit_parts(&all).unwrap();
+        for id in all.iter().take(8) {
+            w.ack(*id);
         }
     }
 
@@ -360,7 +356,7 @@ mod tests {
         // A row that may still be acknowledged from RAM (its upstream is
         // connected, it has not waited spill_after): nothing to write.
         w.online.insert("a".into());
-        w.admit(row(0));
+        w.admit(NewRow::for_test("a", 0));
         // A commit failed a while ago; the retry is due.
         w.schedule.retry_at = Some(Instant::now() - Duration::from_secs(1));
         assert!(w.plan(false).is_empty());
@@ -378,14 +374,7 @@ mod tests {
         let path = dir.path().join("q.db");
         // Twelve 2-byte rows in one commit fill the first segment.
         let mut w = writer(&path, 20);
-        for n in 0..12 {
-            w.admit(row(n));
-        }
-        let all = w.plan(true);
-        w.commit_parts(&all).unwrap();
-        for id in all.iter().take(8) {
-            w.ack(*id);
-        }
+        first_segment_two_thirds_gone(&mut w);
         w.commit_parts(&[]).unwrap();
         let rows = |w: &Writer| -> i64 {
             let (_, first) = crate::queue::segments::tables(&w.conn).unwrap()[0].clone();
@@ -408,7 +397,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("q.db");
         let mut w = writer(&path, crate::queue::SEGMENT_BYTES);
-        w.admit(row(1));
+        w.admit(NewRow::for_test("a", 1));
         // A commit failed and was logged a moment ago; the retry is due.
         w.schedule.retry_at = Some(Instant::now() - Duration::from_secs(1));
         w.schedule.last_warning = Some(Instant::now());
@@ -429,16 +418,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("q.db");
         let mut w = writer(&path, 20);
-        for n in 0..12 {
-            w.admit(row(n));
-        }
-        let all = w.plan(true);
-        w.commit_parts(&all).unwrap();
-        for id in all.iter().take(8) {
-            w.ack(*id);
-        }
+        first_segment_two_thirds_gone(&mut w);
         // One more row, in the next segment.
-        w.admit(row(12));
+        w.admit(NewRow::for_test("a", 12));
         let next = w.plan(true);
         w.commit_parts(&next).unwrap();
         w.tables.age(tables::COMPACT_IDLE);

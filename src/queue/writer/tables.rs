@@ -374,24 +374,6 @@ impl Tables {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::{NewRow, Overflow};
-
-    fn row(n: i64) -> NewRow {
-        NewRow {
-            upstream: "a".into(),
-            event_id: format!("e{n}"),
-            topic: "t".into(),
-            qos: 1,
-            priority: Priority::Normal,
-            expires_ms: None,
-            overflow: Overflow::DropOldest,
-            received_ms: 0,
-            payload: bytes::Bytes::from_static(b"x"),
-            properties: None,
-            receipt: None,
-            traced: false,
-        }
-    }
 
     /// However many rows come, the view stays within SQLite's limit of
     /// 500 UNION ALL arms: past MAX_SEGMENTS the last segment grows.
@@ -405,7 +387,9 @@ mod tests {
         // written: 20,000 two-byte rows would make about 430.
         let rows = 20_000;
         for id in 1..=rows {
-            tables.insert(&tx, id, &row(id)).unwrap();
+            tables
+                .insert(&tx, id, &NewRow::for_test("a", id as u8))
+                .unwrap();
             tables.reshape(&tx, &BTreeMap::new(), 1).unwrap();
         }
         assert_eq!(tables.by_first.len(), MAX_SEGMENTS);
@@ -426,8 +410,8 @@ mod tests {
         let mut tables = Tables::load(&conn).unwrap();
         let tx = conn.transaction().unwrap();
         // Row 2 waits in RAM while 1 and 3 are written; 3 fills the segment.
-        tables.insert(&tx, 1, &row(1)).unwrap();
-        tables.insert(&tx, 3, &row(3)).unwrap();
+        tables.insert(&tx, 1, &NewRow::for_test("a", 1)).unwrap();
+        tables.insert(&tx, 3, &NewRow::for_test("a", 3)).unwrap();
         tables.reshape(&tx, &BTreeMap::new(), 2).unwrap();
         assert_eq!(tables.by_first.keys().copied().collect::<Vec<_>>(), [0, 4]);
         tables.gone(&tx, 1).unwrap().unwrap();
@@ -435,13 +419,13 @@ mod tests {
         let held = BTreeMap::from([(
             2,
             Held {
-                row: row(2),
+                row: NewRow::for_test("a", 2),
                 at: std::time::Instant::now(),
             },
         )]);
         tables.reshape(&tx, &held, 2).unwrap();
         assert!(tables.by_first.contains_key(&0), "kept for row 2");
-        tables.insert(&tx, 2, &row(2)).unwrap();
+        tables.insert(&tx, 2, &NewRow::for_test("a", 2)).unwrap();
         let in_first: i64 = tx
             .query_row("SELECT COUNT(*) FROM queue_0 WHERE id = 2", [], |r| {
                 r.get(0)
@@ -468,11 +452,13 @@ mod tests {
         let mut tables = Tables::load(&conn).unwrap();
         let tx = conn.transaction().unwrap();
         for id in 1..=10 {
-            tables.insert(&tx, id, &row(id)).unwrap();
+            tables
+                .insert(&tx, id, &NewRow::for_test("a", id as u8))
+                .unwrap();
         }
         // Segment [0, 11) is full; rows go on in the next one.
         tables.reshape(&tx, &BTreeMap::new(), 10).unwrap();
-        tables.insert(&tx, 11, &row(11)).unwrap();
+        tables.insert(&tx, 11, &NewRow::for_test("a", 11)).unwrap();
         for id in 1..=10 {
             if id != 4 {
                 tables.gone(&tx, id).unwrap().unwrap();
