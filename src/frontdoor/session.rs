@@ -12,7 +12,8 @@
 //!   here, in the order the publishes came, once the event's receipt says
 //!   it is safe (`ack = "stored"`) or at once (`"received"`); the broker's
 //!   own acknowledgements of what we forward are swallowed;
-//! - flow control: at most `window` publishes are unacknowledged or
+//! - flow control: at most `window` publishes are unacknowledged, not yet
+//!   safe (also with `"received"`, where they are acknowledged already) or
 //!   waiting for the pipeline; beyond that the client's socket is not read
 //!   (TCP pushes back). A client within its window keeps being read, so
 //!   its pings are answered while its publishes wait;
@@ -123,7 +124,9 @@ where
         outcomes_tx,
         pending: VecDeque::new(),
         next_seq: 0,
+        unsettled: 0,
         outbox: VecDeque::new(),
+        pipeline_full: false,
         held_since: None,
         broker_pkids: HashSet::new(),
         next_pkid: 0,
@@ -329,9 +332,17 @@ struct Session {
     /// QoS 1/2 publishes not yet acknowledged, in the order they came.
     pending: VecDeque<Pending>,
     next_seq: u64,
+    /// Receipts out and not yet reported: events of this connection's in
+    /// the pipeline that are not yet safe. With `ack = "received"` they
+    /// are acknowledged already, and this alone bounds how far the client
+    /// runs ahead of the queue (flow control, and the loss bound).
+    unsettled: usize,
     /// Events read and not yet taken by the pipeline.
     outbox: VecDeque<Inbound>,
-    /// Since when the pipeline has been full while the outbox waited.
+    /// The pipeline was full when the outbox last tried it.
+    pipeline_full: bool,
+    /// Since when this connection has been held (not read for the
+    /// pipeline's sake: see [`Session::note_held`]).
     held_since: Option<Instant>,
     /// Packet ids of our publishes to the broker not yet acknowledged by it.
     broker_pkids: HashSet<u16>,
@@ -364,20 +375,26 @@ impl Session {
         let mut last_read = tokio::time::Instant::now();
         let mut ping = tokio::time::interval(BROKER_PING_EVERY);
         ping.tick().await;
-        // Packets that came with the CONNECT.
-        while let Some(p) = self.version.read(&mut cbuf, self.door.max_packet)? {
-            if let Flow::Close = self.on_client_packet(p)? {
+        loop {
+            // What the client sent (first: what came with the CONNECT), as
+            // far as the window allows; the rest waits in the buffer.
+            if let Flow::Close = self.take_packets(&mut cbuf, window)? {
                 return self.close(client, broker).await;
             }
-        }
-        loop {
-            let can_read = self.pending.len() < window
-                && self.outbox.len() < window
-                && self.broker_pkids.len() < window;
+            if !self.outbox.is_empty() && !self.pipeline_full {
+                self.hand_over();
+            }
+            self.flush_acks()?;
+            self.flush(client, broker).await?;
+            for buf in [&mut cbuf, &mut bbuf, &mut self.cout, &mut self.bout] {
+                trim(buf);
+            }
+            let can_read = self.within(window);
             if !can_read {
                 // Not reading is our doing: the keep-alive starts again.
                 last_read = tokio::time::Instant::now();
             }
+            self.note_held(window);
             let expires = last_read + self.keep_alive;
             // A clone, so the permit does not borrow the session.
             let events = self.events.clone();
@@ -386,7 +403,13 @@ impl Session {
                 _ = stopped(&mut shutdown) => {
                     return self.stop(client, broker, &mut outcomes).await;
                 }
-                Some((seq, ok)) = outcomes.recv() => self.settled(seq, ok),
+                Some((seq, ok)) = outcomes.recv() => {
+                    // All that came, so their PUBACKs go out in one write.
+                    self.settled(seq, ok);
+                    while let Ok((seq, ok)) = outcomes.try_recv() {
+                        self.settled(seq, ok);
+                    }
+                }
                 permit = reserve(&events), if !self.outbox.is_empty() => {
                     let Ok(permit) = permit else { return Err(SessionError::NotStored) };
                     if let Some(event) = self.outbox.pop_front() {
@@ -400,11 +423,6 @@ impl Session {
                         return Err(SessionError::Protocol("closed without DISCONNECT"));
                     }
                     last_read = tokio::time::Instant::now();
-                    while let Some(p) = self.version.read(&mut cbuf, self.door.max_packet)? {
-                        if let Flow::Close = self.on_client_packet(p)? {
-                            return self.close(client, broker).await;
-                        }
-                    }
                 }
                 read = broker.read_buf(&mut bbuf) => {
                     if read? == 0 {
@@ -423,12 +441,30 @@ impl Session {
                 }
                 _ = ping.tick() => self.version.pingreq().write(&mut self.bout)?,
             }
-            self.flush_acks()?;
-            self.flush(client, broker).await?;
-            for buf in [&mut cbuf, &mut bbuf, &mut self.cout, &mut self.bout] {
-                trim(buf);
+        }
+    }
+
+    /// Whether another packet of the client's may be taken: its publishes
+    /// unacknowledged, not yet safe, waiting for the pipeline and relayed
+    /// to the broker unacknowledged are each under the window.
+    fn within(&self, window: usize) -> bool {
+        self.pending.len() < window
+            && self.unsettled < window
+            && self.outbox.len() < window
+            && self.broker_pkids.len() < window
+    }
+
+    /// Take the client's whole packets from `buf` while within the window.
+    fn take_packets(&mut self, buf: &mut BytesMut, window: usize) -> Result<Flow, SessionError> {
+        while self.within(window) {
+            let Some(p) = self.version.read(buf, self.door.max_packet)? else {
+                break;
+            };
+            if let Flow::Close = self.on_client_packet(p)? {
+                return Ok(Flow::Close);
             }
         }
+        Ok(Flow::Continue)
     }
 
     /// One packet from the client.
@@ -546,14 +582,18 @@ impl Session {
         event.client_id = self.client_id.clone();
         event.username = self.username.clone();
         count_decoded(m, &event);
-        let receipt = match (qos, door.ack_after_store) {
-            (0, _) | (_, false) => {
-                self.answer(qos, pkid, State::Safe);
-                None
-            }
-            (_, true) => {
+        let receipt = match qos {
+            0 => None,
+            _ => {
+                // With `ack = "received"` the PUBACK goes now; the receipt
+                // still paces the connection (`unsettled`).
                 let seq = self.next_seq;
-                self.answer(qos, pkid, State::Waiting);
+                let state = match door.ack_after_store {
+                    true => State::Waiting,
+                    false => State::Safe,
+                };
+                self.answer(qos, pkid, state);
+                self.unsettled += 1;
                 Some(Receipt::new(seq, self.outcomes_tx.clone()))
             }
         };
@@ -577,6 +617,12 @@ impl Session {
 
     /// A receipt's outcome came back.
     fn settled(&mut self, seq: u64, ok: bool) {
+        self.unsettled = self.unsettled.saturating_sub(1);
+        if !self.door.ack_after_store {
+            // Acknowledged when read: nothing to answer either way (a
+            // failure is counted where it happened).
+            return;
+        }
         let Some(first) = self.pending.front().map(|p| p.seq) else {
             return;
         };
@@ -607,7 +653,7 @@ impl Session {
         Ok(())
     }
 
-    /// Give the pipeline what it takes now; note how long it held us.
+    /// Give the pipeline what it takes now.
     fn hand_over(&mut self) {
         let m = &self.door.metrics;
         while let Some(event) = self.outbox.pop_front() {
@@ -619,14 +665,31 @@ impl Session {
                 Err(mpsc::error::TrySendError::Full(event))
                 | Err(mpsc::error::TrySendError::Closed(event)) => {
                     self.outbox.push_front(event);
-                    self.held_since.get_or_insert_with(Instant::now);
+                    self.pipeline_full = true;
                     return;
                 }
             }
         }
-        if let Some(since) = self.held_since.take() {
-            m.door_held_ms
-                .fetch_add(since.elapsed().as_millis() as u64, Relaxed);
+        self.pipeline_full = false;
+    }
+
+    /// Count the time this connection is held for the pipeline's sake
+    /// (`local_publishers_held_seconds`): events it sent wait for a full
+    /// pipeline, or, with `ack = "received"`, `window` events it was told
+    /// were received are not yet safe. (With `"stored"` a full window is
+    /// the client waiting for its acknowledgements, as with any broker.)
+    fn note_held(&mut self, window: usize) {
+        let held = self.pipeline_full || (!self.door.ack_after_store && self.unsettled >= window);
+        match (held, self.held_since) {
+            (true, None) => self.held_since = Some(Instant::now()),
+            (false, Some(since)) => {
+                self.held_since = None;
+                self.door
+                    .metrics
+                    .door_held_ms
+                    .fetch_add(since.elapsed().as_millis() as u64, Relaxed);
+            }
+            _ => {}
         }
     }
 

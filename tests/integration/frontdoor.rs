@@ -627,3 +627,56 @@ async fn a_client_leaving_as_another_arrives_never_costs_the_other_its_session()
     assert!(lost.is_empty(), "sessions lost: {lost:#?}");
     gw.stop().await;
 }
+
+/// `ack = "received"` acknowledges at once, but a connection runs at most
+/// `max_inflight` events ahead of what is safe: with the upstream down and
+/// no commit due, the sensor is held after that many (its socket not read)
+/// and the time counts as held. Before, every event it sent was
+/// acknowledged and waited in RAM: what a crash loses, and under a flood
+/// a backlog the queue wrote to disk and read back (half the speed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_ack_received_a_sensor_runs_at_most_its_window_ahead_of_the_queue() {
+    const WINDOW: usize = 20;
+    let World {
+        sub,
+        proxy,
+        gw,
+        sensor,
+    } = World::offline_with("", |text| {
+        text.replace(
+            "commit_interval = \"10ms\"",
+            "commit_interval = \"60s\"\ncommit_max_events = 100000",
+        )
+        .replacen(
+            "[broker]\n",
+            &format!("[broker]\nack = \"received\"\nmax_inflight = {WINDOW}\n"),
+            1,
+        )
+    })
+    .await;
+    let m = gw.running.metrics.clone();
+    const N: usize = 200;
+    for seq in 0..N {
+        sensor
+            .publish("sensors/held/d/temperature", reading("d", seq))
+            .await;
+    }
+    // Every event read is acknowledged, and all but those written (the
+    // first commit is due at once) are not yet safe: exactly the window.
+    wait_until("the window full", || {
+        let read = m.received.load(Relaxed);
+        sensor.acked() as u64 == read
+            && read.saturating_sub(gw.count(|m| &m.queued)) == WINDOW as u64
+    })
+    .await;
+    assert!(m.received.load(Relaxed) < N as u64 / 2, "read no further");
+    // The upstream comes back: the window's events are acknowledged from
+    // RAM, and the rest is read and goes through, each once, in order.
+    proxy.set_up(true);
+    let got = sub.wait_for(N).await;
+    let seqs: Vec<u64> = got.iter().map(|m| seq_of(&m.payload)).collect();
+    assert_eq!(seqs, (0..N as u64).collect::<Vec<_>>());
+    sensor.wait_acked(N).await;
+    wait_until("the hold counted", || m.door_held_ms.load(Relaxed) > 0).await;
+    gw.stop().await;
+}
