@@ -54,6 +54,16 @@ impl Daemon {
         ([127, 0, 0, 1], self.port).into()
     }
 
+    /// A line of the process's `/proc/<pid>/status` in KiB (`VmHWM`: peak RSS).
+    pub fn status_kib(&self, key: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.trim().strip_suffix(" kB")?.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {status}"))
+    }
+
     pub fn signal(&mut self, sig: &str) -> std::process::ExitStatus {
         Command::new("kill")
             .args([sig, &self.child.id().to_string()])
