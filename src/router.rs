@@ -43,7 +43,8 @@ const LOOPBACK_MAX: usize = 10_000;
 #[derive(Debug)]
 pub struct Inbound {
     pub event: Event,
-    /// `None` for QoS 0, `ack = "received"`, wills.
+    /// `None` for QoS 0 and wills (`ack = "received"` has one too: it
+    /// paces the connection).
     pub receipt: Option<Receipt>,
 }
 

@@ -128,6 +128,7 @@ where
         outbox: VecDeque::new(),
         pipeline_full: false,
         held_since: None,
+        held_carry: Duration::ZERO,
         broker_pkids: HashSet::new(),
         next_pkid: 0,
         refused_subs: HashMap::new(),
@@ -143,10 +144,13 @@ where
     let result = session
         .run(&mut client, cbuf, &mut broker, bbuf, outcomes, shutdown)
         .await;
+    session.end_hold();
     if result.is_err() {
-        session.route_will().await;
-        // Let go of the pipeline first: a stop must not wait for this.
-        session.events = None;
+        session.route_will();
+        // What it sent goes on, then the will (with "received" what it sent
+        // was acknowledged); draining lets go of the pipeline, so a stop
+        // does not wait for the broker's hang-up below.
+        session.drain().await;
         // The connection counts until the broker has let go of it too.
         crate::broker::hang_up(&mut broker, false).await;
     }
@@ -309,6 +313,16 @@ enum State {
     Failed,
 }
 
+/// Where [`Session::take_packets`] stopped.
+enum Taken {
+    /// No whole packet is left.
+    All,
+    /// The window is full; the rest waits in the buffer.
+    Window,
+    /// The client said DISCONNECT.
+    Close,
+}
+
 /// What the relay does after a packet.
 enum Flow {
     Continue,
@@ -344,6 +358,8 @@ struct Session {
     /// Since when this connection has been held (not read for the
     /// pipeline's sake: see [`Session::note_held`]).
     held_since: Option<Instant>,
+    /// Held time not yet counted (under a millisecond).
+    held_carry: Duration,
     /// Packet ids of our publishes to the broker not yet acknowledged by it.
     broker_pkids: HashSet<u16>,
     next_pkid: u16,
@@ -375,25 +391,35 @@ impl Session {
         let mut last_read = tokio::time::Instant::now();
         let mut ping = tokio::time::interval(BROKER_PING_EVERY);
         ping.tick().await;
+        let mut was_held = false;
         loop {
             // What the client sent (first: what came with the CONNECT), as
-            // far as the window allows; the rest waits in the buffer.
-            if let Flow::Close = self.take_packets(&mut cbuf, window)? {
-                return self.close(client, broker).await;
+            // far as the window allows; the rest waits in the buffer. A
+            // hand-over or acknowledgements may open the window again.
+            loop {
+                let taken = self.take_packets(&mut cbuf, window)?;
+                if let Taken::Close = taken {
+                    return self.close(client, broker).await;
+                }
+                if !self.outbox.is_empty() && !self.pipeline_full {
+                    self.hand_over();
+                }
+                self.flush_acks()?;
+                if !(matches!(taken, Taken::Window) && self.within(window)) {
+                    break;
+                }
             }
-            if !self.outbox.is_empty() && !self.pipeline_full {
-                self.hand_over();
-            }
-            self.flush_acks()?;
             self.flush(client, broker).await?;
             for buf in [&mut cbuf, &mut bbuf, &mut self.cout, &mut self.bout] {
                 trim(buf);
             }
             let can_read = self.within(window);
-            if !can_read {
-                // Not reading is our doing: the keep-alive starts again.
+            if !can_read || was_held {
+                // Not reading is our doing: the keep-alive starts again
+                // (also as reading resumes, however long the hold was).
                 last_read = tokio::time::Instant::now();
             }
+            was_held = !can_read;
             self.note_held(window);
             let expires = last_read + self.keep_alive;
             // A clone, so the permit does not borrow the session.
@@ -405,9 +431,9 @@ impl Session {
                 }
                 Some((seq, ok)) = outcomes.recv() => {
                     // All that came, so their PUBACKs go out in one write.
-                    self.settled(seq, ok);
+                    self.settled(seq, ok)?;
                     while let Ok((seq, ok)) = outcomes.try_recv() {
-                        self.settled(seq, ok);
+                        self.settled(seq, ok)?;
                     }
                 }
                 permit = reserve(&events), if !self.outbox.is_empty() => {
@@ -455,16 +481,18 @@ impl Session {
     }
 
     /// Take the client's whole packets from `buf` while within the window.
-    fn take_packets(&mut self, buf: &mut BytesMut, window: usize) -> Result<Flow, SessionError> {
-        while self.within(window) {
+    fn take_packets(&mut self, buf: &mut BytesMut, window: usize) -> Result<Taken, SessionError> {
+        loop {
+            if !self.within(window) {
+                return Ok(Taken::Window);
+            }
             let Some(p) = self.version.read(buf, self.door.max_packet)? else {
-                break;
+                return Ok(Taken::All);
             };
             if let Flow::Close = self.on_client_packet(p)? {
-                return Ok(Flow::Close);
+                return Ok(Taken::Close);
             }
         }
-        Ok(Flow::Continue)
     }
 
     /// One packet from the client.
@@ -616,15 +644,20 @@ impl Session {
     }
 
     /// A receipt's outcome came back.
-    fn settled(&mut self, seq: u64, ok: bool) {
+    fn settled(&mut self, seq: u64, ok: bool) -> Result<(), SessionError> {
         self.unsettled = self.unsettled.saturating_sub(1);
         if !self.door.ack_after_store {
-            // Acknowledged when read: nothing to answer either way (a
-            // failure is counted where it happened).
-            return;
+            // Acknowledged when read, so nothing to answer. An event that
+            // could not be stored (counted where it happened) closes the
+            // connection as with "stored": a freed slot must not let the
+            // sensor be read, told received and dropped at full speed.
+            return match ok {
+                true => Ok(()),
+                false => Err(SessionError::NotStored),
+            };
         }
         let Some(first) = self.pending.front().map(|p| p.seq) else {
-            return;
+            return Ok(());
         };
         if let Some(p) = seq
             .checked_sub(first)
@@ -632,6 +665,7 @@ impl Session {
         {
             p.state = if ok { State::Safe } else { State::Failed };
         }
+        Ok(())
     }
 
     /// Acknowledge, in order, every publish at the front that is decided.
@@ -678,18 +712,36 @@ impl Session {
     /// pipeline, or, with `ack = "received"`, `window` events it was told
     /// were received are not yet safe. (With `"stored"` a full window is
     /// the client waiting for its acknowledgements, as with any broker.)
+    /// Counted as it goes, so a connection held for good shows.
     fn note_held(&mut self, window: usize) {
         let held = self.pipeline_full || (!self.door.ack_after_store && self.unsettled >= window);
-        match (held, self.held_since) {
-            (true, None) => self.held_since = Some(Instant::now()),
-            (false, Some(since)) => {
-                self.held_since = None;
-                self.door
-                    .metrics
-                    .door_held_ms
-                    .fetch_add(since.elapsed().as_millis() as u64, Relaxed);
+        if held || self.held_since.is_some() {
+            let now = Instant::now();
+            if let Some(since) = self.held_since.replace(now) {
+                self.add_held(now - since);
             }
-            _ => {}
+            if !held {
+                self.held_since = None;
+            }
+        }
+    }
+
+    /// The session ends: a hold still open counts up to now.
+    fn end_hold(&mut self) {
+        if let Some(since) = self.held_since.take() {
+            self.add_held(since.elapsed());
+        }
+    }
+
+    /// Add to the held time in whole milliseconds, carrying the rest (holds
+    /// of a fraction of a millisecond, each ended by a batch of
+    /// acknowledgements, add up).
+    fn add_held(&mut self, d: Duration) {
+        self.held_carry += d;
+        let ms = self.held_carry.as_millis() as u64;
+        if ms > 0 {
+            self.held_carry -= Duration::from_millis(ms);
+            self.door.metrics.door_held_ms.fetch_add(ms, Relaxed);
         }
     }
 
@@ -824,7 +876,7 @@ impl Session {
         let give_up = tokio::time::Instant::now() + STOP_GRACE;
         while self.pending.iter().any(|p| p.state == State::Waiting) {
             match tokio::time::timeout_at(give_up, outcomes.recv()).await {
-                Ok(Some((seq, ok))) => self.settled(seq, ok),
+                Ok(Some((seq, ok))) if self.settled(seq, ok).is_ok() => {}
                 _ => break,
             }
             if self.flush_acks().is_err() {
@@ -849,8 +901,9 @@ impl Session {
     }
 
     /// The client went away without DISCONNECT: its will goes through the
-    /// rules like any publish (the broker publishes it to local subscribers).
-    async fn route_will(&mut self) {
+    /// rules like any publish, after what it sent (the caller drains the
+    /// outbox; the broker publishes the will to local subscribers).
+    fn route_will(&mut self) {
         let Some((topic, message)) = self.will.take() else {
             return;
         };
@@ -872,7 +925,6 @@ impl Session {
             event,
             receipt: None,
         });
-        self.drain().await;
         debug!(client_id = %self.client_id, "will routed");
     }
 }

@@ -764,3 +764,55 @@ async fn with_ack_received_a_sensor_runs_at_most_its_window_ahead_of_the_queue()
     wait_until("the hold counted", || m.door_held_ms.load(Relaxed) > 0).await;
     gw.stop().await;
 }
+
+/// Review finding: the session stopped taking packets when the window
+/// filled (here: QoS 0 publishes waiting for the pipeline) and, once the
+/// hand-over emptied it, waited for more bytes with whole packets still in
+/// its buffer; a client sending nothing more was then closed for its
+/// keep-alive with its QoS 1 publish unacknowledged. Now the session takes
+/// packets again as soon as the window opens: one write of 20 QoS 0 and one
+/// QoS 1 publish, with a window of 5, gets its PUBACK at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_left_in_the_buffer_by_a_full_window_are_taken_once_it_opens() {
+    use bytes::BytesMut;
+    use rumqttc::mqttbytes::QoS;
+    use rumqttc::mqttbytes::v4::{Packet, Publish};
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = upstream_broker();
+    let text = config_text(dir.path(), upstream.port(), "").replacen(
+        "[broker]\n",
+        "[broker]\nmax_inflight = 5\n",
+        1,
+    );
+    let gw = Gateway::start_with(dir.path(), &text).await;
+    let mut c = RawClient::connect(gw.addr, "buffered", 2).await;
+    let mut out = BytesMut::new();
+    for seq in 0..20 {
+        Publish::new(
+            "sensors/buf/d/temperature",
+            QoS::AtMostOnce,
+            format!("{{\"seq\":{seq}}}"),
+        )
+        .write(&mut out)
+        .unwrap();
+    }
+    let mut last = Publish::new(
+        "sensors/buf/d/temperature",
+        QoS::AtLeastOnce,
+        "{\"seq\":20}",
+    );
+    last.pkid = 7;
+    last.write(&mut out).unwrap();
+    assert!(out.len() < 1024, "one read of the session's first buffer");
+    c.send(&out).await;
+    // Well within the keep-alive (3 s): before, the connection closed.
+    let got = tokio::time::timeout(std::time::Duration::from_millis(2500), c.next())
+        .await
+        .expect("a PUBACK before the keep-alive runs out");
+    assert!(
+        matches!(&got, Some(Packet::PubAck(a)) if a.pkid == 7),
+        "{got:?}"
+    );
+    wait_until("all 21 taken in", || gw.count(|m| &m.received) == 21).await;
+    gw.stop().await;
+}

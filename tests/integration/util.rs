@@ -799,3 +799,54 @@ impl Drop for Mosquitto {
         let _ = self.child.wait();
     }
 }
+
+/// An MQTT 3.1.1 client over a bare socket, for tests that need to control
+/// exactly which bytes go out in one write and to see the connection close.
+pub struct RawClient {
+    s: tokio::net::TcpStream,
+    buf: bytes::BytesMut,
+}
+
+impl RawClient {
+    /// Connect as `id` with `keep_alive` seconds and read the CONNACK.
+    pub async fn connect(addr: SocketAddr, id: &str, keep_alive: u16) -> RawClient {
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut c = RawClient {
+            s,
+            buf: bytes::BytesMut::new(),
+        };
+        let mut out = bytes::BytesMut::new();
+        let mut connect = rumqttc::mqttbytes::v4::Connect::new(id);
+        connect.keep_alive = keep_alive;
+        connect.write(&mut out).unwrap();
+        c.send(&out).await;
+        let connack = c.next().await;
+        assert!(
+            matches!(connack, Some(rumqttc::mqttbytes::v4::Packet::ConnAck(_))),
+            "{connack:?}"
+        );
+        c
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.s.write_all(bytes).await.unwrap();
+    }
+
+    /// The next packet, or `None` once the server closed the connection.
+    pub async fn next(&mut self) -> Option<rumqttc::mqttbytes::v4::Packet> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            match rumqttc::mqttbytes::v4::Packet::read(&mut self.buf, 1 << 20) {
+                Ok(p) => return Some(p),
+                Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {
+                    match self.s.read_buf(&mut self.buf).await {
+                        Ok(0) | Err(_) => return None,
+                        Ok(_) => {}
+                    }
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+    }
+}
