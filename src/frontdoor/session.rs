@@ -11,9 +11,11 @@
 //!   broker. Its PUBACK (PUBREC for QoS 2) comes from
 //!   here, in the order the publishes came, once the event's receipt says
 //!   it is safe (`ack = "stored"`) or at once (`"received"`); the broker's
-//!   own acknowledgements of what we forward are swallowed;
-//! - flow control: at most `window` publishes are unacknowledged, not yet
-//!   safe (also with `"received"`, where they are acknowledged already) or
+//!   own acknowledgements of what we forward are swallowed. With
+//!   `"received"`, once `window` acknowledged events are not yet safe the
+//!   next PUBACKs wait for safety too, so a sensor is paced and a crash
+//!   loses at most a window of what it was told was received;
+//! - flow control: at most `window` publishes are unacknowledged or
 //!   waiting for the pipeline; beyond that the client's socket is not read
 //!   (TCP pushes back). A client within its window keeps being read, so
 //!   its pings are answered while its publishes wait;
@@ -347,9 +349,9 @@ struct Session {
     pending: VecDeque<Pending>,
     next_seq: u64,
     /// Receipts out and not yet reported: events of this connection's in
-    /// the pipeline that are not yet safe. With `ack = "received"` they
-    /// are acknowledged already, and this alone bounds how far the client
-    /// runs ahead of the queue (flow control, and the loss bound).
+    /// the pipeline that are not yet safe. With `ack = "received"` a
+    /// publish is acknowledged at once only while these are under the
+    /// window (the loss bound).
     unsettled: usize,
     /// Events read and not yet taken by the pipeline.
     outbox: VecDeque<Inbound>,
@@ -471,11 +473,10 @@ impl Session {
     }
 
     /// Whether another packet of the client's may be taken: its publishes
-    /// unacknowledged, not yet safe, waiting for the pipeline and relayed
-    /// to the broker unacknowledged are each under the window.
+    /// unacknowledged, waiting for the pipeline and relayed to the broker
+    /// unacknowledged are each under the window.
     fn within(&self, window: usize) -> bool {
         self.pending.len() < window
-            && self.unsettled < window
             && self.outbox.len() < window
             && self.broker_pkids.len() < window
     }
@@ -613,12 +614,16 @@ impl Session {
         let receipt = match qos {
             0 => None,
             _ => {
-                // With `ack = "received"` the PUBACK goes now; the receipt
-                // still paces the connection (`unsettled`).
+                // With `ack = "received"` the PUBACK goes now, unless the
+                // window's worth of acknowledged events are not yet safe:
+                // then it waits for its own receipt, as with "stored". The
+                // sensor is paced by its acknowledgements (and is read on,
+                // so its pings are answered), and a crash loses at most a
+                // window of what it was told was received.
                 let seq = self.next_seq;
                 let state = match door.ack_after_store {
-                    true => State::Waiting,
-                    false => State::Safe,
+                    false if self.unsettled < usize::from(door.window) => State::Safe,
+                    _ => State::Waiting,
                 };
                 self.answer(qos, pkid, state);
                 self.unsettled += 1;
@@ -646,26 +651,22 @@ impl Session {
     /// A receipt's outcome came back.
     fn settled(&mut self, seq: u64, ok: bool) -> Result<(), SessionError> {
         self.unsettled = self.unsettled.saturating_sub(1);
-        if !self.door.ack_after_store {
-            // Acknowledged when read, so nothing to answer. An event that
-            // could not be stored (counted where it happened) closes the
-            // connection as with "stored": a freed slot must not let the
-            // sensor be read, told received and dropped at full speed.
-            return match ok {
-                true => Ok(()),
-                false => Err(SessionError::NotStored),
-            };
+        let first = self.pending.front().map_or(self.next_seq, |p| p.seq);
+        match seq.checked_sub(first) {
+            // Not yet acknowledged: now it is decided.
+            Some(i) => {
+                if let Some(p) = self.pending.get_mut(i as usize) {
+                    p.state = if ok { State::Safe } else { State::Failed };
+                }
+                Ok(())
+            }
+            // Acknowledged when read (`ack = "received"`). One that could
+            // not be stored (counted where it happened) closes the
+            // connection as a waiting one does: its freed slot must not let
+            // the sensor be told received of more that is then dropped.
+            None if !ok => Err(SessionError::NotStored),
+            None => Ok(()),
         }
-        let Some(first) = self.pending.front().map(|p| p.seq) else {
-            return Ok(());
-        };
-        if let Some(p) = seq
-            .checked_sub(first)
-            .and_then(|i| self.pending.get_mut(i as usize))
-        {
-            p.state = if ok { State::Safe } else { State::Failed };
-        }
-        Ok(())
     }
 
     /// Acknowledge, in order, every publish at the front that is decided.
@@ -709,9 +710,9 @@ impl Session {
 
     /// Count the time this connection is held for the pipeline's sake
     /// (`local_publishers_held_seconds`): events it sent wait for a full
-    /// pipeline, or, with `ack = "received"`, `window` events it was told
-    /// were received are not yet safe. (With `"stored"` a full window is
-    /// the client waiting for its acknowledgements, as with any broker.)
+    /// pipeline, or, with `ack = "received"`, `window` events are not yet
+    /// safe, so its acknowledgements wait. (With `"stored"` waiting for
+    /// them is the mode's promise, not a hold.)
     /// Counted as it goes, so a connection held for good shows.
     fn note_held(&mut self, window: usize) {
         let held = self.pipeline_full || (!self.door.ack_after_store && self.unsettled >= window);
