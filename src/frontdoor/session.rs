@@ -16,9 +16,10 @@
 //!   next PUBACKs wait for safety too, so a sensor is paced and a crash
 //!   loses at most a window of what it was told was received;
 //! - flow control: at most `window` publishes are unacknowledged or
-//!   waiting for the pipeline; beyond that the client's socket is not read
-//!   (TCP pushes back). A client within its window keeps being read, so
-//!   its pings are answered while its publishes wait;
+//!   waiting for the pipeline; a publish beyond that waits in the read
+//!   buffer and the client's socket is not read (TCP pushes back). A client
+//!   within its window keeps being read, so its pings are answered while
+//!   its publishes wait;
 //! - the ACL: denied publishes are answered (MQTT 5: "not authorized") and
 //!   dropped, denied subscriptions refused in the SUBACK, and deliveries a
 //!   client may not read are acknowledged to the broker and dropped;
@@ -319,7 +320,8 @@ enum State {
 enum Taken {
     /// No whole packet is left.
     All,
-    /// The window is full; the rest waits in the buffer.
+    /// At a publish the window has no room for; it and the rest wait in
+    /// the buffer.
     Window,
     /// The client said DISCONNECT.
     Close,
@@ -395,10 +397,10 @@ impl Session {
         ping.tick().await;
         let mut was_held = false;
         loop {
-            // What the client sent (first: what came with the CONNECT), as
-            // far as the window allows; the rest waits in the buffer. A
-            // hand-over or acknowledgements may open the window again.
-            loop {
+            // What the client sent (first: what came with the CONNECT), up
+            // to a publish the window has no room for, which waits in the
+            // buffer. A hand-over or acknowledgements may make room.
+            let blocked = loop {
                 let taken = self.take_packets(&mut cbuf, window)?;
                 if let Taken::Close = taken {
                     return self.close(client, broker).await;
@@ -407,15 +409,19 @@ impl Session {
                     self.hand_over();
                 }
                 self.flush_acks()?;
-                if !(matches!(taken, Taken::Window) && self.within(window)) {
-                    break;
+                let blocked = matches!(taken, Taken::Window);
+                if !(blocked && self.within(window)) {
+                    break blocked;
                 }
-            }
+            };
             self.flush(client, broker).await?;
             for buf in [&mut cbuf, &mut bbuf, &mut self.cout, &mut self.bout] {
                 trim(buf);
             }
-            let can_read = self.within(window);
+            // A client that keeps to its window is read on while it waits
+            // for its acknowledgements (its pings are answered); one past
+            // it, only once the waiting publish is taken.
+            let can_read = !blocked;
             if !can_read || was_held {
                 // Not reading is our doing: the keep-alive starts again
                 // (also as reading resumes, however long the hold was).
@@ -472,7 +478,7 @@ impl Session {
         }
     }
 
-    /// Whether another packet of the client's may be taken: its publishes
+    /// Whether another publish of the client's may be taken: its publishes
     /// unacknowledged, waiting for the pipeline and relayed to the broker
     /// unacknowledged are each under the window.
     fn within(&self, window: usize) -> bool {
@@ -484,7 +490,9 @@ impl Session {
     /// Take the client's whole packets from `buf` while within the window.
     fn take_packets(&mut self, buf: &mut BytesMut, window: usize) -> Result<Taken, SessionError> {
         loop {
-            if !self.within(window) {
+            // The packet type is the first byte's high nibble (3: PUBLISH);
+            // other packets need no room.
+            if buf.first().is_some_and(|b| b >> 4 == 3) && !self.within(window) {
                 return Ok(Taken::Window);
             }
             let Some(p) = self.version.read(buf, self.door.max_packet)? else {

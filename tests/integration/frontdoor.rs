@@ -823,3 +823,102 @@ async fn packets_left_in_the_buffer_by_a_full_window_are_taken_once_it_opens() {
     wait_until("all 21 taken in", || gw.count(|m| &m.received) == 21).await;
     gw.stop().await;
 }
+
+/// Review finding: a received-mode sensor held by its window (acknowledged
+/// events not yet safe) was not read, so its pings went unanswered while
+/// held; and any client with a full window of unacknowledged publishes was
+/// not read either, though it may send nothing but pings then. Now its
+/// next PUBACKs wait and only a publish past the window stops reading: a
+/// client that keeps to the window, held with the upstream down and no
+/// commit due, gets its PINGRESPs (1 s keep-alive) on its one connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_received_mode_sensor_held_by_its_window_keeps_its_pings_answered() {
+    held_sensor_keeps_its_pings_answered("received").await;
+}
+
+/// The same with `ack = "stored"`: a full window of publishes waiting for
+/// the next commit (60 s away) does not stop the client's pings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_mode_sensor_with_a_full_window_keeps_its_pings_answered() {
+    held_sensor_keeps_its_pings_answered("stored").await;
+}
+
+async fn held_sensor_keeps_its_pings_answered(ack: &str) {
+    use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+    const WINDOW: usize = 10;
+    let World {
+        sub: _sub,
+        proxy: _proxy,
+        gw,
+        sensor: _sensor,
+    } = World::offline_with("", |text| {
+        text.replace(
+            "commit_interval = \"10ms\"",
+            "commit_interval = \"60s\"\ncommit_max_events = 100000",
+        )
+        .replacen(
+            "[broker]\n",
+            &format!("[broker]\nack = \"{ack}\"\nmax_inflight = {WINDOW}\n"),
+            1,
+        )
+    })
+    .await;
+    let m = gw.running.metrics.clone();
+    let mut opts = MqttOptions::new("held-pinger", "127.0.0.1", gw.addr.port());
+    opts.set_keep_alive(Duration::from_secs(1))
+        .set_inflight(WINDOW as u16);
+    let (client, mut el) = AsyncClient::new(opts, 1000);
+    let (pings, acked, errors) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let counters = (pings.clone(), acked.clone(), errors.clone());
+    let poller = tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Incoming::PingResp)) => {
+                    counters.0.fetch_add(1, Relaxed);
+                }
+                Ok(Event::Incoming(Incoming::PubAck(_))) => {
+                    counters.1.fetch_add(1, Relaxed);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!("held-pinger: {e}");
+                    counters.2.fetch_add(1, Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+    for seq in 0..100 {
+        client
+            .publish(
+                "sensors/pinger/d/temperature",
+                QoS::AtLeastOnce,
+                false,
+                reading("d", seq),
+            )
+            .await
+            .unwrap();
+    }
+    // Held: a window read and waiting (with "received", after a window
+    // acknowledged at once; with either, after what the first commit wrote).
+    wait_until("held with a window waiting", || {
+        let read = m.received.load(Relaxed);
+        read >= WINDOW as u64 && read == acked.load(Relaxed) as u64 + WINDOW as u64
+    })
+    .await;
+    let before = pings.load(Relaxed);
+    wait_until("three PINGRESPs while held", || {
+        pings.load(Relaxed) >= before + 3
+    })
+    .await;
+    assert_eq!(errors.load(Relaxed), 0, "one connection, never timed out");
+    assert!(m.received.load(Relaxed) < 100, "still held");
+    poller.abort();
+    gw.stop().await;
+}
