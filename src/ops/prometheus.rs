@@ -147,7 +147,7 @@ const FRONT_DOOR: &[Plain] = &[
     ),
     (
         "local_publishers_held_seconds",
-        "Time publishers were not read because the pipeline was full or, with ack = received, max_inflight acknowledged events were not yet safe (summed over connections)",
+        "Time publishers were held: not read because the pipeline was full or, with ack = received, acknowledged later because max_inflight acknowledged events were not yet safe (summed over connections)",
         Counter,
         |m| m.door_held_ms.load(Relaxed) / 1000,
     ),

@@ -23,13 +23,23 @@ async fn a_flood_from_several_publishers_loses_no_acknowledged_event() {
     let gw = Gateway::start_with(dir.path(), &text).await;
     const SENSORS: usize = 4;
     const EACH: usize = 5_000;
+    flood(gw.addr, &sub, SENSORS, EACH).await;
+    let m = &gw.running.metrics;
+    assert_eq!(m.received.load(Relaxed), (SENSORS * EACH) as u64);
+    assert_eq!(m.dropped_queue_unavailable.load(Relaxed), 0);
+    gw.stop().await;
+}
+
+/// `sensors` publishers, each `each` QoS 1 events at full speed (100 in
+/// flight) on a device of its own: every one is acknowledged and arrives at
+/// `sub` (on the upstream), in order per device.
+async fn flood(addr: std::net::SocketAddr, sub: &Subscriber, sensors: usize, each: usize) {
     let mut tasks = Vec::new();
-    for i in 0..SENSORS {
-        let addr = gw.addr;
+    for i in 0..sensors {
         tasks.push(tokio::spawn(async move {
             let sensor = Sensor::connect(addr).await;
             let device = format!("f{i}");
-            for seq in 0..EACH {
+            for seq in 0..each {
                 sensor
                     .publish(
                         &format!("sensors/flood/{device}/temperature"),
@@ -37,7 +47,7 @@ async fn a_flood_from_several_publishers_loses_no_acknowledged_event() {
                     )
                     .await;
             }
-            sensor.wait_acked(EACH).await;
+            sensor.wait_acked(each).await;
             sensor.acked()
         }));
     }
@@ -45,21 +55,17 @@ async fn a_flood_from_several_publishers_loses_no_acknowledged_event() {
     for t in tasks {
         acked += t.await.unwrap();
     }
-    assert_eq!(acked, SENSORS * EACH);
-    let got = sub.wait_for(SENSORS * EACH).await;
-    for i in 0..SENSORS {
+    assert_eq!(acked, sensors * each);
+    let got = sub.wait_for(sensors * each).await;
+    for i in 0..sensors {
         let device = format!("f{i}");
         let seqs: Vec<u64> = got
             .iter()
             .filter(|m| m.topic == format!("plant/flood/{device}/temp"))
             .map(|m| seq_of(&m.payload))
             .collect();
-        assert_eq!(seqs, (0..EACH as u64).collect::<Vec<_>>(), "{device}");
+        assert_eq!(seqs, (0..each as u64).collect::<Vec<_>>(), "{device}");
     }
-    let m = &gw.running.metrics;
-    assert_eq!(m.received.load(Relaxed), (SENSORS * EACH) as u64);
-    assert_eq!(m.dropped_queue_unavailable.load(Relaxed), 0);
-    gw.stop().await;
 }
 
 /// The real binary on its default buffers, with `ack = "received"` (where
@@ -93,39 +99,7 @@ async fn the_binary_under_a_flood_loses_nothing_and_stays_within_its_memory_boun
     std::fs::write(&config, text).unwrap();
     let daemon = crate::crash::Daemon::start(dir.path(), &config, port).await;
     let at_start = daemon.status_kib("VmRSS");
-    let mut tasks = Vec::new();
-    for i in 0..SENSORS {
-        let addr = daemon.addr();
-        tasks.push(tokio::spawn(async move {
-            let sensor = Sensor::connect(addr).await;
-            let device = format!("b{i}");
-            for seq in 0..EACH {
-                sensor
-                    .publish(
-                        &format!("sensors/flood/{device}/temperature"),
-                        reading(&device, seq),
-                    )
-                    .await;
-            }
-            sensor.wait_acked(EACH).await;
-            sensor.acked()
-        }));
-    }
-    let mut acked = 0;
-    for t in tasks {
-        acked += t.await.unwrap();
-    }
-    assert_eq!(acked, SENSORS * EACH);
-    let got = sub.wait_for(SENSORS * EACH).await;
-    for i in 0..SENSORS {
-        let device = format!("b{i}");
-        let seqs: Vec<u64> = got
-            .iter()
-            .filter(|m| m.topic == format!("plant/flood/{device}/temp"))
-            .map(|m| seq_of(&m.payload))
-            .collect();
-        assert_eq!(seqs, (0..EACH as u64).collect::<Vec<_>>(), "{device}");
-    }
+    flood(daemon.addr(), &sub, SENSORS, EACH).await;
     let (_, scrape) = http_get(([127, 0, 0, 1], metrics).into(), "/metrics").await;
     let dropped: f64 = scrape
         .lines()
@@ -714,6 +688,23 @@ async fn a_client_leaving_as_another_arrives_never_costs_the_other_its_session()
     gw.stop().await;
 }
 
+/// The upstream down and no commit due for 60 s: nothing a sensor sends
+/// becomes safe. With `broker.ack` and `max_inflight` as given.
+async fn held_world(ack: &str, window: usize) -> World {
+    World::offline_with("", |text| {
+        text.replace(
+            "commit_interval = \"10ms\"",
+            "commit_interval = \"60s\"\ncommit_max_events = 100000",
+        )
+        .replacen(
+            "[broker]\n",
+            &format!("[broker]\nack = \"{ack}\"\nmax_inflight = {window}\n"),
+            1,
+        )
+    })
+    .await
+}
+
 /// `ack = "received"` acknowledges at once, but at most `max_inflight`
 /// acknowledged events of a connection are not yet safe: with the upstream
 /// down and no commit due, the next publishes wait for safety as with
@@ -729,18 +720,7 @@ async fn with_ack_received_a_sensor_runs_at_most_its_window_ahead_of_the_queue()
         proxy,
         gw,
         sensor,
-    } = World::offline_with("", |text| {
-        text.replace(
-            "commit_interval = \"10ms\"",
-            "commit_interval = \"60s\"\ncommit_max_events = 100000",
-        )
-        .replacen(
-            "[broker]\n",
-            &format!("[broker]\nack = \"received\"\nmax_inflight = {WINDOW}\n"),
-            1,
-        )
-    })
-    .await;
+    } = held_world("received", WINDOW).await;
     let m = gw.running.metrics.clone();
     const N: usize = 200;
     for seq in 0..N {
@@ -853,18 +833,7 @@ async fn held_sensor_keeps_its_pings_answered(ack: &str) {
         proxy: _proxy,
         gw,
         sensor: _sensor,
-    } = World::offline_with("", |text| {
-        text.replace(
-            "commit_interval = \"10ms\"",
-            "commit_interval = \"60s\"\ncommit_max_events = 100000",
-        )
-        .replacen(
-            "[broker]\n",
-            &format!("[broker]\nack = \"{ack}\"\nmax_inflight = {WINDOW}\n"),
-            1,
-        )
-    })
-    .await;
+    } = held_world(ack, WINDOW).await;
     let m = gw.running.metrics.clone();
     let mut opts = MqttOptions::new("held-pinger", "127.0.0.1", gw.addr.port());
     opts.set_keep_alive(Duration::from_secs(1))
